@@ -1,0 +1,534 @@
+"""Core engine: selection keys, ScoreBank updates, policies, Pruner schedule, sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import gpuprune as gp
+from gpuprune.select import composite_key, fmix32, hash32, orderable, random_k, top_k, top_k_by_score
+
+POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
+
+
+def feed(pruner: gp.Pruner, plan: gp.Plan, seed: int = 0, batch: int = 64) -> None:
+    """Observe a deterministic pseudo-random loss for every planned sample."""
+    g = torch.Generator().manual_seed(seed * 1000 + plan.epoch)
+    losses = torch.rand(pruner.num_samples, generator=g) * (1 + torch.arange(pruner.num_samples) % 7)
+    for i in range(0, len(plan), batch):
+        idx = plan.indices[i:i + batch]
+        pruner.observe(idx, losses[idx])
+
+
+# ---------------------------------------------------------------- keys and selection
+def test_fmix32_known_values():
+    # MurmurHash3 fmix32 reference values (0 is a fixed point; computed by hand-run C code equivalent)
+    def ref(h):
+        h ^= h >> 16; h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13; h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+    xs = [0, 1, 2, 0xFFFFFFFF, 123456789, 2**31]
+    assert fmix32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
+    assert ref(0) == 0
+
+
+def test_hash32_is_a_bijection_on_a_range():
+    h = hash32(torch.arange(1 << 16), seed=12345)
+    assert h.unique().numel() == 1 << 16
+    assert int(h.min()) >= 0 and int(h.max()) < 2**32
+
+
+def test_orderable_preserves_float_order_with_nan_lowest_and_signed_zero_equal():
+    vals = torch.tensor([float("nan"), float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0,
+                         float("inf")])
+    o = orderable(vals).tolist()
+    assert o[0] == o[1]                    # NaN ranks as -inf
+    assert o[4] == o[5]                    # -0 == +0
+    assert o[1:5] == sorted(o[1:5]) and o[5:] == sorted(o[5:])
+    assert len(set(o[1:5])) == 4 and len(set(o[5:])) == 4
+    assert all(-2**31 <= v < 2**31 for v in o)
+
+
+def test_composite_key_orders_by_score_then_hash():
+    score = torch.tensor([1.0, 3.0, 2.0, 3.0])
+    key = composite_key(score, seed=7)
+    assert key.unique().numel() == 4
+    assert int(key[1]) > int(key[2]) > int(key[0]) and int(key[3]) > int(key[2])
+    assert top_k_by_score(score, 2, seed=7).sort().values.tolist() == [1, 3]
+
+
+def test_top_k_exact_with_all_ties_and_nan_never_preferred():
+    score = torch.full((100,), 0.5)
+    score[:10] = float("nan")
+    for k in (0, 1, 50, 90, 100):
+        sel = top_k_by_score(score, k, seed=3)
+        assert sel.numel() == k and sel.unique().numel() == k
+        if 0 < k <= 90:
+            assert int(sel.min()) >= 10  # no NaN sample while finite ones remain
+    with pytest.raises(ValueError, match="k must be in"):
+        top_k(torch.arange(5), 6)
+
+
+def test_top_k_cpu_matches_torch_topk_set():
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 5, (5000,), generator=g).float()  # many ties
+    key = composite_key(score, seed=99)
+    ours = top_k(key, 1234).sort().values
+    ref = torch.topk(key, 1234).indices.sort().values
+    assert torch.equal(ours, ref)
+
+
+def test_tied_scores_spread_over_whole_index_range():
+    # all scores tied: a positional tie-break would pick 0..k-1; ours must be uniform over [0, N)
+    n, k = 10_000, 1_000
+    sel = top_k_by_score(torch.zeros(n), k, seed=2024)
+    counts = torch.bincount(sel // 1000, minlength=10).double()  # 10 bins of 1000 ids, expect 100
+    chi2 = float(((counts - 100) ** 2 / 100).sum())
+    assert chi2 < 27.9  # 99.9% quantile of chi2 with 9 dof
+    other = top_k_by_score(torch.zeros(n), k, seed=2025)
+    assert len(set(sel.tolist()) & set(other.tolist())) < 200  # ~100 expected by chance
+
+
+def test_random_k_is_uniform_and_seed_dependent():
+    hits = torch.zeros(200)
+    for s in range(400):
+        hits[random_k(200, 50, seed=s)] += 1
+    # each id picked with probability 1/4: mean 100, binomial sd ~8.7
+    assert abs(float(hits.mean()) - 100) < 1e-9
+    assert float(hits.min()) > 60 and float(hits.max()) < 140
+
+
+# ---------------------------------------------------------------- ScoreBank
+def test_scorebank_hand_computed_single_updates():
+    bank = gp.ScoreBank(3, decay=0.5)
+    bank.observe(torch.tensor([0]), torch.tensor([2.0]))          # first visit: mean = x, var = 0
+    assert bank.mean.tolist() == [2.0, 0.0, 0.0] and bank.var.tolist() == [0.0, 0.0, 0.0]
+    bank.observe(torch.tensor([0]), torch.tensor([4.0]))          # d = 2, a = .5
+    # mean = 2 + .5 * 2 = 3 ; var = .5 * (0 + .5 * 4) = 1
+    assert bank.mean[0].item() == 3.0 and bank.var[0].item() == 1.0
+    assert bank.count.tolist() == [2, 0, 0]
+    assert bank.last_epoch.tolist() == [0, -1, -1]
+
+
+def test_scorebank_duplicates_merge_exactly_not_last_writer():
+    bank = gp.ScoreBank(2, decay=0.5)
+    bank.observe(torch.tensor([1]), torch.tensor([1.0]))
+    bank.observe(torch.tensor([1, 0, 1]), torch.tensor([2.0, 5.0, 4.0]))
+    # sample 1: old (mean 1, var 0, n 1); group {2, 4}: m = 3, w = 1, a = 1 - .5**2 = .75
+    # mean = 1 + .75 * 2 = 2.5; var = .25 * 0 + .75 * 1 + .75 * .25 * 4 = 1.5
+    assert bank.mean.tolist() == [5.0, 2.5]
+    assert bank.var.tolist() == [0.0, 1.5]
+    assert bank.count.tolist() == [1, 3]
+
+
+def test_scorebank_group_of_one_equals_finch_update_and_order_free():
+    torch.manual_seed(0)
+    a = gp.ScoreBank(1, decay=0.8)
+    for x in [1.0, 3.0, 2.0, 7.0]:
+        a.observe(torch.tensor([0]), torch.tensor([x]))
+    mu, var, alpha = 1.0, 0.0, 0.2
+    for x in [3.0, 2.0, 7.0]:
+        d = x - mu
+        mu += alpha * d
+        var = (1 - alpha) * (var + alpha * d * d)
+    assert a.mean.item() == pytest.approx(mu, rel=1e-6) and a.var.item() == pytest.approx(var, rel=1e-6)
+    b1, b2 = gp.ScoreBank(1), gp.ScoreBank(1)
+    b1.observe(torch.tensor([0, 0, 0]), torch.tensor([1.0, 2.0, 6.0]))
+    b2.observe(torch.tensor([0, 0, 0]), torch.tensor([6.0, 1.0, 2.0]))
+    assert torch.equal(b1.mean, b2.mean) and torch.equal(b1.var, b2.var)
+
+
+def test_scorebank_skips_and_counts_nonfinite():
+    bank = gp.ScoreBank(3, decay=0.5)
+    bank.observe(torch.tensor([0, 1, 2, 2]),
+                 torch.tensor([float("nan"), float("inf"), 1.0, float("-inf")]))
+    assert bank.count.tolist() == [0, 0, 1]
+    assert bank.mean.tolist() == [0.0, 0.0, 1.0]
+    assert torch.isfinite(bank.var).all()
+    assert int(bank.nonfinite) == 3
+    assert bank.last_epoch.tolist() == [-1, -1, 0]
+
+
+def test_scorebank_deferred_commit_equals_immediate_when_each_seen_once():
+    imm, dfr = gp.ScoreBank(50, decay=0.7), gp.ScoreBank(50, decay=0.7, deferred=True)
+    g = torch.Generator().manual_seed(1)
+    for _epoch in range(3):
+        perm = torch.randperm(50, generator=g)
+        loss = torch.rand(50, generator=g)
+        for i in range(0, 50, 16):
+            imm.observe(perm[i:i + 16], loss[i:i + 16])
+            dfr.observe(perm[i:i + 16], loss[i:i + 16])
+        dfr.commit()
+        torch.testing.assert_close(imm.mean, dfr.mean)
+        torch.testing.assert_close(imm.var, dfr.var)
+        assert torch.equal(imm.count, dfr.count)
+
+
+def test_scorebank_observe_rejects_bad_input_and_keeps_state():
+    bank = gp.ScoreBank(10)
+    bank.observe(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
+    before = {k: v.clone() for k, v in bank.state_dict().items() if isinstance(v, torch.Tensor)}
+    bad = [
+        ((torch.tensor([1.0]), torch.tensor([1.0])), TypeError, "indices must have an integer dtype"),
+        ((torch.tensor([1]), torch.tensor([1])), TypeError, "losses must have a floating dtype"),
+        ((torch.tensor([[1]]), torch.tensor([1.0])), ValueError, "indices must be 1-D"),
+        ((torch.tensor([1]), torch.tensor(1.0)), ValueError, "reduction='none'"),
+        ((torch.tensor([1, 2]), torch.tensor([1.0])), ValueError, "same length"),
+        ((torch.tensor([10]), torch.tensor([1.0])), ValueError, r"in \[0, 10\), got an index 10"),
+        ((torch.tensor([-1]), torch.tensor([1.0])), ValueError, "got an index -1"),
+        (([1], torch.tensor([1.0])), TypeError, "indices must be a torch.Tensor"),
+        ((torch.tensor([1]), torch.tensor([1.0], device="meta")), ValueError, "losses must be on cpu"),
+    ]
+    for args, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            bank.observe(*args)
+    after = bank.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(num_samples=0), ValueError, "num_samples must be >= 1"),
+    (dict(num_samples=2.5), TypeError, "num_samples must be an int"),
+    (dict(num_samples=5, decay=1.0), ValueError, "decay must be < 1.0"),
+    (dict(num_samples=5, decay=float("nan")), ValueError, "decay must be finite"),
+])
+def test_scorebank_constructor_errors(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        gp.ScoreBank(**kwargs)
+
+
+# ---------------------------------------------------------------- policies through the Pruner
+def make(policy: str, n: int = 500, keep: float = 0.3, **kw) -> gp.Pruner:
+    if policy == "static":
+        kw.setdefault("static_scores", None)
+    return gp.Pruner(n, keep=keep, policy=policy, num_epochs=kw.pop("num_epochs", 8), seed=11, **kw)
+
+
+def infobatch_expected_count(bank: gp.ScoreBank, ratio: float) -> int:
+    seen = bank.count > 0
+    s = bank.mean.double()
+    mean = s[seen].sum() / max(int(seen.sum()), 1)
+    n_below = int((seen & (s < mean)).sum())
+    return bank.num_samples - n_below + math.floor((1 - ratio) * n_below)
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_plans_are_unique_in_range_and_exactly_k(policy):
+    p = make(policy)
+    for epoch in range(6):
+        expected = None
+        if policy == "infobatch" and not p.is_full_epoch(epoch):
+            expected = infobatch_expected_count(p.bank, 1 - p.keep)
+        plan = p.plan(epoch)
+        idx = plan.indices
+        assert idx.dtype == torch.int64 and idx.dim() == 1
+        assert idx.unique().numel() == idx.numel()
+        assert int(idx.min()) >= 0 and int(idx.max()) < 500
+        if policy == "full":
+            assert len(plan) == 500 and plan.full
+        elif policy == "infobatch":
+            assert len(plan) == expected
+        else:
+            assert len(plan) == p.k == 150
+        feed(p, plan)
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_same_seed_and_epoch_give_same_plan_and_epochs_differ(policy):
+    a, b = make(policy), make(policy)
+    plans = []
+    for epoch in range(4):
+        pa, pb = a.plan(epoch), b.plan(epoch)
+        assert torch.equal(pa.indices, pb.indices)
+        plans.append(pa.indices.clone())
+        feed(a, pa)
+        feed(b, pb)
+    assert not torch.equal(plans[1], plans[2])   # at least the order changes every epoch
+    c = gp.Pruner(500, keep=0.3, policy=policy, num_epochs=8, seed=12)
+    assert not torch.equal(c.plan(0).indices, plans[0])
+
+
+def test_uniform_subsets_change_between_epochs():
+    p = make("uniform")
+    s0 = set(p.plan(0).indices.tolist())
+    s1 = set(p.plan(1).indices.tolist())
+    assert s0 != s1 and len(s0 & s1) < 100  # ~45 shared expected for 150 of 500
+
+
+def test_static_subset_is_fixed_and_follows_scores():
+    p = make("static")
+    s0 = set(p.plan(0).indices.tolist())
+    feed(p, p.plan(0))
+    assert set(p.plan(1).indices.tolist()) == s0
+    scores = torch.arange(500, dtype=torch.float32)
+    q = gp.Pruner(500, keep=0.3, policy="static", static_scores=scores, seed=1)
+    assert sorted(q.plan(0).indices.tolist()) == list(range(350, 500))
+
+
+def test_ucb_prefers_unseen_then_high_upper_bound():
+    p = gp.Pruner(6, keep=0.5, policy="ucb", c=1.0, seed=0)
+    p.plan(0)
+    # samples 0..3 seen with losses; 4, 5 unseen -> chosen first
+    p.observe(torch.tensor([0, 1, 2, 3]), torch.tensor([5.0, 1.0, 0.5, 0.1]))
+    assert set(p.plan(1).indices.tolist()) == {4, 5, 0}
+    p.observe(torch.tensor([4, 5, 0]), torch.tensor([0.2, 0.3, 0.4]))
+    # means: 0 -> .04 + ... : use the bank directly as reference
+    score = p.bank.mean + p.bank.var.sqrt()
+    expected = set(torch.topk(score, 3).indices.tolist())
+    assert set(p.plan(2).indices.tolist()) == expected
+
+
+def test_ucb_var_option_and_c_zero_is_greedy_on_mean():
+    p = gp.Pruner(4, keep=0.5, policy="ucb", c=0.0, seed=0)
+    p.plan(0)
+    p.observe(torch.arange(4), torch.tensor([0.1, 0.9, 0.5, 0.7]))
+    assert set(p.plan(1).indices.tolist()) == {1, 3}
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        gp.Pruner(4, policy="ucb", uncertainty="range")
+
+
+def test_epsilon_greedy_exploit_and_explore_split():
+    n = 1000
+    p = gp.Pruner(n, keep=0.2, policy="epsilon_greedy", epsilon=0.25, seed=5)
+    p.plan(0)
+    for i in range(0, n, 100):
+        idx = torch.arange(i, i + 100)
+        p.observe(idx, idx.float())          # loss = index: the top ids are the best exploits
+    sel = set(p.plan(1).indices.tolist())
+    k, m = 200, math.floor(0.25 * 200)
+    top = set(range(n - (k - m), n))
+    assert top <= sel                          # all k - m exploits
+    explore = sel - top
+    assert len(explore) == m and max(explore) < n - (k - m)
+    assert min(explore) < 400                  # spread over the rest, not adjacent to the top
+
+
+def test_infobatch_weights_counts_and_annealing():
+    n = 1000
+    p = gp.Pruner(n, prune_ratio=0.5, policy="infobatch", num_epochs=8, delta=0.75, seed=3)
+    assert p.final_full_epochs == 2          # epochs >= 0.75 * 8 = 6 train on full data
+    plan0 = p.plan(0)                        # nothing seen: all kept, no weights
+    assert len(plan0) == n and plan0.weights is None or bool((plan0.weights == 1).all())
+    p.observe(torch.arange(n), torch.arange(n, dtype=torch.float32))  # below the mean: ids < 499.5
+    plan1 = p.plan(1)
+    assert len(plan1) == 500 + 250
+    w = dict(zip(plan1.indices.tolist(), plan1.weights.tolist()))
+    assert all(w[i] == 2.0 for i in w if i < 500) and all(w[i] == 1.0 for i in w if i >= 500)
+    assert sum(1 for i in w if i < 500) == 250
+    # the returned loss is the weighted mean
+    idx = torch.tensor([plan1.indices[0].item(), 999])
+    loss = torch.tensor([1.0, 1.0], requires_grad=True)
+    out = p.observe(idx, loss)
+    assert out.item() == pytest.approx((w[idx[0].item()] * 1.0 + 1.0) / 2)
+    out.backward()
+    assert loss.grad.tolist() == pytest.approx([w[idx[0].item()] / 2, 0.5])
+    for epoch in range(2, 8):
+        plan = p.plan(epoch)
+        if epoch >= 6:
+            assert plan.full and len(plan) == n and plan.weights is None
+        feed(p, plan)
+
+
+def test_infobatch_needs_num_epochs():
+    with pytest.raises(ValueError, match="needs num_epochs"):
+        gp.Pruner(10, policy="infobatch")
+
+
+def test_warmup_and_final_full_epochs_and_selection_interval():
+    p = gp.Pruner(200, keep=0.25, policy="uniform", num_epochs=10, warmup_epochs=2,
+                  final_full_epochs=3, selection_interval=2, seed=0)
+    sizes, sets = [], []
+    for epoch in range(10):
+        plan = p.plan(epoch)
+        sizes.append(len(plan))
+        sets.append(frozenset(plan.indices.tolist()))
+        feed(p, plan)
+    assert sizes == [200, 200, 50, 50, 50, 50, 50, 200, 200, 200]
+    assert sets[2] == sets[3] and sets[4] == sets[5]     # reused between selections
+    assert sets[3] != sets[4]
+    assert p.rounds == 5
+    stats = p.selection_stats()
+    assert stats["rounds"] == 5
+    assert stats["always"] + stats["never"] + stats["sometimes"] == pytest.approx(1.0)
+    assert float(stats["frequency"].sum()) == pytest.approx(50 * 5 / 5)
+
+
+def test_plan_is_cached_and_cannot_go_back():
+    p = make("ucb")
+    assert p.plan(3) is p.plan(3)
+    with pytest.raises(ValueError, match="must not go back"):
+        p.plan(2)
+
+
+@pytest.mark.parametrize("policy", ["ucb", "epsilon_greedy", "uniform", "infobatch", "static"])
+def test_resume_gives_bit_identical_future_plans(policy, tmp_path):
+    ref = make(policy, warmup_epochs=1, selection_interval=2)
+    for epoch in range(3):
+        feed(ref, ref.plan(epoch))
+    path = tmp_path / "ckpt.pt"
+    torch.save(ref.state_dict(), path)
+    resumed = make(policy, warmup_epochs=1, selection_interval=2)
+    resumed.load_state_dict(torch.load(path))
+    for epoch in range(3, 8):
+        a, b = ref.plan(epoch), resumed.plan(epoch)
+        assert torch.equal(a.indices, b.indices)
+        assert (a.weights is None) == (b.weights is None)
+        if a.weights is not None:
+            assert torch.equal(a.weights, b.weights)
+        feed(ref, a)
+        feed(resumed, b)
+    assert torch.equal(ref.bank.mean, resumed.bank.mean)
+    assert torch.equal(ref.bank.selected, resumed.bank.selected)
+
+
+def test_load_state_dict_rejects_other_config():
+    a = make("ucb")
+    b = gp.Pruner(500, keep=0.4, policy="ucb", num_epochs=8, seed=11)
+    with pytest.raises(ValueError, match="checkpoint was made with k=150"):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(keep=0.0), ValueError, "keep must be > 0.0"),
+    (dict(keep=1.5), ValueError, "keep must be <= 1.0"),
+    (dict(keep=-0.1), ValueError, "keep must be > 0.0"),
+    (dict(keep="half"), TypeError, "keep must be a real number"),
+    (dict(prune_ratio=1.0), ValueError, "prune_ratio must be < 1.0"),
+    (dict(keep=0.5, prune_ratio=0.5), ValueError, "not both"),
+    (dict(policy="greedy"), ValueError, "policy must be one of"),
+    (dict(policy=3), TypeError, "policy must be a name or a Policy"),
+    (dict(epsilon=1.5, policy="epsilon_greedy"), ValueError, "epsilon must be <= 1.0"),
+    (dict(c=-1.0), ValueError, "c must be >= 0.0"),
+    (dict(warmup_epochs=-1), ValueError, "warmup_epochs must be >= 0"),
+    (dict(selection_interval=0), ValueError, "selection_interval must be >= 1"),
+    (dict(final_full_epochs=2), ValueError, "needs num_epochs"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+])
+def test_pruner_constructor_errors(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        gp.Pruner(100, **kwargs)
+
+
+def test_pruner_zero_samples_rejected():
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got num_samples=0"):
+        gp.Pruner(0)
+
+
+def test_pruner_observe_errors_leave_state_unchanged():
+    p = make("ucb")
+    plan = p.plan(0)
+    feed(p, plan)
+    before = p.state_dict()
+    with pytest.raises(ValueError, match="per_sample_loss must be 1-D"):
+        p.observe(plan.indices[:4], torch.tensor(1.0))
+    with pytest.raises(ValueError, match="got an index 500"):
+        p.observe(torch.tensor([0, 500]), torch.tensor([1.0, 1.0]))
+    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+        p.observe(torch.tensor([0.0]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        p.plan(-1)
+    after = p.state_dict()
+    for key in ("mean", "var", "count", "selected", "nonfinite"):
+        assert torch.equal(before["bank"][key], after["bank"][key])
+
+
+def test_observe_returns_plain_mean_without_weights():
+    p = make("ucb")
+    p.plan(0)
+    loss = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    out = p.observe(torch.tensor([0, 1, 2]), loss)
+    assert out.item() == 3.0
+    assert p.observe(torch.empty(0, dtype=torch.long), torch.empty(0)).item() == 0.0
+
+
+# ---------------------------------------------------------------- sharding, sampler, dataset
+def test_shard_indices_equal_sizes_and_cover():
+    idx = torch.arange(10)
+    shards = [gp.shard_indices(idx, r, 3) for r in range(3)]
+    assert [s.numel() for s in shards] == [4, 4, 4]
+    allv = torch.cat(shards).tolist()
+    assert set(allv) == set(range(10)) and len(allv) - 10 == 2   # 2 padded duplicates
+    dropped = [gp.shard_indices(idx, r, 3, drop_last=True) for r in range(3)]
+    assert [s.numel() for s in dropped] == [3, 3, 3]
+    assert sorted(torch.cat(dropped).tolist()) == list(range(9))
+    assert gp.shard_indices(torch.arange(0), 0, 2).numel() == 0
+    with pytest.raises(ValueError, match="rank must be <= 2"):
+        gp.shard_indices(idx, 3, 3)
+
+
+def test_sampler_len_matches_plan_and_yields_it():
+    p = make("ucb")
+    s = p.sampler()
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        plan = p.plan(epoch)
+        assert len(s) == len(plan)
+        assert list(s) == plan.indices.tolist()
+        feed(p, plan)
+    shards = [gp.PrunedSampler(p, num_replicas=2, rank=r) for r in range(2)]
+    for sh in shards:
+        sh.set_epoch(3)
+    got = list(shards[0]) + list(shards[1])
+    assert sorted(got) == sorted(p.plan(3).indices.tolist())
+
+
+def test_indexed_dataset_and_three_line_loop_on_digits():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    ds = TensorDataset(torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y))
+    assert gp.IndexedDataset(ds)[5][2] == 5
+    assert gp.IndexedDataset([10, 20])[1] == (20, 1)
+    with pytest.raises(TypeError, match="map-style dataset"):
+        gp.IndexedDataset(5)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    pruner = gp.Pruner(len(ds), keep=0.5, policy="ucb", seed=0)
+    loader = DataLoader(gp.IndexedDataset(ds), batch_size=64, sampler=pruner.sampler())
+    seen = 0
+    for epoch in range(6):
+        loader.sampler.set_epoch(epoch)
+        for xb, yb, idx in loader:
+            loss = pruner.observe(idx, torch.nn.functional.cross_entropy(model(xb), yb,
+                                                                         reduction="none"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+    assert seen == 6 * gp.budget(0.5, len(ds)) == 6 * 899
+    acc = (model(ds.tensors[0]).argmax(1) == ds.tensors[1]).float().mean().item()
+    assert acc > 0.8
+    assert int(pruner.bank.count.gt(0).sum()) == len(ds)   # every sample visited (unseen = +inf)
+
+
+# ---------------------------------------------------------------- static scoring helpers
+def test_el2n_scores_hand_computed():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x            # logits are the inputs
+    x = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    y = torch.tensor([0, 1])
+    loader = [(x, y, torch.tensor([1, 0]))]
+    s = gp.el2n_scores(Fixed(), loader, 2)
+    # sample 1: p = (.5, .5), y = 0 -> ||(-.5, .5)|| = sqrt(.5); sample 0: p = (.75, .25), y = 1
+    assert s[1].item() == pytest.approx(math.sqrt(0.5))
+    assert s[0].item() == pytest.approx(math.sqrt(0.75**2 + 0.75**2))
+    with pytest.raises(ValueError, match="1 of 3 samples"):
+        gp.el2n_scores(Fixed(), loader, 3)
+
+
+def test_forgetting_tracker_counts_transitions():
+    t = gp.ForgettingTracker(3)
+    seq = [[True, False, False], [False, True, False], [True, False, False], [False, True, False]]
+    for row in seq:
+        t.update(torch.arange(3), torch.tensor(row))
+    # sample 0: T F T F -> 2 forgets; sample 1: F T F T -> 1; sample 2 never learned -> inf
+    assert t.counts().tolist() == [2.0, 1.0, float("inf")]
+    with pytest.raises(TypeError, match="correct must be a bool"):
+        t.update(torch.arange(3), torch.ones(3))
