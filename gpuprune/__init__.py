@@ -13,6 +13,7 @@ Three changed lines in a plain PyTorch loop::
 DALI users swap their iterator for :class:`gpuprune.dali.PrunedDALIIterator` (needs DALI).
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .plan import Plan, shard_indices
 from .policies import POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Selection, Static, UCB, Uniform
 from .pruner import Pruner, budget
@@ -25,5 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Pruner", "Plan", "ScoreBank", "PrunedSampler", "IndexedDataset", "budget", "shard_indices",
     "Policy", "Selection", "POLICIES", "FullData", "Uniform", "EpsilonGreedy", "UCB", "InfoBatch",
-    "Static", "el2n_scores", "ForgettingTracker", "__version__",
+    "Static", "el2n_scores", "ForgettingTracker", "save_checkpoint", "load_checkpoint",
+    "__version__",
 ]

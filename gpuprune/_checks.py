@@ -14,6 +14,7 @@ __all__ = [
     "check_int",
     "check_float",
     "check_choice",
+    "check_bool",
     "check_batch",
     "resolve_device",
 ]
@@ -53,10 +54,31 @@ def check_float(
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a bool (a Python or NumPy bool), or raise TypeError naming ``name``.
+
+    Strings such as ``"no"`` are truthy in Python, so they are refused rather than guessed at.
+    """
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {name}={value!r}")
-    return value
+    """Return ``value`` if it is one of ``choices``, or raise naming ``name``.
+
+    TypeError when every choice is a string and ``value`` is not one (e.g. a list), else ValueError.
+    """
+    try:
+        if value in choices:
+            return value
+    except TypeError:   # unhashable value, e.g. a list, tested against a set
+        pass
+    names = sorted(choices, key=str)
+    if not isinstance(value, str) and all(isinstance(c, str) for c in choices):
+        raise TypeError(f"{name} must be a str, one of {names}, got {type(value).__name__} "
+                        f"{value!r}")
+    raise ValueError(f"{name} must be one of {names}, got {name}={value!r}")
 
 
 def resolve_device(device) -> torch.device:
@@ -65,10 +87,16 @@ def resolve_device(device) -> torch.device:
         dev = torch.device(device)
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"device must be a torch device or string, got device={device!r}") from e
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type == "meta":
+        raise ValueError(f"device must hold data (cpu or cuda), got device={device!r}")
+    if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but CUDA is not available")
-        dev = torch.device("cuda", torch.cuda.current_device())
+            raise ValueError(f"device={device!r} was requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} does not exist: {torch.cuda.device_count()} CUDA "
+                             f"device(s) visible")
     return dev
 
 

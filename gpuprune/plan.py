@@ -20,6 +20,10 @@ def shard_indices(indices: torch.Tensor, rank: int, world_size: int, drop_last: 
     ``drop_last=True`` it is cut to ``floor(n / W) * W``. Every rank gets the same count, so DDP
     step counts match.
     """
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D, got indices.shape={tuple(indices.shape)}")
     world_size = check_int("world_size", world_size, minimum=1)
     rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
     n = indices.numel()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ._checks import check_batch, check_choice, check_float, check_int, resolve_device
+from . import distributed as _dist
 from .plan import Plan
 from .policies import POLICIES, InfoBatch, Policy, Static
 from .rng import draw_seeds, epoch_generator
@@ -21,6 +22,8 @@ _SHUFFLE_STREAM = 1
 
 def budget(keep: float, num_samples: int) -> int:
     """k = round(keep * N), rounding half up, at least 1."""
+    keep = check_float("keep", keep, low=0.0, high=1.0, low_open=True)
+    num_samples = check_int("num_samples", num_samples, minimum=1)
     return max(1, math.floor(keep * num_samples + 0.5))
 
 
@@ -53,6 +56,14 @@ class Pruner:
             a fixed random subset.
         seed: seed of every random choice; plans are a function of (seed, epoch, observed losses).
         device: where scores live and selection runs. Default ``"cpu"``.
+        process_group: ranks to keep in step under multi-process training. ``"auto"`` (default)
+            uses the default ``torch.distributed`` group if it is initialised (create the Pruner
+            after ``init_process_group``) with more than one rank; ``None`` never synchronises;
+            or a ``ProcessGroup``. Statistics are then merged across ranks once per epoch, before
+            each plan, so all ranks plan alike (see :mod:`gpuprune.distributed`).
+        backend: ``"auto"`` (default), ``"cuda"`` or ``"torch"``: who updates the scores and
+            selects (see :class:`~gpuprune.ScoreBank`; ``"auto"`` takes the CUDA kernels of
+            :mod:`gpuprune.kernels` on a GPU where CuPy loads them). Plans are the same either way.
 
     Example:
         >>> pruner = Pruner(1000, keep=0.3, policy="uniform", seed=0)
@@ -80,8 +91,11 @@ class Pruner:
         static_scores: torch.Tensor | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        process_group: Any = "auto",
+        backend: str = "auto",
     ) -> None:
-        num_samples = check_int("num_samples", num_samples, minimum=1)
+        # the keyed tie-break hashes ids as uint32: unique keys, hence exact k, need N <= 2**32
+        num_samples = check_int("num_samples", num_samples, minimum=1, maximum=2**32)
         if keep is not None and prune_ratio is not None:
             raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
                              f"prune_ratio={prune_ratio})")
@@ -102,6 +116,12 @@ class Pruner:
         self.seed = check_int("seed", seed)
         self.policy = self._make_policy(policy, epsilon=epsilon, c=c, uncertainty=uncertainty,
                                         delta=delta, static_scores=static_scores)
+        if static_scores is not None and policy != "static":
+            raise ValueError(f"static_scores is only used by policy='static', got policy={policy!r}")
+        fixed = getattr(self.policy, "scores", None) if isinstance(self.policy, Static) else None
+        if fixed is not None and fixed.numel() != num_samples:
+            raise ValueError(f"static_scores must have one score per sample: got {fixed.numel()} "
+                             f"scores for num_samples={num_samples}")
         if final_full_epochs is None:
             final_full_epochs = 0
             if isinstance(self.policy, InfoBatch):
@@ -109,10 +129,13 @@ class Pruner:
                     raise ValueError("policy='infobatch' needs num_epochs for its annealing "
                                      "(or pass final_full_epochs)")
                 final_full_epochs = self.policy.final_full_epochs(num_epochs)
-        self.final_full_epochs = check_int("final_full_epochs", final_full_epochs, minimum=0)
+        self.final_full_epochs = check_int("final_full_epochs", final_full_epochs, minimum=0,
+                                           maximum=num_epochs)
         if self.final_full_epochs and num_epochs is None:
             raise ValueError(f"final_full_epochs={self.final_full_epochs} needs num_epochs")
-        self.bank = ScoreBank(num_samples, device=device, decay=decay)
+        group = _dist.resolve_group(process_group)
+        self.bank = ScoreBank(num_samples, device=device, decay=decay, backend=backend)
+        self.bank.deferred = group is not None    # ranks all-reduce each epoch's sums before merging
         self.device = self.bank.device
         self.rounds = 0                         # pruned epochs planned so far
         self._selection: torch.Tensor | None = None
@@ -122,6 +145,13 @@ class Pruner:
         self._weight_table: torch.Tensor | None = None
         #: called with the Pruner at the start of every new plan (e.g. to merge statistics across ranks)
         self.before_plan: list[Callable[["Pruner"], None]] = []
+        #: called with the Pruner and the new plan at the end of every new plan
+        self.after_plan: list[Callable[["Pruner", Plan], None]] = []
+        #: the process group statistics are merged over (None: single process)
+        self.process_group = group
+        self.dist_sync = None if group is None else _dist.DistributedSync(group, self.device)
+        if self.dist_sync is not None:
+            self.dist_sync.attach(self)
 
     # ------------------------------------------------------------------ construction
     def _make_policy(self, policy, **kw) -> Policy:
@@ -146,6 +176,7 @@ class Pruner:
 
     def is_full_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` trains on full data (warm-up, final epochs, or the ``full`` policy)."""
+        epoch = check_int("epoch", epoch, minimum=0)
         if epoch < self.warmup_epochs or self.policy.name == "full":
             return True
         return self.num_epochs is not None and epoch >= self.num_epochs - self.final_full_epochs
@@ -165,28 +196,40 @@ class Pruner:
                 raise ValueError(f"epoch must not go back: plan({epoch}) after plan({self._plan.epoch})")
         for hook in self.before_plan:
             hook(self)
-        self.bank.raise_if_invalid()
         n = self.num_samples
         full = self.is_full_epoch(epoch)
         weights = None
-        if full:
-            sel = torch.arange(n, device=self.device)
-        else:
+        chosen = None
+        if not full:
             due = (epoch - self.warmup_epochs) % self.selection_interval == 0
             if self._selection is None or (due and not self.policy.fixed_subset):
                 gen_epoch = 0 if self.policy.fixed_subset else epoch
                 chosen = self.policy.select(self.bank, self.k, epoch_generator(self.seed, gen_epoch))
                 self._check_selection(chosen.indices, chosen.weights)
+        # after the (read-only) selection, whose one device read, if any, also fetched the
+        # counter, and before any state changes: at most one host sync per plan
+        self.bank.raise_if_invalid()
+        if full:
+            sel = torch.arange(n, device=self.device)
+        else:
+            if chosen is not None:
                 self._selection, self._selection_weights = chosen.indices, chosen.weights
                 self._selection_epoch = epoch
             sel, weights = self._selection, self._selection_weights
             self.bank.selected.index_add_(0, sel, torch.ones_like(sel, dtype=torch.int32))
             self.rounds += 1
         (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
-        order = shuffle_order(sel, shuffle_seed)
+        kernels = self.bank.kernels      # the CUDA kernels hash the ids; the order is the same
+        order = (shuffle_order(sel, shuffle_seed) if kernels is None
+                 else kernels.shuffle_order(sel, shuffle_seed))
         sel = sel[order]
+        if not full:
+            # keep the selection in plan order: the same set (the shuffle depends only on the set),
+            # and sharing the plan's storage saves 8 bytes per selected sample
+            self._selection = sel
         if weights is not None:
             weights = weights[order]
+            self._selection_weights = weights
             table = torch.ones(n, dtype=torch.float32, device=self.device)
             table[sel] = weights
             self._weight_table = table
@@ -194,6 +237,8 @@ class Pruner:
             self._weight_table = None
         self.bank.epoch = epoch
         self._plan = Plan(epoch, sel, weights, full, n)
+        for hook in self.after_plan:
+            hook(self, self._plan)
         return self._plan
 
     def _check_selection(self, idx: torch.Tensor, weights: torch.Tensor | None) -> None:
@@ -238,6 +283,8 @@ class Pruner:
             and the fractions of samples planned in more than ``always``, fewer than ``never``, and
             in between (``sometimes``) of the rounds.
         """
+        always = check_float("always", always, low=0.0, high=1.0)
+        never = check_float("never", never, low=0.0, high=1.0)
         freq = self.bank.selection_frequency(self.rounds).cpu()
         n = freq.numel()
         hi = int((freq > always).sum())
@@ -258,7 +305,14 @@ class Pruner:
                 "selection_interval": self.selection_interval}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue with bit-identical plans (tensors are cloned)."""
+        """Everything needed to continue with bit-identical plans (tensors are cloned).
+
+        A distributed Pruner raises :class:`~gpuprune.distributed.DistributedError` while it holds
+        statistics not merged across ranks: call :func:`gpuprune.distributed.synchronize` on every
+        rank first. The state is then the same on all ranks; save it from rank 0.
+        """
+        if self.dist_sync is not None:
+            self.dist_sync.check_saveable(self.bank)
         plan = self._plan
         clone = (lambda t: None if t is None else t.clone())
         return {
@@ -274,14 +328,12 @@ class Pruner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`. The configuration must match this Pruner's."""
-        if not isinstance(state, dict) or "config" not in state:
-            raise TypeError("state must be a dict from Pruner.state_dict()")
-        mine = self._config()
-        for key, value in state["config"].items():
-            if mine.get(key) != value:
-                raise ValueError(f"checkpoint was made with {key}={value!r}, this Pruner has "
-                                 f"{key}={mine.get(key)!r}")
+        """Restore :meth:`state_dict`. The configuration must match this Pruner's.
+
+        Everything is checked first: a state that does not fit raises TypeError/ValueError and
+        leaves this Pruner unchanged.
+        """
+        self._check_state_dict(state)
         self.bank.load_state_dict(state["bank"])
         dev = self.device
         to = (lambda t: None if t is None else t.to(dev))
@@ -299,7 +351,66 @@ class Pruner:
                 table = torch.ones(self.num_samples, dtype=torch.float32, device=dev)
                 table[self._plan.indices] = self._plan.weights
                 self._weight_table = table
+            if (not self._plan.full and self._selection is not None
+                    and torch.equal(self._selection, self._plan.indices)):
+                self._selection = self._plan.indices          # share storage, as plan() does
+                if self._plan.weights is not None:
+                    self._selection_weights = self._plan.weights
+        if self.dist_sync is not None:   # every rank loads the same state: re-base the counters
+            self.dist_sync.after_load(self.bank, None if p is None else self._plan.epoch)
+
+    def _check_state_dict(self, state) -> None:
+        if not isinstance(state, dict) or "config" not in state:
+            raise TypeError(f"state must be a dict from Pruner.state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [key for key in ("bank", "rounds", "selection", "selection_weights",
+                                   "selection_epoch", "plan") if key not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}")
+        if not isinstance(state["config"], dict):
+            raise TypeError("state_dict['config'] must be a dict")
+        mine = self._config()
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(f"checkpoint was made with {key}={value!r}, this Pruner has "
+                                 f"{key}={mine.get(key)!r}")
+        self.bank.check_state_dict(state["bank"])
+        check_int("state_dict['rounds']", state["rounds"], minimum=0)
+        check_int("state_dict['selection_epoch']", state["selection_epoch"], minimum=-1)
+        n = self.num_samples
+        sel = state["selection"]
+        _check_ids("state_dict['selection']", sel, n, optional=True)
+        _check_weights("state_dict['selection_weights']", state["selection_weights"], sel)
+        p = state["plan"]
+        if p is None:
+            return
+        if not isinstance(p, dict) or any(key not in p for key in ("epoch", "indices", "weights",
+                                                                     "full")):
+            raise ValueError("state_dict['plan'] must be None or a dict with epoch, indices, "
+                             "weights and full")
+        check_int("state_dict['plan']['epoch']", p["epoch"], minimum=0)
+        _check_ids("state_dict['plan']['indices']", p["indices"], n)
+        _check_weights("state_dict['plan']['weights']", p["weights"], p["indices"])
 
     def __repr__(self) -> str:
         return (f"Pruner(num_samples={self.num_samples}, keep={self.keep}, policy={self.policy!r}, "
                 f"device={self.device})")
+
+
+def _check_ids(name: str, t, num_samples: int, optional: bool = False) -> None:
+    """A checkpointed id tensor: 1-D int64 with values in [0, N) (one pass over it)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+        got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 1-D int64 tensor, got {got}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_samples):
+        raise ValueError(f"{name} holds ids outside [0, {num_samples})")
+
+
+def _check_weights(name: str, w, ids) -> None:
+    if w is None:
+        return
+    if (not isinstance(w, torch.Tensor) or not w.is_floating_point()
+            or not isinstance(ids, torch.Tensor) or w.shape != ids.shape):
+        raise ValueError(f"{name} must be None or a float tensor shaped like its ids")

@@ -26,7 +26,9 @@ formula::
     var'  = (1 - a) * var + a * w + a * (1 - a) * (m - mean)**2
 
 For c = 1 this is exactly Finch's update. The first observation of a sample sets ``a = 1`` (the mean
-becomes the loss, the variance the within-group spread). Non-finite losses are skipped and counted.
+becomes the loss, the variance the within-group spread). Non-finite losses are skipped and counted,
+and a variance too large for float32 saturates at its largest finite value, so the state stays
+finite whatever the losses.
 
 All updates are gathers, a B-element sort and scatters: no ``.item()``, no boolean indexing and no
 data-dependent shapes, so ``observe`` never waits for the GPU.
@@ -38,9 +40,12 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_batch, check_float, check_int, resolve_device
+from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
+from .kernels import resolve_backend
 
 __all__ = ["ScoreBank", "merge_groups"]
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def merge_groups(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, n_new: torch.Tensor,
@@ -68,6 +73,8 @@ def merge_groups(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, n_n
     m64 = mean.double()
     new_mean = m64 + a * dm
     new_var = (1.0 - a) * var.double() + a * within + a * (1.0 - a) * dm * dm
+    # finite losses far apart (|x| ~ 1e19) give a variance beyond float32: saturate, never inf
+    new_var = new_var.clamp(max=_F32_MAX)
     new_count = count + n_new.to(count.dtype)
     return new_mean.to(mean.dtype), new_var.to(var.dtype), new_count
 
@@ -82,6 +89,9 @@ class ScoreBank:
             (InfoBatch's smoothing coefficient). ``0`` keeps only the latest loss.
         deferred: if True, ``observe`` only accumulates this epoch's sums and :meth:`commit` merges
             them (used by multi-process training, where the sums are all-reduced first).
+        backend: ``"auto"`` (default): the CUDA kernels of :mod:`gpuprune.kernels` on a CUDA device
+            where CuPy loads them, else torch; ``"cuda"``: the kernels or an error saying why not;
+            ``"torch"``: the torch reference. Both give the same state and the same selections.
 
     Example:
         >>> bank = ScoreBank(4)
@@ -91,11 +101,11 @@ class ScoreBank:
     """
 
     def __init__(self, num_samples: int, device: torch.device | str = "cpu", decay: float = 0.9,
-                 deferred: bool = False) -> None:
+                 deferred: bool = False, backend: str = "auto") -> None:
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
         self.decay = check_float("decay", decay, low=0.0, high=1.0, high_open=True)
         self.device = resolve_device(device)
-        self.deferred = bool(deferred)
+        self.deferred = check_bool("deferred", deferred)
         n, dev = self.num_samples, self.device
         self.mean = torch.zeros(n, dtype=torch.float32, device=dev)
         self.var = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -107,6 +117,14 @@ class ScoreBank:
         self.invalid_batches = torch.zeros((), dtype=torch.int64, device=dev)
         self.epoch = 0
         self._acc: torch.Tensor | None = None  # deferred mode: (3, N) float64 [count, sum_d, sum_d2]
+        #: the kernel backend (a :class:`gpuprune.kernels.KernelOps`), or None for torch
+        self.kernels = resolve_backend(backend, dev, n)
+        self._invalid_read: int | None = None  # invalid_batches as read by host_counts()
+
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` when the kernels run the update and the selections, else ``"torch"``."""
+        return "torch" if self.kernels is None else "cuda"
 
     # ------------------------------------------------------------------ observe
     def observe(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
@@ -124,6 +142,10 @@ class ScoreBank:
         """
         check_batch(indices, losses, self.device, self.num_samples)
         if indices.numel() == 0:
+            return
+        self._invalid_read = None
+        if self.kernels is not None and not self.deferred:
+            self.kernels.observe(self, indices, losses)   # the same update, fused into one kernel
             return
         idx = indices.long()
         x = losses.detach().to(torch.float32)
@@ -189,7 +211,10 @@ class ScoreBank:
             reduce: optional in-place reduction applied to :meth:`pending` first (for example an
                 all-reduce over ranks), so that every process merges the same sums.
         """
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable or None, got {type(reduce).__name__} {reduce!r}")
         acc = self.pending()
+        self._invalid_read = None          # a reduce may change the counters (see distributed.py)
         if reduce is not None:
             reduce(acc)
         n_new = acc[0]
@@ -202,9 +227,22 @@ class ScoreBank:
                                           self.last_epoch))
         acc.zero_()
 
+    def host_counts(self, *values: torch.Tensor) -> list[int]:
+        """Read integer device scalars, together with :attr:`invalid_batches`, in one transfer.
+
+        The invalid-batch count read here serves the next :meth:`raise_if_invalid` (unless a batch is
+        observed in between), so a plan that needs one value from the device syncs only once.
+        """
+        got = torch.stack([self.invalid_batches.reshape(()).long(),
+                           *(v.reshape(()).long() for v in values)]).tolist()
+        self._invalid_read = got[0]
+        return got[1:]
+
     def raise_if_invalid(self) -> None:
-        """Raise ValueError if a GPU batch with out-of-range ids was ignored (one host sync)."""
-        bad = int(self.invalid_batches)
+        """Raise ValueError if a GPU batch with out-of-range ids was ignored (one host sync, none if
+        :meth:`host_counts` has just read the counter)."""
+        bad = int(self.invalid_batches) if self._invalid_read is None else self._invalid_read
+        self._invalid_read = None
         if bad:
             self.invalid_batches.zero_()
             raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in {bad} "
@@ -221,7 +259,8 @@ class ScoreBank:
 
     def selection_frequency(self, rounds: int) -> torch.Tensor:
         """Fraction of ``rounds`` pruned epochs in which each sample was planned (float32)."""
-        return self.selected.float() / max(int(rounds), 1)
+        rounds = check_int("rounds", rounds, minimum=0)
+        return self.selected.float() / max(rounds, 1)
 
     # ------------------------------------------------------------------ state
     _TENSORS = ("mean", "var", "count", "last_epoch", "selected", "nonfinite", "invalid_batches")
@@ -232,15 +271,38 @@ class ScoreBank:
                      pending=None if self._acc is None else self._acc.clone())
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`; sizes must match. Tensors go to this bank's device."""
-        if state.get("num_samples") != self.num_samples:
-            raise ValueError(f"state_dict is for num_samples={state.get('num_samples')}, "
+    def check_state_dict(self, state: dict) -> None:
+        """Raise TypeError/ValueError if ``state`` cannot be loaded into this bank (changes nothing)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from ScoreBank.state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [key for key in (*self._TENSORS, "num_samples", "decay", "epoch") if key not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}")
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"state_dict is for num_samples={state['num_samples']!r}, "
                              f"this bank has num_samples={self.num_samples}")
         for name in self._TENSORS:
-            t = state[name]
-            if not isinstance(t, torch.Tensor) or t.shape != getattr(self, name).shape:
-                raise ValueError(f"state_dict[{name!r}] has the wrong shape or type")
+            t, mine = state[name], getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.shape != mine.shape or t.dtype != mine.dtype:
+                got = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__)
+                raise ValueError(f"state_dict[{name!r}] must be a {tuple(mine.shape)} {mine.dtype} "
+                                 f"tensor, got {got}")
+        check_float("state_dict['decay']", state["decay"], low=0.0, high=1.0, high_open=True)
+        check_int("state_dict['epoch']", state["epoch"], minimum=0)
+        pend = state.get("pending")
+        if pend is not None and (not isinstance(pend, torch.Tensor)
+                                 or pend.shape != (3, self.num_samples)):
+            raise ValueError(f"state_dict['pending'] must be None or a (3, {self.num_samples}) tensor")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; sizes and dtypes must match. Tensors go to this bank's device.
+
+        Raises TypeError/ValueError before changing anything if ``state`` does not fit.
+        """
+        self.check_state_dict(state)
+        self._invalid_read = None
         for name in self._TENSORS:
             getattr(self, name).copy_(state[name].to(self.device))
         self.decay = float(state["decay"])

@@ -35,17 +35,34 @@ def el2n_scores(model: torch.nn.Module, loader: Iterable, num_samples: int,
     Returns:
         float32 tensor of N scores on the CPU.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     num_samples = check_int("num_samples", num_samples, minimum=1)
     dev = resolve_device(device)
+    if not hasattr(loader, "__iter__"):
+        raise TypeError(f"loader must be iterable, got {type(loader).__name__}")
     out = torch.full((num_samples,), float("nan"))
     was_training = model.training
     model.eval()
     try:
-        for x, y, idx in loader:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+                got = (f"{len(batch)} items" if isinstance(batch, (tuple, list))
+                       else type(batch).__name__)
+                raise ValueError(f"loader must yield (inputs, labels, indices) batches, got {got}")
+            x, y, idx = batch
+            idx = torch.as_tensor(idx).long().cpu()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_samples):
+                raise ValueError(f"indices must lie in [0, {num_samples}), got "
+                                 f"[{int(idx.min())}, {int(idx.max())}]")
             logits = model(x.to(dev))
             p = F.softmax(logits.float(), dim=1)
-            onehot = F.one_hot(y.to(dev).long(), p.shape[1]).float()
-            out[idx.long().cpu()] = (p - onehot).norm(dim=1).cpu()
+            y = torch.as_tensor(y).to(dev).long()
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= p.shape[1]):
+                raise ValueError(f"labels must lie in [0, {p.shape[1]}) for {p.shape[1]} logits, "
+                                 f"got [{int(y.min())}, {int(y.max())}]")
+            onehot = F.one_hot(y, p.shape[1]).float()
+            out[idx] = (p - onehot).norm(dim=1).cpu()
     finally:
         model.train(was_training)
     missing = int(torch.isnan(out).sum())

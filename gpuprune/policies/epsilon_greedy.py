@@ -53,5 +53,8 @@ class EpsilonGreedy(Policy):
 
     def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
         seeds = draw_seeds(generator, 2)
+        if getattr(bank, "kernels", None) is not None:     # the CUDA kernels: same set
+            return Selection(bank.kernels.epsilon_greedy(bank, k, self.epsilon,
+                                                         (seeds[0], seeds[1])))
         return Selection(epsilon_greedy_select(greedy_score(bank), k, self.epsilon,
                                                (seeds[0], seeds[1])))

@@ -71,5 +71,7 @@ class InfoBatch(Policy):
         if ratio is None:  # from the budget k = round(keep * N)
             ratio = min(max(1.0 - k / bank.num_samples, 0.0), 0.999)
         (seed,) = draw_seeds(generator, 1)
+        if getattr(bank, "kernels", None) is not None:     # the CUDA kernels: same set and weights
+            return Selection(*bank.kernels.infobatch(bank, ratio, seed))
         idx, w = infobatch_select(bank.mean, bank.seen, ratio, seed)
         return Selection(idx, w)

@@ -40,11 +40,16 @@ class Static(Policy):
 
     def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
         (seed,) = draw_seeds(generator, 1)
+        kernels = getattr(bank, "kernels", None)       # the CUDA kernels, if any: same set
         if self.scores is None:
+            if kernels is not None:
+                return Selection(kernels.random_k(bank.num_samples, k, seed))
             return Selection(random_k(bank.num_samples, k, seed, bank.device))
         if self.scores.numel() != bank.num_samples:
             raise ValueError(f"scores has {self.scores.numel()} entries, the dataset has "
                              f"{bank.num_samples}")
+        if kernels is not None:
+            return Selection(kernels.top_k_scores(self.scores.to(bank.device), k, seed))
         return Selection(top_k_by_score(self.scores.to(bank.device), k, seed))
 
     def __repr__(self) -> str:

@@ -41,5 +41,7 @@ class UCB(Policy):
 
     def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
         (seed,) = draw_seeds(generator, 1)
+        if getattr(bank, "kernels", None) is not None:     # the CUDA kernels: same set
+            return Selection(bank.kernels.ucb(bank, k, seed, self.c, self.uncertainty))
         score = ucb_score(bank.mean, bank.var, bank.seen, self.c, self.uncertainty)
         return Selection(top_k_by_score(score, k, seed))

@@ -19,4 +19,6 @@ class Uniform(Policy):
 
     def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
         (seed,) = draw_seeds(generator, 1)
+        if getattr(bank, "kernels", None) is not None:     # the CUDA kernels: same set
+            return Selection(bank.kernels.random_k(bank.num_samples, k, seed))
         return Selection(random_k(bank.num_samples, k, seed, bank.device))
