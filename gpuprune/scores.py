@@ -268,7 +268,7 @@ class ScoreBank:
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).clone() for name in self._TENSORS}
         state.update(num_samples=self.num_samples, decay=self.decay, epoch=self.epoch,
-                     pending=None if self._acc is None else self._acc.clone())
+                     pending=None if self._acc is None or not bool(self._acc.any()) else self._acc.clone())
         return state
 
     def check_state_dict(self, state: dict) -> None:
