@@ -1,0 +1,95 @@
+"""One-call construction: a pipeline from a source and the user's graph, and its iterator."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from nvidia.dali.data_node import DataNode
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+from .._checks import check_int
+from ..pruner import Pruner
+from .iterator import PrunedDALIIterator
+from .sources import PlanSource
+
+__all__ = ["build_pipeline", "build_iterator"]
+
+
+def _as_outputs(out) -> tuple:
+    if isinstance(out, DataNode):
+        return (out,)
+    if isinstance(out, (tuple, list)) and all(isinstance(o, DataNode) for o in out):
+        return tuple(out)
+    raise TypeError(f"define_graph must return a DataNode or a tuple/list of DataNodes, got "
+                    f"{type(out).__name__}")
+
+
+def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | None = None, *,
+                   batch_size: int, num_threads: int = 2, device_id: int | None = None,
+                   **pipeline_kwargs) -> Pipeline:
+    """A DALI pipeline: ``source`` → ``define_graph(*data_nodes)`` → outputs.
+
+    Args:
+        source: where the samples come from (:class:`~gpuprune.dali.ArraySource`,
+            :class:`~gpuprune.dali.FileSource`).
+        define_graph: the user's part of the graph. It gets the source's data nodes (e.g.
+            ``(images, labels)``) and returns the outputs (a DataNode or a tuple of them). Default:
+            the data nodes unchanged.
+        batch_size: the largest batch (the last one of an epoch may be shorter).
+        num_threads: DALI CPU threads. Default ``2``.
+        device_id: the GPU, or None for a CPU-only pipeline (default).
+        **pipeline_kwargs: more ``nvidia.dali.Pipeline`` arguments (``seed``,
+            ``prefetch_queue_depth``, ``py_num_workers``, ``py_start_method``, ...).
+
+    Returns:
+        The pipeline (not built yet; the iterator builds it).
+    """
+    if not isinstance(source, PlanSource):
+        raise TypeError(f"source must be a gpuprune.dali PlanSource, got {type(source).__name__}")
+    if define_graph is not None and not callable(define_graph):
+        raise TypeError(f"define_graph must be callable, got {type(define_graph).__name__}")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    num_threads = check_int("num_threads", num_threads, minimum=1)
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    **pipeline_kwargs)
+    with pipe:
+        data = source.outputs()
+        outputs = _as_outputs(define_graph(*data) if define_graph is not None else tuple(data))
+        pipe.set_outputs(*outputs)
+    return pipe
+
+
+def build_iterator(pruner: Pruner, source: PlanSource,
+                   define_graph: Callable[..., object] | None = None, *, batch_size: int,
+                   output_map: Sequence[str] = ("data", "label"),
+                   last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
+                   shard_id: int = 0, num_shards: int = 1, num_threads: int = 2,
+                   device_id: int | None = None, auto_reset: bool | str = False,
+                   index_name: str = "index", weight_name: str = "weight",
+                   **pipeline_kwargs) -> PrunedDALIIterator:
+    """Pipeline and :class:`~gpuprune.dali.PrunedDALIIterator` in one call.
+
+    Args:
+        pruner: the :class:`~gpuprune.Pruner` planning the epochs.
+        source, define_graph, batch_size, num_threads, device_id, **pipeline_kwargs: see
+            :func:`build_pipeline`.
+        output_map: names of ``define_graph``'s outputs. Default ``("data", "label")``, as
+            ``DALIClassificationIterator``.
+        last_batch_policy, shard_id, num_shards, auto_reset, index_name, weight_name: see
+            :class:`~gpuprune.dali.PrunedDALIIterator`.
+
+    Example:
+        >>> source = ArraySource(images, labels, layouts=("HWC", None))      # doctest: +SKIP
+        >>> def graph(images, labels):
+        ...     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+        ...                                     mean=[127.5], std=[127.5]), labels
+        >>> it = build_iterator(pruner, source, graph, batch_size=256)       # doctest: +SKIP
+    """
+    output_map = list(output_map)
+    pipe = build_pipeline(source, define_graph, batch_size=batch_size, num_threads=num_threads,
+                          device_id=device_id, **pipeline_kwargs)
+    return PrunedDALIIterator(pipe, output_map, pruner=pruner, source=source,
+                              last_batch_policy=last_batch_policy, shard_id=shard_id,
+                              num_shards=num_shards, auto_reset=auto_reset, index_name=index_name,
+                              weight_name=weight_name)
