@@ -1,0 +1,121 @@
+"""PNG plots: accuracy against charged wall time, and the "sometimes samples" histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import METHODS
+from .report import summarize
+from .runner import BenchResult
+
+__all__ = ["plot_accuracy_vs_time", "plot_selection_frequency", "write_plots"]
+
+_COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")             # files only; no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_accuracy_vs_time(res: BenchResult, path: str | Path, dpi: int = 80) -> Path:
+    """One panel per prune ratio: each seed's test-accuracy curve against charged seconds (thin
+    lines; static methods start after their scoring time), and each method's mean final point
+    with +-1 std bars over seeds."""
+    plt = _pyplot()
+    ratios = list(res.config.prune_ratios)
+    cols = min(len(ratios), 2)
+    rows = -(-len(ratios) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.0 * rows), squeeze=False)
+    summary = summarize(res.rows)
+    accs = [p["acc"] for c in res.curves.values() for p in c]
+    best = max(accs) if accs else 100.0
+    for ax, p in zip(axes.flat, ratios):
+        for method in res.config.methods:
+            key_p = 0.0 if method == "full" else p
+            color = _COLORS[method]
+            for seed in res.config.seeds:
+                curve = res.curves.get((method, key_p, seed), [])
+                if curve:
+                    ax.plot([q["time_s"] for q in curve], [q["acc"] for q in curve], color=color,
+                            lw=0.8, alpha=0.45)
+            s = next((s for s in summary if s["method"] == method and s["prune_ratio"] == key_p),
+                     None)
+            if s is not None:
+                ax.errorbar(s["total_s_mean"], s["test_acc_mean"], xerr=s["total_s_std"],
+                            yerr=s["test_acc_std"], fmt="o", ms=5, color=color, label=method,
+                            capsize=2)
+        ax.set_title(f"prune ratio {p:g}")
+        ax.set_xlabel("charged wall time, s (train + select + score)")
+        ax.set_ylabel("test accuracy, %")
+        ax.set_ylim(max(0.0, best - 12.0), best + 1.0)   # the interesting band near the top
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ratios):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{res.data.name}, {res.config.model}, {res.config.epochs} epochs, "
+                 f"seeds {list(res.config.seeds)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_selection_frequency(res: BenchResult, path: str | Path, dpi: int = 80) -> Path | None:
+    """How often each sample was planned: one bar per j = 0..R (samples planned in exactly j of
+    the R pruned epochs, log scale), one panel per method (columns) and prune ratio (rows), first
+    seed. The grey band (frequency 0.1 to 0.9) holds the paper's "sometimes" samples; static
+    methods have only 0 and R."""
+    if not res.frequencies:
+        return None
+    from matplotlib.ticker import NullFormatter
+
+    from .report import selection_histogram
+
+    plt = _pyplot()
+    methods = [m for m in METHODS if any(k[0] == m for k in res.frequencies)]
+    ratios = [p for p in res.config.prune_ratios if any(k[1] == p for k in res.frequencies)]
+    fig, axes = plt.subplots(len(ratios), len(methods), squeeze=False,
+                             figsize=(2.1 * len(methods), 2.0 * len(ratios) + 0.5), sharex=True)
+    for i, p in enumerate(ratios):
+        for j, m in enumerate(methods):
+            ax = axes[i][j]
+            entry = res.frequencies.get((m, p))
+            if entry is None:
+                ax.axis("off")
+                continue
+            freq, rounds = entry
+            r = max(rounds, 1)
+            counts = selection_histogram(freq, rounds)
+            ax.axvspan(0.1, 0.9, color="0.88", zorder=0)
+            ax.bar([t / r for t in range(r + 1)], counts, width=0.7 / r, color=_COLORS[m],
+                   zorder=2)
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlim(-0.08, 1.08)
+            n = freq.numel()
+            hi = float((freq > 0.9).sum()) / n
+            lo = float((freq < 0.1).sum()) / n
+            ax.set_title(f"{m} p={p:g} ({rounds} rounds)\nsometimes {100 * (1 - hi - lo):.0f}%\n"
+                         f"always {100 * hi:.0f}%, never {100 * lo:.0f}%", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if i == len(ratios) - 1:
+                ax.set_xlabel("share of pruned epochs planned", fontsize=7)
+    fig.suptitle(f"How often each sample was trained on ({res.data.name}, seed "
+                 f"{res.config.seeds[0]}); grey band: 'sometimes' samples (0.1 to 0.9)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_plots(res: BenchResult, out_dir: str | Path, dpi: int = 80) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"accuracy_png": plot_accuracy_vs_time(res, out / "accuracy_vs_time.png", dpi)}
+    hist = plot_selection_frequency(res, out / "selection_frequency.png", dpi)
+    if hist is not None:
+        paths["selection_png"] = hist
+    return paths
