@@ -175,12 +175,8 @@ def run_scenario(name: str, n: int, steps: int, batch: int, keep: float) -> dict
 
 # ---------------------------------------------------------------- driver
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from gpuprune.bench.report import cpu_name
+    cpu = cpu_name()
     mem = ""
     try:
         with open("/proc/meminfo") as f:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpuprune.bench.report import cpu_name              # noqa: E402
 import gpuprune as gp                                                      # noqa: E402
 
 try:
@@ -65,17 +66,6 @@ KEEPS = (0.3, 0.5, 0.7)
 
 
 # ---------------------------------------------------------------- environment and data
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def describe(args) -> str:
     load = "load average %.1f %.1f %.1f" % os.getloadavg()
     gpu = ""

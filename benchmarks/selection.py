@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpuprune.bench.report import cpu_name              # noqa: E402
 import gpuprune as gp                                     # noqa: E402
 from gpuprune.select import top_k_by_score                # noqa: E402
 
@@ -46,17 +47,6 @@ BATCHES = (256, 1024, 4096, 16384, 65536)
 
 
 # ---------------------------------------------------------------- environment
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def describe(device: torch.device) -> str:
     load = " | load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     lines = [f"machine: {platform.node()} | {cpu_name()} | {os.cpu_count()} logical CPUs | "

@@ -59,17 +59,21 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def machine_info(device: str) -> dict:
-    """Machine and library versions, for the record."""
-    cpu = platform.processor() or ""
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what ``platform`` knows (shared by benchmarks/)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(device: str) -> dict:
+    """Machine and library versions, for the record."""
+    cpu = cpu_name()
     info = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "platform": platform.platform(),
