@@ -30,6 +30,7 @@ __all__ = [
     "orderable",
     "composite_key",
     "top_k",
+    "trivial_top_k",
     "top_k_by_score",
     "random_k",
     "hash_uniform",
@@ -116,6 +117,17 @@ def composite_key(score: torch.Tensor, seed: int, index: torch.Tensor | None = N
     return (orderable(score) << 32) | hash32(index, seed)
 
 
+def trivial_top_k(n: int, k: int, device: torch.device | str) -> torch.Tensor | None:
+    """Check ``0 <= k <= n``; return the answer when it needs no keys (k = 0 or k = n), else None."""
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got k={k}")
+    if k == n:
+        return torch.arange(n, device=device)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return None
+
+
 def top_k(key: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k largest entries of a 1-D int64 key with unique values (unordered).
 
@@ -123,12 +135,9 @@ def top_k(key: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.topk(sorted=False)``, which needs no host synchronisation.
     """
     n = key.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}], got k={k}")
-    if k == n:
-        return torch.arange(n, device=key.device)
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=key.device)
+    trivial = trivial_top_k(n, k, key.device)
+    if trivial is not None:
+        return trivial
     if key.device.type == "cpu":
         a = key.numpy()
         return torch.from_numpy(np.argpartition(a, n - k)[n - k:].astype(np.int64))

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..select import split_seed
+from ..select import split_seed, trivial_top_k
 from ._spec import CONSTANTS, CTL_BYTES, PASSES, SIGNATURES
 
 __all__ = ["KernelOps", "Runtime", "MAX_SAMPLES"]
@@ -181,13 +181,7 @@ class KernelOps:
         return self._compact(keys, n, _ptr(ctl), 0, k)[0]
 
     def _special(self, n: int, k: int) -> torch.Tensor | None:
-        if not 0 <= k <= n:
-            raise ValueError(f"k must be in [0, {n}], got k={k}")
-        if k == n:
-            return torch.arange(n, device=self.device)
-        if k == 0:
-            return torch.empty(0, dtype=torch.long, device=self.device)
-        return None
+        return trivial_top_k(n, k, self.device)
 
     # ------------------------------------------------------------------ policies
     def top_k_scores(self, scores: torch.Tensor, k: int, seed: int) -> torch.Tensor:
