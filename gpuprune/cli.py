@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epsilon_greedy: explored share of the budget")
     g.add_argument("--ucb-c", type=_float_in(0, None), default=d.ucb_c,
                    help="ucb: weight of the uncertainty term")
+    g.add_argument("--ucb-drift", type=_float_in(0, None), default=d.ucb_drift,
+                   help="ucb: growth per unobserved epoch of a sample's variance, in units of the "
+                        "mean variance (0: the paper's rule, which settles on one subset)")
     g.add_argument("--uncertainty", choices=["std", "var"], default=d.uncertainty)
     g.add_argument("--decay", type=_float_in(0, 1, high_open=True), default=d.decay,
                    help="EMA weight kept from the old loss statistics per observation")
@@ -162,7 +165,7 @@ def _config_from_args(args, parser) -> "BenchConfig":
         momentum=args.momentum, weight_decay=args.weight_decay, warmup_frac=args.warmup_frac,
         label_smoothing=args.label_smoothing, augment=args.augment,
         prune_ratios=tuple(args.prune_ratios), seeds=tuple(args.seeds), methods=methods,
-        epsilon=args.epsilon, ucb_c=args.ucb_c, uncertainty=args.uncertainty, decay=args.decay,
+        epsilon=args.epsilon, ucb_c=args.ucb_c, ucb_drift=args.ucb_drift, uncertainty=args.uncertainty, decay=args.decay,
         delta=args.delta, warmup_epochs=args.warmup_epochs,
         selection_interval=args.selection_interval, el2n_seeds=args.el2n_seeds,
         el2n_epochs=min(args.el2n_epochs, args.epochs), target_acc=args.target_acc,

@@ -51,6 +51,9 @@ class Pruner:
         epsilon: exploration share of ``epsilon_greedy``. Default ``0.1``.
         c: uncertainty weight of ``ucb``. Default ``1.0``.
         uncertainty: ``"std"`` (default) or ``"var"`` for ``ucb``.
+        drift: ``ucb`` only: growth per unobserved epoch of a sample's variance, in units of the
+            mean variance. Default ``0.0`` (the paper's rule); ``1.0`` stops UCB from settling on
+            one subset (see :class:`~gpuprune.UCB`).
         delta: InfoBatch's annealing point (fraction of ``num_epochs``). Default ``0.875``.
         static_scores: per-sample scores for ``policy="static"`` (keep the highest); ``None`` keeps
             a fixed random subset.
@@ -87,6 +90,7 @@ class Pruner:
         epsilon: float = 0.1,
         c: float = 1.0,
         uncertainty: str = "std",
+        drift: float = 0.0,
         delta: float = 0.875,
         static_scores: torch.Tensor | None = None,
         seed: int = 0,
@@ -115,7 +119,7 @@ class Pruner:
         self.selection_interval = check_int("selection_interval", selection_interval, minimum=1)
         self.seed = check_int("seed", seed)
         self.policy = self._make_policy(policy, epsilon=epsilon, c=c, uncertainty=uncertainty,
-                                        delta=delta, static_scores=static_scores)
+                                        drift=drift, delta=delta, static_scores=static_scores)
         if static_scores is not None and policy != "static":
             raise ValueError(f"static_scores is only used by policy='static', got policy={policy!r}")
         fixed = getattr(self.policy, "scores", None) if isinstance(self.policy, Static) else None
@@ -163,7 +167,7 @@ class Pruner:
         if policy == "epsilon_greedy":
             return POLICIES[policy](epsilon=kw["epsilon"])
         if policy == "ucb":
-            return POLICIES[policy](c=kw["c"], uncertainty=kw["uncertainty"])
+            return POLICIES[policy](c=kw["c"], uncertainty=kw["uncertainty"], drift=kw["drift"])
         if policy == "infobatch":
             return InfoBatch(ratio=min(1.0 - self.keep, 0.999), delta=kw["delta"])
         if policy == "static":

@@ -165,6 +165,7 @@ def test_printed_table(tmp_path, capsys):
     (["--data-dir", "/nonexistent/folder"], "--data-dir"),
     (["--model", "vgg"], "--model"),
     (["--loader", "ffcv"], "--loader"),
+    (["--ucb-drift", "-1"], "--ucb-drift"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(args, named, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -546,3 +546,31 @@ def test_cpu_numpy_fast_paths_equal_the_int64_torch_formulas():
     s = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
     b = s.view(torch.int32).long()
     assert torch.equal(orderable(x), torch.where(b >= 0, b, b ^ 0x7FFFFFFF))
+
+
+def test_ucb_drift_hand_computed_score():
+    from gpuprune.policies.ucb import ucb_score
+    mean = torch.tensor([1.0, 1.0, 1.0, 2.0])
+    var = torch.tensor([0.0, 0.5, 1.0, 9.0])
+    seen = torch.tensor([True, True, True, False])
+    age = torch.tensor([0, 2, 1, 5])
+    # vbar over seen = 0.5; var_eff = var + 1 * 0.5 * age = [0, 1.5, 1.5, -]
+    got = ucb_score(mean, var, seen, c=2.0, age=age, drift=1.0)
+    assert got[:3].tolist() == pytest.approx([1.0, 1.0 + 2 * 1.5 ** 0.5, 1.0 + 2 * 1.5 ** 0.5])
+    assert got[3].item() == float("inf")
+    assert torch.equal(ucb_score(mean, var, seen, c=2.0, age=age, drift=0.0),
+                       ucb_score(mean, var, seen, c=2.0))
+    with pytest.raises(ValueError, match="drift must be >= 0.0"):
+        gp.UCB(drift=-1.0)
+
+
+def test_ucb_without_drift_settles_and_with_drift_rotates():
+    def rounds_in_use(drift):
+        p = gp.Pruner(400, keep=0.25, policy="ucb", drift=drift, seed=0)
+        for epoch in range(16):
+            feed(p, p.plan(epoch))
+        # samples planned in at least 2 of the 12 pruned epochs after the 4-epoch first sweep
+        return int((p.bank.selected >= 3).sum())
+    settled, rotating = rounds_in_use(0.0), rounds_in_use(1.0)
+    assert settled <= 110          # about the same 100 samples every epoch
+    assert rotating >= settled + 25

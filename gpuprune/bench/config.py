@@ -40,9 +40,9 @@ class BenchConfig:
             samples per pruned epoch. Default ``(0.5,)``.
         seeds: one run of every method per seed. Default ``(0,)``.
         methods: names from :data:`METHODS`; ``"full"`` always runs (it is the reference).
-        epsilon, ucb_c, uncertainty, decay, delta, warmup_epochs, selection_interval: passed to
-            :class:`gpuprune.Pruner` (its ``epsilon``, ``c``, ``uncertainty``, ``decay``, ``delta``,
-            ``warmup_epochs``, ``selection_interval``).
+        epsilon, ucb_c, ucb_drift, uncertainty, decay, delta, warmup_epochs, selection_interval:
+            passed to :class:`gpuprune.Pruner` (its ``epsilon``, ``c``, ``drift``, ``uncertainty``,
+            ``decay``, ``delta``, ``warmup_epochs``, ``selection_interval``).
         el2n_seeds: models trained to score EL2N (K). Default ``2``.
         el2n_epochs: epochs each scoring model trains, on the full run's schedule. Default ``2``.
         target_acc: accuracy (percent) for the time-to-accuracy column; ``None`` (default) uses
@@ -69,6 +69,7 @@ class BenchConfig:
     methods: tuple[str, ...] = field(default_factory=lambda: METHODS)
     epsilon: float = 0.1
     ucb_c: float = 1.0
+    ucb_drift: float = 0.0
     uncertainty: str = "std"
     decay: float = 0.9
     delta: float = 0.875

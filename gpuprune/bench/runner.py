@@ -78,7 +78,8 @@ def _make_pruner(method: str, n: int, p: float, cfg: BenchConfig, seed: int,
     policy = {"static_random": "static", "el2n": "static", "forgetting": "static"}.get(method, method)
     return Pruner(n, prune_ratio=p, policy=policy, num_epochs=cfg.epochs,
                   warmup_epochs=cfg.warmup_epochs, selection_interval=cfg.selection_interval,
-                  decay=cfg.decay, epsilon=cfg.epsilon, c=cfg.ucb_c, uncertainty=cfg.uncertainty,
+                  decay=cfg.decay, epsilon=cfg.epsilon, c=cfg.ucb_c, drift=cfg.ucb_drift,
+                  uncertainty=cfg.uncertainty,
                   delta=cfg.delta, static_scores=scores, seed=seed, device=device)
 
 
