@@ -277,6 +277,8 @@ CASES: list[Case] = [
     Case("EpsilonGreedy", "`epsilon=None`", lambda _: EpsilonGreedy(None), TypeError, "epsilon must be a real number, got NoneType None"),
     Case("UCB", "`c=nan`", lambda _: UCB(c=float("nan")), ValueError, "c must be finite, got c=nan"),
     Case("UCB", "`uncertainty=None`", lambda _: UCB(uncertainty=None), TypeError, "uncertainty must be a str, one of ['std', 'var'], got NoneType None"),
+    Case("UCB", "`drift=-0.5`", lambda _: UCB(drift=-0.5), ValueError, "drift must be >= 0.0, got drift=-0.5"),
+    Case(P, "`drift=float(\"inf\")`", lambda _: gp.Pruner(N, drift=float("inf")), ValueError, "drift must be finite, got drift=inf"),
     Case("InfoBatch", "`ratio=1.0`", lambda _: InfoBatch(ratio=1.0), ValueError, "ratio must be < 1.0, got ratio=1.0"),
     Case("InfoBatch", "`delta=-1`", lambda _: InfoBatch(delta=-1), ValueError, "delta must be >= 0.0, got delta=-1.0"),
     # sharding
