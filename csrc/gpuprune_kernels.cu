@@ -20,14 +20,13 @@
  * Python ints and floats unchanged):
  *   gp_observe_small   fused score update for a batch of <= GP_OBS_SMALL_MAX losses, one block, one launch
  *   gp_observe_sorted  the same for any batch, after torch.sort(indices, stable=True)
- *   gp_score           per-sample score of a policy -> the high word of the selection key
+ *   gp_score           float score -> the high word of the selection key (orderable bits)
  *   gp_select_init     reset a selection control block
  *   gp_radix_pass      one 10/11-bit digit of an exact-k radix select over 64-bit keys
  *   gp_compact_count   ordered compaction, 1/3: selected count per tile
  *   gp_scan_counts     ordered compaction, 2/3: exclusive scan of the tile counts
- *   gp_compact_write   ordered compaction, 3/3: write the selected indices (and weights) in index order
+ *   gp_compact_write   ordered compaction, 3/3: write the selected indices (int32) in index order
  *   gp_hash_index      keyed hash of sample ids (the shuffle key of the torch reference)
- *   gp_shard_gather    one rank's share of a shuffled list, with DistributedSampler's wrap-around
  */
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -55,14 +54,6 @@ typedef long long i64;
 /* How a selection key is formed (see GpKeys). */
 #define GP_MODE_HI 0        /* key = hi[i] << 32 | hash32(i, seed1) */
 #define GP_MODE_HASH 1      /* key = hash32(i, seed1) */
-#define GP_MODE_EXPLORE 2   /* key = (first-key(i) >= t1 ? 0 : 1) << 32 | hash32(i, seed2) */
-
-/* Which score gp_score writes into the high word. */
-#define GP_SCORE_UCB_STD 0     /* mean + c * sqrt(max(var, 0)), unseen +inf */
-#define GP_SCORE_UCB_VAR 1     /* mean + c * max(var, 0), unseen +inf */
-#define GP_SCORE_GREEDY 2      /* mean, unseen +inf */
-#define GP_SCORE_RAW 3         /* raw[i] */
-#define GP_SCORE_INFOBATCH 4   /* 0 if seen and (double) mean < *thr ("well learned"), else 1 */
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Exact arithmetic: one IEEE round-to-nearest operation each, never fused.                         */
@@ -188,56 +179,31 @@ GP_HD u32 orderable_u32(float s) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-/* The high word of a sample's selection key for a score mode (gpuprune/policies/). */
-GP_HD u32 score_word(int mode, i64 i, const float* mean, const float* var, const int* count,
-                     const float* raw, float c, double thr) {
-    if (mode == GP_SCORE_INFOBATCH) {
-        const bool below = count[i] > 0 && (double)mean[i] < thr;
-        return below ? 0u : 1u;
-    }
-    float s;
-    if (mode == GP_SCORE_RAW) {
-        s = raw[i];
-    } else if (count[i] <= 0) {
-        s = f_from_bits(GP_F32_INF);                 /* never seen: visit first */
-    } else if (mode == GP_SCORE_GREEDY) {
-        s = mean[i];
-    } else {
-        float v = var[i];
-        if (v < 0.0f) v = 0.0f;                      /* clamp(min=0); NaN stays NaN */
-        const float spread = (mode == GP_SCORE_UCB_STD) ? f_sqrt(v) : v;
-        s = f_add(mean[i], f_mul(c, spread));
-    }
-    return orderable_u32(s);
-}
 
 /* The 64-bit key of sample i. Keys are unique: the low word is a bijection of i. */
 struct GpKeys {
-    const u32* hi;   /* high words (GP_MODE_HI, GP_MODE_EXPLORE) */
+    const u32* hi;   /* high words (GP_MODE_HI) */
     int mode;
-    u32 s1lo, s1hi;  /* seed of the (first) tie-break hash */
-    u32 s2lo, s2hi;  /* seed of the exploration hash (GP_MODE_EXPLORE) */
-    u64 t1;          /* threshold of the first selection (GP_MODE_EXPLORE) */
+    u32 s1lo, s1hi;  /* seed of the tie-break hash */
 };
 
-GP_HD u64 key_first(const GpKeys& k, i64 i) {
-    return ((u64)k.hi[i] << 32) | (u64)hash32((u32)i, k.s1lo, k.s1hi);
-}
-
 GP_HD u64 key_of(const GpKeys& k, i64 i) {
-    if (k.mode == GP_MODE_HASH) return (u64)hash32((u32)i, k.s1lo, k.s1hi);
-    const u64 k1 = key_first(k, i);
-    if (k.mode == GP_MODE_HI) return k1;
-    const u64 untaken = (k1 >= k.t1) ? 0ull : 1ull;  /* already chosen by the first selection: lowest */
-    return (untaken << 32) | (u64)hash32((u32)i, k.s2lo, k.s2hi);
+    const u64 h = (u64)hash32((u32)i, k.s1lo, k.s1hi);
+    return k.mode == GP_MODE_HASH ? h : (((u64)k.hi[i] << 32) | h);
 }
 
 /* Top bits of the key, for passes whose digits all lie in the high word (shift >= 32, GP_MODE_HI). */
 GP_HD u64 key_high(const GpKeys& k, i64 i) { return (u64)k.hi[i] << 32; }
 
-GP_HD bool is_selected(const GpKeys& k, i64 i, u64 thresh) {
-    if (key_of(k, i) >= thresh) return true;
-    return k.mode == GP_MODE_EXPLORE && key_first(k, i) >= k.t1;
+GP_HD bool is_selected(const GpKeys& k, i64 i, u64 thresh) { return key_of(k, i) >= thresh; }
+
+GP_HD GpKeys make_keys(const unsigned int* hi, long long mode, long long s1lo, long long s1hi) {
+    GpKeys k;
+    k.hi = hi;
+    k.mode = (int)mode;
+    k.s1lo = (u32)s1lo;
+    k.s1hi = (u32)s1hi;
+    return k;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -303,16 +269,16 @@ GP_HD void acc_add(GpAcc& a, float x, double m64) {
 }
 
 /* merge_groups for one sample, then the writes of ScoreBank._update. */
-GP_HD void merge_write(i64 id, const GpAcc& a, float* mean, float* var, int* count, int* last_epoch,
+GP_HD void merge_write(i64 id, const GpAcc& a, float* mean, float* var, int* last_epoch,
                        double decay, int epoch) {
-    const int cnt = count[id];
+    const bool seen = last_epoch[id] >= 0;
     const double m64 = (double)mean[id];
     const double c = a.n < 1.0 ? 1.0 : a.n;
     const double dm = d_div(a.s1, c);
     double within = d_sub(d_div(a.s2, c), d_mul(dm, dm));
     if (within < 0.0) within = 0.0;
     double alpha = d_sub(1.0, d_pow(decay, a.n));
-    if (!(cnt > 0)) alpha = 1.0;          /* first visit: take the group as is */
+    if (!seen) alpha = 1.0;               /* first visit: take the group as is */
     if (!(a.n > 0.0)) alpha = 0.0;        /* nothing finite: keep the state */
     const double oma = d_sub(1.0, alpha);
     const double new_mean = d_add(m64, d_mul(alpha, dm));
@@ -321,7 +287,6 @@ GP_HD void merge_write(i64 id, const GpAcc& a, float* mean, float* var, int* cou
     if (new_var > GP_F32_MAX) new_var = GP_F32_MAX;   /* clamp(max=float32 max): saturate, never inf */
     mean[id] = d_to_f(new_mean);
     var[id] = d_to_f(new_var);
-    count[id] = cnt + (int)a.n;
     if (a.n > 0.0) last_epoch[id] = epoch;
 }
 
@@ -347,7 +312,7 @@ GP_HD void bitonic_step(u64* keys, u32 size, u32 stride, u32 t) {
  * batch order and writes the merged state. Launch: grid 1, block GP_OBS_SMALL_THREADS. */
 extern "C" __global__ void __launch_bounds__(GP_OBS_SMALL_THREADS)
 gp_observe_small(const long long* idx, const float* x, long long B, long long N, float* mean, float* var,
-                 int* count, int* last_epoch, unsigned long long* nonfinite,
+                 int* last_epoch, unsigned long long* nonfinite,
                  unsigned long long* invalid, double decay, long long epoch) {
     __shared__ u64 keys[GP_OBS_SMALL_MAX];
     const u32 tid = threadIdx.x;
@@ -390,7 +355,7 @@ gp_observe_small(const long long* idx, const float* x, long long B, long long N,
         acc_init(a);
         for (u32 u = t; u < nb && (u32)(keys[u] >> 32) == id; ++u)
             acc_add(a, x[(u32)(keys[u] & 0xFFFFFFFFull)], m64);
-        merge_write(id, a, mean, var, count, last_epoch, decay, (int)epoch);
+        merge_write(id, a, mean, var, last_epoch, decay, (int)epoch);
     }
 }
 
@@ -399,7 +364,7 @@ gp_observe_small(const long long* idx, const float* x, long long B, long long N,
  * Launch: grid ceil(B / GP_OBS_THREADS), block GP_OBS_THREADS. */
 extern "C" __global__ void __launch_bounds__(GP_OBS_THREADS)
 gp_observe_sorted(const long long* sidx, const long long* perm, const float* x, long long B, long long N,
-                  float* mean, float* var, int* count, int* last_epoch, unsigned long long* nonfinite,
+                  float* mean, float* var, int* last_epoch, unsigned long long* nonfinite,
                   unsigned long long* invalid, double decay, long long epoch) {
     if (sidx[0] < 0 || sidx[B - 1] >= N) {
         if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(invalid, 1ull);
@@ -415,32 +380,13 @@ gp_observe_sorted(const long long* sidx, const long long* perm, const float* x, 
     GpAcc a;
     acc_init(a);
     for (i64 u = t; u < B && sidx[u] == id; ++u) acc_add(a, x[perm[u]], m64);
-    merge_write(id, a, mean, var, count, last_epoch, decay, (int)epoch);
+    merge_write(id, a, mean, var, last_epoch, decay, (int)epoch);
 }
 
-/* hi[i] = score word of sample i; in GP_SCORE_INFOBATCH mode also adds the number of zeros to *below.
- * Launch: any grid (grid-stride), block GP_SEL_THREADS. */
-extern "C" __global__ void __launch_bounds__(GP_SEL_THREADS)
-gp_score(const float* mean, const float* var, const int* count, const float* raw, long long n,
-         long long mode, double c, const double* thr, unsigned int* hi, unsigned long long* below) {
-    __shared__ u32 block_below;
-    const int m = (int)mode;
-    const float cf = d_to_f(c);
-    const double t = (m == GP_SCORE_INFOBATCH) ? *thr : 0.0;
-    if (threadIdx.x == 0) block_below = 0;
-    __syncthreads();
-    u32 mine = 0;
+/* hi[i] = orderable bits of score[i] (the high word of the key). Launch: any grid (grid-stride), any block. */
+extern "C" __global__ void gp_score(const float* score, long long n, unsigned int* hi) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const u32 w = score_word(m, i, mean, var, count, raw, cf, t);
-        hi[i] = w;
-        mine += (w == 0u);
-    }
-    if (m == GP_SCORE_INFOBATCH) {
-        if (mine) atomicAdd(&block_below, mine);
-        __syncthreads();
-        if (threadIdx.x == 0 && block_below) atomicAdd(below, (u64)block_below);
-    }
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) hi[i] = orderable_u32(score[i]);
 }
 
 /* Reset a control block: `bits` top bits fixed to `prefix`, `need` keys to choose among them; or, with
@@ -467,7 +413,7 @@ gp_select_init(GpSelectCtl* ctl, unsigned long long prefix, long long bits, long
  * Launch: any grid (grid-stride), block GP_SEL_THREADS (required by the bucket scan). */
 extern "C" __global__ void __launch_bounds__(GP_SEL_THREADS)
 gp_radix_pass(const unsigned int* hi, long long mode, long long n, long long s1lo, long long s1hi,
-              long long s2lo, long long s2hi, const GpSelectCtl* ctl1, GpSelectCtl* ctl, long long shift,
+              GpSelectCtl* ctl, long long shift,
               long long width) {
     __shared__ u32 hist[GP_MAX_BINS];
     __shared__ u32 part[GP_SEL_THREADS];
@@ -476,14 +422,7 @@ gp_radix_pass(const unsigned int* hi, long long mode, long long n, long long s1l
     const u32 sh = (u32)shift, wd = (u32)width, nbins = 1u << wd;
     const u32 pbits = 64u - sh - wd;
     const u64 P = ctl->prefix;
-    GpKeys k;
-    k.hi = hi;
-    k.mode = (int)mode;
-    k.s1lo = (u32)s1lo;
-    k.s1hi = (u32)s1hi;
-    k.s2lo = (u32)s2lo;
-    k.s2hi = (u32)s2hi;
-    k.t1 = (k.mode == GP_MODE_EXPLORE) ? ctl1->thresh : 0ull;
+    const GpKeys k = make_keys(hi, mode, s1lo, s1hi);
     const bool high_only = (k.mode == GP_MODE_HI) && sh >= 32u;
     const u32 tid = threadIdx.x, lane = tid & 31u;
 
@@ -563,16 +502,8 @@ gp_radix_pass(const unsigned int* hi, long long mode, long long n, long long s1l
  * Launch: grid ceil(n / GP_TILE), block GP_SEL_THREADS. */
 extern "C" __global__ void __launch_bounds__(GP_SEL_THREADS)
 gp_compact_count(const unsigned int* hi, long long mode, long long n, long long s1lo, long long s1hi,
-                 long long s2lo, long long s2hi, const GpSelectCtl* ctl1, const GpSelectCtl* ctl,
-                 unsigned int* counts) {
-    GpKeys k;
-    k.hi = hi;
-    k.mode = (int)mode;
-    k.s1lo = (u32)s1lo;
-    k.s1hi = (u32)s1hi;
-    k.s2lo = (u32)s2lo;
-    k.s2hi = (u32)s2hi;
-    k.t1 = (k.mode == GP_MODE_EXPLORE) ? ctl1->thresh : 0ull;
+                 const GpSelectCtl* ctl, unsigned int* counts) {
+    const GpKeys k = make_keys(hi, mode, s1lo, s1hi);
     const u64 T = ctl->thresh;
     const i64 start = (i64)blockIdx.x * GP_TILE;
     u32 total = 0;
@@ -609,24 +540,14 @@ gp_scan_counts(unsigned int* counts, long long g) {
     }
 }
 
-/* Ordered compaction 3/3: out[offsets[b] + rank] = i for the selected i of tile b, in index order, and
- * weights (if given) = w_below where hi[i] == 0, else 1 (InfoBatch's rescaled samples).
+/* Ordered compaction 3/3: out[offsets[b] + rank] = i for the selected i of tile b, in index order.
  * Launch: grid ceil(n / GP_TILE), block GP_SEL_THREADS. */
 extern "C" __global__ void __launch_bounds__(GP_SEL_THREADS)
 gp_compact_write(const unsigned int* hi, long long mode, long long n, long long s1lo, long long s1hi,
-                 long long s2lo, long long s2hi, const GpSelectCtl* ctl1, const GpSelectCtl* ctl,
-                 const unsigned int* offsets, long long* out, float* weights, double w_below) {
+                 const GpSelectCtl* ctl, const unsigned int* offsets, int* out) {
     __shared__ u32 warp_count[GP_SEL_THREADS / 32];
-    GpKeys k;
-    k.hi = hi;
-    k.mode = (int)mode;
-    k.s1lo = (u32)s1lo;
-    k.s1hi = (u32)s1hi;
-    k.s2lo = (u32)s2lo;
-    k.s2hi = (u32)s2hi;
-    k.t1 = (k.mode == GP_MODE_EXPLORE) ? ctl1->thresh : 0ull;
+    const GpKeys k = make_keys(hi, mode, s1lo, s1hi);
     const u64 T = ctl->thresh;
-    const float wb = d_to_f(w_below);
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const i64 start = (i64)blockIdx.x * GP_TILE;
     i64 base = (i64)offsets[blockIdx.x];
@@ -644,8 +565,7 @@ gp_compact_write(const unsigned int* hi, long long mode, long long n, long long 
         }
         if (sel) {
             const i64 pos = base + before + (u32)__popc(ballot & ((1u << lane) - 1u));
-            out[pos] = i;
-            if (weights) weights[pos] = hi[i] == 0u ? wb : 1.0f;
+            out[pos] = (int)i;
         }
         base += round;
         __syncthreads();                  /* warp_count is rewritten next round */
@@ -660,18 +580,6 @@ extern "C" __global__ void gp_hash_index(const long long* ids, long long k, long
         out[j] = (i64)hash32((u32)ids[j], (u32)slo, (u32)shi);
 }
 
-/* Rank `rank`'s share of a list of n entries (plan.shard_indices): out[j] = src[(rank + j * world) % n]
- * for j < per. Launch: any grid, any block. */
-extern "C" __global__ void gp_shard_gather(const long long* src, const float* src_w, long long n,
-                                           long long rank, long long world, long long per, long long* out,
-                                           float* out_w) {
-    const i64 stride = (i64)gridDim.x * blockDim.x;
-    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < per; j += stride) {
-        const i64 s = (rank + j * world) % n;
-        out[j] = src[s];
-        if (out_w) out_w[j] = src_w[s];
-    }
-}
 #endif /* GP_CUDA */
 
 #ifdef GPUPRUNE_HOST_TEST
@@ -680,7 +588,7 @@ extern "C" __global__ void gp_shard_gather(const long long* src, const float* sr
 /* ================================================================================================ */
 
 extern "C" void gp_host_observe_small(const long long* idx, const float* x, long long B, long long N,
-                                      float* mean, float* var, int* count, int* last_epoch,
+                                      float* mean, float* var, int* last_epoch,
                                       unsigned long long* nonfinite, unsigned long long* invalid,
                                       double decay, long long epoch) {
     static u64 keys[GP_OBS_SMALL_MAX];
@@ -705,12 +613,12 @@ extern "C" void gp_host_observe_small(const long long* idx, const float* x, long
         acc_init(a);
         for (u32 u = t; u < nb && (u32)(keys[u] >> 32) == id; ++u)
             acc_add(a, x[(u32)(keys[u] & 0xFFFFFFFFull)], m64);
-        merge_write(id, a, mean, var, count, last_epoch, decay, (int)epoch);
+        merge_write(id, a, mean, var, last_epoch, decay, (int)epoch);
     }
 }
 
 extern "C" void gp_host_observe_sorted(const long long* sidx, const long long* perm, const float* x,
-                                       long long B, long long N, float* mean, float* var, int* count,
+                                       long long B, long long N, float* mean, float* var,
                                        int* last_epoch, unsigned long long* nonfinite,
                                        unsigned long long* invalid, double decay, long long epoch) {
     if (sidx[0] < 0 || sidx[B - 1] >= N) {
@@ -725,19 +633,12 @@ extern "C" void gp_host_observe_sorted(const long long* sidx, const long long* p
         GpAcc a;
         acc_init(a);
         for (i64 u = t; u < B && sidx[u] == id; ++u) acc_add(a, x[perm[u]], m64);
-        merge_write(id, a, mean, var, count, last_epoch, decay, (int)epoch);
+        merge_write(id, a, mean, var, last_epoch, decay, (int)epoch);
     }
 }
 
-extern "C" void gp_host_score(const float* mean, const float* var, const int* count, const float* raw,
-                              long long n, long long mode, double c, const double* thr, unsigned int* hi,
-                              unsigned long long* below) {
-    const int m = (int)mode;
-    const double t = (m == GP_SCORE_INFOBATCH) ? *thr : 0.0;
-    for (i64 i = 0; i < n; ++i) {
-        hi[i] = score_word(m, i, mean, var, count, raw, d_to_f(c), t);
-        if (m == GP_SCORE_INFOBATCH && hi[i] == 0u) *below += 1ull;
-    }
+extern "C" void gp_host_score(const float* score, long long n, unsigned int* hi) {
+    for (i64 i = 0; i < n; ++i) hi[i] = orderable_u32(score[i]);
 }
 
 extern "C" void gp_host_select_init(GpSelectCtl* ctl, unsigned long long prefix, long long bits,
@@ -751,27 +652,14 @@ extern "C" void gp_host_select_init(GpSelectCtl* ctl, unsigned long long prefix,
     ctl->arrivals = 0u;
 }
 
-static GpKeys host_keys(const unsigned int* hi, long long mode, long long s1lo, long long s1hi,
-                        long long s2lo, long long s2hi, const GpSelectCtl* ctl1) {
-    GpKeys k;
-    k.hi = hi;
-    k.mode = (int)mode;
-    k.s1lo = (u32)s1lo;
-    k.s1hi = (u32)s1hi;
-    k.s2lo = (u32)s2lo;
-    k.s2hi = (u32)s2hi;
-    k.t1 = (k.mode == GP_MODE_EXPLORE) ? ctl1->thresh : 0ull;
-    return k;
-}
-
 extern "C" void gp_host_radix_pass(const unsigned int* hi, long long mode, long long n, long long s1lo,
-                                   long long s1hi, long long s2lo, long long s2hi, const GpSelectCtl* ctl1,
+                                   long long s1hi,
                                    GpSelectCtl* ctl, long long shift, long long width) {
     static u32 hist[GP_MAX_BINS];
     if (ctl->done) return;
     const u32 sh = (u32)shift, wd = (u32)width, nbins = 1u << wd, pbits = 64u - sh - wd;
     const u64 P = ctl->prefix;
-    const GpKeys k = host_keys(hi, mode, s1lo, s1hi, s2lo, s2hi, ctl1);
+    const GpKeys k = make_keys(hi, mode, s1lo, s1hi);
     const bool high_only = (k.mode == GP_MODE_HI) && sh >= 32u;
     for (u32 b = 0; b < nbins; ++b) hist[b] = 0u;
     for (i64 i = 0; i < n; ++i) {
@@ -789,10 +677,8 @@ extern "C" void gp_host_radix_pass(const unsigned int* hi, long long mode, long 
 }
 
 extern "C" void gp_host_compact_count(const unsigned int* hi, long long mode, long long n, long long s1lo,
-                                      long long s1hi, long long s2lo, long long s2hi,
-                                      const GpSelectCtl* ctl1, const GpSelectCtl* ctl,
-                                      unsigned int* counts) {
-    const GpKeys k = host_keys(hi, mode, s1lo, s1hi, s2lo, s2hi, ctl1);
+                                      long long s1hi, const GpSelectCtl* ctl, unsigned int* counts) {
+    const GpKeys k = make_keys(hi, mode, s1lo, s1hi);
     for (i64 i = 0; i < n; ++i) {
         if (i % GP_TILE == 0) counts[i / GP_TILE] = 0u;
         counts[i / GP_TILE] += is_selected(k, i, ctl->thresh);
@@ -809,17 +695,14 @@ extern "C" void gp_host_scan_counts(unsigned int* counts, long long g) {
 }
 
 extern "C" void gp_host_compact_write(const unsigned int* hi, long long mode, long long n, long long s1lo,
-                                      long long s1hi, long long s2lo, long long s2hi,
-                                      const GpSelectCtl* ctl1, const GpSelectCtl* ctl,
-                                      const unsigned int* offsets, long long* out, float* weights,
-                                      double w_below) {
-    const GpKeys k = host_keys(hi, mode, s1lo, s1hi, s2lo, s2hi, ctl1);
+                                      long long s1hi, const GpSelectCtl* ctl,
+                                      const unsigned int* offsets, int* out) {
+    const GpKeys k = make_keys(hi, mode, s1lo, s1hi);
     i64 pos = 0;
     for (i64 i = 0; i < n; ++i) {
         if (i % GP_TILE == 0) pos = offsets[i / GP_TILE];
         if (!is_selected(k, i, ctl->thresh)) continue;
-        out[pos] = i;
-        if (weights) weights[pos] = hi[i] == 0u ? d_to_f(w_below) : 1.0f;
+        out[pos] = (int)i;
         ++pos;
     }
 }
@@ -829,12 +712,4 @@ extern "C" void gp_host_hash_index(const long long* ids, long long k, long long 
     for (i64 j = 0; j < k; ++j) out[j] = (i64)hash32((u32)ids[j], (u32)slo, (u32)shi);
 }
 
-extern "C" void gp_host_shard_gather(const long long* src, const float* src_w, long long n, long long rank,
-                                     long long world, long long per, long long* out, float* out_w) {
-    for (i64 j = 0; j < per; ++j) {
-        const i64 s = (rank + j * world) % n;
-        out[j] = src[s];
-        if (out_w) out_w[j] = src_w[s];
-    }
-}
 #endif /* GPUPRUNE_HOST_TEST */

@@ -13,19 +13,20 @@ Three changed lines in a plain PyTorch loop::
 DALI users swap their iterator for :class:`gpuprune.dali.PrunedDALIIterator` (needs DALI).
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .plan import Plan, shard_indices
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .plan import Plan
 from .policies import POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Selection, Static, UCB, Uniform
 from .pruner import Pruner, budget
 from .sampler import IndexedDataset, PrunedSampler
-from .scores import ScoreBank
+from .schedule import Schedule
+from .stats import LossStats
 from .static_scores import ForgettingTracker, el2n_scores
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Pruner", "Plan", "ScoreBank", "PrunedSampler", "IndexedDataset", "budget", "shard_indices",
+    "Pruner", "Plan", "Schedule", "LossStats", "PrunedSampler", "IndexedDataset", "budget",
     "Policy", "Selection", "POLICIES", "FullData", "Uniform", "EpsilonGreedy", "UCB", "InfoBatch",
     "Static", "el2n_scores", "ForgettingTracker", "save_checkpoint", "load_checkpoint",
-    "__version__",
+    "CheckpointError", "__version__",
 ]

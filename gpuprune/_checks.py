@@ -82,22 +82,27 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def resolve_device(device) -> torch.device:
-    """Normalise a device spec; ``"cuda"`` becomes the current CUDA device so comparisons are exact."""
+    """Normalise a device spec, so that comparisons are exact: ``"cpu:0"`` becomes ``cpu`` (torch
+    has one CPU device) and ``"cuda"`` the current CUDA device."""
     try:
         dev = torch.device(device)
-    except (TypeError, RuntimeError) as e:
+    except (TypeError, RuntimeError, ValueError) as e:
         raise ValueError(f"device must be a torch device or string, got device={device!r}") from e
-    if dev.type == "meta":
-        raise ValueError(f"device must hold data (cpu or cuda), got device={device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} was requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r} does not exist: {torch.cuda.device_count()} CUDA "
-                             f"device(s) visible")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device must be a cpu or cuda device, got device={device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} does not exist: {torch.cuda.device_count()} CUDA "
+                         f"device(s) visible")
     return dev
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def check_batch(indices, losses, device: torch.device, num_samples: int,
@@ -105,13 +110,17 @@ def check_batch(indices, losses, device: torch.device, num_samples: int,
     """Validate one observed batch: 1-D integer ids and 1-D float losses, same length, on ``device``.
 
     Range checks need the values on the host; they are made here only for CPU tensors. On a GPU the
-    score state flags a batch with out-of-range ids without syncing (see ScoreBank.observe).
+    backend flags a batch with out-of-range ids without syncing (see gpuprune.update).
     """
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"{loss_name} must be a torch.Tensor, got {type(losses).__name__}")
-    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if indices.dtype not in _ID_DTYPES:
+        if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            raise TypeError(f"indices must have a signed integer dtype (int8/16/32/64) or uint8, got "
+                            f"indices.dtype={indices.dtype}: torch cannot index with it; convert with "
+                            f"indices.long()")
         raise TypeError(f"indices must have an integer dtype, got indices.dtype={indices.dtype}")
     if not losses.is_floating_point():
         raise TypeError(f"{loss_name} must have a floating dtype, got {loss_name}.dtype={losses.dtype}")

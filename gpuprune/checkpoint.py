@@ -1,12 +1,21 @@
-"""Crash-safe checkpoint files: a save either completes or leaves the previous file as it was.
+"""Crash-safe, checksummed checkpoint files.
 
-:func:`save_checkpoint` writes to a temporary file in the target's directory, flushes it and
-calls ``os.fsync`` on it, renames it over the target with ``os.replace`` (atomic on POSIX and
-Windows when both lie on one file system, which the same directory guarantees), then syncs the
-directory so that the rename itself survives a power cut. A process killed at any point before
-the rename leaves the old checkpoint untouched, plus at worst a stray ``.<name>.<pid>.<hex>.tmp``
-file beside it (delete it at leisure; later saves ignore it); one killed after the rename has the
-new checkpoint. Readers never see a half-written file.
+:func:`save_checkpoint` serialises with ``torch.save`` into a temporary file beside the target,
+prefixed by a 56-byte header holding the sha256 of the payload; it fsyncs the file, renames it over
+the target with ``os.replace`` (atomic on POSIX and Windows within one file system) and syncs the
+directory so the rename survives a power cut. A process killed at any point before the rename leaves
+the previous checkpoint untouched (plus at worst a stray temporary file, removed by the next save of
+the same target); a reader never sees a half-written file. :func:`load_checkpoint` verifies the
+checksum, so a flipped byte is an error naming the file, never changed statistics.
+
+What a save refuses or keeps:
+
+* a target that exists but is not a regular file (a directory, device, FIFO, socket) is refused;
+* a symlink is written through: its target is replaced atomically, the link stays a link;
+* an existing file keeps its permission bits (and, where allowed, its owner);
+* a full disk, a file-size limit or another write error is an ``OSError`` naming the path and the
+  cause; ``KeyboardInterrupt`` arrives as itself; either way the old file is intact and the
+  temporary file removed.
 
 Example::
 
@@ -21,15 +30,30 @@ Example::
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
+import re
 import secrets
+import stat
 from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 PathLike = str | os.PathLike
+
+_MAGIC = b"GPUPRUNE-CKPT\x00v1"          # 16 bytes
+_HEADER = len(_MAGIC) + 32 + 8            # magic, sha256 of the payload, payload length
+_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file is too large "
+           "(file-size limit)", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, truncated, or not a checkpoint (the message names the file)."""
 
 
 def _check_path(path) -> str:
@@ -55,61 +79,167 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _temp_prefix(target: str) -> str:
+    """Temporary files of one target are ``.gpuprune-<hash of its name>.<pid>.<hex>.tmp``: short
+    whatever the name's length, and recognisable for clean-up."""
+    digest = hashlib.sha256(os.path.basename(target).encode()).hexdigest()[:16]
+    return f".gpuprune-{digest}."
+
+
+def _remove_stale_temps(directory: str, prefix: str) -> None:
+    """Delete temporary files of this target left by processes that no longer run (SIGKILL)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[0-9a-f]{8}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue                      # a live process is saving: leave its file alone
+            except ProcessLookupError:
+                pass
+            except OSError:                   # exists but not ours to signal: leave it
+                continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through and remembers the first error."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.size += len(view)
+        return self.f.write(view)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_error(path: str, err: OSError) -> OSError:
+    cause = _CAUSES.get(err.errno, err.strerror or str(err))
+    return OSError(err.errno, f"cannot save checkpoint {path!r}: {cause}")
+
+
 def save_checkpoint(obj: Any, path: PathLike) -> None:
-    """Write ``obj`` with ``torch.save`` to ``path`` atomically and durably.
+    """Write ``obj`` with ``torch.save`` to ``path`` atomically, durably and checksummed.
 
     Args:
         obj: anything ``torch.save`` accepts (typically a dict of state dicts).
-        path: the checkpoint file. Its directory must exist; an existing file is replaced only once
-            the new one is completely on disk.
+        path: the checkpoint file. Its directory must exist; an existing file (or a symlink's
+            target) is replaced only once the new one is completely on disk.
 
     Raises:
         TypeError: ``path`` is not a str or path-like.
-        ValueError: ``path`` is empty or names a directory.
+        ValueError: ``path`` is empty, or names something that is not a regular file.
         FileNotFoundError: the directory does not exist.
-        Whatever ``torch.save`` raises for an object it cannot serialise; the old file is kept and
-        the temporary file removed.
+        OSError: the file cannot be written (the message names the path and the cause).
+        Whatever ``torch.save`` raises for an object it cannot serialise. In every case the old
+        file is kept and the temporary file removed.
     """
     path = _check_path(path)
-    if os.path.isdir(path):
-        raise ValueError(f"path must be a file, got the directory {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"the directory of path={path!r} does not exist")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
-                                  f"{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask set the permissions, as a plain open() would
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    target = os.path.realpath(path)          # write through symlinks, atomically at the target
     try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ValueError(f"path={path!r} is {kind}; a checkpoint is saved to a regular file")
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save checkpoint {path!r}: its directory "
+                                f"{os.path.dirname(os.path.abspath(path))!r} does not exist")
+    prefix = _temp_prefix(target)
+    _remove_stale_temps(directory, prefix)
+    tmp = os.path.join(directory, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        # 0o666 lets the umask set a new file's permissions, as a plain open() would
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        if st is not None:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            try:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            except OSError:                  # not permitted (not root): keep our ownership
+                pass
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(bytes(_HEADER))
+            w = _HashingWriter(f)
+            torch.save(obj, w)
+            f.seek(0)
+            f.write(_MAGIC + w.sha.digest() + w.size.to_bytes(8, "little"))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, target)
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     _fsync_dir(directory)
 
 
+class _Window(io.RawIOBase):
+    """The part of a file after the header, as a seekable file of its own (for torch.load)."""
+
+    def __init__(self, f, offset: int) -> None:
+        self.f, self.offset = f, offset
+        f.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = self.offset if whence == io.SEEK_SET else 0
+        return self.f.seek(pos + base, whence) - self.offset
+
+    def tell(self) -> int:
+        return self.f.tell() - self.offset
+
+    def readinto(self, b) -> int:
+        return self.f.readinto(b)
+
+
 def load_checkpoint(path: PathLike, map_location: Any = None, *, weights_only: bool = True) -> Any:
-    """Read a checkpoint written by :func:`save_checkpoint` (or by ``torch.save``).
+    """Read a checkpoint written by :func:`save_checkpoint` (or a plain ``torch.save`` file).
+
+    A gpuprune checkpoint's checksum is verified before anything is unpickled; a plain
+    ``torch.save`` file has none to verify and is read as torch reads it.
 
     Args:
         path: the checkpoint file.
         map_location: passed to ``torch.load``, e.g. ``"cpu"`` or a device. Default ``None`` puts
             tensors back where they were saved.
-        weights_only: passed to ``torch.load``. Default ``True``: only tensors and plain
-            containers are unpickled, which is all gpuprune's state dicts hold, and a file from an
-            untrusted source cannot run code.
+        weights_only: passed to ``torch.load``. Default ``True``: only tensors and plain containers
+            are unpickled, which is all gpuprune's state dicts hold, and a file from an untrusted
+            source cannot run code.
 
     Raises:
         TypeError: ``path`` is not a str or path-like.
         FileNotFoundError: there is no file at ``path``.
-        ValueError: the file is truncated or not a checkpoint (the cause is chained).
+        CheckpointError (a ValueError): the file is corrupt (checksum mismatch), truncated or not a
+            checkpoint; the message names the file.
     """
     path = _check_path(path)
     if isinstance(map_location, (str, torch.device)):
@@ -120,11 +250,31 @@ def load_checkpoint(path: PathLike, map_location: Any = None, *, weights_only: b
                              f"{map_location!r}") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at path={path!r}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {path!r} is truncated or not a torch checkpoint: {e}") from e
-    except Exception as e:  # pickle.UnpicklingError and friends for a file that is not a checkpoint
-        if type(e).__module__ in ("pickle", "_pickle"):
-            raise ValueError(f"checkpoint {path!r} cannot be unpickled: {e}") from e
-        raise
+    with open(path, "rb") as f:
+        head = f.read(_HEADER)
+        if head[:len(_MAGIC)] == _MAGIC:
+            if len(head) < _HEADER:
+                raise CheckpointError(f"checkpoint {path!r} is truncated (incomplete header)")
+            digest, size = head[len(_MAGIC):len(_MAGIC) + 32], int.from_bytes(head[-8:], "little")
+            sha, got = hashlib.sha256(), 0
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+                got += len(chunk)
+            if got != size:
+                raise CheckpointError(f"checkpoint {path!r} is truncated or extended: its header "
+                                      f"announces {size} bytes of data, the file holds {got}")
+            if sha.digest() != digest:
+                raise CheckpointError(f"checkpoint {path!r} is corrupt: the sha256 of its content "
+                                      f"does not match the one saved with it")
+            source: Any = _Window(f, _HEADER)
+        else:
+            f.seek(0)
+            source = f
+        try:
+            return torch.load(source, map_location=map_location, weights_only=weights_only)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a file that is not one
+            if isinstance(e, OSError):
+                raise
+            kind = "cannot be unpickled" if "pickle" in type(e).__module__ else "is not a checkpoint"
+            raise CheckpointError(f"checkpoint {path!r} {kind} (neither a gpuprune checkpoint nor "
+                                  f"a torch.save file): {type(e).__name__}: {e}") from e

@@ -1,67 +1,62 @@
-"""Multi-process training: keep every rank's pruning state bit-identical with torch.distributed.
+"""Multi-process training: every rank keeps the same statistics and computes the same plan.
 
 Under DDP each rank trains on its own shard of the epoch's plan, so each rank observes only its own
-samples. A distributed :class:`~gpuprune.Pruner` therefore runs its :class:`~gpuprune.ScoreBank` in
-*deferred* mode: ``observe`` only adds this epoch's per-sample sums ``[count, sum(x - mean),
-sum((x - mean)**2)]`` to a ``(3, N)`` float64 buffer. Once per epoch, before the next plan is made,
-:class:`DistributedSync` all-reduces that buffer (plus two counters) over the process group and
-merges the global sums into the state. Every rank then holds the same state and, since plans are a
-pure function of (seed, epoch, state), computes the same plan; :meth:`Plan.shard` gives each rank an
-equal share, so step counts match and DDP never waits for a missing rank.
+samples. A distributed :class:`~gpuprune.Pruner` therefore does not update its statistics per step:
+:class:`EpochSync` logs each observation (an int32 id and a float32 loss, 8 bytes per sample of this
+rank's shard). Once per epoch, when the next plan is made, the ranks all-gather their logs and every
+rank applies the gathered observations, in rank order, with one call of the backend's update, so all
+ranks hold bit-identical statistics and, since plans are a pure function of (seed, epoch, state),
+compute the same plan. Nothing is communicated per step.
 
-Cost: one all-reduce of ``3 * N`` float64 values (24 bytes per sample) and one of 2 int64 counters
-per epoch, plus, with ``verify_plans`` (default on), one all-reduce of 8 int64 values after the plan.
-Nothing is communicated per step.
+Semantics. The update of one call merges every id's observations as one group (see
+:mod:`gpuprune.update`): when every sample is observed at most once per epoch (the usual case) this is
+exactly the single-process per-step update. A sample observed c > 1 times in one epoch (the
+``<= W - 1`` wrap-around padding duplicates, or a plan that repeats ids) gets its c losses as one
+group of weight ``1 - decay**c`` around the epoch-start mean, independent of which rank saw them.
 
-Semantics. The merge adds, per sample, a group of the c losses observed anywhere in the epoch, with
-the weight ``1 - decay**c`` of c observations, to the state of the epoch's start (the exact group
-merge of :mod:`gpuprune.scores`). When every sample is seen at most once per epoch (the usual case)
-this is exactly the single-process per-step update. When a sample is seen c > 1 times in one epoch
-(the <= W - 1 wrap-around padding duplicates of ``drop_last=False``, or a plan that repeats ids),
-its c losses count as one group around the epoch-start mean instead of c successive EMA steps:
-the new mean moves toward the mean of the c losses with weight ``1 - decay**c``, independent of the
-order in which they were seen (per-step updates would weigh the later losses more).
-
-The all-reduced sums are identical on all ranks (ring and tree all-reduces hand every rank the same
-result), and sums of at most two non-zero terms per sample do not depend on the summation order, so
-the merged state does not depend on how samples were spread over ranks. With ``verify_plans`` a
-fingerprint of each plan is compared across ranks and a :class:`PlanMismatchError` is raised on every
-rank if they differ (different seeds or settings on different ranks, a state loaded on some ranks
-only, a non-deterministic custom policy).
+The protocol. Every gpuprune collective starts with the same fixed-size header exchange (an
+all-gather of 10 int64 per rank: the operation, the epoch, a digest of the Pruner's configuration,
+this rank's log length and invalid-batch count, and for the plan check a fingerprint of the plan).
+Only when all headers agree do size-dependent collectives follow, so ranks that disagree (different
+``num_samples``, ``decay``, policy settings, seed; one rank calling :meth:`Pruner.synchronize` while
+another plans) all raise :class:`PlanMismatchError` naming the difference instead of aborting inside
+the communication library. A configuration mismatch is named setting by setting (one extra
+``all_gather_object``).
 
 Failures. A rank that exits makes the next collective fail on the others (gloo: at once, "connection
 reset"); a rank that stalls makes it fail after the process group's timeout. gpuprune wraps the
-error in a :class:`DistributedError` naming the epoch. Pass a timeout to
+error in a :class:`DistributedError` naming the operation and the epoch. Pass a timeout to
 ``torch.distributed.init_process_group(timeout=...)`` that is longer than your slowest epoch plus
-evaluation (default ten minutes for NCCL, thirty for gloo). With NCCL the all-reduce runs on the GPU
-asynchronously: a stalled peer is detected by the NCCL watchdog after the timeout, which tears the
-process down with its own message (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).
+evaluation.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import hashlib
+import json
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .plan import Plan
-from .select import MASK32, fmix32, hash32
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pruner import Pruner
-    from .scores import ScoreBank
+from .keys import MASK32, fmix32, hash32
+from .plan import Plan, index_dtype
+from .stats import LossStats
 
 __all__ = [
     "DistributedError",
     "PlanMismatchError",
-    "DistributedSync",
+    "EpochSync",
     "resolve_group",
     "rank_and_world",
     "plan_fingerprint",
-    "synchronize",
+    "config_digest",
 ]
 
+_MAGIC = 0x67707275  # "gpru"
+_HEADER = 10
+_OPS = {1: "plan", 2: "plan check", 3: "synchronize"}
+_PLAN, _VERIFY, _SYNC = 1, 2, 3
 # Constants of the plan fingerprint: a hash seed, an odd 32-bit Weyl step, a 32-bit weight key.
 _FP_INDEX, _FP_POSITION, _FP_WEIGHT = 0x6A09E667F3BCC908, 0x9E3779B1, 0x3C6EF372
 
@@ -71,7 +66,7 @@ class DistributedError(RuntimeError):
 
 
 class PlanMismatchError(DistributedError):
-    """The ranks computed different plans for the same epoch."""
+    """The ranks are configured differently, called different operations, or planned differently."""
 
 
 def _available() -> bool:
@@ -89,11 +84,6 @@ def resolve_group(process_group: Any = "auto") -> Any:
     Returns:
         The group, or None when there is nothing to synchronise (no initialised group, or a group
         of one rank).
-
-    Raises:
-        TypeError: ``process_group`` is neither ``"auto"``, None nor a ProcessGroup.
-        ValueError: another string, a group without an initialised default group, or a group
-            this process is not a member of.
     """
     if process_group is None:
         return None
@@ -117,30 +107,33 @@ def resolve_group(process_group: Any = "auto") -> Any:
 
 
 def rank_and_world(process_group: Any = "auto") -> tuple[int, int]:
-    """``(rank, world_size)`` of this process in ``process_group`` (``(0, 1)`` without one).
-
-    Data loaders use it to pick their shard: ``shard_id, num_shards = rank_and_world(
-    pruner.process_group)``. Accepts the same values as :func:`resolve_group`.
-    """
+    """``(rank, world_size)`` of this process in ``process_group`` (``(0, 1)`` without one)."""
     group = resolve_group(process_group)
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def plan_fingerprint(plan: Plan) -> torch.Tensor:
-    """Four int64 values identifying a plan: a hash-sum of (position, index, weight), length, epoch, full.
+def config_digest(config: dict) -> tuple[int, int]:
+    """Two int64 words of the sha256 of a configuration dict (canonical JSON)."""
+    raw = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).digest()
+    return (int.from_bytes(raw[:8], "little", signed=True),
+            int.from_bytes(raw[8:16], "little", signed=True))
 
-    Computed on the plan's device without a host synchronisation. Two plans that differ in any index,
+
+def plan_fingerprint(plan: Plan) -> torch.Tensor:
+    """Four int64 values identifying a plan: a hash-sum of (position, id, weight), length, epoch, full.
+
+    Computed on the plan's device without a host synchronisation. Two plans that differ in any id,
     order or weight get different hash-sums except with probability about ``2**-32``.
     """
     idx = plan.indices
     dev = idx.device
     n = idx.numel()
-    # keyed hash of the id, offset by a Weyl sequence of the position (fmix32 reads the low 32 bits)
     term = hash32(idx, _FP_INDEX) + torch.arange(n, device=dev) * _FP_POSITION
-    if plan.weights is not None:
-        wbits = plan.weights.float().contiguous().view(torch.int32).long() & MASK32
+    weights = plan.weights
+    if weights is not None:
+        wbits = weights.contiguous().view(torch.int32).long() & MASK32
         term = term ^ fmix32(wbits ^ _FP_WEIGHT)
     total = fmix32(term).sum()               # < n * 2**32, no int64 overflow below 2**31 entries
     meta = torch.tensor([n, plan.epoch, int(plan.full)], dtype=torch.int64, device=dev)
@@ -154,22 +147,24 @@ def _backend(group: Any) -> str:
         return "unknown"
 
 
-class DistributedSync:
-    """Merges a Pruner's statistics over a process group once per epoch and checks the plans agree.
+class EpochSync:
+    """Logs a rank's observations and merges every rank's once per epoch; checks ranks agree.
 
-    Created by ``Pruner(..., process_group=...)`` (available as ``pruner.dist_sync``); not normally
-    built by hand. It registers itself in the Pruner's ``before_plan`` (merge) and ``after_plan``
-    (verify) hooks, so every rank must call ``Pruner.plan`` for every new epoch, in the same order,
-    as it must call any collective.
+    Held by a distributed :class:`~gpuprune.Pruner` (built by it from ``process_group``); the Pruner
+    calls :meth:`record` from ``observe``, :meth:`merge` and :meth:`verify` from ``plan`` and
+    :meth:`merge` from ``synchronize``. Every rank must make these calls in the same order, as with
+    any collective.
 
     Args:
         group: the resolved process group (see :func:`resolve_group`).
         device: the Pruner's device. NCCL groups need a CUDA device.
-        verify_plans: compare a fingerprint of every new plan across ranks (one 8-value all-reduce
-            and one host sync per epoch). Default True.
+        num_samples: N.
+        verify_plans: compare a fingerprint of every new plan across ranks (one header exchange per
+            epoch). Default True.
     """
 
-    def __init__(self, group: Any, device: torch.device, verify_plans: bool = True) -> None:
+    def __init__(self, group: Any, device: torch.device, num_samples: int,
+                 verify_plans: bool = True) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -177,122 +172,167 @@ class DistributedSync:
         if device.type == "cpu" and self.backend == "nccl":
             raise ValueError("process_group uses NCCL, which reduces CUDA tensors only, but "
                              "device='cpu': pass device=f'cuda:{local_rank}' or a gloo group")
+        self.device = device
+        self.comm_device = device if self.backend == "nccl" else torch.device("cpu")
+        self.num_samples = num_samples
         self.verify_plans = bool(verify_plans)
-        self.merges = 0                          # number of completed merges (for tests and logs)
-        self._epoch: int | None = None           # epoch of the last plan: its losses are pending
-        self._nonfinite_base: torch.Tensor | None = None  # global count after the last merge
+        self.merges = 0                       # completed merges (for tests and logs)
+        self._ids = torch.empty(0, dtype=index_dtype(num_samples), device=device)
+        self._losses = torch.empty(0, dtype=torch.float32, device=device)
+        self._len = 0                         # host count of logged entries (no sync needed)
+        self._invalid = torch.zeros((), dtype=torch.int64, device=device)
 
-    # ------------------------------------------------------------------ wiring
-    def attach(self, pruner: "Pruner") -> None:
-        """Register the hooks on ``pruner`` (its bank must be in deferred mode)."""
-        if not pruner.bank.deferred:
-            raise ValueError("a distributed Pruner needs its ScoreBank in deferred mode")
-        self._nonfinite_base = pruner.bank.nonfinite.clone()
-        pruner.before_plan.append(self._before_plan)
-        pruner.after_plan.append(self._after_plan)
+    # ------------------------------------------------------------------ the log
+    @property
+    def pending(self) -> int:
+        """Observations logged since the last merge on this rank."""
+        return self._len
 
-    def _before_plan(self, pruner: "Pruner") -> None:
-        self.merge(pruner.bank)
+    def nbytes(self) -> int:
+        """Bytes held by the log."""
+        return (self._ids.numel() * self._ids.element_size()
+                + self._losses.numel() * self._losses.element_size())
 
-    def _after_plan(self, pruner: "Pruner", plan: Plan) -> None:
-        self._epoch = plan.epoch
-        if self.verify_plans:
-            self.verify(plan)
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` entries in all (e.g. this rank's shard of the next epoch)."""
+        if capacity > self._ids.numel():
+            ids = torch.empty(capacity, dtype=self._ids.dtype, device=self.device)
+            losses = torch.empty(capacity, dtype=torch.float32, device=self.device)
+            ids[:self._len] = self._ids[:self._len]
+            losses[:self._len] = self._losses[:self._len]
+            self._ids, self._losses = ids, losses
 
-    def _what(self) -> str:
-        if self._epoch is None:
-            return "before the first plan"
-        return f"of epoch {self._epoch}"
+    def record(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        """Log a checked batch (no host synchronisation). On a GPU a batch with an out-of-range id is
+        logged as ignored entries and counted; the next plan raises on every rank."""
+        b = ids.numel()
+        if b == 0:
+            return
+        if self._len + b > self._ids.numel():
+            self.reserve(max(2 * self._ids.numel(), self._len + b))
+        ids = ids.to(self._ids.dtype)
+        if ids.device.type != "cpu":
+            ok = (ids.min() >= 0) & (ids.max() < self.num_samples)
+            ids = torch.where(ok, ids, torch.full_like(ids, -1))
+            self._invalid += (~ok).long()
+        self._ids[self._len:self._len + b] = ids
+        self._losses[self._len:self._len + b] = losses.detach().to(torch.float32)
+        self._len += b
 
+    def clear(self) -> None:
+        """Forget the logged observations (after a committed merge, or a loaded state)."""
+        self._len = 0
+        self._invalid.zero_()
+
+    # ------------------------------------------------------------------ collectives
     def _fail(self, action: str, err: BaseException) -> DistributedError:
         return DistributedError(
             f"gpuprune: {action} failed on rank {self.rank} of {self.world_size} "
             f"({self.backend} process group): another rank has probably exited, crashed or "
             f"stalled past the process group's timeout. Every rank must call Pruner.plan() for "
-            f"every new epoch; set a bounded timeout with "
-            f"torch.distributed.init_process_group(timeout=...). Collective error: {err}")
+            f"every new epoch (sampler.set_epoch / the DALI iterator do); set a bounded timeout "
+            f"with torch.distributed.init_process_group(timeout=...). Collective error: {err}")
 
-    # ------------------------------------------------------------------ collectives
-    def merge(self, bank: "ScoreBank") -> None:
-        """All-reduce the epoch's pending sums and counters, then commit them (collective)."""
-        if self._nonfinite_base is None:
-            self._nonfinite_base = torch.zeros_like(bank.nonfinite)
-        # nonfinite is cumulative and already holds the global total of earlier epochs; send only
-        # this rank's increase. invalid_batches is zero after every successful plan (plan() raises
-        # and clears it otherwise), so its local value is this rank's increase.
-        counters = torch.stack([bank.nonfinite - self._nonfinite_base, bank.invalid_batches])
-
-        def reduce(acc: torch.Tensor) -> None:
-            try:
-                works = [dist.all_reduce(acc, group=self.group, async_op=True),
-                         dist.all_reduce(counters, group=self.group, async_op=True)]
-                for work in works:
-                    work.wait()
-            except RuntimeError as e:
-                raise self._fail(f"merging the loss statistics {self._what()}", e) from e
-
-        bank.commit(reduce)
-        bank.nonfinite.copy_(self._nonfinite_base + counters[0])
-        bank.invalid_batches.copy_(counters[1])
-        self._nonfinite_base = bank.nonfinite.clone()
-        self.merges += 1
-
-    def verify(self, plan: Plan) -> None:
-        """Raise :class:`PlanMismatchError` on every rank if the ranks' plans differ (collective)."""
-        mine = plan_fingerprint(plan)
-        both = torch.cat([mine, -mine])          # one MAX all-reduce gives the max and the min
+    def _gather(self, action: str, t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
         try:
-            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_gather(out, t, group=self.group)
         except RuntimeError as e:
-            raise self._fail(f"comparing the plan of epoch {plan.epoch} across ranks", e) from e
-        values = torch.cat([mine, both]).tolist()   # the one host sync
-        m = len(values) // 3
-        own, hi, lo = values[:m], values[m:2 * m], [-v for v in values[2 * m:]]
-        if hi != lo:
+            raise self._fail(action, e) from e
+        return out
+
+    def _headers(self, op: int, epoch: int, config: dict, extra: list[int]) -> list[list[int]]:
+        """The fixed-size header exchange every collective starts with; raises on disagreement."""
+        lo, hi = config_digest(config)
+        mine = [_MAGIC, op, epoch, lo, hi, *extra]
+        mine += [0] * (_HEADER - len(mine))
+        action = f"the {_OPS[op]} exchange of epoch {epoch}"
+        t = torch.tensor(mine, dtype=torch.int64, device=self.comm_device)
+        rows = [r.tolist() for r in self._gather(action, t)]
+        if any(r[0] != _MAGIC for r in rows):
+            raise PlanMismatchError(f"gpuprune: rank(s) {[i for i, r in enumerate(rows) if r[0] != _MAGIC]}"
+                                    f" answered {action} with a collective that is not gpuprune's")
+        calls = {(r[1], r[2]) for r in rows}
+        if len(calls) > 1:
+            what = "; ".join(f"rank {i}: {_OPS.get(r[1], r[1])} of epoch {r[2]}"
+                             for i, r in enumerate(rows))
+            raise PlanMismatchError(f"gpuprune: the ranks are in different gpuprune collectives "
+                                    f"({what}). Every rank must call Pruner.plan() (or set_epoch) "
+                                    f"for the same epochs, and Pruner.synchronize() together")
+        if len({(r[3], r[4]) for r in rows}) > 1:
+            self._raise_config_mismatch(config)
+        return rows
+
+    def _raise_config_mismatch(self, config: dict) -> None:
+        configs: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(configs, config, group=self.group)
+        except RuntimeError as e:
+            raise self._fail("comparing the ranks' configurations", e) from e
+        flat = [_flatten(c) for c in configs]
+        keys = sorted(set().union(*flat), key=str)
+        diffs = [f"{key}: " + ", ".join(f"rank {i}: {f.get(key, '<missing>')!r}"
+                                         for i, f in enumerate(flat))
+                 for key in keys if len({repr(f.get(key, "<missing>")) for f in flat}) > 1]
+        raise PlanMismatchError("gpuprune: the ranks' Pruners are configured differently, so their "
+                                "plans would differ: " + "; ".join(diffs) + ". Construct the "
+                                "Pruner with the same arguments on every rank and load the same "
+                                "checkpoint")
+
+    def merge(self, stats: LossStats, backend, decay: float, obs_epoch: int, *, op: int,
+              epoch: int, config: dict) -> LossStats:
+        """All ranks' logged observations applied to a copy of ``stats`` (collective).
+
+        Returns ``stats`` itself when no rank logged anything. Raises ValueError on every rank when
+        some rank observed out-of-range ids (those batches were not recorded; the counter is reset).
+        Changes nothing here: the caller commits the copy and then calls :meth:`clear`.
+        """
+        invalid = int(self._invalid)
+        rows = self._headers(op, epoch, config, [self._len, invalid])
+        bad = {i: r[6] for i, r in enumerate(rows) if r[6]}
+        if bad:
+            self._invalid.zero_()
+            raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in "
+                             f"{sum(bad.values())} batch(es) (per rank: {bad}); those batches were "
+                             f"not recorded")
+        longest = max(r[5] for r in rows)
+        if longest == 0:
+            return stats
+        ids = torch.full((longest,), -1, dtype=self._ids.dtype, device=self.comm_device)
+        losses = torch.zeros(longest, dtype=torch.float32, device=self.comm_device)
+        ids[:self._len] = self._ids[:self._len].to(self.comm_device)
+        losses[:self._len] = self._losses[:self._len].to(self.comm_device)
+        action = f"merging the loss statistics of epoch {obs_epoch}"
+        all_ids = torch.cat(self._gather(action, ids)).to(self.device)
+        all_losses = torch.cat(self._gather(action, losses)).to(self.device)
+        keep = all_ids >= 0                    # padding and ignored batches
+        merged = stats.clone()
+        backend.observe_(merged.tensors(), all_ids[keep], all_losses[keep], decay, obs_epoch,
+                         exact=True)
+        self.merges += 1
+        return merged
+
+    def verify(self, plan: Plan, config: dict) -> None:
+        """Raise :class:`PlanMismatchError` on every rank if the ranks' plans differ (collective)."""
+        if not self.verify_plans:
+            return
+        fp = plan_fingerprint(plan).tolist()
+        rows = self._headers(_VERIFY, plan.epoch, config, fp)
+        prints = {tuple(r[5:9]) for r in rows}
+        if len(prints) > 1:
             raise PlanMismatchError(
                 f"gpuprune: the ranks computed different plans for epoch {plan.epoch} (plan "
-                f"fingerprint [hash, length, epoch, full] on rank {self.rank}: {own}; range over "
-                f"the {self.world_size} ranks: {lo} .. {hi}). The ranks must construct the Pruner "
-                f"with the same arguments (seed, keep, policy, static_scores, ...), load the same "
-                f"checkpoint, and observe losses only through Pruner.observe()")
-
-    # ------------------------------------------------------------------ checkpoints
-    def has_unmerged(self, bank: "ScoreBank") -> bool:
-        """Whether this rank holds observations not merged yet (one host sync)."""
-        base = self._nonfinite_base if self._nonfinite_base is not None else 0
-        flags = torch.stack([bank.pending()[0].ne(0).any().long(),
-                             (bank.nonfinite - base).ne(0).long(),
-                             bank.invalid_batches.ne(0).long()])
-        return bool(flags.any())
-
-    def check_saveable(self, bank: "ScoreBank") -> None:
-        """Raise if a checkpoint written now would lose the other ranks' unmerged observations."""
-        if self.has_unmerged(bank):
-            raise DistributedError(
-                f"gpuprune: Pruner.state_dict() on rank {self.rank}: this rank holds loss statistics "
-                f"{self._what()} that are not merged with the other ranks yet, so a checkpoint would "
-                f"lose their share. Call gpuprune.distributed.synchronize(pruner) on every rank "
-                f"first (for example at the end of the epoch), then save from rank 0")
-
-    def after_load(self, bank: "ScoreBank", plan_epoch: int | None) -> None:
-        """Adopt a loaded state (the same on every rank): counters are global, pending sums counted once."""
-        self._epoch = plan_epoch
-        if self.rank != 0:   # the checkpoint's unmerged sums (if any) must enter the merge once
-            bank.pending().zero_()
-            bank.invalid_batches.zero_()
-        self._nonfinite_base = bank.nonfinite.clone()
+                f"fingerprints [hash, length, epoch, full] per rank: {[r[5:9] for r in rows]}). "
+                f"The ranks must load the same checkpoint and observe losses only through "
+                f"Pruner.observe(); a custom policy must be deterministic")
 
 
-def synchronize(pruner: "Pruner") -> None:
-    """Merge the statistics observed so far now, instead of at the next plan.
-
-    On a distributed Pruner this is a collective: call it on every rank, e.g. at the end of an epoch
-    before rank 0 saves ``pruner.state_dict()``. The next plan still merges (what was observed in
-    between), so this costs one extra all-reduce. On a single-process Pruner it merges a deferred
-    bank and otherwise does nothing.
-    """
-    sync = getattr(pruner, "dist_sync", None)
-    if sync is not None:
-        sync.merge(pruner.bank)
-    elif pruner.bank.deferred:
-        pruner.bank.commit()
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,4 +1,9 @@
-"""An epoch's plan: the shuffled sample ids to train on and their loss weights, and its shards."""
+"""An epoch's plan, and the one place that decides sizes: ids dtype, shard sizes, batch counts.
+
+Everything that needs to know how many samples or batches a rank gets (the sampler, the DALI
+iterator, the distributed merge, :class:`~gpuprune.Schedule` step counts) calls
+:func:`shard_size` and :func:`num_batches` here, so the answers cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +11,86 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 
-__all__ = ["Plan", "shard_indices"]
+__all__ = ["Plan", "index_dtype", "shard_size", "num_batches", "shard_indices", "pack_mask",
+           "mask_lookup"]
+
+
+def index_dtype(num_samples: int) -> torch.dtype:
+    """int32 while every id fits (N <= 2**31), else int64: 4 bytes per planned sample, not 8."""
+    return torch.int32 if num_samples <= 2**31 else torch.int64
+
+
+def shard_size(n: int, world_size: int, drop_last: bool = False) -> int:
+    """Entries each of ``world_size`` ranks gets from a list of ``n``: ``ceil(n / W)`` (wrap-around
+    padding, as ``DistributedSampler``), or ``floor(n / W)`` with ``drop_last``. Equal on every rank,
+    so DDP step counts match."""
+    return n // world_size if drop_last else -(-n // world_size)
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches of ``batch_size`` in ``n`` samples (the last one short unless ``drop_last``)."""
+    return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world_size: int, drop_last: bool = False
                   ) -> torch.Tensor:
-    """Rank ``rank``'s equal-sized share of ``indices`` (positions rank, rank + W, ...).
-
-    Like ``DistributedSampler``: with ``drop_last=False`` the list is padded by wrapping around to
-    ``ceil(n / W) * W`` entries (so at most ``W - 1`` ids appear twice in an epoch); with
-    ``drop_last=True`` it is cut to ``floor(n / W) * W``. Every rank gets the same count, so DDP
-    step counts match.
-    """
+    """Rank ``rank``'s share of ``indices``: positions ``rank, rank + W, ...`` of the list padded by
+    wrapping around to ``W * shard_size`` entries (or cut to it with ``drop_last``)."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dim() != 1:
         raise ValueError(f"indices must be 1-D, got indices.shape={tuple(indices.shape)}")
     world_size = check_int("world_size", world_size, minimum=1)
     rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
+    drop_last = check_bool("drop_last", drop_last)
     n = indices.numel()
-    per = n // world_size if drop_last else -(-n // world_size)
-    total = per * world_size
-    if total > n:  # wrap around (n > 0 here, since total > n >= 0 needs per >= 1)
-        reps = -(-total // n)
-        indices = indices.repeat(reps)[:total]
-    else:
-        indices = indices[:total]
-    return indices[rank::world_size]
+    per = shard_size(n, world_size, drop_last)
+    pos = rank + world_size * torch.arange(per, device=indices.device)
+    if per * world_size > n:      # wrap-around padding (n > 0 here)
+        pos = pos % n
+    return indices[pos]
 
 
-@dataclass(frozen=True)
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor of N as N/8 bytes (bit ``i % 8`` of byte ``i // 8``)."""
+    n = mask.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask.to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def mask_lookup(bits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The bools of :func:`pack_mask` at sample ids ``ids`` (any integer dtype, same device)."""
+    i = ids.long()
+    return ((bits[i >> 3] >> (i & 7).to(torch.uint8)) & 1).bool()
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """One epoch of training data.
+    """One epoch of training data: the sample ids in training order and their loss weights.
 
     Attributes:
         epoch: the epoch this plan is for.
-        indices: int64 sample ids in training order, on the Pruner's device.
-        weights: float32 loss weight per entry of ``indices``, or None when all are 1.
+        indices: sample ids in training order, on the Pruner's device; int32 (int64 when
+            N > 2**31). Read-only: the Pruner keeps it as its selection.
         full: True for a full-data epoch (warm-up, final epochs or the ``full`` policy).
         num_samples: N, the dataset size.
+        weight: the loss weight of the rescaled samples (InfoBatch: ``1 / keep share``); 1.0 when
+            no sample is rescaled.
+        rescaled: packed bits over all N sample ids (:func:`pack_mask`) marking the samples whose
+            loss is multiplied by ``weight``, or None. Kept per sample id rather than per plan entry
+            so a plan costs 4 bytes per entry, whatever the policy.
     """
 
     epoch: int
     indices: torch.Tensor
-    weights: torch.Tensor | None
     full: bool
     num_samples: int
+    weight: float = 1.0
+    rescaled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.numel()
@@ -63,16 +100,25 @@ class Plan:
         """Planned samples divided by N."""
         return len(self) / self.num_samples
 
+    def weights_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 loss weight of each sample id in ``ids`` (1.0 unless rescaled)."""
+        if self.rescaled is None:
+            return torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        flag = mask_lookup(self.rescaled, ids.to(self.rescaled.device)).to(ids.device)
+        return torch.where(flag, torch.tensor(self.weight, dtype=torch.float32, device=ids.device),
+                           torch.ones((), dtype=torch.float32, device=ids.device))
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """The loss weight of every plan entry (float32, computed on each access), or None when all
+        are 1."""
+        return None if self.rescaled is None else self.weights_of(self.indices)
+
     def shard(self, rank: int, world_size: int, drop_last: bool = False) -> "Plan":
         """This rank's equal share of the plan (see :func:`shard_indices`)."""
-        idx = shard_indices(self.indices, rank, world_size, drop_last)
-        w = None
-        if self.weights is not None:
-            w = shard_indices(self.weights, rank, world_size, drop_last)
-        return Plan(self.epoch, idx, w, self.full, self.num_samples)
+        return Plan(self.epoch, shard_indices(self.indices, rank, world_size, drop_last), self.full,
+                    self.num_samples, self.weight, self.rescaled)
 
     def batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Number of batches of ``batch_size`` (the last one short unless ``drop_last``)."""
-        batch_size = check_int("batch_size", batch_size, minimum=1)
-        n = len(self)
-        return n // batch_size if drop_last else -(-n // batch_size)
+        return num_batches(len(self), check_int("batch_size", batch_size, minimum=1), drop_last)

@@ -1,23 +1,30 @@
-"""The object users hold: schedule, selection, loss weighting and checkpoints."""
+"""The object users hold: plans each epoch, records every batch's losses, saves and restores itself."""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ._checks import check_batch, check_choice, check_float, check_int, resolve_device
-from . import distributed as _dist
-from .plan import Plan
-from .policies import POLICIES, InfoBatch, Policy, Static
+from ._checks import check_batch, check_float, check_int, resolve_device
+from .backend import get_backend
+from .distributed import EpochSync, resolve_group
+from .plan import Plan, index_dtype, pack_mask, shard_size
+from .policies import Policy, make_policy
 from .rng import draw_seeds, epoch_generator
-from .scores import ScoreBank
-from .select import shuffle_order
+from .schedule import Schedule
+from .stats import LossStats
 
 __all__ = ["Pruner", "budget"]
 
 _SHUFFLE_STREAM = 1
+_FORMAT = "gpuprune.Pruner/2"
+#: settings that belong to a policy object, for a helpful error when given to the Pruner
+_POLICY_SETTINGS = {"epsilon": "EpsilonGreedy", "c": "UCB", "uncertainty": "UCB", "drift": "UCB",
+                    "delta": "InfoBatch", "ratio": "InfoBatch", "static_scores": "Static",
+                    "scores": "Static"}
 
 
 def budget(keep: float, num_samples: int) -> int:
@@ -30,43 +37,34 @@ def budget(keep: float, num_samples: int) -> int:
 class Pruner:
     """Dynamic data pruning for one training run.
 
-    Each epoch call :meth:`plan` (or let :class:`~gpuprune.PrunedSampler` / the DALI iterator do it),
-    train on the planned samples, and pass every batch's unreduced loss through :meth:`observe`,
-    which records it and returns the (weighted) mean loss to backpropagate.
+    Each epoch, :meth:`plan` (called for you by :class:`~gpuprune.PrunedSampler` and the DALI
+    iterator in ``set_epoch``) chooses the samples to train on; pass every batch's unreduced loss
+    through :meth:`observe`, which records it and returns the (weighted) mean loss to backpropagate.
 
     Args:
-        num_samples: N, the dataset size.
+        num_samples: N, the dataset size (at most 2**32).
         keep: fraction of samples kept per pruned epoch, in (0, 1]. Default ``0.5``. The budget is
             ``k = round(keep * N)`` (half up, at least 1).
-        prune_ratio: alternatively ``1 - keep``, in [0, 1). Give one of ``keep`` and ``prune_ratio``.
-        policy: ``"uniform"``, ``"epsilon_greedy"``, ``"ucb"`` (default), ``"infobatch"``,
-            ``"static"``, ``"full"``, or a :class:`~gpuprune.policies.Policy` instance.
-        num_epochs: total epochs; needed for ``final_full_epochs`` and InfoBatch's ``delta``.
+        prune_ratio: alternatively ``1 - keep``, in [0, 1). Give at most one of the two.
+        policy: a :class:`~gpuprune.policies.Policy` instance holding its own settings, e.g.
+            ``gpuprune.UCB(c=2.0)``, or a name for the defaults: ``"uniform"``,
+            ``"epsilon_greedy"``, ``"ucb"`` (default), ``"infobatch"``, ``"static"``, ``"full"``.
+        num_epochs: total epochs; needed for ``final_full_epochs`` and InfoBatch's annealing. With
+            it, planning an epoch >= ``num_epochs`` is an error.
         warmup_epochs: full-data epochs at the start. Default ``0``.
         final_full_epochs: full-data epochs at the end. ``None`` (default) takes the policy's
-            choice: InfoBatch uses ``num_epochs - ceil(delta * num_epochs)``, the others 0.
+            choice (InfoBatch: its annealing epochs; the others: 0).
         selection_interval: epochs between two selections; in between the last subset is reused,
             reshuffled. Default ``1``.
-        decay: EMA weight kept from the old loss statistics per observation. Default ``0.9``.
-        epsilon: exploration share of ``epsilon_greedy``. Default ``0.1``.
-        c: uncertainty weight of ``ucb``. Default ``1.0``.
-        uncertainty: ``"std"`` (default) or ``"var"`` for ``ucb``.
-        drift: ``ucb`` only: growth per unobserved epoch of a sample's variance, in units of the
-            mean variance. Default ``0.0`` (the paper's rule); ``1.0`` stops UCB from settling on
-            one subset (see :class:`~gpuprune.UCB`).
-        delta: InfoBatch's annealing point (fraction of ``num_epochs``). Default ``0.875``.
-        static_scores: per-sample scores for ``policy="static"`` (keep the highest); ``None`` keeps
-            a fixed random subset.
+        decay: EMA weight kept from the old loss statistics per observation, in [0, 1); 0 keeps
+            the latest loss only. ``None`` (default) takes the policy's default (0.9).
         seed: seed of every random choice; plans are a function of (seed, epoch, observed losses).
-        device: where scores live and selection runs. Default ``"cpu"``.
-        process_group: ranks to keep in step under multi-process training. ``"auto"`` (default)
-            uses the default ``torch.distributed`` group if it is initialised (create the Pruner
-            after ``init_process_group``) with more than one rank; ``None`` never synchronises;
-            or a ``ProcessGroup``. Statistics are then merged across ranks once per epoch, before
-            each plan, so all ranks plan alike (see :mod:`gpuprune.distributed`).
-        backend: ``"auto"`` (default), ``"cuda"`` or ``"torch"``: who updates the scores and
-            selects (see :class:`~gpuprune.ScoreBank`; ``"auto"`` takes the CUDA kernels of
-            :mod:`gpuprune.kernels` on a GPU where CuPy loads them). Plans are the same either way.
+        device: where the statistics live and selection runs. Default ``"cpu"``.
+        process_group: ``"auto"`` (default) uses the default ``torch.distributed`` group when it is
+            initialised with more than one rank (create the Pruner after ``init_process_group``);
+            ``None`` never synchronises; or a ``ProcessGroup``. See :mod:`gpuprune.distributed`.
+        backend: ``"auto"`` (default), ``"cuda"`` or ``"torch"``: see :mod:`gpuprune.backend`.
+            Plans are the same either way.
 
     Example:
         >>> pruner = Pruner(1000, keep=0.3, policy="uniform", seed=0)
@@ -86,199 +84,266 @@ class Pruner:
         warmup_epochs: int = 0,
         final_full_epochs: int | None = None,
         selection_interval: int = 1,
-        decay: float = 0.9,
-        epsilon: float = 0.1,
-        c: float = 1.0,
-        uncertainty: str = "std",
-        drift: float = 0.0,
-        delta: float = 0.875,
-        static_scores: torch.Tensor | None = None,
+        decay: float | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         process_group: Any = "auto",
         backend: str = "auto",
+        **policy_settings: Any,
     ) -> None:
+        if policy_settings:
+            name = next(iter(policy_settings))
+            owner = _POLICY_SETTINGS.get(name)
+            hint = (f"; it is a setting of the policy: pass policy=gpuprune.{owner}({name}=...)"
+                    if owner else "")
+            raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
         # the keyed tie-break hashes ids as uint32: unique keys, hence exact k, need N <= 2**32
         num_samples = check_int("num_samples", num_samples, minimum=1, maximum=2**32)
         if keep is not None and prune_ratio is not None:
             raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
                              f"prune_ratio={prune_ratio})")
         if prune_ratio is not None:
-            prune_ratio = check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
-            keep = 1.0 - prune_ratio
-        elif keep is None:
-            keep = 0.5
-        else:
-            keep = check_float("keep", keep, low=0.0, high=1.0, low_open=True)
-        self.keep = keep
-        self.k = budget(keep, num_samples)
+            keep = 1.0 - check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
+        keep = 0.5 if keep is None else check_float("keep", keep, low=0.0, high=1.0, low_open=True)
         if num_epochs is not None:
-            num_epochs = check_int("num_epochs", num_epochs, minimum=1)
-        self.num_epochs = num_epochs
-        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, minimum=0)
-        self.selection_interval = check_int("selection_interval", selection_interval, minimum=1)
-        self.seed = check_int("seed", seed)
-        self.policy = self._make_policy(policy, epsilon=epsilon, c=c, uncertainty=uncertainty,
-                                        drift=drift, delta=delta, static_scores=static_scores)
-        if static_scores is not None and policy != "static":
-            raise ValueError(f"static_scores is only used by policy='static', got policy={policy!r}")
-        fixed = getattr(self.policy, "scores", None) if isinstance(self.policy, Static) else None
-        if fixed is not None and fixed.numel() != num_samples:
-            raise ValueError(f"static_scores must have one score per sample: got {fixed.numel()} "
-                             f"scores for num_samples={num_samples}")
+            num_epochs = check_int("num_epochs", num_epochs, minimum=1, maximum=2**31 - 1)
+        self.policy: Policy = make_policy(policy).resolve(keep, num_samples, num_epochs)
         if final_full_epochs is None:
-            final_full_epochs = 0
-            if isinstance(self.policy, InfoBatch):
-                if num_epochs is None:
-                    raise ValueError("policy='infobatch' needs num_epochs for its annealing "
-                                     "(or pass final_full_epochs)")
-                final_full_epochs = self.policy.final_full_epochs(num_epochs)
-        self.final_full_epochs = check_int("final_full_epochs", final_full_epochs, minimum=0,
-                                           maximum=num_epochs)
-        if self.final_full_epochs and num_epochs is None:
-            raise ValueError(f"final_full_epochs={self.final_full_epochs} needs num_epochs")
-        group = _dist.resolve_group(process_group)
-        self.bank = ScoreBank(num_samples, device=device, decay=decay, backend=backend)
-        self.bank.deferred = group is not None    # ranks all-reduce each epoch's sums before merging
-        self.device = self.bank.device
-        self.rounds = 0                         # pruned epochs planned so far
-        self._selection: torch.Tensor | None = None
-        self._selection_weights: torch.Tensor | None = None
-        self._selection_epoch = -1
-        self._plan: Plan | None = None
-        self._weight_table: torch.Tensor | None = None
-        #: called with the Pruner at the start of every new plan (e.g. to merge statistics across ranks)
-        self.before_plan: list[Callable[["Pruner"], None]] = []
-        #: called with the Pruner and the new plan at the end of every new plan
-        self.after_plan: list[Callable[["Pruner", Plan], None]] = []
+            final_full_epochs = self.policy.final_full_epochs(num_epochs)
+        self.schedule = Schedule(num_epochs, warmup_epochs, final_full_epochs, selection_interval)
+        self.decay = (self.policy.default_decay if decay is None
+                      else check_float("decay", decay, low=0.0, high=1.0, high_open=True))
+        self.seed = check_int("seed", seed)
+        self.keep = keep
+        self.k = num_samples if self.policy.keeps_all else budget(keep, num_samples)
+        self.device = resolve_device(device)
+        self.backend = get_backend(backend, self.device, num_samples)
+        group = resolve_group(process_group)
+        self.stats = LossStats(num_samples, self.device)
         #: the process group statistics are merged over (None: single process)
         self.process_group = group
-        self.dist_sync = None if group is None else _dist.DistributedSync(group, self.device)
-        if self.dist_sync is not None:
-            self.dist_sync.attach(self)
+        self._sync = None if group is None else EpochSync(group, self.device, num_samples)
+        self.rounds = 0                       # pruned epochs planned so far
+        self._plan: Plan | None = None
+        self._selection_epoch = -1            # epoch the current selection was drawn in
+        self._epoch = 0                       # epoch stamped on observations (the current plan's)
+        self._history: list[dict] = []
 
-    # ------------------------------------------------------------------ construction
-    def _make_policy(self, policy, **kw) -> Policy:
-        if isinstance(policy, Policy):
-            return policy
-        if not isinstance(policy, str):
-            raise TypeError(f"policy must be a name or a Policy, got {type(policy).__name__}")
-        check_choice("policy", policy, POLICIES)
-        if policy == "epsilon_greedy":
-            return POLICIES[policy](epsilon=kw["epsilon"])
-        if policy == "ucb":
-            return POLICIES[policy](c=kw["c"], uncertainty=kw["uncertainty"], drift=kw["drift"])
-        if policy == "infobatch":
-            return InfoBatch(ratio=min(1.0 - self.keep, 0.999), delta=kw["delta"])
-        if policy == "static":
-            return Static(kw["static_scores"])
-        return POLICIES[policy]()
-
+    # ------------------------------------------------------------------ facts
     @property
     def num_samples(self) -> int:
-        return self.bank.num_samples
+        return self.stats.num_samples
+
+    @property
+    def num_epochs(self) -> int | None:
+        return self.schedule.num_epochs
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the process group (0 without one)."""
+        return 0 if self._sync is None else self._sync.rank
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the process group (1 without one)."""
+        return 1 if self._sync is None else self._sync.world_size
+
+    @property
+    def current_plan(self) -> Plan | None:
+        """The last plan made (or restored), or None."""
+        return self._plan
 
     def is_full_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` trains on full data (warm-up, final epochs, or the ``full`` policy)."""
-        epoch = check_int("epoch", epoch, minimum=0)
-        if epoch < self.warmup_epochs or self.policy.name == "full":
-            return True
-        return self.num_epochs is not None and epoch >= self.num_epochs - self.final_full_epochs
+        full = self.schedule.is_full(epoch)
+        return full or self.policy.keeps_all
+
+    def epoch_size(self, epoch: int) -> int | None:
+        """Samples planned for ``epoch`` over all ranks, without planning it: exact for the planned
+        epoch and for every epoch of an exact-k policy; None for a future pruned InfoBatch epoch,
+        whose size depends on the losses observed until then."""
+        epoch = self.schedule.check_epoch(epoch)
+        if self._plan is not None and self._plan.epoch == epoch:
+            return len(self._plan)
+        if self.is_full_epoch(epoch):
+            return self.num_samples
+        return self.k if self.policy.exact_k else None
+
+    def shard_size(self, epoch: int, world_size: int | None = None, drop_last: bool = False
+                   ) -> int | None:
+        """Samples one rank trains in ``epoch`` (see :func:`gpuprune.plan.shard_size`), or None when
+        :meth:`epoch_size` does not know yet."""
+        n = self.epoch_size(epoch)
+        w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
+        return None if n is None else shard_size(n, w, drop_last)
 
     # ------------------------------------------------------------------ plan
     def plan(self, epoch: int) -> Plan:
-        """The plan of ``epoch``: shuffled sample ids and loss weights, on :attr:`device`.
+        """The plan of ``epoch``: sample ids in training order and their loss weights.
 
-        The first call for an epoch selects (one host sync at most); later calls for the same epoch
-        return the same object. Epochs must not go backwards; they may skip ahead.
+        The first call for an epoch selects; later calls for the same epoch return the same plan.
+        Epochs must not go backwards; they may skip ahead. All or nothing: if anything fails (or is
+        interrupted) the Pruner is as it was, and a retry plans the same epoch again. At most one
+        host synchronisation (InfoBatch's kept count, or the out-of-range-id check on a GPU). Under
+        a process group this is a collective: every rank must call it for every new epoch.
         """
-        epoch = check_int("epoch", epoch, minimum=0)
-        if self._plan is not None:
-            if epoch == self._plan.epoch:
-                return self._plan
-            if epoch < self._plan.epoch:
-                raise ValueError(f"epoch must not go back: plan({epoch}) after plan({self._plan.epoch})")
-        for hook in self.before_plan:
-            hook(self)
-        n = self.num_samples
+        epoch = self.schedule.check_epoch(epoch)
+        current = self._plan
+        if current is not None:
+            if epoch == current.epoch:
+                return current
+            if epoch < current.epoch:
+                raise ValueError(f"epoch must not go back: plan({epoch}) after plan({current.epoch})")
+        stats = self.stats
+        check = self._read_invalid_later()
+        if self._sync is not None:
+            stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=1,
+                                     epoch=epoch, config=self.config())
         full = self.is_full_epoch(epoch)
-        weights = None
-        chosen = None
-        if not full:
-            due = (epoch - self.warmup_epochs) % self.selection_interval == 0
-            if self._selection is None or (due and not self.policy.fixed_subset):
-                gen_epoch = 0 if self.policy.fixed_subset else epoch
-                chosen = self.policy.select(self.bank, self.k, epoch_generator(self.seed, gen_epoch))
-                self._check_selection(chosen.indices, chosen.weights)
-        # after the (read-only) selection, whose one device read, if any, also fetched the
-        # counter, and before any state changes: at most one host sync per plan
-        self.bank.raise_if_invalid()
+        reselect = False
+        weight, rescaled = 1.0, None
         if full:
-            sel = torch.arange(n, device=self.device)
-        else:
-            if chosen is not None:
-                self._selection, self._selection_weights = chosen.indices, chosen.weights
-                self._selection_epoch = epoch
-            sel, weights = self._selection, self._selection_weights
-            self.bank.selected.index_add_(0, sel, torch.ones_like(sel, dtype=torch.int32))
-            self.rounds += 1
+            ids = torch.arange(self.num_samples, dtype=index_dtype(self.num_samples),
+                               device=self.device)
+        elif current is None or current.full or (self.schedule.reselects(epoch)
+                                                  and not self.policy.fixed_subset):
+            choice = self.policy.select(
+                stats, self.k, epoch=epoch, backend=self.backend,
+                generator=epoch_generator(self.seed, 0 if self.policy.fixed_subset else epoch))
+            ids = self._checked_selection(choice.indices)
+            if choice.rescaled is not None:
+                weight, rescaled = float(choice.weight), pack_mask(choice.rescaled)
+            reselect = True
+        else:                                 # reuse the selection, reshuffled
+            ids, weight, rescaled = current.indices, current.weight, current.rescaled
+        bad = check()
+        if bad:
+            self.stats.invalid_batches.zero_()
+            raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in {bad} "
+                             f"batch(es); those batches were not recorded")
         (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
-        kernels = self.bank.kernels      # the CUDA kernels hash the ids; the order is the same
-        order = (shuffle_order(sel, shuffle_seed) if kernels is None
-                 else kernels.shuffle_order(sel, shuffle_seed))
-        sel = sel[order]
-        if not full:
-            # keep the selection in plan order: the same set (the shuffle depends only on the set),
-            # and sharing the plan's storage saves 8 bytes per selected sample
-            self._selection = sel
-        if weights is not None:
-            weights = weights[order]
-            self._selection_weights = weights
-            table = torch.ones(n, dtype=torch.float32, device=self.device)
-            table[sel] = weights
-            self._weight_table = table
-        else:
-            self._weight_table = None
-        self.bank.epoch = epoch
-        self._plan = Plan(epoch, sel, weights, full, n)
-        for hook in self.after_plan:
-            hook(self, self._plan)
-        return self._plan
+        plan = Plan(epoch, self.backend.shuffle(ids, shuffle_seed), full, self.num_samples,
+                    weight, rescaled)
+        selected = stats.selected if full else stats.selected.index_add(
+            0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
+        overlap = self._overlap(current, plan)
+        if self._sync is not None:
+            self._sync.verify(plan, self.config())
+            self._sync.reserve(shard_size(len(plan), self.world_size))
+        record = {"epoch": epoch, "size": len(plan), "full": full, "reselected": reselect,
+                  "overlap": overlap}
+        self._commit(stats, selected, plan, reselect, record)
+        return plan
 
-    def _check_selection(self, idx: torch.Tensor, weights: torch.Tensor | None) -> None:
-        if idx.dtype != torch.long or idx.dim() != 1 or idx.device != self.device:
-            raise TypeError(f"{self.policy!r}.select must return 1-D int64 indices on {self.device}")
+    def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
+                record: dict) -> None:
+        """Make a new plan current: attribute assignments only, after every check has passed."""
+        if stats is not self.stats:
+            self.stats.assign(stats)
+        self.stats.selected = selected
+        self.rounds += 0 if plan.full else 1
+        self._selection_epoch = (plan.epoch if reselect else
+                                 -1 if plan.full else self._selection_epoch)
+        self._plan, self._epoch = plan, plan.epoch
+        self._history.append(record)
+        if self._sync is not None:
+            self._sync.clear()
+
+    def _read_invalid_later(self):
+        """Start reading the invalid-batch counter without waiting; return a function giving it.
+
+        On a GPU the counter is copied into pinned memory behind the work queued so far, so the
+        wait at the end of :meth:`plan` is for that copy only, not for the plan's own work.
+        """
+        counter = self.stats.invalid_batches
+        if counter.device.type != "cuda" or self._sync is not None:
+            return lambda: 0 if self._sync is not None else int(counter)
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(counter, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result() -> int:
+            done.synchronize()
+            return int(host)
+        return result
+
+    def _checked_selection(self, idx: torch.Tensor) -> torch.Tensor:
+        if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.device != self.device
+                or idx.dtype not in (torch.int32, torch.int64)):
+            raise TypeError(f"{self.policy!r}.select must return 1-D int32/int64 ids on "
+                            f"{self.device}")
         if self.policy.exact_k and idx.numel() != self.k:
-            raise ValueError(f"{self.policy!r} returned {idx.numel()} indices, expected k={self.k}")
-        if weights is not None and weights.shape != idx.shape:
-            raise ValueError(f"{self.policy!r} returned weights of shape {tuple(weights.shape)} for "
-                             f"{idx.numel()} indices")
+            raise ValueError(f"{self.policy!r} returned {idx.numel()} ids, expected k={self.k}")
+        return idx.to(index_dtype(self.num_samples))
+
+    def _overlap(self, previous: Plan | None, plan: Plan) -> torch.Tensor | None:
+        """Jaccard overlap of this plan's sample set with the previous plan's (a device scalar)."""
+        if previous is None:
+            return None
+        n, a, b = self.num_samples, len(previous), len(plan)
+        if previous.full or plan.full:
+            inter = torch.tensor(float(min(a, b)))
+        else:
+            mark = torch.zeros(n, dtype=torch.bool, device=self.device)
+            mark[previous.indices.long()] = True
+            inter = mark[plan.indices.long()].sum().double()
+        return inter / (a + b - inter)
 
     # ------------------------------------------------------------------ observe
     def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor) -> torch.Tensor:
         """Record a batch's losses; return the loss to backpropagate.
 
         Args:
-            indices: 1-D int tensor of the batch's sample ids, on :attr:`device`.
+            indices: 1-D integer tensor of the batch's sample ids, on :attr:`device`.
             per_sample_loss: 1-D float tensor, one unreduced loss per sample (``reduction="none"``),
                 on :attr:`device`. Its graph is kept for the returned value; the statistics use a
                 detached copy.
 
         Returns:
-            ``mean(weight[i] * loss[i])`` over the batch (weights are 1 except for InfoBatch's
-            rescaled samples). Non-finite losses are not recorded but do reach the returned mean,
-            so the training loop sees them.
+            ``mean(weight[i] * loss[i])`` over the batch, accumulated in float32 and returned in the
+            loss's dtype (fp16/bf16 batches do not overflow). Weights are 1 except for InfoBatch's
+            rescaled samples. Non-finite losses are not recorded but do reach the returned mean, so
+            the training loop sees them.
         """
         check_batch(indices, per_sample_loss, self.device, self.num_samples,
                     loss_name="per_sample_loss")
-        self.bank.observe(indices, per_sample_loss)
-        b = per_sample_loss.numel()
-        if self._weight_table is None:
-            return per_sample_loss.sum() / max(b, 1)
-        w = self._weight_table[indices.long().clamp(0, self.num_samples - 1)]
-        return (per_sample_loss * w.to(per_sample_loss.dtype)).sum() / max(b, 1)
+        if self._sync is not None:
+            self._sync.record(indices, per_sample_loss)
+        else:
+            self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
+                                  self._epoch)
+        b = max(per_sample_loss.numel(), 1)
+        x = per_sample_loss.float()
+        plan = self._plan
+        if plan is not None and plan.rescaled is not None:
+            x = x * plan.weights_of(indices)
+        return (x.sum() / b).to(per_sample_loss.dtype)
+
+    def synchronize(self) -> None:
+        """Merge the statistics every rank has observed so far, now instead of at the next plan
+        (a collective: call it on every rank, e.g. before rank 0 saves :meth:`state_dict`). Does
+        nothing without a process group."""
+        if self._sync is None:
+            return
+        merged = self._sync.merge(self.stats, self.backend, self.decay, self._epoch, op=3,
+                                  epoch=self._epoch, config=self.config())
+        if merged is not self.stats:
+            self.stats.assign(merged)
+        self._sync.clear()
 
     # ------------------------------------------------------------------ statistics
+    @property
+    def history(self) -> list[dict]:
+        """One record per plan made: ``epoch``, ``size`` (samples, all ranks), ``full``,
+        ``reselected`` (a new selection was drawn) and ``overlap``: the Jaccard overlap of its
+        sample set with the previous plan's (None for the first plan). Reading it syncs once."""
+        out = []
+        for r in self._history:
+            ov = r["overlap"]
+            out.append({**r, "overlap": None if ov is None else float(ov)})
+        return out
+
     def selection_stats(self, always: float = 0.9, never: float = 0.1) -> dict:
         """The paper's "sometimes" samples: how often each sample was planned in pruned epochs.
 
@@ -289,12 +354,25 @@ class Pruner:
         """
         always = check_float("always", always, low=0.0, high=1.0)
         never = check_float("never", never, low=0.0, high=1.0)
-        freq = self.bank.selection_frequency(self.rounds).cpu()
+        freq = self.stats.frequency(self.rounds).cpu()
         n = freq.numel()
         hi = int((freq > always).sum())
         lo = int((freq < never).sum())
         return {"frequency": freq, "rounds": self.rounds, "always": hi / n, "never": lo / n,
                 "sometimes": (n - hi - lo) / n}
+
+    def nbytes(self) -> int:
+        """Bytes of device state this Pruner holds: statistics, current plan and, under a process
+        group, the observation log."""
+        total = self.stats.nbytes()
+        plan = self._plan
+        if plan is not None:
+            total += plan.indices.numel() * plan.indices.element_size()
+            if plan.rescaled is not None:
+                total += plan.rescaled.numel()
+        if self._sync is not None:
+            total += self._sync.nbytes()
+        return total
 
     def sampler(self, **kwargs):
         """A :class:`~gpuprune.PrunedSampler` over this pruner (keyword arguments pass through)."""
@@ -302,119 +380,186 @@ class Pruner:
         return PrunedSampler(self, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    def _config(self) -> dict:
-        return {"num_samples": self.num_samples, "k": self.k, "policy": self.policy.name,
-                "seed": self.seed, "warmup_epochs": self.warmup_epochs,
-                "final_full_epochs": self.final_full_epochs, "num_epochs": self.num_epochs,
-                "selection_interval": self.selection_interval}
+    def config(self) -> dict:
+        """Everything plans depend on besides the observed losses: checked on load and across ranks."""
+        return {"format": _FORMAT, "num_samples": self.num_samples, "keep": self.keep, "k": self.k,
+                "policy": self.policy.config(), "decay": self.decay, "seed": self.seed,
+                "schedule": self.schedule.config()}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue with bit-identical plans (tensors are cloned).
+        """Everything needed to continue with bit-identical plans (tensors cloned), with a checksum.
 
-        A distributed Pruner raises :class:`~gpuprune.distributed.DistributedError` while it holds
-        statistics not merged across ranks: call :func:`gpuprune.distributed.synchronize` on every
-        rank first. The state is then the same on all ranks; save it from rank 0.
+        Each saved id is stored once: the plan's ids (whose set is the current selection); a full
+        epoch stores none (its order is recomputed from the seed). A distributed Pruner raises
+        :class:`~gpuprune.distributed.DistributedError` while it holds observations not merged
+        across ranks: call :meth:`synchronize` on every rank first, then save from rank 0.
         """
-        if self.dist_sync is not None:
-            self.dist_sync.check_saveable(self.bank)
+        if self._sync is not None and self._sync.pending:
+            from .distributed import DistributedError
+            raise DistributedError(
+                f"gpuprune: Pruner.state_dict() on rank {self.rank}: this rank holds "
+                f"{self._sync.pending} observations not merged with the other ranks yet, so a "
+                f"checkpoint would lose them. Call pruner.synchronize() on every rank first (for "
+                f"example at the end of the epoch), then save from rank 0")
         plan = self._plan
-        clone = (lambda t: None if t is None else t.clone())
-        return {
-            "config": self._config(),
-            "bank": self.bank.state_dict(),
+        state = {
+            "config": self.config(),
+            "stats": self.stats.state_dict(),
             "rounds": self.rounds,
-            "selection": clone(self._selection),
-            "selection_weights": clone(self._selection_weights),
+            "epoch": self._epoch,
             "selection_epoch": self._selection_epoch,
             "plan": None if plan is None else {
-                "epoch": plan.epoch, "indices": plan.indices.clone(),
-                "weights": clone(plan.weights), "full": plan.full},
+                "epoch": plan.epoch, "full": plan.full,
+                "indices": None if plan.full else plan.indices.clone(),
+                "weight": plan.weight,
+                "rescaled": None if plan.rescaled is None else plan.rescaled.clone()},
+            "history": self.history,
         }
+        state["checksum"] = state_checksum(state)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`. The configuration must match this Pruner's.
-
-        Everything is checked first: a state that does not fit raises TypeError/ValueError and
-        leaves this Pruner unchanged.
-        """
-        self._check_state_dict(state)
-        self.bank.load_state_dict(state["bank"])
-        dev = self.device
-        to = (lambda t: None if t is None else t.to(dev))
+        """Restore :meth:`state_dict`. Everything is checked first, the whole state: the checksum,
+        the configuration (every setting must equal this Pruner's), sizes, dtypes, ranges, unique
+        ids and the budget. A state that does not fit raises TypeError/ValueError naming the key and
+        leaves this Pruner unchanged."""
+        plan = self._check_state_dict(state)
+        self.stats.load_state_dict(state["stats"])
         self.rounds = int(state["rounds"])
-        self._selection = to(state["selection"])
-        self._selection_weights = to(state["selection_weights"])
+        self._epoch = int(state["epoch"])
         self._selection_epoch = int(state["selection_epoch"])
-        p = state["plan"]
-        self._plan = None
-        self._weight_table = None
-        if p is not None:
-            self._plan = Plan(int(p["epoch"]), p["indices"].to(dev), to(p["weights"]),
-                              bool(p["full"]), self.num_samples)
-            if self._plan.weights is not None:
-                table = torch.ones(self.num_samples, dtype=torch.float32, device=dev)
-                table[self._plan.indices] = self._plan.weights
-                self._weight_table = table
-            if (not self._plan.full and self._selection is not None
-                    and torch.equal(self._selection, self._plan.indices)):
-                self._selection = self._plan.indices          # share storage, as plan() does
-                if self._plan.weights is not None:
-                    self._selection_weights = self._plan.weights
-        if self.dist_sync is not None:   # every rank loads the same state: re-base the counters
-            self.dist_sync.after_load(self.bank, None if p is None else self._plan.epoch)
+        self._plan = plan
+        self._history = [dict(r) for r in state["history"]]
+        if self._sync is not None:
+            self._sync.clear()
 
-    def _check_state_dict(self, state) -> None:
-        if not isinstance(state, dict) or "config" not in state:
+    def _check_state_dict(self, state) -> Plan | None:
+        """Validate a whole state; return the plan it holds (on this device)."""
+        if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from Pruner.state_dict(), got "
                             f"{type(state).__name__}")
-        missing = [key for key in ("bank", "rounds", "selection", "selection_weights",
-                                   "selection_epoch", "plan") if key not in state]
-        if missing:
-            raise ValueError(f"state_dict is missing {missing}")
-        if not isinstance(state["config"], dict):
-            raise TypeError("state_dict['config'] must be a dict")
-        mine = self._config()
-        for key, value in state["config"].items():
-            if mine.get(key) != value:
-                raise ValueError(f"checkpoint was made with {key}={value!r}, this Pruner has "
-                                 f"{key}={mine.get(key)!r}")
-        self.bank.check_state_dict(state["bank"])
-        check_int("state_dict['rounds']", state["rounds"], minimum=0)
-        check_int("state_dict['selection_epoch']", state["selection_epoch"], minimum=-1)
-        n = self.num_samples
-        sel = state["selection"]
-        _check_ids("state_dict['selection']", sel, n, optional=True)
-        _check_weights("state_dict['selection_weights']", state["selection_weights"], sel)
+        keys = {"config", "stats", "rounds", "epoch", "selection_epoch", "plan", "history",
+                "checksum"}
+        missing, extra = sorted(keys - set(state)), sorted(set(state) - keys, key=str)
+        if missing or extra:
+            raise ValueError(f"state_dict must have exactly the keys {sorted(keys)}: missing "
+                             f"{missing}, unknown {extra}")
+        if not isinstance(state["checksum"], str) or state["checksum"] != state_checksum(state):
+            raise ValueError("state_dict['checksum'] does not match the state's content: the state "
+                             "was modified or corrupted after Pruner.state_dict()")
+        _check_config(state["config"], self.config())
+        rounds = check_int("state_dict['rounds']", state["rounds"], minimum=0)
+        obs_epoch = self.schedule.check_epoch(state["epoch"], "state_dict['epoch']")
+        sel_epoch = check_int("state_dict['selection_epoch']", state["selection_epoch"],
+                              minimum=-1, maximum=obs_epoch)
+        self.stats.check_state_dict(state["stats"], max_epoch=obs_epoch, max_selected=rounds)
+        if not isinstance(state["history"], list) or not all(isinstance(r, dict)
+                                                             for r in state["history"]):
+            raise ValueError("state_dict['history'] must be a list of dicts")
         p = state["plan"]
         if p is None:
-            return
-        if not isinstance(p, dict) or any(key not in p for key in ("epoch", "indices", "weights",
-                                                                     "full")):
-            raise ValueError("state_dict['plan'] must be None or a dict with epoch, indices, "
-                             "weights and full")
-        check_int("state_dict['plan']['epoch']", p["epoch"], minimum=0)
-        _check_ids("state_dict['plan']['indices']", p["indices"], n)
-        _check_weights("state_dict['plan']['weights']", p["weights"], p["indices"])
+            if obs_epoch or rounds or sel_epoch != -1:
+                raise ValueError("state_dict['plan'] is None but the state records planned epochs")
+            return None
+        if not isinstance(p, dict) or set(p) != {"epoch", "full", "indices", "weight", "rescaled"}:
+            raise ValueError("state_dict['plan'] must be None or a dict with epoch, full, indices, "
+                             "weight and rescaled")
+        epoch = self.schedule.check_epoch(p["epoch"], "state_dict['plan']['epoch']")
+        if epoch != obs_epoch:
+            raise ValueError(f"state_dict['plan']['epoch']={epoch} differs from "
+                             f"state_dict['epoch']={obs_epoch}")
+        full = p["full"]
+        if full is not self.is_full_epoch(epoch):
+            raise ValueError(f"state_dict['plan']['full']={full!r}, but epoch {epoch} is "
+                             f"{'full' if self.is_full_epoch(epoch) else 'pruned'} in this schedule")
+        n = self.num_samples
+        if full:
+            if p["indices"] is not None or p["rescaled"] is not None or p["weight"] != 1.0:
+                raise ValueError("state_dict['plan'] of a full epoch must have indices=None, "
+                                 "rescaled=None and weight=1.0")
+            (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
+            ids = self.backend.shuffle(torch.arange(n, dtype=index_dtype(n), device=self.device),
+                                       shuffle_seed)
+            return Plan(epoch, ids, True, n)
+        ids = _checked_ids("state_dict['plan']['indices']", p["indices"], n)
+        if self.policy.exact_k and ids.numel() != self.k:
+            raise ValueError(f"state_dict['plan']['indices'] holds {ids.numel()} ids, the budget is "
+                             f"k={self.k}")
+        if sel_epoch == -1 or rounds == 0:
+            raise ValueError("state_dict has a pruned plan but no selection epoch or rounds")
+        weight = check_float("state_dict['plan']['weight']", p["weight"], low=1.0)
+        bits = p["rescaled"]
+        if bits is not None:
+            size = -(-n // 8)
+            if (not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8
+                    or tuple(bits.shape) != (size,)):
+                raise ValueError(f"state_dict['plan']['rescaled'] must be None or a ({size},) uint8 "
+                                 f"tensor")
+            bits = bits.to(self.device)
+        elif weight != 1.0:
+            raise ValueError("state_dict['plan']['weight'] must be 1.0 when nothing is rescaled")
+        return Plan(epoch, ids.to(self.device), False, n, weight, bits)
 
     def __repr__(self) -> str:
         return (f"Pruner(num_samples={self.num_samples}, keep={self.keep}, policy={self.policy!r}, "
-                f"device={self.device})")
+                f"device={self.device}, backend={self.backend.name!r})")
 
 
-def _check_ids(name: str, t, num_samples: int, optional: bool = False) -> None:
-    """A checkpointed id tensor: 1-D int64 with values in [0, N) (one pass over it)."""
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+def state_checksum(state: dict) -> str:
+    """sha256 over a state dict's content (every tensor's dtype, shape and bytes; every value),
+    excluding its ``"checksum"`` entry."""
+    h = hashlib.sha256()
+
+    def feed(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            h.update(b"{")
+            for key in sorted(obj, key=str):
+                if key == "checksum" and obj is state:
+                    continue
+                h.update(repr(key).encode())
+                feed(obj[key])
+            h.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[")
+            for item in obj:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+    feed(state)
+    return h.hexdigest()
+
+
+def _check_config(saved, mine: dict) -> None:
+    if not isinstance(saved, dict):
+        raise TypeError(f"state_dict['config'] must be a dict, got {type(saved).__name__}")
+    for key in sorted(set(saved) | set(mine), key=str):
+        if key not in saved:
+            raise ValueError(f"state_dict['config'] is missing {key!r} (this Pruner has "
+                             f"{key}={mine[key]!r})")
+        if key not in mine:
+            raise ValueError(f"state_dict['config'] has an unknown setting {key!r}")
+        if saved[key] != mine[key]:
+            raise ValueError(f"checkpoint was made with {key}={saved[key]!r}, this Pruner has "
+                             f"{key}={mine[key]!r}")
+
+
+def _checked_ids(name: str, t, num_samples: int) -> torch.Tensor:
+    """A saved id tensor: 1-D, the id dtype, values unique and in [0, N)."""
+    dtype = index_dtype(num_samples)
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
         got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a 1-D int64 tensor, got {got}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_samples):
-        raise ValueError(f"{name} holds ids outside [0, {num_samples})")
-
-
-def _check_weights(name: str, w, ids) -> None:
-    if w is None:
-        return
-    if (not isinstance(w, torch.Tensor) or not w.is_floating_point()
-            or not isinstance(ids, torch.Tensor) or w.shape != ids.shape):
-        raise ValueError(f"{name} must be None or a float tensor shaped like its ids")
+        raise ValueError(f"{name} must be a 1-D {dtype} tensor, got {got}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_samples:
+        raise ValueError(f"{name} holds ids outside [0, {num_samples}): [{lo}, {hi}]")
+    if torch.unique(t).numel() != t.numel():
+        raise ValueError(f"{name} holds duplicate ids")
+    return t

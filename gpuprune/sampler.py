@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
@@ -11,7 +12,7 @@ from ._checks import check_bool, check_int
 from .distributed import rank_and_world
 from .plan import Plan
 
-__all__ = ["PrunedSampler", "IndexedDataset"]
+__all__ = ["PrunedSampler", "IndexedDataset", "Position"]
 
 
 class IndexedDataset(Dataset):
@@ -37,19 +38,81 @@ class IndexedDataset(Dataset):
         return item, index
 
 
+class Position:
+    """Where a loader stands in the run: an epoch and how many of this rank's samples of it were
+    trained. The sampler and the DALI iterator save and restore the same format, with one rule: a
+    restored position continues with the rest of that epoch, then the following epochs.
+
+    ``state_dict()`` format: ``{"epoch", "consumed", "num_replicas", "drop_last"}`` (plain ints and
+    bools); a mid-epoch position only restores into a loader with the same ``num_replicas`` and
+    ``drop_last``.
+    """
+
+    KEYS = ("epoch", "consumed", "num_replicas", "drop_last")
+
+    @staticmethod
+    def make(epoch: int, consumed: int, num_replicas: int, drop_last: bool) -> dict:
+        return {"epoch": epoch, "consumed": consumed, "num_replicas": num_replicas,
+                "drop_last": drop_last}
+
+    @classmethod
+    def check(cls, state, num_replicas: int, drop_last: bool, owner: str) -> tuple[int, int]:
+        """``(epoch, consumed)`` of a saved position, or TypeError/ValueError naming the problem."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from {owner}.state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [key for key in cls.KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}")
+        epoch = check_int("state_dict['epoch']", state["epoch"], minimum=0)
+        consumed = check_int("state_dict['consumed']", state["consumed"], minimum=0)
+        saved = (check_int("state_dict['num_replicas']", state["num_replicas"], minimum=1),
+                 check_bool("state_dict['drop_last']", state["drop_last"]))
+        if consumed and saved != (num_replicas, drop_last):
+            raise ValueError(f"a mid-epoch state saved with num_replicas={saved[0]}, "
+                             f"drop_last={saved[1]} cannot resume with num_replicas={num_replicas}, "
+                             f"drop_last={drop_last}")
+        return epoch, consumed
+
+
+def shard_of(pruner, num_replicas: int | None, rank: int | None, owner: str) -> tuple[int, int]:
+    """``(rank, num_replicas)`` of a loader over ``pruner``: from the Pruner's process group unless
+    given; explicit values that disagree with a distributed Pruner raise."""
+    p_rank, p_world = pruner.rank, pruner.world_size
+    if p_world > 1:
+        for name, given, own in (("num_replicas", num_replicas, p_world), ("rank", rank, p_rank)):
+            if given is not None and given != own:
+                raise ValueError(f"{owner}: {name}={given}, but the pruner is synchronised over a "
+                                 f"process group where {name}={own}; leave {name} unset")
+        return p_rank, p_world
+    _, g_world = rank_and_world("auto")
+    if num_replicas is None and g_world > 1:
+        # sharding plans that were not computed alike would overlap, and unequal plan lengths
+        # (InfoBatch) would hang DDP; each rank training the whole plan is rarely meant either
+        raise ValueError(f"{owner}: torch.distributed runs {g_world} ranks but the pruner is not "
+                         f"synchronised across them (process_group=None, or it was created before "
+                         f"init_process_group): create the Pruner after init_process_group, or "
+                         f"pass num_replicas and rank explicitly")
+    num_replicas = check_int("num_replicas", 1 if num_replicas is None else num_replicas, minimum=1)
+    rank = check_int("rank", 0 if rank is None else rank, minimum=0, maximum=num_replicas - 1)
+    return rank, num_replicas
+
+
 class PrunedSampler(Sampler[int]):
     """Yield this epoch's planned sample ids (this rank's shard under multi-process training).
 
     Call :meth:`set_epoch` **before** creating the DataLoader iterator of each epoch, as with
-    ``DistributedSampler``. ``len()`` matches the plan (or the shard), and changes with the epoch.
+    ``DistributedSampler``. It plans the epoch (under a process group that is a collective: every
+    rank calls it). ``len()`` only reads: the planned shard's length, or, before ``set_epoch``, the
+    length the schedule predicts (the same answer on every rank, and no planning).
 
     Checkpoints, mid-epoch included: save ``sampler.state_dict(consumed=n)`` next to
     ``pruner.state_dict()``, where ``n`` is the number of this pass's samples whose training step
     has finished. The sampler cannot count them itself: a DataLoader draws indices ahead of training
     (``num_workers * prefetch_factor`` batches, more with pinned memory), so the indices it has
-    yielded overstate what was trained. After :meth:`load_state_dict` the next pass over the
-    same epoch skips the samples already trained and ``len()`` counts only the rest; moving to
-    another epoch with :meth:`set_epoch` starts from the beginning again::
+    yielded overstate what was trained. After :meth:`load_state_dict` the next pass over the same
+    epoch skips the samples already trained and ``len()`` counts only the rest; moving to another
+    epoch with :meth:`set_epoch` starts from the beginning again::
 
         for epoch in range(sampler.epoch, num_epochs):     # sampler.epoch: 0, or the resumed one
             sampler.set_epoch(epoch)
@@ -62,15 +125,11 @@ class PrunedSampler(Sampler[int]):
                                      "sampler": sampler.state_dict(consumed=trained),
                                      "model": ..., "optimizer": ...}, path)
 
-    With ``DistributedSampler``-style sharding every rank trains the same number of samples, so
-    one rank's sampler state restores all of them.
-
     Args:
         pruner: the :class:`~gpuprune.Pruner`.
-        num_replicas: number of ranks (default: the size of the pruner's ``process_group``, 1 for
-            a single-process pruner).
-        rank: this rank (default: the rank in the pruner's group, else in the initialised default
-            group, else 0).
+        num_replicas: number of ranks (default: the size of the pruner's process group, 1 for a
+            single-process pruner). A value that disagrees with a distributed pruner raises.
+        rank: this rank (default: the rank in the pruner's group, else 0).
         drop_last: cut the plan to a multiple of ``num_replicas`` instead of padding by wrap-around.
     """
 
@@ -79,85 +138,73 @@ class PrunedSampler(Sampler[int]):
         from .pruner import Pruner
         if not isinstance(pruner, Pruner):
             raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
-        group = getattr(pruner, "process_group", None)
-        g_rank, g_world = rank_and_world(group if group is not None else "auto")
-        if group is None and num_replicas is None and g_world > 1:
-            # sharding plans that were not computed alike would overlap, and unequal plan lengths
-            # (InfoBatch) would hang DDP; each rank training the whole plan is rarely meant either
-            raise ValueError(f"torch.distributed runs {g_world} ranks but the pruner is not "
-                             f"synchronised across them (process_group=None, or it was created "
-                             f"before init_process_group): create the Pruner after "
-                             f"init_process_group, or pass num_replicas and rank explicitly")
-        if num_replicas is None:
-            num_replicas = g_world
-        if rank is None:
-            rank = g_rank
-        self.num_replicas = check_int("num_replicas", num_replicas, minimum=1)
-        self.rank = check_int("rank", rank, minimum=0, maximum=self.num_replicas - 1)
+        self.rank, self.num_replicas = shard_of(pruner, num_replicas, rank, "PrunedSampler")
         self.pruner = pruner
         self.drop_last = check_bool("drop_last", drop_last)
         self.epoch = 0
-        self._start = 0   # samples of this epoch's shard already trained (set by load_state_dict)
+        self._start = 0                     # samples of this epoch's shard already trained
+        self._shard: Plan | None = None     # this rank's share of the epoch's plan, once planned
+        self._host: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the next pass; a new epoch starts at its first sample."""
-        epoch = check_int("epoch", epoch, minimum=0)
+        """Plan ``epoch`` (a collective under a process group); a new epoch starts at its first
+        sample, the epoch of a restored position keeps it."""
+        epoch = self.pruner.schedule.check_epoch(epoch)
+        plan = self.pruner.plan(epoch)
         if epoch != self.epoch:
             self._start = 0
         self.epoch = epoch
+        self._take(plan)
+
+    def _take(self, plan: Plan) -> None:
+        shard = plan if self.num_replicas == 1 else plan.shard(self.rank, self.num_replicas,
+                                                               self.drop_last)
+        if self._start > len(shard):
+            raise ValueError(f"the sampler state says {self._start} samples of epoch {self.epoch} "
+                             f"were trained, but this rank's plan has only {len(shard)}")
+        self._shard, self._host = shard, None
 
     def plan(self) -> Plan:
-        """This rank's share of the current epoch's plan."""
-        plan = self.pruner.plan(self.epoch)
-        if self.num_replicas == 1:
-            return plan
-        return plan.shard(self.rank, self.num_replicas, self.drop_last)
+        """This rank's share of the current epoch's plan (planned now if :meth:`set_epoch` was not
+        called for it)."""
+        if self._shard is None or self._shard.epoch != self.epoch:
+            self._take(self.pruner.plan(self.epoch))
+        return self._shard
 
     def __iter__(self) -> Iterator[int]:
-        plan = self.plan()
-        start = self._checked_start(len(plan))
-        return iter(plan.indices[start:].tolist())   # one device-to-host copy per epoch
+        shard = self.plan()
+        if self._host is None:     # one device-to-host copy per epoch, 4 bytes per id
+            self._host = shard.indices.cpu().numpy()
+        ids = self._host[self._start:]
+        for lo in range(0, len(ids), 4096):
+            yield from ids[lo:lo + 4096].tolist()
 
     def __len__(self) -> int:
-        total = len(self.plan())
-        return total - self._checked_start(total)
+        if self._shard is not None and self._shard.epoch == self.epoch:
+            return len(self._shard) - self._start
+        n = self.pruner.shard_size(self.epoch, self.num_replicas, self.drop_last)
+        if n is None:
+            raise RuntimeError(f"the length of epoch {self.epoch} is known once it is planned "
+                               f"(policy {self.pruner.policy.name!r} plans a loss-dependent number "
+                               f"of samples): call sampler.set_epoch({self.epoch}) first")
+        return n - self._start
 
     # ------------------------------------------------------------------ checkpoints
-    def _checked_start(self, total: int) -> int:
-        if self._start > total:
-            raise ValueError(f"the sampler state says {self._start} samples of epoch {self.epoch} "
-                             f"were trained, but this rank's plan has only {total}")
-        return self._start
-
-    def _shard_len(self) -> int | None:
-        """Length of this rank's share of the epoch's plan, or None if it is not planned yet."""
-        plan = self.pruner._plan
-        if plan is None or plan.epoch != self.epoch:
-            return None
-        n, w = len(plan), self.num_replicas
-        return n // w if self.drop_last else -(-n // w)
-
     def state_dict(self, *, consumed: int) -> dict:
-        """The position to resume from: the epoch and how many of its samples were trained.
+        """The position to resume from (see :class:`Position`).
 
         Args:
             consumed: samples of the current pass (since the DataLoader iterator was created) whose
                 training step has finished, on this rank. Count what was trained, not what the
                 DataLoader fetched: it prefetches. Samples skipped on resume are added here.
-
-        Returns:
-            ``{"epoch", "consumed", "num_replicas", "drop_last"}`` (plain ints and bools).
         """
         consumed = check_int("consumed", consumed, minimum=0)
-        length = self._shard_len()
-        total = self._start + consumed
-        if length is None and consumed:
-            raise ValueError(f"consumed={consumed}, but epoch {self.epoch} has not been planned yet")
-        if length is not None and total > length:
-            raise ValueError(f"consumed={consumed} is more than the {length - self._start} samples "
-                             f"this pass of epoch {self.epoch} yields")
-        return {"epoch": self.epoch, "consumed": total, "num_replicas": self.num_replicas,
-                "drop_last": self.drop_last}
+        if consumed:
+            length = len(self) + self._start
+            if consumed > length - self._start:
+                raise ValueError(f"consumed={consumed} is more than the {length - self._start} "
+                                 f"samples this pass of epoch {self.epoch} yields")
+        return Position.make(self.epoch, self._start + consumed, self.num_replicas, self.drop_last)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`: the next pass over its epoch skips the trained samples.
@@ -165,18 +212,7 @@ class PrunedSampler(Sampler[int]):
         Load the Pruner's state from the same checkpoint, so the epoch's plan is the saved one.
         Raises TypeError/ValueError before changing anything if ``state`` does not fit.
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from PrunedSampler.state_dict(), got "
-                            f"{type(state).__name__}")
-        missing = [key for key in ("epoch", "consumed", "num_replicas", "drop_last")
-                   if key not in state]
-        if missing:
-            raise ValueError(f"state_dict is missing {missing}")
-        epoch = check_int("state_dict['epoch']", state["epoch"], minimum=0)
-        consumed = check_int("state_dict['consumed']", state["consumed"], minimum=0)
-        if consumed and (state["num_replicas"], bool(state["drop_last"])) != (self.num_replicas,
-                                                                              self.drop_last):
-            raise ValueError(f"a mid-epoch state saved with num_replicas={state['num_replicas']}, "
-                             f"drop_last={state['drop_last']} cannot resume with num_replicas="
-                             f"{self.num_replicas}, drop_last={self.drop_last}")
+        epoch, consumed = Position.check(state, self.num_replicas, self.drop_last, "PrunedSampler")
+        self.pruner.schedule.check_epoch(epoch, "state_dict['epoch']")
         self.epoch, self._start = epoch, consumed
+        self._shard, self._host = None, None

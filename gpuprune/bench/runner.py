@@ -22,7 +22,9 @@ import torch
 
 from .._checks import resolve_device
 from ..data import ImageData
+from ..policies import UCB, EpsilonGreedy, InfoBatch, Policy, Static
 from ..pruner import Pruner, budget
+from ..schedule import Schedule
 from ..static_scores import ForgettingTracker
 from .config import DYNAMIC, SCORED, STATIC, BenchConfig
 from .scoring import ScoringCost, el2n_cost_and_scores, run_seed
@@ -50,14 +52,21 @@ class BenchResult:
 
 def step_budget(cfg: BenchConfig, num_samples: int, prune_ratio: float) -> int:
     """Optimizer steps of a ``uniform`` run at ``prune_ratio`` (warm-up epochs at full data)."""
-    k = budget(1.0 - prune_ratio, num_samples)
-    probe = Pruner(num_samples, prune_ratio=prune_ratio, policy="uniform", num_epochs=cfg.epochs,
-                   warmup_epochs=cfg.warmup_epochs, seed=0)
-    steps = 0
-    for e in range(cfg.epochs):
-        m = num_samples if probe.is_full_epoch(e) else k
-        steps += -(-m // cfg.batch_size)
-    return steps
+    schedule = Schedule(cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+    return schedule.total_steps(num_samples, budget(1.0 - prune_ratio, num_samples), cfg.batch_size)
+
+
+def make_policy(method: str, cfg: BenchConfig, scores: torch.Tensor | None) -> Policy | str:
+    """The policy a benchmark method runs, with the sweep's settings."""
+    if method == "epsilon_greedy":
+        return EpsilonGreedy(epsilon=cfg.epsilon)
+    if method == "ucb":
+        return UCB(c=cfg.ucb_c, uncertainty=cfg.uncertainty, drift=cfg.ucb_drift)
+    if method == "infobatch":
+        return InfoBatch(delta=cfg.delta)
+    if method in ("static_random", "el2n", "forgetting"):
+        return Static(scores)
+    return method
 
 
 def time_to_target(curve: list[dict], target: float | None, clock: str = "time_s") -> float:
@@ -75,12 +84,9 @@ def _make_pruner(method: str, n: int, p: float, cfg: BenchConfig, seed: int,
                  device: torch.device, scores: torch.Tensor | None) -> Pruner:
     if method in ("full", "full_short"):
         return Pruner(n, keep=1.0, policy="full", seed=seed, device=device)
-    policy = {"static_random": "static", "el2n": "static", "forgetting": "static"}.get(method, method)
-    return Pruner(n, prune_ratio=p, policy=policy, num_epochs=cfg.epochs,
+    return Pruner(n, prune_ratio=p, policy=make_policy(method, cfg, scores), num_epochs=cfg.epochs,
                   warmup_epochs=cfg.warmup_epochs, selection_interval=cfg.selection_interval,
-                  decay=cfg.decay, epsilon=cfg.epsilon, c=cfg.ucb_c, drift=cfg.ucb_drift,
-                  uncertainty=cfg.uncertainty,
-                  delta=cfg.delta, static_scores=scores, seed=seed, device=device)
+                  decay=cfg.decay, seed=seed, device=device)
 
 
 class _NullBar:

@@ -10,8 +10,9 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .._checks import check_int
-from ..plan import Plan
+from ..plan import Plan, num_batches
 from ..pruner import Pruner
+from ..sampler import shard_of
 from .sources import BadSampleError, PlanSource
 
 __all__ = ["PrunedDALIIterator"]
@@ -23,7 +24,6 @@ class _Pass:
 
     epoch: int
     plan: Plan            # this rank's share
-    weights: torch.Tensor  # its loss weights (ones when the plan has none), on the plan's device
     start: int            # first plan batch served (non-zero after a mid-epoch restore)
     total: int            # batches in this rank's full plan
     consumed: int = 0     # batches handed out in this pass
@@ -71,8 +71,9 @@ class PrunedDALIIterator(DALIGenericIterator):
       nothing of the old epoch reaches the next one. (A bare ``next(it)`` after a ``break``
       continues the old epoch.)
     * ``len(it)`` is the number of batches of the running epoch (for this rank), or of the epoch
-      the next ``iter()`` will start, which it plans if needed. After a mid-epoch restore it counts
-      the remaining batches.
+      the next ``iter()`` will start. It never plans: before :meth:`set_epoch` it gives the size
+      the schedule predicts (the same on every rank). After a mid-epoch restore it counts the
+      remaining batches.
     * :meth:`state_dict` / :meth:`load_state_dict` hold (epoch, batches consumed): restored into a
       fresh pipeline + iterator (and with the Pruner restored too), iteration continues with exactly
       the remaining batches of that epoch, then the same later epochs.
@@ -87,11 +88,12 @@ class PrunedDALIIterator(DALIGenericIterator):
         last_batch_policy: ``LastBatchPolicy.PARTIAL`` (default: the last batch may be short) or
             ``LastBatchPolicy.DROP`` (it is dropped). ``FILL`` is not supported: it would train on
             samples the plan did not choose.
-        shard_id: this rank. Default ``0``.
-        num_shards: number of ranks. Default ``1``. Every rank gets an equal share of the same
-            plan (:meth:`gpuprune.Plan.shard`): with PARTIAL the plan is padded by wrap-around, so
-            up to ``num_shards - 1`` samples appear twice; with DROP it is cut to a multiple of
-            ``num_shards``.
+        shard_id: this rank. Default: the rank in the pruner's process group (0 without one).
+        num_shards: number of ranks. Default: the size of the pruner's process group (1 without
+            one); a value that disagrees with a distributed pruner raises. Every rank gets an equal
+            share of the same plan (:meth:`gpuprune.Plan.shard`): with PARTIAL the plan is padded
+            by wrap-around, so up to ``num_shards - 1`` samples appear twice; with DROP it is cut
+            to a multiple of ``num_shards``.
         auto_reset: like DALI's: if True, ``next()`` after the end of an epoch starts the next one
             (``StopIteration`` is still raised once at the end). ``iter()`` does that anyway.
             Default ``False``.
@@ -106,8 +108,8 @@ class PrunedDALIIterator(DALIGenericIterator):
     """
 
     def __init__(self, pipelines, output_map: Sequence[str], *, pruner: Pruner, source: PlanSource,
-                 last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL, shard_id: int = 0,
-                 num_shards: int = 1, auto_reset: bool | str = False, index_name: str = "index",
+                 last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
+                 shard_id: int | None = None, num_shards: int | None = None, auto_reset: bool | str = False, index_name: str = "index",
                  weight_name: str = "weight") -> None:
         pipes = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
         if len(pipes) != 1:
@@ -130,8 +132,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         if last_batch_policy not in (LastBatchPolicy.PARTIAL, LastBatchPolicy.DROP):
             raise ValueError(f"last_batch_policy must be LastBatchPolicy.PARTIAL or DROP, got "
                              f"last_batch_policy={last_batch_policy!r}")
-        self.num_shards = check_int("num_shards", num_shards, minimum=1)
-        self.shard_id = check_int("shard_id", shard_id, minimum=0, maximum=self.num_shards - 1)
+        self.shard_id, self.num_shards = shard_of(pruner, num_shards, shard_id, "PrunedDALIIterator")
         if auto_reset not in (True, False, None, "yes", "no"):
             raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got auto_reset={auto_reset!r}")
         output_map = list(output_map)
@@ -173,6 +174,15 @@ class PrunedDALIIterator(DALIGenericIterator):
     def _num_batches(self, plan: Plan) -> int:
         return plan.batches(self.batch_size, drop_last=self._drop)
 
+    def _predicted_batches(self, epoch: int) -> int:
+        """Batches of ``epoch`` for this rank without planning it (the planned size if planned)."""
+        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        if n is None:
+            raise RuntimeError(f"the length of epoch {epoch} is known once it is planned (policy "
+                               f"{self.pruner.policy.name!r} plans a loss-dependent number of "
+                               f"samples): call it.set_epoch({epoch}) first")
+        return num_batches(n, self.batch_size, self._drop)
+
     # ------------------------------------------------------------------ epochs
     def _check_usable(self) -> None:
         if self._error is not None:
@@ -196,10 +206,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         if dali_epoch != tag:
             raise RuntimeError(f"internal error: DALI is at epoch {dali_epoch}, plan published for "
                                f"{tag}")
-        weights = plan.weights
-        if weights is None:   # made once per epoch; each batch takes a view
-            weights = torch.ones(len(plan), dtype=torch.float32, device=plan.indices.device)
-        self._pass = _Pass(epoch, plan, weights, start, total)
+        self._pass = _Pass(epoch, plan, start, total)
         self._next = (epoch + 1, 0)
 
     def _end_pass(self) -> None:
@@ -242,11 +249,14 @@ class PrunedDALIIterator(DALIGenericIterator):
     def set_epoch(self, epoch: int) -> None:
         """Make ``epoch`` the epoch of the next pass (ends an unfinished pass first).
 
-        Optional: without it the iterator runs epochs 0, 1, 2, ... Calling it with the epoch that is
-        already pending keeps a restored mid-epoch position.
+        Plans the epoch (under a process group that is a collective: every rank calls it).
+        Optional: without it the iterator runs epochs 0, 1, 2, ..., planning each when its pass
+        starts. Calling it with the epoch that is already pending keeps a restored mid-epoch
+        position.
         """
-        epoch = check_int("epoch", epoch, minimum=0)
+        epoch = self.pruner.schedule.check_epoch(epoch)
         self._check_usable()
+        self._plan_for(epoch)
         p = self._pass
         if p is not None and p.epoch == epoch and not p.done and p.consumed == 0:
             return                          # already the fresh pass of this epoch
@@ -314,19 +324,18 @@ class PrunedDALIIterator(DALIGenericIterator):
         """This batch's ids and loss weights: slices of the plan (views, on the plan's device)."""
         lo = (p.start + p.consumed) * self.batch_size
         hi = min(lo + self.batch_size, len(p.plan))
-        index, weight = p.plan.indices[lo:hi], p.weights[lo:hi]
+        index = p.plan.indices[lo:hi]
         keep = self.source.kept(lo, hi)      # skipped bad samples (FileSource on_error="skip")
         if keep is not None:
-            mask = torch.from_numpy(keep).to(index.device)
-            index, weight = index[mask], weight[mask]
-        return index, weight
+            index = index[torch.from_numpy(keep).to(index.device)]
+        return index, p.plan.weights_of(index)
 
     def __len__(self) -> int:
         p = self._pass
         if p is not None and not p.done:
             return p.num_batches
         epoch, start = self._next
-        return max(0, self._num_batches(self._plan_for(epoch)) - start)
+        return max(0, self._predicted_batches(epoch) - start)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

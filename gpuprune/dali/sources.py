@@ -150,7 +150,9 @@ class PlanSource(ABC):
         # created before the pipeline is built, so forked workers inherit the mapping
         self._header = SharedArray((5,), np.int64, fill=0)
         self._header.array[_TAG] = _NO_PLAN
-        self._plan = SharedArray((self.num_samples,), np.int64)
+        # this rank's plan: 4 bytes per id while ids fit int32
+        self._plan = SharedArray((self.num_samples,),
+                                 np.int32 if self.num_samples <= 2**31 else np.int64)
 
     def _external_source(self, dtypes: Sequence, ndims: Sequence[int], layouts: Sequence,
                          **kwargs) -> list:

@@ -1,4 +1,4 @@
-"""Find, load and memoise the CUDA kernels; choose the score backend.
+"""Find, load and memoise the CUDA kernels (which backend runs is decided in gpuprune.backend).
 
 Loading order for a device (the first that works wins; every failure is kept for the error message):
 
@@ -27,12 +27,12 @@ import torch
 
 from .._checks import check_choice
 from ._spec import KERNEL_NAMES
-from .ops import MAX_SAMPLES, KernelOps
+from .ops import KernelOps
 
 __all__ = [
-    "KernelsUnavailable", "SOURCE_NAME", "FATBIN_NAME", "NVRTC_OPTIONS", "BACKENDS", "find_source",
+    "KernelsUnavailable", "SOURCE_NAME", "FATBIN_NAME", "NVRTC_OPTIONS", "find_source",
     "find_fatbin", "module_candidates", "load_module", "get_ops", "available", "unavailable_reason",
-    "clear_cache", "resolve_backend", "CupyRuntime",
+    "clear_cache", "CupyRuntime",
 ]
 
 SOURCE_NAME = "gpuprune_kernels.cu"
@@ -40,7 +40,6 @@ FATBIN_NAME = "gpuprune_kernels.fatbin"
 #: NVRTC options of the run-time build (CuPy adds the device's -arch). No -use_fast_math and the
 #: default -fmad: the exact parts use explicit round-to-nearest intrinsics.
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
-BACKENDS = ("auto", "torch", "cuda")
 _ENV = "GPUPRUNE_KERNELS"
 
 _PKG_DIR = Path(__file__).resolve().parent
@@ -238,34 +237,4 @@ def clear_cache() -> None:
     with _LOCK:
         _OPS.clear()
         _FAILED.clear()
-
-
-def resolve_backend(backend: str, device: torch.device, num_samples: int) -> KernelOps | None:
-    """The kernel ops for a score bank, or None for the torch backend.
-
-    ``"torch"``: always None. ``"cuda"``: the kernels, or an error saying why not. ``"auto"``: the
-    kernels on a CUDA device where they load, else None (a warning says why when CuPy is installed
-    but the kernels fail to load).
-    """
-    check_choice("backend", backend, BACKENDS)
-    if backend == "torch":
-        return None
-    if torch.device(device).type != "cuda":
-        if backend == "cuda":
-            raise ValueError(f"backend='cuda' needs a CUDA device, got device={device}")
-        return None
-    if num_samples > MAX_SAMPLES:
-        if backend == "cuda":
-            raise ValueError(f"backend='cuda' supports num_samples <= {MAX_SAMPLES}, got "
-                             f"num_samples={num_samples}")
-        return None
-    try:
-        return get_ops(device)
-    except KernelsUnavailable as e:
-        if backend == "cuda":
-            raise KernelsUnavailable(f"backend='cuda' was requested but {e}") from e
-        if "CuPy is not importable" not in str(e):
-            warnings.warn(f"gpuprune: using the torch backend on {device}: {e}", RuntimeWarning,
-                          stacklevel=3)
-        return None
 

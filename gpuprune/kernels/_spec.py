@@ -9,16 +9,15 @@ __all__ = ["SIGNATURES", "KERNEL_NAMES", "CONSTANTS", "PASSES", "CTL_BYTES"]
 
 #: kernel name -> argument kinds: ``p`` pointer, ``q`` long long, ``Q`` unsigned long long, ``d`` double
 SIGNATURES: dict[str, str] = {
-    "gp_observe_small": "ppqqppppppdq",
-    "gp_observe_sorted": "pppqqppppppdq",
-    "gp_score": "ppppqqdppp",
+    "gp_observe_small": "ppqqpppppdq",
+    "gp_observe_sorted": "pppqqpppppdq",
+    "gp_score": "pqp",
     "gp_select_init": "pQqqqQ",
-    "gp_radix_pass": "pqqqqqqppqq",
-    "gp_compact_count": "pqqqqqqppp",
+    "gp_radix_pass": "pqqqqpqq",
+    "gp_compact_count": "pqqqqpp",
     "gp_scan_counts": "pq",
-    "gp_compact_write": "pqqqqqqpppppd",
+    "gp_compact_write": "pqqqqppp",
     "gp_hash_index": "pqqqp",
-    "gp_shard_gather": "ppqqqqpp",
 }
 
 KERNEL_NAMES: tuple[str, ...] = tuple(SIGNATURES)
@@ -35,12 +34,6 @@ CONSTANTS: dict[str, int] = {
     "GP_OBS_SMALL_THREADS": 1024,
     "GP_MODE_HI": 0,
     "GP_MODE_HASH": 1,
-    "GP_MODE_EXPLORE": 2,
-    "GP_SCORE_UCB_STD": 0,
-    "GP_SCORE_UCB_VAR": 1,
-    "GP_SCORE_GREEDY": 2,
-    "GP_SCORE_RAW": 3,
-    "GP_SCORE_INFOBATCH": 4,
 }
 
 #: the six radix digits of a 64-bit key, most significant first: (shift, width)

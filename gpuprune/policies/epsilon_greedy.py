@@ -8,35 +8,31 @@ import torch
 
 from .._checks import check_float
 from ..rng import draw_seeds
-from ..scores import ScoreBank
-from ..select import hash32, top_k, top_k_by_score
 from .base import Policy, Selection
 
 __all__ = ["EpsilonGreedy", "epsilon_greedy_select", "greedy_score"]
 
 
-def greedy_score(bank: ScoreBank) -> torch.Tensor:
+def greedy_score(mean: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """The EMA loss, with never-seen samples at +inf so that each is visited before exploitation."""
-    return torch.where(bank.seen, bank.mean, torch.full_like(bank.mean, float("inf")))
+    return torch.where(seen, mean, torch.full_like(mean, float("inf")))
 
 
-def epsilon_greedy_select(score: torch.Tensor, k: int, epsilon: float, seeds: tuple[int, int]
-                          ) -> torch.Tensor:
+def epsilon_greedy_select(score: torch.Tensor, k: int, epsilon: float, seeds: tuple[int, int],
+                          backend) -> torch.Tensor:
     """Top ``k - m`` by score plus ``m = floor(epsilon * k)`` uniform picks from the others.
 
-    Both parts are exact-k selections over unique keys (see :mod:`gpuprune.select`).
+    Both parts are exact-k selections over unique keys (see :mod:`gpuprune.keys`); the second ranks
+    the taken samples at -inf and every other one equal, so the hash of ``seeds[1]`` decides.
     """
     n = score.numel()
     m = math.floor(epsilon * k)
-    exploit = top_k_by_score(score, k - m, seeds[0])
+    exploit = backend.top_k(score, n, k - m, seeds[0])
     if m == 0:
         return exploit
-    taken = torch.zeros(n, dtype=torch.bool, device=score.device)
-    taken[exploit] = True
-    key = torch.where(taken, torch.full((), -1, dtype=torch.long, device=score.device),
-                      hash32(torch.arange(n, device=score.device), seeds[1]))
-    explore = top_k(key, m)
-    return torch.cat([exploit, explore])
+    rest = torch.zeros(n, dtype=torch.float32, device=score.device)
+    rest[exploit.long()] = float("-inf")
+    return torch.cat([exploit, backend.top_k(rest, n, m, seeds[1])])
 
 
 class EpsilonGreedy(Policy):
@@ -51,10 +47,11 @@ class EpsilonGreedy(Policy):
     def __init__(self, epsilon: float = 0.1) -> None:
         self.epsilon = check_float("epsilon", epsilon, low=0.0, high=1.0)
 
-    def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
+    def settings(self) -> dict:
+        return {"epsilon": self.epsilon}
+
+    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         seeds = draw_seeds(generator, 2)
-        if getattr(bank, "kernels", None) is not None:     # the CUDA kernels: same set
-            return Selection(bank.kernels.epsilon_greedy(bank, k, self.epsilon,
-                                                         (seeds[0], seeds[1])))
-        return Selection(epsilon_greedy_select(greedy_score(bank), k, self.epsilon,
-                                               (seeds[0], seeds[1])))
+        score = greedy_score(stats.mean, stats.seen)
+        return Selection(epsilon_greedy_select(score, k, self.epsilon, (seeds[0], seeds[1]),
+                                               backend))

@@ -1,20 +1,18 @@
-"""Full data: every sample, every epoch (the baseline, and warm-up / final epochs)."""
+"""Full data: every sample, every epoch (the reference baseline)."""
 
 from __future__ import annotations
 
-import torch
-
-from ..scores import ScoreBank
 from .base import Policy, Selection
 
 __all__ = ["FullData"]
 
 
 class FullData(Policy):
-    """Train on all N samples; ``k`` is ignored."""
+    """Train on all N samples every epoch; the budget is ignored."""
 
     name = "full"
-    exact_k = False
+    keeps_all = True
 
-    def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
-        return Selection(torch.arange(bank.num_samples, device=bank.device))
+    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
+        n = stats.num_samples
+        return Selection(backend.top_k(None, n, n, 0))

@@ -7,18 +7,24 @@ per-sample scores, for example EL2N scores or forgetting counts computed with
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ..rng import draw_seeds
-from ..scores import ScoreBank
-from ..select import random_k, top_k_by_score
 from .base import Policy, Selection
 
-__all__ = ["Static"]
+__all__ = ["Static", "static_select"]
+
+
+def static_select(scores: torch.Tensor | None, num_samples: int, k: int, seed: int,
+                  backend) -> torch.Tensor:
+    """The k highest ``scores`` (NaN lowest, ties at random), or k random ids when None."""
+    return backend.top_k(scores, num_samples, k, seed)
 
 
 class Static(Policy):
-    """A fixed subset of k samples (the Pruner passes the same generator every epoch).
+    """A fixed subset of k samples, chosen once.
 
     Args:
         scores: optional 1-D float tensor of N scores; the k highest are kept (NaN ranks lowest,
@@ -31,26 +37,30 @@ class Static(Policy):
     def __init__(self, scores: torch.Tensor | None = None) -> None:
         if scores is not None:
             if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-                raise TypeError("scores must be a floating torch.Tensor, got "
-                                f"{type(scores).__name__}"
-                                f"{'' if not isinstance(scores, torch.Tensor) else ' ' + str(scores.dtype)}")
+                got = type(scores).__name__ + (f" {scores.dtype}" if isinstance(scores, torch.Tensor)
+                                               else "")
+                raise TypeError(f"scores must be a floating torch.Tensor, got {got}")
             if scores.dim() != 1:
                 raise ValueError(f"scores must be 1-D, got scores.shape={tuple(scores.shape)}")
+            scores = scores.detach().to(torch.float32).clone()
         self.scores = scores
 
-    def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
-        (seed,) = draw_seeds(generator, 1)
-        kernels = getattr(bank, "kernels", None)       # the CUDA kernels, if any: same set
+    def settings(self) -> dict:
         if self.scores is None:
-            if kernels is not None:
-                return Selection(kernels.random_k(bank.num_samples, k, seed))
-            return Selection(random_k(bank.num_samples, k, seed, bank.device))
-        if self.scores.numel() != bank.num_samples:
-            raise ValueError(f"scores has {self.scores.numel()} entries, the dataset has "
-                             f"{bank.num_samples}")
-        if kernels is not None:
-            return Selection(kernels.top_k_scores(self.scores.to(bank.device), k, seed))
-        return Selection(top_k_by_score(self.scores.to(bank.device), k, seed))
+            return {"scores": None}
+        digest = hashlib.sha256(self.scores.cpu().numpy().tobytes()).hexdigest()[:16]
+        return {"scores": f"sha256:{digest}:{self.scores.numel()}"}
+
+    def resolve(self, keep, num_samples, num_epochs) -> "Static":
+        if self.scores is not None and self.scores.numel() != num_samples:
+            raise ValueError(f"static scores must have one score per sample: got "
+                             f"{self.scores.numel()} scores for num_samples={num_samples}")
+        return self
+
+    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
+        (seed,) = draw_seeds(generator, 1)
+        scores = None if self.scores is None else self.scores.to(stats.device)
+        return Selection(static_select(scores, stats.num_samples, k, seed, backend))
 
     def __repr__(self) -> str:
         return f"Static(scores={'None' if self.scores is None else 'tensor'})"

@@ -5,20 +5,21 @@ from __future__ import annotations
 import torch
 
 from ..rng import draw_seeds
-from ..scores import ScoreBank
-from ..select import random_k
 from .base import Policy, Selection
 
-__all__ = ["Uniform"]
+__all__ = ["Uniform", "uniform_select"]
+
+
+def uniform_select(num_samples: int, k: int, seed: int, backend) -> torch.Tensor:
+    """k ids drawn uniformly without replacement: the k largest ``hash32(id, seed)``."""
+    return backend.top_k(None, num_samples, k, seed)
 
 
 class Uniform(Policy):
-    """k samples drawn uniformly without replacement, anew each epoch; scores are not used."""
+    """k samples drawn uniformly without replacement, anew each epoch; the losses are not used."""
 
     name = "uniform"
 
-    def select(self, bank: ScoreBank, k: int, generator: torch.Generator) -> Selection:
+    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        if getattr(bank, "kernels", None) is not None:     # the CUDA kernels: same set
-            return Selection(bank.kernels.random_k(bank.num_samples, k, seed))
-        return Selection(random_k(bank.num_samples, k, seed, bank.device))
+        return Selection(uniform_select(stats.num_samples, k, seed, backend))

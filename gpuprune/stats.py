@@ -1,0 +1,160 @@
+"""Per-sample loss statistics kept on the training device: the state every policy reads.
+
+The state is four flat tensors (structure of arrays), 16 bytes per sample:
+
+==============  =======  ==============================================================
+``mean``        float32  exponentially weighted mean of the sample's loss
+``var``         float32  exponentially weighted variance of the loss
+``last_epoch``  int32    last epoch in which a finite loss was observed (-1: never seen)
+``selected``    int32    number of pruned epochs the sample was planned in
+==============  =======  ==============================================================
+
+plus two device counters: ``nonfinite`` (NaN/inf losses skipped) and ``invalid_batches`` (GPU batches
+ignored for out-of-range ids). This module holds the state and checks it; it never updates it:
+:mod:`gpuprune.backend` applies observations (:func:`gpuprune.update.merge_groups` defines the
+update), and the :class:`~gpuprune.Pruner` counts selections.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_int, resolve_device
+
+__all__ = ["LossStats", "StatsTensors"]
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class StatsTensors(NamedTuple):
+    """The tensors an observation updates (what the backends take, in this order)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    last_epoch: torch.Tensor
+    nonfinite: torch.Tensor
+    invalid_batches: torch.Tensor
+
+
+class LossStats:
+    """Exponentially weighted loss statistics of N samples, on one device.
+
+    Args:
+        num_samples: N, the dataset size (>= 1).
+        device: where the state lives (default ``"cpu"``); pass the training GPU to keep it there.
+
+    Attributes:
+        mean, var, last_epoch, selected: the per-sample tensors (see the module docstring).
+        nonfinite: int64 scalar tensor, NaN/inf losses skipped so far (read it when ready to sync).
+        invalid_batches: int64 scalar tensor, GPU batches ignored for out-of-range ids.
+    """
+
+    PER_SAMPLE = {"mean": torch.float32, "var": torch.float32, "last_epoch": torch.int32,
+                  "selected": torch.int32}
+    COUNTERS = ("nonfinite", "invalid_batches")
+
+    def __init__(self, num_samples: int, device: torch.device | str = "cpu") -> None:
+        self.num_samples = check_int("num_samples", num_samples, minimum=1)
+        self.device = resolve_device(device)
+        n, dev = self.num_samples, self.device
+        self.mean = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.var = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.last_epoch = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self.selected = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
+        self.invalid_batches = torch.zeros((), dtype=torch.int64, device=dev)
+
+    # ------------------------------------------------------------------ views
+    def tensors(self) -> StatsTensors:
+        """The tensors an observation updates, for :mod:`gpuprune.backend`."""
+        return StatsTensors(self.mean, self.var, self.last_epoch, self.nonfinite,
+                            self.invalid_batches)
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Boolean mask of samples with at least one finite loss."""
+        return self.last_epoch >= 0
+
+    def std(self) -> torch.Tensor:
+        """Standard deviation of each sample's loss (float32)."""
+        return self.var.clamp(min=0).sqrt()
+
+    def frequency(self, rounds: int) -> torch.Tensor:
+        """Fraction of ``rounds`` pruned epochs in which each sample was planned (float32)."""
+        rounds = check_int("rounds", rounds, minimum=0)
+        return self.selected.float() / max(rounds, 1)
+
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors."""
+        return sum(t.numel() * t.element_size() for t in self._all())
+
+    def _all(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in (*self.PER_SAMPLE, *self.COUNTERS)]
+
+    def clone(self) -> "LossStats":
+        """An independent copy (same device)."""
+        other = LossStats.__new__(LossStats)
+        other.num_samples, other.device = self.num_samples, self.device
+        for name in (*self.PER_SAMPLE, *self.COUNTERS):
+            setattr(other, name, getattr(self, name).clone())
+        return other
+
+    def assign(self, other: "LossStats") -> None:
+        """Take ``other``'s tensors as this state's (a commit: attribute assignments only)."""
+        (self.mean, self.var, self.last_epoch, self.selected, self.nonfinite,
+         self.invalid_batches) = (other.mean, other.var, other.last_epoch, other.selected,
+                                  other.nonfinite, other.invalid_batches)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The tensors (cloned, on this device)."""
+        return {name: getattr(self, name).clone() for name in (*self.PER_SAMPLE, *self.COUNTERS)}
+
+    def check_state_dict(self, state, *, max_epoch: int | None = None, max_selected: int | None = None,
+                         key: str = "stats") -> None:
+        """Raise TypeError/ValueError naming the entry if ``state`` cannot be this state.
+
+        Checks every entry's presence, shape and dtype, and the values: finite means, finite
+        non-negative variances, ``-1 <= last_epoch <= max_epoch``, ``0 <= selected <= max_selected``,
+        non-negative counters. Changes nothing.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict[{key!r}] must be a dict, got {type(state).__name__}")
+        expected = {**{n: ((self.num_samples,), d) for n, d in self.PER_SAMPLE.items()},
+                    **{n: ((), torch.int64) for n in self.COUNTERS}}
+        extra = sorted(set(state) - set(expected), key=str)
+        if extra:
+            raise ValueError(f"state_dict[{key!r}] has unknown entries {extra}")
+        for name, (shape, dtype) in expected.items():
+            if name not in state:
+                raise ValueError(f"state_dict[{key!r}] is missing {name!r}")
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state_dict[{key!r}][{name!r}] must be a {shape} {dtype} tensor, "
+                                 f"got {got}")
+        mean, var = state["mean"], state["var"]
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError(f"state_dict[{key!r}]['mean'] holds non-finite values")
+        if not bool((torch.isfinite(var) & (var >= 0)).all()):
+            raise ValueError(f"state_dict[{key!r}]['var'] holds negative or non-finite values")
+        last = state["last_epoch"]
+        hi = int(last.max()) if last.numel() else -1
+        if int(last.min()) < -1 or (max_epoch is not None and hi > max_epoch):
+            raise ValueError(f"state_dict[{key!r}]['last_epoch'] must lie in [-1, "
+                             f"{max_epoch if max_epoch is not None else '...'}], got "
+                             f"[{int(last.min())}, {hi}]")
+        sel = state["selected"]
+        if int(sel.min()) < 0 or (max_selected is not None and int(sel.max()) > max_selected):
+            raise ValueError(f"state_dict[{key!r}]['selected'] must lie in [0, {max_selected}], got "
+                             f"[{int(sel.min())}, {int(sel.max())}]")
+        for name in self.COUNTERS:
+            if int(state[name]) < 0:
+                raise ValueError(f"state_dict[{key!r}][{name!r}] must be >= 0, got {int(state[name])}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a checked :meth:`state_dict` in (call :meth:`check_state_dict` first)."""
+        for name in (*self.PER_SAMPLE, *self.COUNTERS):
+            getattr(self, name).copy_(state[name].to(self.device))
