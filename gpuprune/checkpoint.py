@@ -117,12 +117,20 @@ class _HashingWriter:
 
     def __init__(self, f) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        #: the first error raised inside a write: torch.save replaces it with its own
+        #: "[enforce fail at inline_container.cc] unexpected pos" RuntimeError on the way out
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.sha.update(view)
-        self.size += len(view)
-        return self.f.write(view)
+        try:
+            view = memoryview(data).cast("B")
+            self.sha.update(view)
+            self.size += len(view)
+            return self.f.write(view)
+        except BaseException as e:
+            if self.error is None:
+                self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -170,6 +178,7 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
         raise _write_error(path, e) from e
+    w = None
     try:
         if st is not None:
             os.fchmod(fd, stat.S_IMODE(st.st_mode))
@@ -191,8 +200,11 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from e
+        cause = w.error if w is not None and w.error is not None else e
+        if isinstance(cause, OSError):
+            raise _write_error(path, cause) from cause
+        if cause is not e:
+            raise cause from None
         raise
     _fsync_dir(directory)
 

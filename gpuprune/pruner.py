@@ -283,7 +283,7 @@ class Pruner:
             return None
         n, a, b = self.num_samples, len(previous), len(plan)
         if previous.full or plan.full:
-            inter = torch.tensor(float(min(a, b)))
+            inter = torch.tensor(float(min(a, b)), dtype=torch.float64, device=self.device)
         else:
             mark = torch.zeros(n, dtype=torch.bool, device=self.device)
             mark[previous.indices.long()] = True
@@ -362,9 +362,11 @@ class Pruner:
                 "sometimes": (n - hi - lo) / n}
 
     def nbytes(self) -> int:
-        """Bytes of device state this Pruner holds: statistics, current plan and, under a process
-        group, the observation log."""
+        """Bytes of device state this Pruner holds: statistics, current plan, the per-epoch overlap
+        scalars of :attr:`history` and, under a process group, the observation log."""
         total = self.stats.nbytes()
+        total += sum(r["overlap"].element_size() for r in self._history
+                     if isinstance(r["overlap"], torch.Tensor))
         plan = self._plan
         if plan is not None:
             total += plan.indices.numel() * plan.indices.element_size()
@@ -424,7 +426,7 @@ class Pruner:
         ids and the budget. A state that does not fit raises TypeError/ValueError naming the key and
         leaves this Pruner unchanged."""
         plan = self._check_state_dict(state)
-        self.stats.load_state_dict(state["stats"])
+        self.stats.load_state_dict(state["stats"])          # checked again: cheap next to the load
         self.rounds = int(state["rounds"])
         self._epoch = int(state["epoch"])
         self._selection_epoch = int(state["selection_epoch"])
@@ -536,17 +538,26 @@ def state_checksum(state: dict) -> str:
 
 
 def _check_config(saved, mine: dict) -> None:
+    """Every setting equal, nested ones (the policy's) named by their dotted path."""
     if not isinstance(saved, dict):
         raise TypeError(f"state_dict['config'] must be a dict, got {type(saved).__name__}")
-    for key in sorted(set(saved) | set(mine), key=str):
-        if key not in saved:
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                       else {f"{prefix}{key}": value})
+        return out
+    a, b = flat(saved), flat(mine)
+    for key in sorted(set(a) | set(b), key=str):
+        if key not in a:
             raise ValueError(f"state_dict['config'] is missing {key!r} (this Pruner has "
-                             f"{key}={mine[key]!r})")
-        if key not in mine:
+                             f"{key}={b[key]!r})")
+        if key not in b:
             raise ValueError(f"state_dict['config'] has an unknown setting {key!r}")
-        if saved[key] != mine[key]:
-            raise ValueError(f"checkpoint was made with {key}={saved[key]!r}, this Pruner has "
-                             f"{key}={mine[key]!r}")
+        if a[key] != b[key]:
+            raise ValueError(f"checkpoint was made with {key}={a[key]!r}, this Pruner has "
+                             f"{key}={b[key]!r}")
 
 
 def _checked_ids(name: str, t, num_samples: int) -> torch.Tensor:

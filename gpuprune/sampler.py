@@ -187,6 +187,9 @@ class PrunedSampler(Sampler[int]):
             raise RuntimeError(f"the length of epoch {self.epoch} is known once it is planned "
                                f"(policy {self.pruner.policy.name!r} plans a loss-dependent number "
                                f"of samples): call sampler.set_epoch({self.epoch}) first")
+        if self._start > n:
+            raise ValueError(f"the sampler state says {self._start} samples of epoch {self.epoch} "
+                             f"were trained, but this rank's plan has only {n}")
         return n - self._start
 
     # ------------------------------------------------------------------ checkpoints
@@ -199,11 +202,9 @@ class PrunedSampler(Sampler[int]):
                 DataLoader fetched: it prefetches. Samples skipped on resume are added here.
         """
         consumed = check_int("consumed", consumed, minimum=0)
-        if consumed:
-            length = len(self) + self._start
-            if consumed > length - self._start:
-                raise ValueError(f"consumed={consumed} is more than the {length - self._start} "
-                                 f"samples this pass of epoch {self.epoch} yields")
+        if consumed and consumed > len(self):
+            raise ValueError(f"consumed={consumed} is more than the {len(self)} samples this pass "
+                             f"of epoch {self.epoch} yields")
         return Position.make(self.epoch, self._start + consumed, self.num_replicas, self.drop_last)
 
     def load_state_dict(self, state: dict) -> None:

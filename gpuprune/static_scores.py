@@ -42,6 +42,7 @@ def el2n_scores(model: torch.nn.Module, loader: Iterable, num_samples: int,
     if not hasattr(loader, "__iter__"):
         raise TypeError(f"loader must be iterable, got {type(loader).__name__}")
     out = torch.full((num_samples,), float("nan"))
+    covered = torch.zeros(num_samples, dtype=torch.bool)
     was_training = model.training
     model.eval()
     try:
@@ -63,9 +64,16 @@ def el2n_scores(model: torch.nn.Module, loader: Iterable, num_samples: int,
                                  f"got [{int(y.min())}, {int(y.max())}]")
             onehot = F.one_hot(y, p.shape[1]).float()
             out[idx] = (p - onehot).norm(dim=1).cpu()
+            covered[idx] = True
     finally:
         model.train(was_training)
-    missing = int(torch.isnan(out).sum())
+    bad = torch.isnan(out) & covered
+    if bool(bad.any()):
+        ids = bad.nonzero().flatten()
+        raise ValueError(f"the model's outputs are not finite for {ids.numel()} of {num_samples} "
+                         f"samples (ids {ids[:10].tolist()}{' ...' if ids.numel() > 10 else ''}): "
+                         f"their EL2N score is undefined")
+    missing = int((~covered).sum())
     if missing:
         raise ValueError(f"loader did not cover the dataset: {missing} of {num_samples} samples "
                          "have no EL2N score")

@@ -121,7 +121,8 @@ class LossStats:
         non-negative counters. Changes nothing.
         """
         if not isinstance(state, dict):
-            raise TypeError(f"state_dict[{key!r}] must be a dict, got {type(state).__name__}")
+            raise TypeError(f"state_dict[{key!r}] must be a dict from LossStats.state_dict(), got "
+                            f"{type(state).__name__}")
         expected = {**{n: ((self.num_samples,), d) for n, d in self.PER_SAMPLE.items()},
                     **{n: ((), torch.int64) for n in self.COUNTERS}}
         extra = sorted(set(state) - set(expected), key=str)
@@ -154,7 +155,10 @@ class LossStats:
             if int(state[name]) < 0:
                 raise ValueError(f"state_dict[{key!r}][{name!r}] must be >= 0, got {int(state[name])}")
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copy a checked :meth:`state_dict` in (call :meth:`check_state_dict` first)."""
+    def load_state_dict(self, state: dict, *, max_epoch: int | None = None,
+                        max_selected: int | None = None) -> None:
+        """Restore a :meth:`state_dict` after checking it whole (see :meth:`check_state_dict`);
+        a state that does not fit raises and changes nothing."""
+        self.check_state_dict(state, max_epoch=max_epoch, max_selected=max_selected)
         for name in (*self.PER_SAMPLE, *self.COUNTERS):
             getattr(self, name).copy_(state[name].to(self.device))

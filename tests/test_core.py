@@ -1,18 +1,39 @@
-"""Core engine: selection keys, ScoreBank updates, policies, Pruner schedule, sampler."""
+"""Core engine: selection keys, the statistics update, policies, the Pruner's schedule, the sampler."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import gpuprune as gp
-from gpuprune.select import composite_key, fmix32, hash32, orderable, random_k, top_k, top_k_by_score
+from gpuprune.backend import TorchBackend
+from gpuprune.keys import composite_key, fmix32, hash32, orderable, split_seed
+from gpuprune.plan import shard_indices
 
 POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
+B = TorchBackend("cpu")
+
+
+def top_k_by_score(score, k, seed):
+    return B.top_k(score, score.numel(), k, seed).long()
+
+
+def random_k(n, k, seed):
+    return B.top_k(None, n, k, seed).long()
+
+
+class Stats(gp.LossStats):
+    """LossStats plus the backend's update, for hand-computed cases."""
+
+    def __init__(self, n, decay=0.9):
+        super().__init__(n)
+        self.decay = decay
+
+    def observe(self, ids, losses, epoch=0):
+        B.observe_(self.tensors(), ids, losses, self.decay, epoch)
 
 
 def feed(pruner: gp.Pruner, plan: gp.Plan, seed: int = 0, batch: int = 64) -> None:
@@ -21,12 +42,11 @@ def feed(pruner: gp.Pruner, plan: gp.Plan, seed: int = 0, batch: int = 64) -> No
     losses = torch.rand(pruner.num_samples, generator=g) * (1 + torch.arange(pruner.num_samples) % 7)
     for i in range(0, len(plan), batch):
         idx = plan.indices[i:i + batch]
-        pruner.observe(idx, losses[idx])
+        pruner.observe(idx, losses[idx.long()])
 
 
 # ---------------------------------------------------------------- keys and selection
 def test_fmix32_known_values():
-    # MurmurHash3 fmix32 reference values (0 is a fixed point; computed by hand-run C code equivalent)
     def ref(h):
         h ^= h >> 16; h = (h * 0x85EBCA6B) & 0xFFFFFFFF
         h ^= h >> 13; h = (h * 0xC2B2AE35) & 0xFFFFFFFF
@@ -59,6 +79,7 @@ def test_composite_key_orders_by_score_then_hash():
     assert key.unique().numel() == 4
     assert int(key[1]) > int(key[2]) > int(key[0]) and int(key[3]) > int(key[2])
     assert top_k_by_score(score, 2, seed=7).sort().values.tolist() == [1, 3]
+    assert torch.equal(composite_key(None, 7, 4), hash32(torch.arange(4), 7))
 
 
 def test_top_k_exact_with_all_ties_and_nan_never_preferred():
@@ -69,15 +90,16 @@ def test_top_k_exact_with_all_ties_and_nan_never_preferred():
         assert sel.numel() == k and sel.unique().numel() == k
         if 0 < k <= 90:
             assert int(sel.min()) >= 10  # no NaN sample while finite ones remain
+    assert B.top_k(score, 100, 50, 3).dtype == torch.int32
     with pytest.raises(ValueError, match="k must be in"):
-        top_k(torch.arange(5), 6)
+        B.top_k(None, 5, 6, 0)
 
 
 def test_top_k_cpu_matches_torch_topk_set():
     g = torch.Generator().manual_seed(0)
     score = torch.randint(0, 5, (5000,), generator=g).float()  # many ties
     key = composite_key(score, seed=99)
-    ours = top_k(key, 1234).sort().values
+    ours = top_k_by_score(score, 1234, 99).sort().values
     ref = torch.topk(key, 1234).indices.sort().values
     assert torch.equal(ours, ref)
 
@@ -100,34 +122,58 @@ def test_random_k_is_uniform_and_seed_dependent():
     # each id picked with probability 1/4: mean 100, binomial sd ~8.7
     assert abs(float(hits.mean()) - 100) < 1e-9
     assert float(hits.min()) > 60 and float(hits.max()) < 140
+    # a uniform draw is the top-k of equal scores: the same set as score=None
+    assert torch.equal(random_k(200, 50, 9).sort().values,
+                       top_k_by_score(torch.zeros(200), 50, 9).sort().values)
 
 
-# ---------------------------------------------------------------- ScoreBank
-def test_scorebank_hand_computed_single_updates():
-    bank = gp.ScoreBank(3, decay=0.5)
+def test_shuffle_order_depends_on_the_set_only():
+    ids = torch.tensor([5, 1, 9, 3, 7], dtype=torch.int32)
+    a = B.shuffle(ids, 42)
+    b = B.shuffle(ids.flip(0), 42)
+    assert torch.equal(a, b) and sorted(a.tolist()) == [1, 3, 5, 7, 9]
+    assert not torch.equal(B.shuffle(torch.arange(50), 1), B.shuffle(torch.arange(50), 2))
+
+
+def test_cpu_numpy_fast_paths_equal_the_int64_torch_formulas():
+    idx = torch.cat([torch.arange(5000), torch.tensor([2**31, 2**32 - 1])])
+    for seed in (0, 123, 2**64 - 1, 0xDEADBEEFCAFEBABE):
+        lo, hi = split_seed(seed)
+        assert torch.equal(hash32(idx, seed), fmix32(fmix32(idx ^ lo) ^ hi))
+    x = torch.randn(5000) * 1e3
+    x[::7], x[::11], x[::13], x[::17] = float("nan"), -0.0, float("inf"), float("-inf")
+    x[::23], x[::29] = 1e-45, -1e-45
+    s = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
+    b = s.view(torch.int32).long()
+    assert torch.equal(orderable(x), torch.where(b >= 0, b, b ^ 0x7FFFFFFF))
+
+
+# ---------------------------------------------------------------- the statistics update
+def test_update_hand_computed_single_updates():
+    bank = Stats(3, decay=0.5)
     bank.observe(torch.tensor([0]), torch.tensor([2.0]))          # first visit: mean = x, var = 0
     assert bank.mean.tolist() == [2.0, 0.0, 0.0] and bank.var.tolist() == [0.0, 0.0, 0.0]
     bank.observe(torch.tensor([0]), torch.tensor([4.0]))          # d = 2, a = .5
     # mean = 2 + .5 * 2 = 3 ; var = .5 * (0 + .5 * 4) = 1
     assert bank.mean[0].item() == 3.0 and bank.var[0].item() == 1.0
-    assert bank.count.tolist() == [2, 0, 0]
+    assert bank.seen.tolist() == [True, False, False]
     assert bank.last_epoch.tolist() == [0, -1, -1]
+    bank.observe(torch.tensor([1]), torch.tensor([1.0]), epoch=4)
+    assert bank.last_epoch.tolist() == [0, 4, -1]
 
 
-def test_scorebank_duplicates_merge_exactly_not_last_writer():
-    bank = gp.ScoreBank(2, decay=0.5)
+def test_update_duplicates_merge_exactly_not_last_writer():
+    bank = Stats(2, decay=0.5)
     bank.observe(torch.tensor([1]), torch.tensor([1.0]))
     bank.observe(torch.tensor([1, 0, 1]), torch.tensor([2.0, 5.0, 4.0]))
-    # sample 1: old (mean 1, var 0, n 1); group {2, 4}: m = 3, w = 1, a = 1 - .5**2 = .75
+    # sample 1: old (mean 1, var 0); group {2, 4}: m = 3, w = 1, a = 1 - .5**2 = .75
     # mean = 1 + .75 * 2 = 2.5; var = .25 * 0 + .75 * 1 + .75 * .25 * 4 = 1.5
     assert bank.mean.tolist() == [5.0, 2.5]
     assert bank.var.tolist() == [0.0, 1.5]
-    assert bank.count.tolist() == [1, 3]
 
 
-def test_scorebank_group_of_one_equals_finch_update_and_order_free():
-    torch.manual_seed(0)
-    a = gp.ScoreBank(1, decay=0.8)
+def test_update_group_of_one_equals_finch_update_and_order_free():
+    a = Stats(1, decay=0.8)
     for x in [1.0, 3.0, 2.0, 7.0]:
         a.observe(torch.tensor([0]), torch.tensor([x]))
     mu, var, alpha = 1.0, 0.0, 0.2
@@ -136,85 +182,62 @@ def test_scorebank_group_of_one_equals_finch_update_and_order_free():
         mu += alpha * d
         var = (1 - alpha) * (var + alpha * d * d)
     assert a.mean.item() == pytest.approx(mu, rel=1e-6) and a.var.item() == pytest.approx(var, rel=1e-6)
-    b1, b2 = gp.ScoreBank(1), gp.ScoreBank(1)
+    b1, b2 = Stats(1), Stats(1)
     b1.observe(torch.tensor([0, 0, 0]), torch.tensor([1.0, 2.0, 6.0]))
     b2.observe(torch.tensor([0, 0, 0]), torch.tensor([6.0, 1.0, 2.0]))
     assert torch.equal(b1.mean, b2.mean) and torch.equal(b1.var, b2.var)
 
 
-def test_scorebank_skips_and_counts_nonfinite():
-    bank = gp.ScoreBank(3, decay=0.5)
+def test_update_skips_and_counts_nonfinite():
+    bank = Stats(3, decay=0.5)
     bank.observe(torch.tensor([0, 1, 2, 2]),
                  torch.tensor([float("nan"), float("inf"), 1.0, float("-inf")]))
-    assert bank.count.tolist() == [0, 0, 1]
+    assert bank.seen.tolist() == [False, False, True]
     assert bank.mean.tolist() == [0.0, 0.0, 1.0]
     assert torch.isfinite(bank.var).all()
     assert int(bank.nonfinite) == 3
     assert bank.last_epoch.tolist() == [-1, -1, 0]
 
 
-def test_scorebank_deferred_commit_equals_immediate_when_each_seen_once():
-    imm, dfr = gp.ScoreBank(50, decay=0.7), gp.ScoreBank(50, decay=0.7, deferred=True)
-    g = torch.Generator().manual_seed(1)
-    for _epoch in range(3):
-        perm = torch.randperm(50, generator=g)
-        loss = torch.rand(50, generator=g)
-        for i in range(0, 50, 16):
-            imm.observe(perm[i:i + 16], loss[i:i + 16])
-            dfr.observe(perm[i:i + 16], loss[i:i + 16])
-        dfr.commit()
-        torch.testing.assert_close(imm.mean, dfr.mean)
-        torch.testing.assert_close(imm.var, dfr.var)
-        assert torch.equal(imm.count, dfr.count)
+def test_float64_losses_beyond_float32_saturate_and_are_recorded():
+    bank = Stats(3, decay=0.5)
+    bank.observe(torch.tensor([0, 1, 2]), torch.tensor([1e300, -1e300, float("nan")],
+                                                        dtype=torch.float64))
+    f32max = torch.finfo(torch.float32).max
+    assert bank.mean.tolist() == [f32max, -f32max, 0.0]
+    assert bank.seen.tolist() == [True, True, False]
+    assert int(bank.nonfinite) == 1
 
 
-def test_scorebank_observe_rejects_bad_input_and_keeps_state():
-    bank = gp.ScoreBank(10)
-    bank.observe(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
-    before = {k: v.clone() for k, v in bank.state_dict().items() if isinstance(v, torch.Tensor)}
-    bad = [
-        ((torch.tensor([1.0]), torch.tensor([1.0])), TypeError, "indices must have an integer dtype"),
-        ((torch.tensor([1]), torch.tensor([1])), TypeError, "losses must have a floating dtype"),
-        ((torch.tensor([[1]]), torch.tensor([1.0])), ValueError, "indices must be 1-D"),
-        ((torch.tensor([1]), torch.tensor(1.0)), ValueError, "reduction='none'"),
-        ((torch.tensor([1, 2]), torch.tensor([1.0])), ValueError, "same length"),
-        ((torch.tensor([10]), torch.tensor([1.0])), ValueError, r"in \[0, 10\), got an index 10"),
-        ((torch.tensor([-1]), torch.tensor([1.0])), ValueError, "got an index -1"),
-        (([1], torch.tensor([1.0])), TypeError, "indices must be a torch.Tensor"),
-        ((torch.tensor([1]), torch.tensor([1.0], device="meta")), ValueError, "losses must be on cpu"),
-    ]
-    for args, exc, msg in bad:
-        with pytest.raises(exc, match=msg):
-            bank.observe(*args)
-    after = bank.state_dict()
-    for k, v in before.items():
-        assert torch.equal(v, after[k]), k
-
-
-@pytest.mark.parametrize("kwargs, exc, msg", [
-    (dict(num_samples=0), ValueError, "num_samples must be >= 1"),
-    (dict(num_samples=2.5), TypeError, "num_samples must be an int"),
-    (dict(num_samples=5, decay=1.0), ValueError, "decay must be < 1.0"),
-    (dict(num_samples=5, decay=float("nan")), ValueError, "decay must be finite"),
-])
-def test_scorebank_constructor_errors(kwargs, exc, msg):
-    with pytest.raises(exc, match=msg):
-        gp.ScoreBank(**kwargs)
+def test_exact_segment_sums_equal_the_sequential_ones():
+    # the distributed merge sums duplicates one rank of occurrence at a time (deterministic on
+    # CUDA); it must give the bits of the sequential per-id sums
+    from gpuprune.update import _segment_sums
+    seg = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])
+    vals = torch.tensor([0.1, 1e16, -1e16, 3.0, 1e-8, 1.0, -1.0, 7.0], dtype=torch.float64)
+    expected = [((0.1 + 1e16) - 1e16)] * 3 + [3.0] + [((1e-8 + 1.0) - 1.0) + 7.0] * 4
+    assert _segment_sums(seg, [vals], exact=False)[0].tolist() == expected
+    first = torch.ones(8, dtype=torch.bool)
+    first[1:] = seg[1:] != seg[:-1]
+    pos = torch.arange(8)
+    occurrence = pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), 0).values
+    out = torch.zeros(8, dtype=torch.float64)
+    for r in range(int(occurrence.max()) + 1):
+        out.index_add_(0, seg, torch.where(occurrence == r, vals, torch.zeros_like(vals)))
+    assert out[seg].tolist() == expected
 
 
 # ---------------------------------------------------------------- policies through the Pruner
 def make(policy: str, n: int = 500, keep: float = 0.3, **kw) -> gp.Pruner:
-    if policy == "static":
-        kw.setdefault("static_scores", None)
     return gp.Pruner(n, keep=keep, policy=policy, num_epochs=kw.pop("num_epochs", 8), seed=11, **kw)
 
 
-def infobatch_expected_count(bank: gp.ScoreBank, ratio: float) -> int:
-    seen = bank.count > 0
-    s = bank.mean.double()
+def infobatch_expected_count(stats: gp.LossStats, ratio: float) -> int:
+    seen = stats.seen
+    s = stats.mean.double()
     mean = s[seen].sum() / max(int(seen.sum()), 1)
     n_below = int((seen & (s < mean)).sum())
-    return bank.num_samples - n_below + math.floor((1 - ratio) * n_below)
+    return stats.num_samples - n_below + math.floor((1 - ratio) * n_below)
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -223,10 +246,10 @@ def test_plans_are_unique_in_range_and_exactly_k(policy):
     for epoch in range(6):
         expected = None
         if policy == "infobatch" and not p.is_full_epoch(epoch):
-            expected = infobatch_expected_count(p.bank, 1 - p.keep)
+            expected = infobatch_expected_count(p.stats, p.policy.ratio)
         plan = p.plan(epoch)
         idx = plan.indices
-        assert idx.dtype == torch.int64 and idx.dim() == 1
+        assert idx.dtype == torch.int32 and idx.dim() == 1
         assert idx.unique().numel() == idx.numel()
         assert int(idx.min()) >= 0 and int(idx.max()) < 500
         if policy == "full":
@@ -266,35 +289,36 @@ def test_static_subset_is_fixed_and_follows_scores():
     feed(p, p.plan(0))
     assert set(p.plan(1).indices.tolist()) == s0
     scores = torch.arange(500, dtype=torch.float32)
-    q = gp.Pruner(500, keep=0.3, policy="static", static_scores=scores, seed=1)
+    q = gp.Pruner(500, keep=0.3, policy=gp.Static(scores), seed=1)
     assert sorted(q.plan(0).indices.tolist()) == list(range(350, 500))
+    with pytest.raises(ValueError, match="one score per sample: got 500 scores for num_samples=400"):
+        gp.Pruner(400, policy=gp.Static(scores))
 
 
 def test_ucb_prefers_unseen_then_high_upper_bound():
-    p = gp.Pruner(6, keep=0.5, policy="ucb", c=1.0, seed=0)
+    p = gp.Pruner(6, keep=0.5, policy=gp.UCB(c=1.0), seed=0)
     p.plan(0)
     # samples 0..3 seen with losses; 4, 5 unseen -> chosen first
     p.observe(torch.tensor([0, 1, 2, 3]), torch.tensor([5.0, 1.0, 0.5, 0.1]))
     assert set(p.plan(1).indices.tolist()) == {4, 5, 0}
     p.observe(torch.tensor([4, 5, 0]), torch.tensor([0.2, 0.3, 0.4]))
-    # means: 0 -> .04 + ... : use the bank directly as reference
-    score = p.bank.mean + p.bank.var.sqrt()
+    score = p.stats.mean + p.stats.var.sqrt()
     expected = set(torch.topk(score, 3).indices.tolist())
     assert set(p.plan(2).indices.tolist()) == expected
 
 
 def test_ucb_var_option_and_c_zero_is_greedy_on_mean():
-    p = gp.Pruner(4, keep=0.5, policy="ucb", c=0.0, seed=0)
+    p = gp.Pruner(4, keep=0.5, policy=gp.UCB(c=0.0), seed=0)
     p.plan(0)
     p.observe(torch.arange(4), torch.tensor([0.1, 0.9, 0.5, 0.7]))
     assert set(p.plan(1).indices.tolist()) == {1, 3}
     with pytest.raises(ValueError, match="uncertainty must be one of"):
-        gp.Pruner(4, policy="ucb", uncertainty="range")
+        gp.UCB(uncertainty="range")
 
 
 def test_epsilon_greedy_exploit_and_explore_split():
     n = 1000
-    p = gp.Pruner(n, keep=0.2, policy="epsilon_greedy", epsilon=0.25, seed=5)
+    p = gp.Pruner(n, keep=0.2, policy=gp.EpsilonGreedy(epsilon=0.25), seed=5)
     p.plan(0)
     for i in range(0, n, 100):
         idx = torch.arange(i, i + 100)
@@ -310,10 +334,10 @@ def test_epsilon_greedy_exploit_and_explore_split():
 
 def test_infobatch_weights_counts_and_annealing():
     n = 1000
-    p = gp.Pruner(n, prune_ratio=0.5, policy="infobatch", num_epochs=8, delta=0.75, seed=3)
-    assert p.final_full_epochs == 2          # epochs >= 0.75 * 8 = 6 train on full data
-    plan0 = p.plan(0)                        # nothing seen: all kept, no weights
-    assert len(plan0) == n and plan0.weights is None or bool((plan0.weights == 1).all())
+    p = gp.Pruner(n, prune_ratio=0.5, policy=gp.InfoBatch(delta=0.75), num_epochs=8, seed=3)
+    assert p.schedule.final_full_epochs == 2  # epochs >= 0.75 * 8 = 6 train on full data
+    plan0 = p.plan(0)                        # nothing seen: all kept, every weight 1
+    assert len(plan0) == n and bool((plan0.weights == 1).all())
     p.observe(torch.arange(n), torch.arange(n, dtype=torch.float32))  # below the mean: ids < 499.5
     plan1 = p.plan(1)
     assert len(plan1) == 500 + 250
@@ -352,10 +376,39 @@ def test_warmup_and_final_full_epochs_and_selection_interval():
     assert sets[2] == sets[3] and sets[4] == sets[5]     # reused between selections
     assert sets[3] != sets[4]
     assert p.rounds == 5
+    assert [r["reselected"] for r in p.history] == [False, False, True, False, True, False, True,
+                                                    False, False, False]
     stats = p.selection_stats()
     assert stats["rounds"] == 5
     assert stats["always"] + stats["never"] + stats["sometimes"] == pytest.approx(1.0)
     assert float(stats["frequency"].sum()) == pytest.approx(50 * 5 / 5)
+    with pytest.raises(ValueError, match=r"epoch must be <= 9 \(the schedule has num_epochs=10\)"):
+        p.plan(10)
+
+
+def test_schedule_steps_match_what_the_sampler_yields():
+    s = gp.Schedule(num_epochs=6, warmup_epochs=1, final_full_epochs=1)
+    for world, drop in ((1, False), (2, False), (3, True)):
+        p = gp.Pruner(103, keep=0.4, policy="uniform", num_epochs=6, warmup_epochs=1,
+                      final_full_epochs=1, seed=0)
+        assert p.schedule == s
+        samplers = [gp.PrunedSampler(p, num_replicas=world, rank=r, drop_last=drop)
+                    for r in range(world)]
+        steps = 0
+        for epoch in range(6):
+            for smp in samplers:
+                smp.set_epoch(epoch)
+            loader = DataLoader(range(103), batch_size=8, sampler=samplers[0], drop_last=drop)
+            got = sum(1 for _ in loader)
+            assert got == s.steps(epoch, 103, p.k, 8, world_size=world, drop_last=drop)
+            steps += got
+        assert steps == s.total_steps(103, p.k, 8, world_size=world, drop_last=drop)
+    # 6 epochs: 2 full (103 samples -> 13 batches), 4 pruned (41 -> 6 batches)
+    assert s.total_steps(103, 41, 8) == 2 * 13 + 4 * 6
+    with pytest.raises(ValueError, match="needs a schedule with num_epochs"):
+        gp.Schedule().total_steps(10, 5, 2)
+    with pytest.raises(ValueError, match="final_full_epochs=2 needs num_epochs"):
+        gp.Schedule(final_full_epochs=2)
 
 
 def test_plan_is_cached_and_cannot_go_back():
@@ -365,15 +418,30 @@ def test_plan_is_cached_and_cannot_go_back():
         p.plan(2)
 
 
+def test_overlap_history_is_the_jaccard_index_of_consecutive_plans():
+    p = gp.Pruner(100, keep=0.3, policy="uniform", num_epochs=6, warmup_epochs=1,
+                  final_full_epochs=1, seed=4)
+    sets = []
+    for epoch in range(6):
+        sets.append(set(p.plan(epoch).indices.tolist()))
+    hist = p.history
+    assert hist[0]["overlap"] is None
+    for e in range(1, 6):
+        a, b = sets[e - 1], sets[e]
+        assert hist[e]["overlap"] == pytest.approx(len(a & b) / len(a | b))
+    assert hist[1]["overlap"] == pytest.approx(0.3)       # full -> pruned: 30 of 100
+    assert [r["size"] for r in hist] == [100, 30, 30, 30, 30, 100]
+
+
 @pytest.mark.parametrize("policy", ["ucb", "epsilon_greedy", "uniform", "infobatch", "static"])
 def test_resume_gives_bit_identical_future_plans(policy, tmp_path):
     ref = make(policy, warmup_epochs=1, selection_interval=2)
     for epoch in range(3):
         feed(ref, ref.plan(epoch))
     path = tmp_path / "ckpt.pt"
-    torch.save(ref.state_dict(), path)
+    gp.save_checkpoint(ref.state_dict(), path)
     resumed = make(policy, warmup_epochs=1, selection_interval=2)
-    resumed.load_state_dict(torch.load(path))
+    resumed.load_state_dict(gp.load_checkpoint(path))
     for epoch in range(3, 8):
         a, b = ref.plan(epoch), resumed.plan(epoch)
         assert torch.equal(a.indices, b.indices)
@@ -382,14 +450,15 @@ def test_resume_gives_bit_identical_future_plans(policy, tmp_path):
             assert torch.equal(a.weights, b.weights)
         feed(ref, a)
         feed(resumed, b)
-    assert torch.equal(ref.bank.mean, resumed.bank.mean)
-    assert torch.equal(ref.bank.selected, resumed.bank.selected)
+    for key, value in ref.state_dict()["stats"].items():
+        assert torch.equal(value, resumed.state_dict()["stats"][key]), key
+    assert ref.history == resumed.history
 
 
 def test_load_state_dict_rejects_other_config():
     a = make("ucb")
     b = gp.Pruner(500, keep=0.4, policy="ucb", num_epochs=8, seed=11)
-    with pytest.raises(ValueError, match="checkpoint was made with k=150"):
+    with pytest.raises(ValueError, match="checkpoint was made with k=150, this Pruner has k=200"):
         b.load_state_dict(a.state_dict())
 
 
@@ -402,16 +471,34 @@ def test_load_state_dict_rejects_other_config():
     (dict(keep=0.5, prune_ratio=0.5), ValueError, "not both"),
     (dict(policy="greedy"), ValueError, "policy must be one of"),
     (dict(policy=3), TypeError, "policy must be a name or a Policy"),
-    (dict(epsilon=1.5, policy="epsilon_greedy"), ValueError, "epsilon must be <= 1.0"),
-    (dict(c=-1.0), ValueError, "c must be >= 0.0"),
+    (dict(policy=gp.UCB), TypeError, "write policy=UCB()"),
+    (dict(epsilon=0.5, policy="epsilon_greedy"), TypeError,
+     r"unexpected keyword argument 'epsilon'; .*policy=gpuprune.EpsilonGreedy\(epsilon=...\)"),
+    (dict(c=-1.0), TypeError, r"policy=gpuprune.UCB\(c=...\)"),
     (dict(warmup_epochs=-1), ValueError, "warmup_epochs must be >= 0"),
     (dict(selection_interval=0), ValueError, "selection_interval must be >= 1"),
     (dict(final_full_epochs=2), ValueError, "needs num_epochs"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(decay=1.0), ValueError, "decay must be < 1.0"),
+    (dict(device="meta"), ValueError, "device must be a cpu or cuda device"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
 ])
 def test_pruner_constructor_errors(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         gp.Pruner(100, **kwargs)
+
+
+@pytest.mark.parametrize("make_policy, exc, msg", [
+    (lambda: gp.EpsilonGreedy(epsilon=1.5), ValueError, "epsilon must be <= 1.0"),
+    (lambda: gp.UCB(c=-3.0), ValueError, "c must be >= 0.0"),
+    (lambda: gp.UCB(drift=-1.0), ValueError, "drift must be >= 0.0"),
+    (lambda: gp.InfoBatch(delta=5.0), ValueError, "delta must be <= 1.0"),
+    (lambda: gp.InfoBatch(ratio=1.0), ValueError, "ratio must be < 1.0"),
+    (lambda: gp.Static(torch.arange(3)), TypeError, "scores must be a floating torch.Tensor"),
+])
+def test_policy_settings_are_checked_by_their_policy(make_policy, exc, msg):
+    with pytest.raises(exc, match=msg):
+        make_policy()
 
 
 def test_pruner_zero_samples_rejected():
@@ -419,22 +506,12 @@ def test_pruner_zero_samples_rejected():
         gp.Pruner(0)
 
 
-def test_pruner_observe_errors_leave_state_unchanged():
-    p = make("ucb")
+def test_cpu_device_specs_are_normalised():
+    p = gp.Pruner(10, policy="ucb", device="cpu:0")
+    assert p.device == torch.device("cpu")
     plan = p.plan(0)
-    feed(p, plan)
-    before = p.state_dict()
-    with pytest.raises(ValueError, match="per_sample_loss must be 1-D"):
-        p.observe(plan.indices[:4], torch.tensor(1.0))
-    with pytest.raises(ValueError, match="got an index 500"):
-        p.observe(torch.tensor([0, 500]), torch.tensor([1.0, 1.0]))
-    with pytest.raises(TypeError, match="indices must have an integer dtype"):
-        p.observe(torch.tensor([0.0]), torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="epoch must be >= 0"):
-        p.plan(-1)
-    after = p.state_dict()
-    for key in ("mean", "var", "count", "selected", "nonfinite"):
-        assert torch.equal(before["bank"][key], after["bank"][key])
+    p.observe(plan.indices, torch.ones(len(plan)))
+    assert p.plan(1).indices.device == torch.device("cpu")
 
 
 def test_observe_returns_plain_mean_without_weights():
@@ -446,19 +523,34 @@ def test_observe_returns_plain_mean_without_weights():
     assert p.observe(torch.empty(0, dtype=torch.long), torch.empty(0)).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["ucb", "infobatch"])
+def test_observe_of_half_precision_losses_does_not_overflow(dtype, policy):
+    p = gp.Pruner(4096, keep=0.5, policy=policy, num_epochs=4, seed=0)
+    p.plan(0)
+    p.observe(torch.arange(4096), torch.cat([torch.full((2048,), 0.5), torch.full((2048,), 5.0)]))
+    plan = p.plan(1)
+    ids = plan.indices
+    loss = torch.full((len(ids),), 20.0, dtype=dtype, requires_grad=True)
+    out = p.observe(ids, loss)
+    assert out.dtype == dtype and torch.isfinite(out)
+    w = (plan.weights if plan.weights is not None else torch.ones(len(ids)))
+    assert out.float().item() == pytest.approx(float((20.0 * w).mean()), rel=1e-2)
+
+
 # ---------------------------------------------------------------- sharding, sampler, dataset
 def test_shard_indices_equal_sizes_and_cover():
     idx = torch.arange(10)
-    shards = [gp.shard_indices(idx, r, 3) for r in range(3)]
+    shards = [shard_indices(idx, r, 3) for r in range(3)]
     assert [s.numel() for s in shards] == [4, 4, 4]
     allv = torch.cat(shards).tolist()
     assert set(allv) == set(range(10)) and len(allv) - 10 == 2   # 2 padded duplicates
-    dropped = [gp.shard_indices(idx, r, 3, drop_last=True) for r in range(3)]
+    dropped = [shard_indices(idx, r, 3, drop_last=True) for r in range(3)]
     assert [s.numel() for s in dropped] == [3, 3, 3]
     assert sorted(torch.cat(dropped).tolist()) == list(range(9))
-    assert gp.shard_indices(torch.arange(0), 0, 2).numel() == 0
+    assert shard_indices(torch.arange(0), 0, 2).numel() == 0
     with pytest.raises(ValueError, match="rank must be <= 2"):
-        gp.shard_indices(idx, 3, 3)
+        shard_indices(idx, 3, 3)
 
 
 def test_sampler_len_matches_plan_and_yields_it():
@@ -486,8 +578,11 @@ def test_indexed_dataset_and_three_line_loop_on_digits():
     assert gp.IndexedDataset([10, 20])[1] == (20, 1)
     with pytest.raises(TypeError, match="map-style dataset"):
         gp.IndexedDataset(5)
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(-0.1, 0.1, generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     pruner = gp.Pruner(len(ds), keep=0.5, policy="ucb", seed=0)
     loader = DataLoader(gp.IndexedDataset(ds), batch_size=64, sampler=pruner.sampler())
@@ -504,7 +599,7 @@ def test_indexed_dataset_and_three_line_loop_on_digits():
     assert seen == 6 * gp.budget(0.5, len(ds)) == 6 * 899
     acc = (model(ds.tensors[0]).argmax(1) == ds.tensors[1]).float().mean().item()
     assert acc > 0.8
-    assert int(pruner.bank.count.gt(0).sum()) == len(ds)   # every sample visited (unseen = +inf)
+    assert int(pruner.stats.seen.sum()) == len(ds)   # every sample visited (unseen = +inf)
 
 
 # ---------------------------------------------------------------- static scoring helpers
@@ -534,20 +629,6 @@ def test_forgetting_tracker_counts_transitions():
         t.update(torch.arange(3), torch.ones(3))
 
 
-def test_cpu_numpy_fast_paths_equal_the_int64_torch_formulas():
-    from gpuprune.select import split_seed
-    idx = torch.cat([torch.arange(5000), torch.tensor([2**31, 2**32 - 1])])
-    for seed in (0, 123, 2**64 - 1, 0xDEADBEEFCAFEBABE):
-        lo, hi = split_seed(seed)
-        assert torch.equal(hash32(idx, seed), fmix32(fmix32(idx ^ lo) ^ hi))
-    x = torch.randn(5000) * 1e3
-    x[::7], x[::11], x[::13], x[::17] = float("nan"), -0.0, float("inf"), float("-inf")
-    x[::23], x[::29] = 1e-45, -1e-45
-    s = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
-    b = s.view(torch.int32).long()
-    assert torch.equal(orderable(x), torch.where(b >= 0, b, b ^ 0x7FFFFFFF))
-
-
 def test_ucb_drift_hand_computed_score():
     from gpuprune.policies.ucb import ucb_score
     mean = torch.tensor([1.0, 1.0, 1.0, 2.0])
@@ -560,17 +641,78 @@ def test_ucb_drift_hand_computed_score():
     assert got[3].item() == float("inf")
     assert torch.equal(ucb_score(mean, var, seen, c=2.0, age=age, drift=0.0),
                        ucb_score(mean, var, seen, c=2.0))
-    with pytest.raises(ValueError, match="drift must be >= 0.0"):
-        gp.UCB(drift=-1.0)
+
+
+def test_ucb_drift_keeps_scores_finite_and_ordered_under_extreme_losses():
+    from gpuprune.policies.ucb import ucb_score
+    p = gp.Pruner(6, keep=0.5, policy=gp.UCB(drift=1.0), seed=0)
+    p.plan(0)
+    p.observe(torch.tensor([0, 0, 1, 2, 3, 4, 5]),
+              torch.tensor([1e38, -1e38, 1.0, 2.0, 3.0, 4.0, 5.0]))
+    age = 1 - p.stats.last_epoch
+    score = ucb_score(p.stats.mean, p.stats.var, p.stats.seen, 1.0, "std", age, 1.0)
+    assert torch.isfinite(score).all()
+    assert score[1:].tolist() == sorted(score[1:].tolist())     # ordered like the means
+    assert len(p.plan(1)) == 3
 
 
 def test_ucb_without_drift_settles_and_with_drift_rotates():
     def rounds_in_use(drift):
-        p = gp.Pruner(400, keep=0.25, policy="ucb", drift=drift, seed=0)
+        p = gp.Pruner(400, keep=0.25, policy=gp.UCB(drift=drift), seed=0)
         for epoch in range(16):
             feed(p, p.plan(epoch))
-        # samples planned in at least 2 of the 12 pruned epochs after the 4-epoch first sweep
-        return int((p.bank.selected >= 3).sum())
+        return int((p.stats.selected >= 3).sum())
     settled, rotating = rounds_in_use(0.0), rounds_in_use(1.0)
     assert settled <= 110          # about the same 100 samples every epoch
     assert rotating >= settled + 25
+
+
+# ---------------------------------------------------------------- plan() is all or nothing; len() reads
+@pytest.mark.parametrize("error", [RuntimeError("disk gone"), KeyboardInterrupt()])
+@pytest.mark.parametrize("policy", ["ucb", "infobatch"])
+def test_an_interrupted_plan_changes_nothing_and_a_retry_counts_once(policy, error, monkeypatch):
+    def run(interrupt: bool) -> gp.Pruner:
+        p = make(policy)
+        for epoch in range(2):
+            feed(p, p.plan(epoch))
+        if interrupt:
+            before = p.state_dict()
+            real = type(p.backend).shuffle
+            calls = {"n": 0}
+
+            def shuffle(self, ids, seed):          # fails once, after the selection was made
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise error
+                return real(self, ids, seed)
+            monkeypatch.setattr(type(p.backend), "shuffle", shuffle)
+            with pytest.raises(type(error)):
+                p.plan(2)
+            after = p.state_dict()
+            assert after["checksum"] == before["checksum"]
+            assert p.current_plan.epoch == 1
+        p.plan(2)
+        monkeypatch.undo()
+        return p
+    retried, clean = run(True), run(False)
+    assert retried.rounds == clean.rounds == 3
+    assert retried.state_dict()["checksum"] == clean.state_dict()["checksum"]
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_len_only_reads(policy):
+    p = make(policy)
+    s = p.sampler()
+    s.set_epoch(0)
+    feed(p, p.plan(0))
+    before = p.state_dict()
+    s.epoch = 1                                  # a loop's bookkeeping before set_epoch(1)
+    if policy == "infobatch":
+        with pytest.raises(RuntimeError, match="known once it is planned"):
+            len(s)
+    else:
+        assert len(s) == (500 if policy == "full" else 150)
+    assert p.state_dict()["checksum"] == before["checksum"]
+    assert p.current_plan.epoch == 0 and len(p.history) == 1
+    s.set_epoch(1)
+    assert len(s) == len(p.plan(1)) and p.rounds == (0 if policy == "full" else 2)

@@ -20,7 +20,7 @@ import torch
 
 import gpuprune as gp
 from gpuprune import distributed as gdist
-from gpuprune.select import hash32
+from gpuprune.keys import hash32
 
 REPO = Path(__file__).resolve().parents[1]
 N = 997                 # prime: k = 299 is not a multiple of 2 or 4, so padding happens
@@ -30,7 +30,7 @@ CKPT_EPOCH = 2          # rank 0 checkpoints at the end of this epoch
 BATCH = 16
 SHORT_TIMEOUT = 3.0     # seconds, process groups of the dead/stalled-rank checks
 POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
-STATE_KEYS = ("mean", "var", "count", "last_epoch", "selected", "nonfinite", "invalid_batches")
+STATE_KEYS = ("mean", "var", "last_epoch", "selected", "nonfinite", "invalid_batches")
 
 
 # ---------------------------------------------------------------- shared by workers and tests
@@ -45,7 +45,7 @@ def loss_of(idx: torch.Tensor, epoch: int) -> torch.Tensor:
 def make_pruner(policy: str, **kw) -> gp.Pruner:
     extra = {}
     if policy == "static":
-        extra["static_scores"] = (torch.arange(N) * 7919 % 101).float()
+        policy = gp.Static((torch.arange(N) * 7919 % 101).float())
     if policy == "ucb":
         extra["warmup_epochs"] = 1
     return gp.Pruner(N, keep=KEEP, policy=policy, num_epochs=EPOCHS, seed=11, **extra, **kw)
@@ -57,8 +57,8 @@ def observe_all(pruner: gp.Pruner, ids: torch.Tensor, epoch: int) -> None:
         pruner.observe(b, loss_of(b, epoch))
 
 
-def bank_state(pruner: gp.Pruner) -> dict:
-    return {k: getattr(pruner.bank, k).clone() for k in STATE_KEYS}
+def stats_state(pruner: gp.Pruner) -> dict:
+    return pruner.stats.state_dict()
 
 
 # ---------------------------------------------------------------- worker side
@@ -68,6 +68,7 @@ def _train(pruner, sampler, epochs, rank, rec, ckpt=None):
         sampler.set_epoch(e)
         shard = torch.tensor(list(sampler), dtype=torch.long)
         assert len(sampler) == shard.numel()
+        assert sampler.plan().indices.dtype == torch.int32
         plan = pruner.plan(e)
         rec["plans"].append(plan.indices.clone())
         rec["weights"].append(None if plan.weights is None else plan.weights.clone())
@@ -79,12 +80,12 @@ def _train(pruner, sampler, epochs, rank, rec, ckpt=None):
                 rec["unmerged_save"] = "no error"
             except gdist.DistributedError as err:
                 rec["unmerged_save"] = str(err)
-            gdist.synchronize(pruner)
+            pruner.synchronize()
             if rank == 0:
-                torch.save(pruner.state_dict(), ckpt)
+                gp.save_checkpoint(pruner.state_dict(), ckpt)
             dist.barrier()
-    gdist.synchronize(pruner)
-    rec["state"] = bank_state(pruner)
+    pruner.synchronize()
+    rec["state"] = stats_state(pruner)
 
 
 def _worker(rank: int, world: int, store_path: str, out: str) -> None:
@@ -100,9 +101,9 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
     res["rank_and_world"] = gdist.rank_and_world()
     res["rank_and_world_none"] = gdist.rank_and_world(None)
     auto = make_pruner("uniform")
-    res["auto_is_world"] = auto.process_group is dist.group.WORLD and auto.bank.deferred
+    res["auto_is_world"] = auto.process_group is dist.group.WORLD and auto.world_size == world
     local = make_pruner("uniform", process_group=None)
-    res["local_deferred"] = local.bank.deferred
+    res["local_world"] = (local.rank, local.world_size)
     try:
         gp.PrunedSampler(local)
         res["local_sampler"] = "no error"
@@ -110,6 +111,11 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
         res["local_sampler"] = str(err)
     explicit = gp.PrunedSampler(local, num_replicas=world, rank=rank)
     res["explicit_sampler"] = (explicit.num_replicas, explicit.rank)
+    try:
+        gp.PrunedSampler(auto, num_replicas=world + 1)
+        res["disagreeing_sampler"] = "no error"
+    except ValueError as err:
+        res["disagreeing_sampler"] = str(err)
 
     # every policy, padded and cut shards, several epochs; padded runs also resume from rank 0's
     # checkpoint in fresh Pruners
@@ -120,21 +126,57 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
             ckpt = None if drop_last else str(out_dir / f"ckpt_{policy}.pt")
             _train(pruner, gp.PrunedSampler(pruner, drop_last=drop_last), range(EPOCHS), rank, rec,
                    ckpt)
-            rec["merges"] = pruner.dist_sync.merges
+            rec["merges"] = pruner._sync.merges
             if ckpt is not None:
                 resumed = make_pruner(policy)
-                resumed.load_state_dict(torch.load(ckpt))
+                resumed.load_state_dict(gp.load_checkpoint(ckpt))
                 rec["resumed"] = {"plans": [], "weights": [], "shards": []}
                 _train(resumed, gp.PrunedSampler(resumed), range(CKPT_EPOCH + 1, EPOCHS), rank,
                        rec["resumed"])
             res[(policy, drop_last)] = rec
 
-    # ranks configured differently (seed) must all stop with PlanMismatchError
+    # ranks configured differently must all stop with PlanMismatchError naming the setting,
+    # before any collective whose size depends on it (a size mismatch would abort gloo)
+    mismatches = {
+        "seed": lambda: gp.Pruner(N, keep=KEEP, policy="uniform", seed=rank),
+        "num_samples": lambda: gp.Pruner(N + rank, keep=KEEP, policy="uniform"),
+        "decay": lambda: gp.Pruner(N, keep=KEEP, policy="ucb", decay=0.5 + 0.1 * rank),
+        "policy.c": lambda: gp.Pruner(N, keep=KEEP, policy=gp.UCB(c=1.0 + rank)),
+    }
+    for name, build in mismatches.items():
+        t0 = time.monotonic()
+        try:
+            build().plan(0)
+            res[("mismatch", name)] = ("no error", 0.0)
+        except gdist.PlanMismatchError as err:
+            res[("mismatch", name)] = (str(err), time.monotonic() - t0)
+    # the same Pruner everywhere, but the ranks call different collectives: one synchronize()s
+    # while the others plan the next epoch
+    p = make_pruner("uniform")
+    sampler = p.sampler()
+    sampler.set_epoch(0)
+    observe_all(p, torch.tensor(list(sampler), dtype=torch.long), 0)
     try:
-        gp.Pruner(N, keep=KEEP, policy="uniform", seed=rank).plan(0)
-        res["mismatch"] = "no error"
+        if rank == 0:
+            p.synchronize()
+        else:
+            p.plan(1)
+        res["one_sided_sync"] = "no error"
     except gdist.PlanMismatchError as err:
-        res["mismatch"] = str(err)
+        res["one_sided_sync"] = str(err)
+    # len() only reads: rank 0 asks for the next epoch's size while the others go on; then all
+    # meet in a barrier (with 0.1 planning here, the ranks deadlocked)
+    p = make_pruner("ucb")
+    sampler = p.sampler()
+    sampler.set_epoch(0)
+    before = (p.rounds, p.stats.selected.clone(), len(p.history))
+    sampler.epoch = 1                               # what a fresh loop's bookkeeping would do
+    if rank == 0:
+        res["len_next"] = len(sampler)
+    res["len_changed_nothing"] = (before[0] == p.rounds and torch.equal(before[1], p.stats.selected)
+                                  and before[2] == len(p.history))
+    dist.barrier()
+    res["len_barrier"] = "passed"
 
     if world < 4:
         torch.save(res, out_dir / f"rank{rank}.pt")
@@ -236,9 +278,11 @@ def test_world_api(job):
         assert res["rank_and_world"] == (r, world)
         assert res["rank_and_world_none"] == (0, 1)
         assert res["auto_is_world"] is True
-        assert res["local_deferred"] is False
+        assert res["local_world"] == (0, 1)
         assert "not synchronised" in res["local_sampler"] and str(world) in res["local_sampler"]
         assert res["explicit_sampler"] == (world, r)
+        assert f"num_replicas={world + 1}" in res["disagreeing_sampler"]
+        assert f"where num_replicas={world}" in res["disagreeing_sampler"]
 
 
 def test_plans_and_states_identical_on_all_ranks(job):
@@ -253,8 +297,8 @@ def test_plans_and_states_identical_on_all_ranks(job):
         for rec in recs[1:]:
             for key in STATE_KEYS:
                 assert torch.equal(rec["state"][key], recs[0]["state"][key]), (cfg, key)
-        # one merge per plan, plus the synchronize() calls (checkpoint epoch, end of run)
-        assert recs[0]["merges"] == EPOCHS + (1 if cfg[1] else 2)
+        # each epoch's observations are merged exactly once (by the next plan or a synchronize())
+        assert recs[0]["merges"] == EPOCHS
     # the merged statistics did steer the plans: InfoBatch's kept count moves with them
     info = ranks[0][("infobatch", False)]["plans"]
     assert len({p.numel() for p in info[1:]}) > 1
@@ -273,7 +317,7 @@ def test_shards_are_equal_sized_disjoint_and_cover_the_plan(job):
             woven = torch.stack(shards, dim=1).reshape(-1)
             expected = plan.repeat(2)[:per * world] if not drop_last else plan[:per * world]
             assert torch.equal(woven, expected)
-            counts = torch.bincount(woven, minlength=N)
+            counts = torch.bincount(woven.long(), minlength=N)
             if drop_last:
                 assert int(counts.max()) == 1 and per * world > n - world
             else:
@@ -281,24 +325,21 @@ def test_shards_are_equal_sized_disjoint_and_cover_the_plan(job):
                 assert int((counts == 2).sum()) == per * world - n
 
 
-def test_merged_statistics_equal_a_single_process_deferred_run(job):
-    """One process fed the union of all shards, merging once per epoch, plans and ends alike."""
+def test_merged_statistics_equal_one_observe_of_the_epoch_in_rank_order(job):
+    """One process observing each epoch's shards (rank 0's, then rank 1's, ...) in one call at the
+    epoch's end plans and ends bit-identically: the merge is exactly that call."""
     world, ranks = job
     for policy in POLICY_NAMES:
         recs = [res[(policy, False)] for res in ranks]
         ref = make_pruner(policy, process_group=None)
-        ref.bank.deferred = True
-        ref.before_plan.append(lambda p: p.bank.commit())
         for e in range(EPOCHS):
             plan = ref.plan(e)
             assert torch.equal(plan.indices, recs[0]["plans"][e]), (policy, e)
             stream = torch.cat([rec["shards"][e] for rec in recs])
-            observe_all(ref, stream, e)
-        ref.bank.commit()
-        # at most two observations of a sample per epoch: their float64 sum does not depend on the
-        # order, so the merged state is bit-identical
+            ref.observe(stream, loss_of(stream, e))
+        ref_state = ref.stats.state_dict()
         for key in STATE_KEYS:
-            assert torch.equal(getattr(ref.bank, key), recs[0]["state"][key]), (policy, key)
+            assert torch.equal(ref_state[key], recs[0]["state"][key]), (policy, key)
     assert int(recs[0]["state"]["nonfinite"]) > 0
 
 
@@ -306,19 +347,19 @@ def test_merged_statistics_equal_per_step_updates_when_each_sample_is_seen_once(
     world, ranks = job
     for policy in POLICY_NAMES:
         recs = [res[(policy, True)] for res in ranks]
-        bank = gp.ScoreBank(N, decay=0.9)                  # the normal per-step mode
+        ref = make_pruner(policy, process_group=None)      # the normal per-step mode
         for e in range(EPOCHS):
-            bank.epoch = e
+            ref.plan(e)
             stream = torch.cat([rec["shards"][e] for rec in recs])
             assert stream.unique().numel() == stream.numel()
             for i in range(0, stream.numel(), 64):
                 b = stream[i:i + 64]
-                bank.observe(b, loss_of(b, e))
-        got = recs[0]["state"]
-        torch.testing.assert_close(got["mean"], bank.mean, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(got["var"], bank.var, rtol=1e-5, atol=1e-7)
-        for key in ("count", "last_epoch", "nonfinite"):
-            assert torch.equal(got[key], getattr(bank, key)), (policy, key)
+                ref.observe(b, loss_of(b, e))
+        got, want = recs[0]["state"], ref.stats.state_dict()
+        torch.testing.assert_close(got["mean"], want["mean"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got["var"], want["var"], rtol=1e-5, atol=1e-7)
+        for key in ("last_epoch", "selected", "nonfinite"):
+            assert torch.equal(got[key], want[key]), (policy, key)
 
 
 def test_resume_from_rank0_checkpoint_continues_identically(job):
@@ -335,10 +376,23 @@ def test_resume_from_rank0_checkpoint_continues_identically(job):
                 assert torch.equal(resumed["state"][key], rec["state"][key]), (policy, key)
 
 
-def test_ranks_with_different_settings_all_raise_plan_mismatch(job):
+def test_ranks_with_different_settings_all_raise_plan_mismatch_naming_it(job):
     world, ranks = job
     for res in ranks:
-        assert "different plans for epoch 0" in res["mismatch"]
+        for name in ("seed", "num_samples", "decay", "policy.c"):
+            msg, seconds = res[("mismatch", name)]
+            assert "configured differently" in msg and f"{name}: rank 0: " in msg, (name, msg)
+            assert seconds < 30, name                  # no wait for a timeout
+        msg = res["one_sided_sync"]
+        assert "different gpuprune collectives" in msg, msg
+        assert "rank 0: synchronize of epoch 0" in msg and "rank 1: plan of epoch 1" in msg
+
+
+def test_len_is_a_pure_read_on_one_rank(job):
+    world, ranks = job
+    assert ranks[0]["len_next"] == gp.budget(KEEP, N) // world + (gp.budget(KEEP, N) % world > 0)
+    for res in ranks:
+        assert res["len_barrier"] == "passed" and res["len_changed_nothing"] is True
 
 
 def test_a_dead_or_stalled_rank_makes_the_others_fail_within_the_timeout(launched):
@@ -347,7 +401,7 @@ def test_a_dead_or_stalled_rank_makes_the_others_fail_within_the_timeout(launche
     for res in ranks[:-1]:
         for name in ("stall", "dead"):
             msg, seconds = res[name]
-            assert msg.startswith("gpuprune: merging the loss statistics of epoch 0 failed"), msg
+            assert msg.startswith("gpuprune: the plan exchange of epoch 1 failed"), msg
             assert f"of {world}" in msg and "init_process_group(timeout=" in msg
             assert seconds < SHORT_TIMEOUT + 20, (name, seconds)
         assert res["stall"][1] >= SHORT_TIMEOUT * 0.5     # it did wait for the stalled rank
@@ -360,40 +414,35 @@ def test_process_group_argument_is_checked_without_an_initialised_group():
     with pytest.raises(TypeError, match="process_group"):
         gp.Pruner(10, process_group=3)
     p = gp.Pruner(10)                                   # "auto" without torch.distributed
-    assert p.process_group is None and p.dist_sync is None and not p.bank.deferred
+    assert p.process_group is None and p.world_size == 1 and p.rank == 0
     assert gdist.rank_and_world() == (0, 1) and gdist.rank_and_world(None) == (0, 1)
 
 
 def test_plan_fingerprint_sees_order_ids_weights_and_epoch():
-    idx = torch.tensor([4, 1, 7, 3])
-    w = torch.tensor([1.0, 2.0, 1.0, 2.0])
-    base = gdist.plan_fingerprint(gp.Plan(3, idx, w, False, 10))
+    from gpuprune.plan import pack_mask
+    idx = torch.tensor([4, 1, 7, 3], dtype=torch.int32)
+    bits = pack_mask(torch.arange(10) % 2 == 1)          # ids 1, 3, 7 rescaled
+    base = gdist.plan_fingerprint(gp.Plan(3, idx, False, 10, 2.0, bits))
     assert base.dtype == torch.int64 and base[1:].tolist() == [4, 3, 0]
-    assert torch.equal(base, gdist.plan_fingerprint(gp.Plan(3, idx.clone(), w.clone(), False, 10)))
-    variants = [gp.Plan(3, idx[[1, 0, 2, 3]], w, False, 10),      # order
-                gp.Plan(3, torch.tensor([4, 1, 7, 5]), w, False, 10),  # one id
-                gp.Plan(3, idx, w.flip(0), False, 10),            # weights
-                gp.Plan(3, idx, None, False, 10),
-                gp.Plan(4, idx, w, False, 10)]                    # epoch
+    assert torch.equal(base, gdist.plan_fingerprint(gp.Plan(3, idx.clone(), False, 10, 2.0,
+                                                            bits.clone())))
+    variants = [gp.Plan(3, idx[[1, 0, 2, 3]], False, 10, 2.0, bits),      # order
+                gp.Plan(3, torch.tensor([4, 1, 7, 5]), False, 10, 2.0, bits),  # one id
+                gp.Plan(3, idx, False, 10, 3.0, bits),                     # weights
+                gp.Plan(3, idx, False, 10, 2.0, pack_mask(torch.arange(10) < 5)),
+                gp.Plan(3, idx, False, 10),
+                gp.Plan(4, idx, False, 10, 2.0, bits)]                    # epoch
     for v in variants:
         assert not torch.equal(gdist.plan_fingerprint(v), base)
 
 
-def test_synchronize_on_single_process_pruners():
+def test_synchronize_on_single_process_pruners_does_nothing():
     p = make_pruner("ucb", process_group=None)
     plan = p.plan(0)
     observe_all(p, plan.indices, 0)
-    before = p.bank.mean.clone()
-    gdist.synchronize(p)                                 # per-step bank: nothing to do
-    assert torch.equal(p.bank.mean, before)
-    q = make_pruner("ucb", process_group=None)
-    q.bank.deferred = True
-    q.plan(0)
-    observe_all(q, plan.indices, 0)
-    assert int(q.bank.count.sum()) == 0                  # deferred: nothing merged yet
-    gdist.synchronize(q)
-    assert torch.equal(q.bank.mean, before) and torch.equal(q.bank.count, p.bank.count)
-
+    before = p.state_dict()
+    p.synchronize()                                      # per-step updates: nothing to merge
+    assert p.state_dict()["checksum"] == before["checksum"]
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
     _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

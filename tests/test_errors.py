@@ -8,7 +8,9 @@ tensor, counter and flag), makes the bad call, checks the error, and checks the 
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 import gpuprune as gp
+from gpuprune.backend import TorchBackend
+from gpuprune.plan import shard_indices
 from gpuprune.policies import EpsilonGreedy, InfoBatch, Policy, Selection, Static, UCB
+from gpuprune.pruner import state_checksum
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 N = 20
@@ -45,7 +50,7 @@ class Case:
 
 # ---------------------------------------------------------------- subjects
 def trained_pruner(policy: str = "infobatch") -> gp.Pruner:
-    """A Pruner mid-run: a planned epoch, some losses observed, a loss-weight table."""
+    """A Pruner mid-run: a planned epoch, some losses observed, rescaled samples (InfoBatch)."""
     p = gp.Pruner(N, keep=0.5, policy=policy, num_epochs=6, seed=1)
     for epoch in range(2):
         plan = p.plan(epoch)
@@ -54,16 +59,11 @@ def trained_pruner(policy: str = "infobatch") -> gp.Pruner:
     return p
 
 
-def bank() -> gp.ScoreBank:
-    b = gp.ScoreBank(N, deferred=False)
-    b.observe(torch.tensor([1, 2, 2, 7]), torch.tensor([1.0, 2.0, 3.0, float("nan")]))
-    return b
-
-
-def deferred_bank() -> gp.ScoreBank:
-    b = gp.ScoreBank(N, deferred=True)
-    b.observe(torch.tensor([1, 2, 2]), torch.tensor([1.0, 2.0, 3.0]))
-    return b
+def stats() -> gp.LossStats:
+    s = gp.LossStats(N)
+    TorchBackend("cpu").observe_(s.tensors(), torch.tensor([1, 2, 2, 7]),
+                                 torch.tensor([1.0, 2.0, 3.0, float("nan")]), 0.9, 0)
+    return s
 
 
 def sampler() -> gp.PrunedSampler:
@@ -75,12 +75,6 @@ def sampler() -> gp.PrunedSampler:
 def resumed_sampler() -> gp.PrunedSampler:
     s = sampler()
     s.load_state_dict(s.state_dict(consumed=4))
-    return s
-
-
-def sampler_at(epoch: int) -> gp.PrunedSampler:
-    s = sampler()
-    s.set_epoch(epoch)
     return s
 
 
@@ -116,6 +110,8 @@ def checkpoint_dir(tmp: Path) -> Path:
     gp.save_checkpoint({"pruner": trained_pruner().state_dict(), "step": 7}, tmp / "ckpt.pt")
     (tmp / "truncated.pt").write_bytes((tmp / "ckpt.pt").read_bytes()[:200])
     (tmp / "garbage.pt").write_bytes(b"not a checkpoint" * 8)
+    (tmp / "notes.txt").write_text("epoch 3, loss 0.25\n")
+    os.mkfifo(tmp / "pipe")
     gp.save_checkpoint({"obj": Opaque()}, tmp / "opaque.pt")
     return tmp
 
@@ -127,8 +123,8 @@ class Opaque:
 class WrongCount(Policy):
     name = "wrong_count"
 
-    def select(self, bank, k, generator):
-        return Selection(torch.arange(3))
+    def select(self, stats, k, *, epoch, generator, backend):
+        return Selection(torch.arange(3, dtype=torch.int32))
 
 
 class Stream(IterableDataset):
@@ -139,12 +135,13 @@ class Stream(IterableDataset):
         return 3
 
 
-def state_with(**changes) -> dict:
-    """A valid Pruner state dict, with some entries replaced.
+def state_with(policy: str = "infobatch", reseal: bool = True, **changes) -> dict:
+    """A valid Pruner state dict with some entries replaced (``a__b`` is ``state["a"]["b"]``), its
+    checksum recomputed unless ``reseal=False``: the checks behind the checksum must hold alone.
 
     It comes from a pruner trained further than the subjects, so a half-applied load would show.
     """
-    other = trained_pruner()
+    other = trained_pruner(policy)
     other.observe(torch.arange(N), torch.full((N,), 5.0))
     other.plan(3)
     s = other.state_dict()
@@ -155,21 +152,28 @@ def state_with(**changes) -> dict:
             d = d[key]
         if value is KeyError:
             del d[keys[-1]]
+        elif callable(value):
+            d[keys[-1]] = value(d[keys[-1]])
         else:
             d[keys[-1]] = value
+    if reseal and "checksum" in s:
+        s["checksum"] = state_checksum(s)
     return s
 
 
-def bank_state_with(**changes) -> dict:
-    s = bank().state_dict()
-    s.update(changes)
-    return s
+def set_at(i: int, value):
+    def change(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[i] = value
+        return t
+    return change
 
 
 IDX = torch.tensor([0, 1, 2])
 LOSS = torch.tensor([1.0, 2.0, 3.0])
 P = "Pruner(...)"
-SB = "ScoreBank(...)"
+LS = "LossStats(...)"
+S = "Schedule(...)"
 
 # ---------------------------------------------------------------- the table
 CASES: list[Case] = [
@@ -184,38 +188,42 @@ CASES: list[Case] = [
     Case(P, "`keep=True` (a bool)", lambda _: gp.Pruner(N, keep=True), TypeError, "keep must be a real number, got bool True"),
     Case(P, "both `keep` and `prune_ratio`", lambda _: gp.Pruner(N, keep=0.5, prune_ratio=0.5), ValueError, "give keep or prune_ratio, not both"),
     Case(P, "`prune_ratio=1.0`", lambda _: gp.Pruner(N, prune_ratio=1.0), ValueError, "prune_ratio must be < 1.0, got prune_ratio=1.0"),
-    Case(P, "`policy=\"greedy\"` (unknown)", lambda _: gp.Pruner(N, policy="greedy"), ValueError, "policy must be one of ['epsilon_greedy', 'full', 'infobatch', 'static', 'ucb', 'uniform'], got policy='greedy'"),
-    Case(P, "`policy=3`", lambda _: gp.Pruner(N, policy=3), TypeError, "policy must be a name or a Policy, got int"),
+    Case(P, "`policy=\"greedy\"` (unknown)", lambda _: gp.Pruner(N, policy="greedy"), ValueError, "policy must be one of ['epsilon_greedy', 'full', 'infobatch', 'static', 'ucb', 'uniform'] or a Policy instance, got policy='greedy'"),
+    Case(P, "`policy=3`", lambda _: gp.Pruner(N, policy=3), TypeError, "policy must be a name or a Policy instance, got int 3"),
+    Case(P, "`policy=UCB` (the class)", lambda _: gp.Pruner(N, policy=UCB), TypeError, "got the class UCB; write policy=UCB()"),
+    Case(P, "a policy setting (`epsilon=99.0`) given to the Pruner", lambda _: gp.Pruner(N, policy="uniform", epsilon=99.0), TypeError, "Pruner() got an unexpected keyword argument 'epsilon'; it is a setting of the policy: pass policy=gpuprune.EpsilonGreedy(epsilon=...)"),
+    Case(P, "`c=-3.0`, `delta=5.0`, `drift=-1.0` given to the Pruner", lambda _: gp.Pruner(N, policy="uniform", c=-3.0, delta=5.0, drift=-1.0), TypeError, "unexpected keyword argument 'c'; it is a setting of the policy: pass policy=gpuprune.UCB(c=...)"),
+    Case(P, "`static_scores=` given to the Pruner", lambda _: gp.Pruner(N, policy="static", static_scores=torch.rand(N)), TypeError, "pass policy=gpuprune.Static(static_scores=...)"),
+    Case(P, "an unknown keyword", lambda _: gp.Pruner(N, batch_size=4), TypeError, "Pruner() got an unexpected keyword argument 'batch_size'"),
     Case(P, "`num_epochs=0`", lambda _: gp.Pruner(N, num_epochs=0), ValueError, "num_epochs must be >= 1, got num_epochs=0"),
+    Case(P, "`num_epochs=2**31` (epochs are int32)", lambda _: gp.Pruner(N, num_epochs=2**31), ValueError, "num_epochs must be <= 2147483647, got num_epochs=2147483648"),
     Case(P, "`warmup_epochs=-1`", lambda _: gp.Pruner(N, warmup_epochs=-1), ValueError, "warmup_epochs must be >= 0, got warmup_epochs=-1"),
     Case(P, "`final_full_epochs=5` with `num_epochs=3`", lambda _: gp.Pruner(N, num_epochs=3, final_full_epochs=5), ValueError, "final_full_epochs must be <= 3, got final_full_epochs=5"),
     Case(P, "`final_full_epochs=2` without `num_epochs`", lambda _: gp.Pruner(N, final_full_epochs=2), ValueError, "final_full_epochs=2 needs num_epochs"),
     Case(P, "`policy=\"infobatch\"` without `num_epochs`", lambda _: gp.Pruner(N, policy="infobatch"), ValueError, "policy='infobatch' needs num_epochs"),
     Case(P, "`selection_interval=0`", lambda _: gp.Pruner(N, selection_interval=0), ValueError, "selection_interval must be >= 1, got selection_interval=0"),
     Case(P, "`decay=1.0`", lambda _: gp.Pruner(N, decay=1.0), ValueError, "decay must be < 1.0, got decay=1.0"),
-    Case(P, "`epsilon=1.5`", lambda _: gp.Pruner(N, policy="epsilon_greedy", epsilon=1.5), ValueError, "epsilon must be <= 1.0, got epsilon=1.5"),
-    Case(P, "`c=-1`", lambda _: gp.Pruner(N, c=-1), ValueError, "c must be >= 0.0, got c=-1.0"),
-    Case(P, "`uncertainty=\"mad\"`", lambda _: gp.Pruner(N, uncertainty="mad"), ValueError, "uncertainty must be one of ['std', 'var'], got uncertainty='mad'"),
-    Case(P, "`uncertainty=[\"std\"]` (not a str)", lambda _: gp.Pruner(N, uncertainty=["std"]), TypeError, "uncertainty must be a str, one of ['std', 'var'], got list"),
-    Case(P, "`delta=2.0` (InfoBatch)", lambda _: gp.Pruner(N, policy="infobatch", num_epochs=4, delta=2.0), ValueError, "delta must be <= 1.0, got delta=2.0"),
-    Case(P, "`static_scores` of the wrong length", lambda _: gp.Pruner(N, policy="static", static_scores=torch.rand(N - 1)), ValueError, "static_scores must have one score per sample: got 19 scores for num_samples=20"),
-    Case(P, "`static_scores` with another policy", lambda _: gp.Pruner(N, policy="ucb", static_scores=torch.rand(N)), ValueError, "static_scores is only used by policy='static', got policy='ucb'"),
-    Case(P, "`static_scores` of integers", lambda _: gp.Pruner(N, policy="static", static_scores=torch.arange(N)), TypeError, "scores must be a floating torch.Tensor, got Tensor torch.int64"),
-    Case(P, "`policy=Static(scores)` with the wrong length", lambda _: gp.Pruner(N, policy=Static(torch.rand(3))), ValueError, "static_scores must have one score per sample: got 3 scores"),
+    Case(P, "`policy=Static(scores)` with the wrong length", lambda _: gp.Pruner(N, policy=Static(torch.rand(3))), ValueError, "static scores must have one score per sample: got 3 scores for num_samples=20"),
     Case(P, "`seed=1.5`", lambda _: gp.Pruner(N, seed=1.5), TypeError, "seed must be an int, got float 1.5"),
-    Case(P, "`device=\"meta\"`", lambda _: gp.Pruner(N, device="meta"), ValueError, "device must hold data (cpu or cuda), got device='meta'"),
+    Case(P, "`device=\"meta\"`", lambda _: gp.Pruner(N, device="meta"), ValueError, "device must be a cpu or cuda device, got device='meta'"),
     Case(P, "`device=\"cuda:99\"` (absent)", lambda _: gp.Pruner(N, device="cuda:99"), ValueError, "device='cuda:99'"),
     Case(P, "`device=\"gpu\"` (not a device)", lambda _: gp.Pruner(N, device="gpu"), ValueError, "device must be a torch device or string, got device='gpu'"),
+    Case(P, "`backend=\"gpu\"`", lambda _: gp.Pruner(N, backend="gpu"), ValueError, "backend must be one of ['auto', 'cuda', 'torch'], got backend='gpu'"),
+    Case(P, "`backend=\"cuda\"` on the CPU", lambda _: gp.Pruner(N, backend="cuda"), ValueError, "backend='cuda' needs a CUDA device, got device=cpu"),
+    Case(P, "`process_group=\"world\"`", lambda _: gp.Pruner(N, process_group="world"), ValueError, "process_group must be 'auto', None or a torch.distributed ProcessGroup, got process_group='world'"),
     Case("budget", "`keep=0`", lambda _: gp.budget(0, 10), ValueError, "keep must be > 0.0"),
     Case("budget", "`num_samples=0`", lambda _: gp.budget(0.5, 0), ValueError, "num_samples must be >= 1"),
     # Pruner methods
     Case("Pruner.plan", "`epoch=-1`", lambda p: p.plan(-1), ValueError, "epoch must be >= 0, got epoch=-1", trained_pruner),
     Case("Pruner.plan", "`epoch=\"3\"`", lambda p: p.plan("3"), TypeError, "epoch must be an int, got str '3'", trained_pruner),
     Case("Pruner.plan", "an epoch before the current plan's", lambda p: p.plan(1), ValueError, "epoch must not go back: plan(1) after plan(2)", trained_pruner),
-    Case("Pruner.plan", "a custom policy returning the wrong count", lambda p: p.plan(1), ValueError, "returned 3 indices, expected k=10", lambda: gp.Pruner(N, keep=0.5, policy=WrongCount())),
+    Case("Pruner.plan", "an epoch beyond `num_epochs`", lambda p: p.plan(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", trained_pruner),
+    Case("Pruner.plan", "`epoch=2**31` (the state stores int32 epochs)", lambda p: p.plan(2**31), ValueError, "epoch must be <= 2147483647 (epochs are stored as int32), got epoch=2147483648", lambda: gp.Pruner(N, policy="uniform")),
+    Case("Pruner.plan", "a custom policy returning the wrong count", lambda p: p.plan(1), ValueError, "returned 3 ids, expected k=10", lambda: gp.Pruner(N, keep=0.5, policy=WrongCount())),
     Case("Pruner.observe", "`indices` a list", lambda p: p.observe([0, 1, 2], LOSS), TypeError, "indices must be a torch.Tensor, got list", trained_pruner),
     Case("Pruner.observe", "float `indices`", lambda p: p.observe(IDX.float(), LOSS), TypeError, "indices must have an integer dtype, got indices.dtype=torch.float32", trained_pruner),
     Case("Pruner.observe", "bool `indices`", lambda p: p.observe(IDX > 0, LOSS), TypeError, "indices must have an integer dtype, got indices.dtype=torch.bool", trained_pruner),
+    Case("Pruner.observe", "uint32 `indices`", lambda p: p.observe(IDX.to(torch.uint32), LOSS), TypeError, "indices must have a signed integer dtype (int8/16/32/64) or uint8, got indices.dtype=torch.uint32: torch cannot index with it", trained_pruner),
     Case("Pruner.observe", "2-D `indices`", lambda p: p.observe(IDX[None], LOSS), ValueError, "indices must be 1-D, got indices.shape=(1, 3)", trained_pruner),
     Case("Pruner.observe", "a reduced (0-d) loss", lambda p: p.observe(IDX, LOSS.mean()), ValueError, "per_sample_loss must be 1-D, one value per sample, got per_sample_loss.shape=() (use reduction='none'", trained_pruner),
     Case("Pruner.observe", "a 2-D loss", lambda p: p.observe(IDX, LOSS[None]), ValueError, "per_sample_loss must be 1-D, one value per sample, got per_sample_loss.shape=(1, 3)", trained_pruner),
@@ -225,46 +233,56 @@ CASES: list[Case] = [
     Case("Pruner.observe", "a negative id", lambda p: p.observe(torch.tensor([-1, 3]), LOSS[:2]), ValueError, "indices must lie in [0, 20), got an index -1", trained_pruner),
     Case("Pruner.observe", "losses on another device", lambda p: p.observe(IDX, LOSS.to("meta")), ValueError, "per_sample_loss must be on cpu, got per_sample_loss.device=meta", trained_pruner),
     Case("Pruner.is_full_epoch", "`epoch=-1`", lambda p: p.is_full_epoch(-1), ValueError, "epoch must be >= 0", trained_pruner),
+    Case("Pruner.epoch_size", "an epoch beyond `num_epochs`", lambda p: p.epoch_size(9), ValueError, "epoch must be <= 5", trained_pruner),
     Case("Pruner.selection_stats", "`always=2`", lambda p: p.selection_stats(always=2), ValueError, "always must be <= 1.0, got always=2.0", trained_pruner),
     Case("Pruner.load_state_dict", "not a dict", lambda p: p.load_state_dict([1, 2]), TypeError, "state must be a dict from Pruner.state_dict(), got list", trained_pruner),
-    Case("Pruner.load_state_dict", "entries missing", lambda p: p.load_state_dict(state_with(rounds=KeyError)), ValueError, "state_dict is missing ['rounds']", trained_pruner),
+    Case("Pruner.load_state_dict", "an entry missing", lambda p: p.load_state_dict(state_with(rounds=KeyError)), ValueError, "missing ['rounds']", trained_pruner),
+    Case("Pruner.load_state_dict", "an unknown entry", lambda p: p.load_state_dict(state_with(bank=None)), ValueError, "unknown ['bank']", trained_pruner),
+    Case("Pruner.load_state_dict", "content changed after saving (the checksum)", lambda p: p.load_state_dict(state_with(reseal=False, stats__mean=set_at(3, 1.27e38))), ValueError, "state_dict['checksum'] does not match the state's content", trained_pruner),
+    Case("Pruner.load_state_dict", "another `decay`", lambda p: p.load_state_dict(state_with(config__decay=0.5)), ValueError, "checkpoint was made with decay=0.5, this Pruner has decay=", trained_pruner),
+    Case("Pruner.load_state_dict", "another policy setting (InfoBatch `delta`)", lambda p: p.load_state_dict(state_with(config__policy=lambda c: {**c, "delta": 0.5})), ValueError, "checkpoint was made with policy.delta=0.5, this Pruner has policy.delta=0.875", trained_pruner),
     Case("Pruner.load_state_dict", "another configuration (k)", lambda p: p.load_state_dict(state_with(config__k=7)), ValueError, "checkpoint was made with k=7, this Pruner has k=10", trained_pruner),
-    Case("Pruner.load_state_dict", "a bank tensor of the wrong dtype", lambda p: p.load_state_dict(state_with(bank__count=torch.zeros(N))), ValueError, "state_dict['count'] must be a (20,) torch.int32 tensor, got (20,) torch.float32", trained_pruner),
-    Case("Pruner.load_state_dict", "a selection holding an id >= N", lambda p: p.load_state_dict(state_with(selection=torch.tensor([3, 25]))), ValueError, "state_dict['selection'] holds ids outside [0, 20)", trained_pruner),
-    Case("Pruner.load_state_dict", "plan ids that are not 1-D int64", lambda p: p.load_state_dict(state_with(plan__indices=torch.zeros(2, 2, dtype=torch.long))), ValueError, "state_dict['plan']['indices'] must be a 1-D int64 tensor, got (2, 2) torch.int64", trained_pruner),
-    Case("Pruner.load_state_dict", "plan weights not matching the ids", lambda p: p.load_state_dict(state_with(plan__weights=torch.ones(2))), ValueError, "state_dict['plan']['weights'] must be None or a float tensor shaped like its ids", trained_pruner),
+    Case("Pruner.load_state_dict", "an emptied `config`", lambda p: p.load_state_dict(state_with(config={})), ValueError, "state_dict['config'] is missing 'decay'", trained_pruner),
+    Case("Pruner.load_state_dict", "a plan of 3 ids where k = 10", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: t[:3])), ValueError, "state_dict['plan']['indices'] holds 3 ids, the budget is k=10", lambda: trained_pruner("uniform")),
+    Case("Pruner.load_state_dict", "duplicate plan ids", lambda p: p.load_state_dict(state_with("uniform", plan__indices=set_at(1, -1))), ValueError, "state_dict['plan']['indices'] holds ids outside [0, 20)", lambda: trained_pruner("uniform")),
+    Case("Pruner.load_state_dict", "a plan id >= N", lambda p: p.load_state_dict(state_with("uniform", plan__indices=set_at(0, 25))), ValueError, "state_dict['plan']['indices'] holds ids outside [0, 20): [", lambda: trained_pruner("uniform")),
+    Case("Pruner.load_state_dict", "a repeated plan id", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: torch.cat([t[:1], t[:-1]]))), ValueError, "state_dict['plan']['indices'] holds duplicate ids", lambda: trained_pruner("uniform")),
+    Case("Pruner.load_state_dict", "plan ids that are not 1-D int32", lambda p: p.load_state_dict(state_with(plan__indices=torch.zeros(2, 2, dtype=torch.long))), ValueError, "state_dict['plan']['indices'] must be a 1-D torch.int32 tensor, got (2, 2) torch.int64", trained_pruner),
+    Case("Pruner.load_state_dict", "a NaN mean", lambda p: p.load_state_dict(state_with(stats__mean=set_at(4, float("nan")))), ValueError, "state_dict['stats']['mean'] holds non-finite values", trained_pruner),
+    Case("Pruner.load_state_dict", "a negative variance", lambda p: p.load_state_dict(state_with(stats__var=set_at(4, -1.0))), ValueError, "state_dict['stats']['var'] holds negative or non-finite values", trained_pruner),
+    Case("Pruner.load_state_dict", "a stats tensor of the wrong dtype", lambda p: p.load_state_dict(state_with(stats__last_epoch=torch.zeros(N))), ValueError, "state_dict['stats']['last_epoch'] must be a (20,) torch.int32 tensor, got (20,) torch.float32", trained_pruner),
+    Case("Pruner.load_state_dict", "a sample seen in a future epoch", lambda p: p.load_state_dict(state_with(stats__last_epoch=set_at(0, 9))), ValueError, "state_dict['stats']['last_epoch'] must lie in [-1, 3], got [", trained_pruner),
+    Case("Pruner.load_state_dict", "a sample selected more often than there were rounds", lambda p: p.load_state_dict(state_with(stats__selected=set_at(0, 99))), ValueError, "state_dict['stats']['selected'] must lie in [0, 4], got [", trained_pruner),
     Case("Pruner.load_state_dict", "`rounds=-1`", lambda p: p.load_state_dict(state_with(rounds=-1)), ValueError, "state_dict['rounds'] must be >= 0", trained_pruner),
-    # ScoreBank
-    Case(SB, "`num_samples=0`", lambda _: gp.ScoreBank(0), ValueError, "num_samples must be >= 1, got num_samples=0"),
-    Case(SB, "`decay=-0.1`", lambda _: gp.ScoreBank(N, decay=-0.1), ValueError, "decay must be >= 0.0, got decay=-0.1"),
-    Case(SB, "`decay=nan`", lambda _: gp.ScoreBank(N, decay=float("nan")), ValueError, "decay must be finite, got decay=nan"),
-    Case(SB, "`deferred=\"no\"` (truthy string)", lambda _: gp.ScoreBank(N, deferred="no"), TypeError, "deferred must be a bool, got str 'no'"),
-    Case(SB, "`device=\"meta\"`", lambda _: gp.ScoreBank(N, device="meta"), ValueError, "device must hold data (cpu or cuda)"),
-    Case("ScoreBank.observe", "an id >= N", lambda b: b.observe(torch.tensor([20]), LOSS[:1]), ValueError, "indices must lie in [0, 20), got an index 20", bank),
-    Case("ScoreBank.observe", "a reduced (0-d) loss", lambda b: b.observe(IDX, LOSS.sum()), ValueError, "losses must be 1-D, one value per sample", bank),
-    Case("ScoreBank.observe", "lengths differ", lambda b: b.observe(IDX, LOSS[:1]), ValueError, "indices and losses must have the same length, got 3 and 1", bank),
-    Case("ScoreBank.observe", "integer losses", lambda b: b.observe(IDX, IDX), TypeError, "losses must have a floating dtype", bank),
-    Case("ScoreBank.observe", "`indices` on another device", lambda b: b.observe(IDX.to("meta"), LOSS), ValueError, "indices must be on cpu, got indices.device=meta", bank),
-    Case("ScoreBank.commit", "`reduce=3` (not callable)", lambda b: b.commit(reduce=3), TypeError, "reduce must be callable or None, got int 3", deferred_bank),
-    Case("ScoreBank.selection_frequency", "`rounds=-1`", lambda b: b.selection_frequency(-1), ValueError, "rounds must be >= 0, got rounds=-1", bank),
-    Case("ScoreBank.load_state_dict", "not a dict", lambda b: b.load_state_dict(None), TypeError, "state must be a dict from ScoreBank.state_dict(), got NoneType", bank),
-    Case("ScoreBank.load_state_dict", "another `num_samples`", lambda b: b.load_state_dict(gp.ScoreBank(5).state_dict()), ValueError, "state_dict is for num_samples=5, this bank has num_samples=20", bank),
-    Case("ScoreBank.load_state_dict", "a tensor of the wrong dtype", lambda b: b.load_state_dict(bank_state_with(mean=torch.zeros(N, dtype=torch.float64))), ValueError, "state_dict['mean'] must be a (20,) torch.float32 tensor, got (20,) torch.float64", bank),
-    Case("ScoreBank.load_state_dict", "`decay=1.5`", lambda b: b.load_state_dict(bank_state_with(decay=1.5)), ValueError, "state_dict['decay'] must be < 1.0, got state_dict['decay']=1.5", bank),
-    Case("ScoreBank.load_state_dict", "`pending` of the wrong shape", lambda b: b.load_state_dict(bank_state_with(pending=torch.zeros(3, 4))), ValueError, "state_dict['pending'] must be None or a (3, 20) tensor", bank),
+    Case("Pruner.load_state_dict", "a plan epoch that is full in this schedule", lambda p: p.load_state_dict(state_with(plan__full=True)), ValueError, "state_dict['plan']['full']=True, but epoch 3 is pruned in this schedule", trained_pruner),
+    # LossStats
+    Case(LS, "`num_samples=0`", lambda _: gp.LossStats(0), ValueError, "num_samples must be >= 1, got num_samples=0"),
+    Case(LS, "`device=\"meta\"`", lambda _: gp.LossStats(N, device="meta"), ValueError, "device must be a cpu or cuda device"),
+    Case("LossStats.frequency", "`rounds=-1`", lambda b: b.frequency(-1), ValueError, "rounds must be >= 0, got rounds=-1", stats),
+    Case("LossStats.load_state_dict", "not a dict", lambda b: b.load_state_dict(None), TypeError, "state_dict['stats'] must be a dict from LossStats.state_dict(), got NoneType", stats),
+    Case("LossStats.load_state_dict", "another `num_samples`", lambda b: b.load_state_dict(gp.LossStats(5).state_dict()), ValueError, "state_dict['stats']['mean'] must be a (20,) torch.float32 tensor, got (5,) torch.float32", stats),
+    Case("LossStats.load_state_dict", "an inf mean", lambda b: b.load_state_dict({**b.state_dict(), "mean": set_at(0, float("inf"))(b.mean)}), ValueError, "state_dict['stats']['mean'] holds non-finite values", stats),
+    # Schedule
+    Case(S, "`num_epochs=0`", lambda _: gp.Schedule(0), ValueError, "num_epochs must be >= 1, got num_epochs=0"),
+    Case(S, "`final_full_epochs=2` without `num_epochs`", lambda _: gp.Schedule(final_full_epochs=2), ValueError, "final_full_epochs=2 needs num_epochs"),
+    Case(S, "`selection_interval=1.5`", lambda _: gp.Schedule(selection_interval=1.5), TypeError, "selection_interval must be an int, got float 1.5"),
+    Case("Schedule.total_steps", "no `num_epochs`", lambda _: gp.Schedule().total_steps(10, 5, 2), ValueError, "total_steps needs a schedule with num_epochs"),
+    Case("Schedule.total_steps", "`k` > `num_samples`", lambda _: gp.Schedule(3).total_steps(10, 11, 2), ValueError, "k must be <= 10, got k=11"),
+    Case("Schedule.steps", "`batch_size=0`", lambda _: gp.Schedule(3).steps(0, 10, 5, 0), ValueError, "batch_size must be >= 1, got batch_size=0"),
     # sampler and dataset
     Case("PrunedSampler", "`pruner=None`", lambda _: gp.PrunedSampler(None), TypeError, "pruner must be a gpuprune.Pruner, got NoneType"),
     Case("PrunedSampler", "`num_replicas=0`", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=0), ValueError, "num_replicas must be >= 1, got num_replicas=0"),
     Case("PrunedSampler", "`rank=2` of 2", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=2, rank=2), ValueError, "rank must be <= 1, got rank=2"),
     Case("PrunedSampler", "`drop_last=\"yes\"`", lambda _: gp.PrunedSampler(trained_pruner(), drop_last="yes"), TypeError, "drop_last must be a bool, got str 'yes'"),
     Case("PrunedSampler.set_epoch", "`epoch=-1`", lambda s: s.set_epoch(-1), ValueError, "epoch must be >= 0, got epoch=-1", resumed_sampler),
+    Case("PrunedSampler.set_epoch", "an epoch beyond `num_epochs`", lambda s: s.set_epoch(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed` beyond this pass", lambda s: s.state_dict(consumed=7), ValueError, "consumed=7 is more than the 6 samples this pass of epoch 2 yields", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed=-1`", lambda s: s.state_dict(consumed=-1), ValueError, "consumed must be >= 0, got consumed=-1", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed=2.0`", lambda s: s.state_dict(consumed=2.0), TypeError, "consumed must be an int, got float 2.0", resumed_sampler),
-    Case("PrunedSampler.state_dict", "`consumed > 0` before the epoch is planned", lambda s: s.state_dict(consumed=1), ValueError, "consumed=1, but epoch 5 has not been planned yet", lambda: sampler_at(5)),
     Case("PrunedSampler.load_state_dict", "not a dict", lambda s: s.load_state_dict([2, 4]), TypeError, "state must be a dict from PrunedSampler.state_dict(), got list", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "entries missing", lambda s: s.load_state_dict({"epoch": 1}), ValueError, "state_dict is missing ['consumed', 'num_replicas', 'drop_last']", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "`epoch=-1`", lambda s: s.load_state_dict({"epoch": -1, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be >= 0", resumed_sampler),
+    Case("PrunedSampler.load_state_dict", "an epoch beyond `num_epochs`", lambda s: s.load_state_dict({"epoch": 8, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be <= 5", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "a mid-epoch state from another world size", lambda s: s.load_state_dict({"epoch": 2, "consumed": 3, "num_replicas": 4, "drop_last": False}), ValueError, "a mid-epoch state saved with num_replicas=4, drop_last=False cannot resume with num_replicas=1", resumed_sampler),
     Case("PrunedSampler.__iter__ / __len__", "a loaded `consumed` beyond the epoch's plan", lambda s: len(s), ValueError, "the sampler state says 50 samples of epoch 2 were trained, but this rank's plan has only 10", overrun_sampler),
     Case("IndexedDataset", "not a dataset (`5`)", lambda _: gp.IndexedDataset(5), TypeError, "dataset must be a map-style dataset with __getitem__ and __len__, got int"),
@@ -276,16 +294,19 @@ CASES: list[Case] = [
     Case("EpsilonGreedy", "`epsilon=2`", lambda _: EpsilonGreedy(2), ValueError, "epsilon must be <= 1.0, got epsilon=2.0"),
     Case("EpsilonGreedy", "`epsilon=None`", lambda _: EpsilonGreedy(None), TypeError, "epsilon must be a real number, got NoneType None"),
     Case("UCB", "`c=nan`", lambda _: UCB(c=float("nan")), ValueError, "c must be finite, got c=nan"),
+    Case("UCB", "`c=-3`", lambda _: UCB(c=-3.0), ValueError, "c must be >= 0.0, got c=-3.0"),
+    Case("UCB", "`uncertainty=\"mad\"`", lambda _: UCB(uncertainty="mad"), ValueError, "uncertainty must be one of ['std', 'var'], got uncertainty='mad'"),
     Case("UCB", "`uncertainty=None`", lambda _: UCB(uncertainty=None), TypeError, "uncertainty must be a str, one of ['std', 'var'], got NoneType None"),
     Case("UCB", "`drift=-0.5`", lambda _: UCB(drift=-0.5), ValueError, "drift must be >= 0.0, got drift=-0.5"),
-    Case(P, "`drift=float(\"inf\")`", lambda _: gp.Pruner(N, drift=float("inf")), ValueError, "drift must be finite, got drift=inf"),
+    Case("UCB", "`drift=inf`", lambda _: UCB(drift=float("inf")), ValueError, "drift must be finite, got drift=inf"),
     Case("InfoBatch", "`ratio=1.0`", lambda _: InfoBatch(ratio=1.0), ValueError, "ratio must be < 1.0, got ratio=1.0"),
     Case("InfoBatch", "`delta=-1`", lambda _: InfoBatch(delta=-1), ValueError, "delta must be >= 0.0, got delta=-1.0"),
+    Case("InfoBatch", "`delta=2.0`", lambda _: InfoBatch(delta=2.0), ValueError, "delta must be <= 1.0, got delta=2.0"),
     # sharding
-    Case("shard_indices", "`indices` a list", lambda _: gp.shard_indices([1, 2], 0, 1), TypeError, "indices must be a torch.Tensor, got list"),
-    Case("shard_indices", "2-D `indices`", lambda _: gp.shard_indices(torch.ones(2, 2), 0, 1), ValueError, "indices must be 1-D, got indices.shape=(2, 2)"),
-    Case("shard_indices", "`rank=3` of 2", lambda _: gp.shard_indices(torch.arange(4), 3, 2), ValueError, "rank must be <= 1, got rank=3"),
-    Case("shard_indices", "`world_size=0`", lambda _: gp.shard_indices(torch.arange(4), 0, 0), ValueError, "world_size must be >= 1, got world_size=0"),
+    Case("plan.shard_indices", "`indices` a list", lambda _: shard_indices([1, 2], 0, 1), TypeError, "indices must be a torch.Tensor, got list"),
+    Case("plan.shard_indices", "2-D `indices`", lambda _: shard_indices(torch.ones(2, 2), 0, 1), ValueError, "indices must be 1-D, got indices.shape=(2, 2)"),
+    Case("plan.shard_indices", "`rank=3` of 2", lambda _: shard_indices(torch.arange(4), 3, 2), ValueError, "rank must be <= 1, got rank=3"),
+    Case("plan.shard_indices", "`world_size=0`", lambda _: shard_indices(torch.arange(4), 0, 0), ValueError, "world_size must be >= 1, got world_size=0"),
     Case("Plan.batches", "`batch_size=0`", lambda p: p.plan(2).batches(0), ValueError, "batch_size must be >= 1, got batch_size=0", trained_pruner),
     # static scores
     Case("el2n_scores", "`model` a function", lambda _: gp.el2n_scores(lambda x: x, [], 2), TypeError, "model must be a torch.nn.Module, got function"),
@@ -295,6 +316,7 @@ CASES: list[Case] = [
     Case("el2n_scores", "an id >= N", lambda m: gp.el2n_scores(m, [(torch.zeros(2, 2), torch.tensor([0, 1]), torch.tensor([0, 5]))], 2), ValueError, "indices must lie in [0, 2), got [0, 5]", model),
     Case("el2n_scores", "a label >= number of logits", lambda m: gp.el2n_scores(m, [(torch.zeros(2, 2), torch.tensor([0, 2]), torch.tensor([0, 1]))], 2), ValueError, "labels must lie in [0, 2) for 2 logits, got [0, 2]", model),
     Case("el2n_scores", "a loader that misses samples", lambda m: gp.el2n_scores(m, [(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0]))], 2), ValueError, "loader did not cover the dataset: 1 of 2 samples have no EL2N score", model),
+    Case("el2n_scores", "a model whose outputs are NaN", lambda m: gp.el2n_scores(m, [(torch.full((2, 2), float("nan")), torch.tensor([0, 1]), torch.tensor([0, 1]))], 2), ValueError, "the model's outputs are not finite for 2 of 2 samples (ids [0, 1])", model),
     Case("ForgettingTracker", "`num_samples=0`", lambda _: gp.ForgettingTracker(0), ValueError, "num_samples must be >= 1, got num_samples=0"),
     Case("ForgettingTracker.update", "float `correct`", lambda t: t.update(IDX, torch.ones(3)), TypeError, "correct must be a bool torch.Tensor, got torch.float32", tracker),
     Case("ForgettingTracker.update", "`correct` a list", lambda t: t.update(IDX, [True] * 3), TypeError, "correct must be a bool torch.Tensor, got list", tracker),
@@ -302,14 +324,16 @@ CASES: list[Case] = [
     Case("ForgettingTracker.update", "lengths differ", lambda t: t.update(IDX, torch.tensor([True])), ValueError, "indices and correct must have the same length, got 3 and 1", tracker),
     # checkpoint files (the subject is the checkpoint directory: every file's bytes must stay)
     Case("save_checkpoint", "`path=3`", lambda d: gp.save_checkpoint({}, 3), TypeError, "path must be a str or os.PathLike, got int 3", "dir"),
-    Case("save_checkpoint", "`path` a directory", lambda d: gp.save_checkpoint({}, d), ValueError, "path must be a file, got the directory", "dir"),
-    Case("save_checkpoint", "`path` in a missing directory", lambda d: gp.save_checkpoint({}, d / "no" / "ckpt.pt"), FileNotFoundError, "the directory of path=", "dir"),
+    Case("save_checkpoint", "`path` a directory", lambda d: gp.save_checkpoint({}, d), ValueError, "is a directory; a checkpoint is saved to a regular file", "dir"),
+    Case("save_checkpoint", "`path` a FIFO (or a device)", lambda d: gp.save_checkpoint({}, d / "pipe"), ValueError, "is not a regular file; a checkpoint is saved to a regular file", "dir"),
+    Case("save_checkpoint", "`path` in a missing directory", lambda d: gp.save_checkpoint({}, d / "no" / "ckpt.pt"), FileNotFoundError, "/no/ckpt.pt': its directory", "dir"),
     Case("save_checkpoint", "an object that cannot be pickled", lambda d: gp.save_checkpoint({"f": lambda: 0}, d / "ckpt.pt"), (AttributeError, pickle.PicklingError), "pickle", "dir"),
     Case("load_checkpoint", "`path=None`", lambda d: gp.load_checkpoint(None), TypeError, "path must be a str or os.PathLike, got NoneType None", "dir"),
     Case("load_checkpoint", "a missing file", lambda d: gp.load_checkpoint(d / "nope.pt"), FileNotFoundError, "no checkpoint file at path=", "dir"),
-    Case("load_checkpoint", "a truncated file", lambda d: gp.load_checkpoint(d / "truncated.pt"), ValueError, "is truncated or not a torch checkpoint", "dir"),
-    Case("load_checkpoint", "a file that is not a checkpoint", lambda d: gp.load_checkpoint(d / "garbage.pt"), ValueError, "cannot be unpickled", "dir"),
-    Case("load_checkpoint", "arbitrary objects with `weights_only=True`", lambda d: gp.load_checkpoint(d / "opaque.pt"), ValueError, "cannot be unpickled", "dir"),
+    Case("load_checkpoint", "a truncated file", lambda d: gp.load_checkpoint(d / "truncated.pt"), gp.CheckpointError, "is truncated or extended", "dir"),
+    Case("load_checkpoint", "a file that is not a checkpoint", lambda d: gp.load_checkpoint(d / "garbage.pt"), gp.CheckpointError, "garbage.pt' cannot be unpickled (neither a gpuprune checkpoint nor a torch.save file)", "dir"),
+    Case("load_checkpoint", "a text file", lambda d: gp.load_checkpoint(d / "notes.txt"), gp.CheckpointError, "notes.txt'", "dir"),
+    Case("load_checkpoint", "arbitrary objects with `weights_only=True`", lambda d: gp.load_checkpoint(d / "opaque.pt"), gp.CheckpointError, "cannot be unpickled", "dir"),
     Case("load_checkpoint", "`map_location=\"gpu0\"`", lambda d: gp.load_checkpoint(d / "ckpt.pt", map_location="gpu0"), ValueError, "map_location must name a device, got map_location='gpu0'", "dir"),
 ]
 
@@ -320,11 +344,10 @@ def snapshot(obj) -> Any:
     if obj is None:
         return None
     if isinstance(obj, gp.Pruner):
-        plan = obj._plan
-        return {"state": obj.state_dict(), "table": obj._weight_table,
-                "plan_object": id(plan), "k": obj.k, "epoch": obj.bank.epoch}
-    if isinstance(obj, gp.ScoreBank):
-        return {"state": obj.state_dict(), "deferred": obj.deferred}
+        return {"state": obj.state_dict(), "plan_object": id(obj.current_plan), "k": obj.k,
+                "history": obj.history}
+    if isinstance(obj, gp.LossStats):
+        return {"state": obj.state_dict()}
     if isinstance(obj, gp.PrunedSampler):
         return {"pos": (obj.epoch, obj._start, obj.num_replicas, obj.rank, obj.drop_last),
                 "pruner": snapshot(obj.pruner)}
@@ -333,7 +356,8 @@ def snapshot(obj) -> Any:
     if isinstance(obj, torch.nn.Module):
         return {"training": obj.training, "params": {k: v.clone() for k, v in obj.state_dict().items()}}
     if isinstance(obj, Path):
-        return {p.name: p.read_bytes() for p in sorted(obj.iterdir()) if p.is_file()}
+        return {p.name: (p.read_bytes() if p.is_file() else stat.S_IFMT(p.stat().st_mode))
+                for p in sorted(obj.iterdir())}
     raise TypeError(type(obj))
 
 
@@ -381,22 +405,23 @@ def test_subjects_still_work_after_the_errors():
 def test_nonfinite_losses_are_not_errors_but_are_counted():
     """Documented in docs/errors.md: NaN/inf losses are skipped by the statistics, not rejected."""
     p = trained_pruner("ucb")
-    before = p.bank.state_dict()
+    before = p.stats.state_dict()
     loss = torch.tensor([float("nan"), float("inf"), 2.0])
     out = p.observe(IDX, loss)
     assert out.isnan()                                      # the training loop still sees it
-    after = p.bank.state_dict()
+    after = p.stats.state_dict()
     assert int(after["nonfinite"]) == int(before["nonfinite"]) + 2
-    changed = (after["count"] != before["count"]).nonzero().flatten().tolist()
+    changed = (after["mean"] != before["mean"]).nonzero().flatten().tolist()
     assert changed == [2]
 
 
 def test_every_entry_point_has_a_case():
     entries = {c.entry for c in CASES}
     for name in ("Pruner(...)", "Pruner.plan", "Pruner.observe", "Pruner.load_state_dict",
-                 "ScoreBank(...)", "ScoreBank.observe", "ScoreBank.load_state_dict", "PrunedSampler",
+                 "LossStats(...)", "LossStats.load_state_dict", "Schedule(...)",
+                 "Schedule.total_steps", "PrunedSampler", "PrunedSampler.set_epoch",
                  "PrunedSampler.state_dict", "PrunedSampler.load_state_dict", "IndexedDataset",
-                 "Static", "EpsilonGreedy", "UCB", "InfoBatch", "shard_indices", "el2n_scores",
+                 "Static", "EpsilonGreedy", "UCB", "InfoBatch", "plan.shard_indices", "el2n_scores",
                  "ForgettingTracker.update", "save_checkpoint", "load_checkpoint"):
         assert name in entries, name
 

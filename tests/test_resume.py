@@ -4,7 +4,7 @@ The training loop is a real one (digits, a small MLP, SGD with momentum, a DataL
 IndexedDataset whose workers prefetch). The interrupted run saves pruner, sampler, model and
 optimizer state with ``save_checkpoint`` (``torch.save`` underneath), drops every object, builds new
 ones, loads the file and carries on. Everything after the checkpoint must be bit-identical to a run
-that was never interrupted: the remaining batches, later plans, ScoreBank tensors and weights.
+that was never interrupted: the remaining batches, later plans, LossStats tensors and weights.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ POLICIES = ["ucb", "epsilon_greedy", "uniform", "infobatch"]
 N = 360           # samples of digits used
 EPOCHS = 5
 BATCH = 24
-BANK_TENSORS = ("mean", "var", "count", "last_epoch", "selected", "nonfinite", "invalid_batches")
+BANK_TENSORS = ("mean", "var", "last_epoch", "selected", "nonfinite", "invalid_batches")
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,7 +93,7 @@ def run(policy: str, *, workers: int, stop=None, ckpt=None, resume=False) -> dic
                                    ckpt)
                 out["drawn_at_stop"], out["trained_at_stop"] = sampler.drawn, trained
                 return out                        # the "crash": every object is dropped
-    out["bank"] = {name: getattr(pruner.bank, name).clone() for name in BANK_TENSORS}
+    out["bank"] = {name: getattr(pruner.stats, name).clone() for name in BANK_TENSORS}
     out["params"] = [p.detach().clone() for p in model.parameters()]
     return out
 
@@ -210,9 +210,9 @@ def test_sampler_state_errors_leave_it_unchanged():
         s.state_dict(consumed=-1)
     with pytest.raises(TypeError, match="consumed must be an int"):
         s.state_dict(consumed=2.0)
-    s.set_epoch(3)                                   # not planned yet
-    with pytest.raises(ValueError, match="epoch 3 has not been planned yet"):
-        s.state_dict(consumed=1)
+    s.set_epoch(3)                                   # set_epoch plans: the next epoch is known
+    assert s.state_dict(consumed=1) == {"epoch": 3, "consumed": 1, "num_replicas": 1,
+                                        "drop_last": False}
     t = gp.PrunedSampler(p)
     t.load_state_dict({"epoch": 0, "consumed": 4, "num_replicas": 1, "drop_last": False})
     for bad, exc in [({"epoch": 0}, ValueError), ([0, 4], TypeError),
