@@ -4,14 +4,15 @@
     python benchmarks/distributed.py --sizes 1e5 1e6 --reps 5 --world 2
     torchrun --nproc_per_node=8 benchmarks/distributed.py  # GPUs: NCCL, device cuda:LOCAL_RANK
 
-A distributed Pruner adds, once per epoch, one all-reduce of its (3, N) float64 pending sums (24
-bytes per sample) plus one of 2 counters, a commit of the sums into the state, and (with
-``verify_plans``) one 8-value all-reduce of the plan's fingerprint. Each repetition observes one
-epoch of losses on every rank (not timed), then times ``pruner.plan(epoch)`` with its hooks timed
-separately, so merge, plan and verification are measured in the same call. For comparison it also
-times the plan of a single-process Pruner (no hooks) given the same merged statistics, and a
-bare all-reduce of a buffer of the same size. Medians over ``--reps`` epochs, seconds, rank 0's clock (the
-ranks wait for each other in the collectives).
+A distributed Pruner adds, once per epoch: a fixed-size header exchange (an all-gather of 10 int64
+per rank), an all-gather of every rank's observation log (an int32 id and a float32 loss per
+observed sample: 8 bytes per sample of the epoch), one update of a copy of the statistics with the
+gathered observations, and (with ``verify_plans``) a second header exchange carrying the plan's
+fingerprint. Each repetition observes one epoch of losses on every rank (not timed), then times
+``sampler.set_epoch(epoch)`` (which plans) with the merge and the verification timed separately, so all three are
+measured in the same call. For comparison it also times the plan of a single-process Pruner given
+the same merged statistics, and a bare all-gather of the same amount of data. Medians over
+``--reps`` epochs, seconds, rank 0's clock (the ranks wait for each other in the collectives).
 
 Correctness first: every repetition checks that all ranks hold the same plan and that the
 single-process Pruner given the merged statistics plans the same epoch identically.
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpuprune as gp                                     # noqa: E402
-from gpuprune.select import hash32                        # noqa: E402
+from gpuprune.keys import hash32                          # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -45,12 +46,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device, sink: list):
-    def wrapper(*a):
+    def wrapper(*a, **kw):
         _sync(device)
         t0 = time.perf_counter()
-        fn(*a)
+        out = fn(*a, **kw)
         _sync(device)
         sink.append(time.perf_counter() - t0)
+        return out
     return wrapper
 
 
@@ -61,49 +63,49 @@ def _losses(idx: torch.Tensor, epoch: int) -> torch.Tensor:
 def run_size(n: int, reps: int, policy: str, device: torch.device, rank: int, world: int) -> dict:
     pruner = gp.Pruner(n, keep=0.5, policy=policy, num_epochs=reps + 2, warmup_epochs=1, seed=1,
                        device=device)
-    sync = pruner.dist_sync
+    sync = pruner._sync             # the benchmark times the Pruner's EpochSync from outside
     t_merge, t_verify = [], []
-    pruner.before_plan[pruner.before_plan.index(sync._before_plan)] = _timed(
-        sync._before_plan, device, t_merge)
-    pruner.after_plan[pruner.after_plan.index(sync._after_plan)] = _timed(
-        sync._after_plan, device, t_verify)
+    sync.merge = _timed(sync.merge, device, t_merge)
+    sync.verify = _timed(sync.verify, device, t_verify)
     sampler = pruner.sampler()
     single = gp.Pruner(n, keep=0.5, policy=policy, num_epochs=reps + 2, warmup_epochs=1, seed=1,
                        device=device, process_group=None)
-    buf = torch.zeros(3, n, dtype=torch.float64, device=device)
-    rows = {"total": [], "merge": [], "verify": [], "plan": [], "single": [], "allreduce": []}
+    per_rank = -(-gp.budget(0.5, n) // world)          # this rank's log: 8 B per observed sample
+    buf = torch.zeros(2 * per_rank, dtype=torch.float32, device=device)
+    gathered = [torch.empty_like(buf) for _ in range(world)]
+    rows = {"total": [], "merge": [], "verify": [], "plan": [], "single": [], "allgather": []}
     for epoch in range(reps + 1):
-        sampler.set_epoch(epoch)
         del t_merge[:], t_verify[:]
         dist.barrier()
         _sync(device)
         t0 = time.perf_counter()
-        plan = pruner.plan(epoch)
+        sampler.set_epoch(epoch)                          # plans: merge, select, verify
         _sync(device)
         total = time.perf_counter() - t0
+        plan = pruner.current_plan
         # a single-process Pruner given the merged statistics must plan the same epoch
         if epoch > 0:
-            for name in ("mean", "var", "count", "last_epoch"):
-                getattr(single.bank, name).copy_(getattr(pruner.bank, name))
+            for name in ("mean", "var", "last_epoch"):
+                getattr(single.stats, name).copy_(getattr(pruner.stats, name))
             _sync(device)
             t1 = time.perf_counter()
             sp = single.plan(epoch)
             _sync(device)
             rows["single"].append(time.perf_counter() - t1)
             assert torch.equal(sp.indices, plan.indices), "single-process plan differs"
-        # a bare all-reduce of the same amount of data
+        # a bare all-gather of the same amount of data
         dist.barrier()
         _sync(device)
         t2 = time.perf_counter()
-        dist.all_reduce(buf)
+        dist.all_gather(gathered, buf)
         _sync(device)
-        t_ar = time.perf_counter() - t2
+        t_ag = time.perf_counter() - t2
         if epoch > 0:        # epoch 0 warms up (allocations, gloo connections)
             rows["total"].append(total)
-            rows["merge"].append(t_merge[0])
+            rows["merge"].append(t_merge[0] if t_merge else 0.0)
             rows["verify"].append(t_verify[0])
             rows["plan"].append(total - t_merge[0] - t_verify[0])
-            rows["allreduce"].append(t_ar)
+            rows["allgather"].append(t_ag)
         shard = torch.tensor(list(sampler), dtype=torch.long, device=device)
         for i in range(0, shard.numel(), 8192):
             b = shard[i:i + 8192]
@@ -136,14 +138,14 @@ def worker(args) -> None:
         print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
               f"numpy {np.__version__}, gpuprune {gp.__version__}")
         print(f"policy {args.policy}, keep 0.5, medians of {args.reps} epochs, milliseconds\n")
-        print(f"{'N':>9} {'allreduce(3N f64)':>18} {'merge':>8} {'plan':>8} {'verify':>8} "
+        print(f"{'N':>9} {'allgather(8 B x shard)':>23} {'merge':>8} {'plan':>8} {'verify':>8} "
               f"{'total':>8} {'single-process plan':>20} {'total/single':>13}")
     for size in args.sizes:
         n = int(float(size))
         r = run_size(n, args.reps, args.policy, device, rank, world)
         if rank == 0:
             ms = {k: 1e3 * v for k, v in r.items()}
-            print(f"{n:>9} {ms['allreduce']:>18.2f} {ms['merge']:>8.2f} {ms['plan']:>8.2f} "
+            print(f"{n:>9} {ms['allgather']:>23.2f} {ms['merge']:>8.2f} {ms['plan']:>8.2f} "
                   f"{ms['verify']:>8.2f} {ms['total']:>8.2f} {ms['single']:>20.2f} "
                   f"{r['total'] / r['single']:>12.2f}x", flush=True)
     dist.destroy_process_group()

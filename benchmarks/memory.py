@@ -3,11 +3,14 @@
     python benchmarks/memory.py                      # N = 1e8 on the CPU (needs about 7 GB free)
     python benchmarks/memory.py --n 1e6 --steps 2000 # quick look
 
-Each scenario runs in a fresh subprocess, so one's freed memory cannot hide another's. For each it
-reports, per sample (divided by N):
+Each scenario (a policy in a phase: warm-up, pruned, final full epochs; one rank of a 2-rank gloo
+group) runs in fresh subprocesses, so one's freed memory cannot hide another's. For each it reports,
+per sample (divided by N):
 
-* ``tensor B/s``: the bytes of every distinct tensor storage the object keeps (the ScoreBank's
-  statistics, the Pruner's selection, plan and loss-weight table), found by walking the objects;
+* ``tensor B/s``: the bytes of every distinct tensor storage the object keeps (statistics, plan,
+  InfoBatch's rescaled-sample bits, the observation log of a distributed Pruner), found by walking
+  the objects (independently of ``Pruner.nbytes()``, which must agree);
+* ``disk B/s``: the size of ``save_checkpoint(pruner.state_dict())`` (each saved id once);
 * ``RSS B/s``: how much the process's resident memory grew from before the object was built to
   after ``plan()`` returned and ``malloc_trim`` gave freed memory back (at small N glibc keeps
   freed blocks below its mmap threshold; at N = 1e8 every large block is its own mapping);
@@ -17,8 +20,9 @@ reports, per sample (divided by N):
   then, over as many further steps, of Python objects (``tracemalloc``). A leak of one byte per
   step would show as ``steps`` bytes, of one batch-sized tensor as ``steps * batch * 4``.
 
-The bank is given random statistics before planning (as after an epoch of training), so InfoBatch
-keeps a realistic ``N - n_below/2`` samples. Target: at most 24 bytes per sample for the state.
+The statistics are given random values before planning (as after an epoch of training), so
+InfoBatch keeps a realistic ``N - n_below/2`` samples. Target: at most 24 bytes per sample for the
+state, in memory and on disk.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -40,15 +45,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpuprune as gp                                     # noqa: E402
 
 SCENARIOS = {
-    # name: (what, policy, warmup_epochs, deferred)
-    "ScoreBank": ("bank", None, 0, False),
-    "ScoreBank deferred": ("bank", None, 0, True),
-    "Pruner ucb": ("pruner", "ucb", 0, False),
-    "Pruner epsilon_greedy": ("pruner", "epsilon_greedy", 0, False),
-    "Pruner uniform": ("pruner", "uniform", 0, False),
-    "Pruner static": ("pruner", "static", 0, False),
-    "Pruner infobatch": ("pruner", "infobatch", 0, False),
-    "Pruner full epoch": ("pruner", "ucb", 1, False),
+    # name: (policy, epoch planned, ranks); warm-up is epoch 0, the final full epoch is 9 of 10
+    "LossStats": (None, None, 1),
+    "ucb, pruned": ("ucb", 1, 1),
+    "epsilon_greedy, pruned": ("epsilon_greedy", 1, 1),
+    "uniform, pruned": ("uniform", 1, 1),
+    "static, pruned": ("static", 1, 1),
+    "infobatch, pruned": ("infobatch", 1, 1),
+    "full": ("full", 1, 1),
+    "ucb, warm-up (full)": ("ucb", 0, 1),
+    "infobatch, annealing (full)": ("infobatch", 9, 1),
+    "ucb, 2 ranks (gloo)": ("ucb", 1, 2),
+    "infobatch, 2 ranks (gloo)": ("infobatch", 1, 2),
 }
 
 
@@ -91,63 +99,85 @@ def heap_in_use() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
-def tensor_bytes(*objects) -> int:
-    """Bytes of the distinct tensor storages reachable from the objects' attributes (one level
-    into Plans, Policies and ScoreBanks), counting a storage shared by two tensors once."""
-    seen: dict[int, int] = {}
+def tensor_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj``'s attributes (recursively,
+    through lists, dicts and objects), counting a storage shared by two tensors once."""
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
 
     def visit(value) -> None:
         if isinstance(value, torch.Tensor):
             st = value.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        elif isinstance(value, (gp.Plan, gp.Policy, gp.ScoreBank)):
+            storages[st.data_ptr()] = st.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif hasattr(value, "__dict__") and not isinstance(value, type) and id(value) not in visited:
+            visited.add(id(value))
             for v in vars(value).values():
                 visit(v)
 
-    for obj in objects:
-        for v in vars(obj).values():
-            visit(v)
-    return sum(seen.values())
+    visit(obj)
+    return sum(storages.values())
 
 
 # ---------------------------------------------------------------- one scenario (in a subprocess)
-def fill_bank(bank: gp.ScoreBank, seed: int = 0) -> None:
+def fill(stats: gp.LossStats, seed: int = 0) -> None:
     """Random statistics, as after an epoch in which every sample was seen."""
     g = torch.Generator().manual_seed(seed)
-    bank.mean.copy_(torch.rand(bank.num_samples, generator=g))
-    bank.var.copy_(torch.rand(bank.num_samples, generator=g) * 0.1)
-    bank.count.fill_(1)
-    bank.last_epoch.fill_(0)
+    stats.mean.copy_(torch.rand(stats.num_samples, generator=g))
+    stats.var.copy_(torch.rand(stats.num_samples, generator=g) * 0.1)
+    stats.last_epoch.fill_(0)
 
 
-def run_scenario(name: str, n: int, steps: int, batch: int, keep: float) -> dict:
-    what, policy, warmup, deferred = SCENARIOS[name]
+def run_scenario(name: str, n: int, steps: int, batch: int, keep: float, rank: int = 0,
+                 store: str | None = None) -> dict:
+    policy, epoch, ranks = SCENARIOS[name]
     torch.manual_seed(0)    # only the benchmark's batches; the library never uses global RNG
-    warm = gp.ScoreBank(16)
+    if ranks > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", store=dist.FileStore(store, ranks), rank=rank,
+                                world_size=ranks, timeout=datetime.timedelta(minutes=10))
+    warm = gp.Pruner(16, policy="uniform", process_group=None)
     warm.observe(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
     rss0 = rss_bytes()
-    if what == "bank":
-        obj = gp.ScoreBank(n, deferred=deferred)
-        fill_bank(obj)
-        if deferred:
-            obj.pending()
-        holders = (obj,)
-        observe = obj.observe
+    out: dict = {}
+    if policy is None:
+        obj = gp.LossStats(n)
+        fill(obj)
+        observe = None
     else:
-        kw = {"static_scores": None} if policy == "static" else {}
-        obj = gp.Pruner(n, keep=keep, policy=policy, num_epochs=10, warmup_epochs=warmup, seed=0,
-                        **kw)
-        if not warmup:
-            fill_bank(obj.bank)
-        plan = obj.plan(0)
-        del plan
-        holders = (obj,)
+        obj = gp.Pruner(n, keep=keep, policy=policy, num_epochs=10, warmup_epochs=1,
+                        final_full_epochs=1 if policy != "infobatch" else None, seed=0)
+        if epoch > 0:
+            fill(obj.stats)
+        obj.plan(epoch)
+        if ranks > 1:               # fill this rank's observation log with its shard of the epoch
+            sampler = obj.sampler()
+            sampler.set_epoch(epoch)
+            shard = sampler.plan().indices
+            for lo in range(0, len(shard), batch):
+                ids = shard[lo:lo + batch]
+                obj.observe(ids, torch.rand(len(ids)))
+        out["planned"] = len(obj.current_plan)
         observe = obj.observe
     malloc_trim()
-    per_sample = {"tensor": tensor_bytes(*holders) / n, "rss": (rss_bytes() - rss0) / n,
-                  "peak_gb": peak_rss_bytes() / 1e9}
-    if what == "pruner":
-        per_sample["planned"] = len(obj._plan)
+    out.update(tensor=tensor_bytes(obj) / n, rss=(rss_bytes() - rss0) / n,
+               peak_gb=peak_rss_bytes() / 1e9)
+    if policy is not None:
+        out["nbytes"] = obj.nbytes() / n
+        if ranks > 1:
+            obj.synchronize()       # a checkpoint holds merged statistics
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ckpt.pt")
+            gp.save_checkpoint(obj.state_dict(), path)
+            out["disk"] = os.path.getsize(path) / n
+    if observe is None or ranks > 1:
+        out.update(steps=0, rss_growth=None, tracemalloc_growth=None, heap_growth=None)
+        return out
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, n, (batch,), generator=g), torch.rand(batch, generator=g))
@@ -168,9 +198,25 @@ def run_scenario(name: str, n: int, steps: int, batch: int, keep: float) -> dict
     steps_of(steps)
     t1 = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    per_sample.update(steps=steps, rss_growth=rss2 - rss1, tracemalloc_growth=t1 - t0,
-                      heap_growth=None if heap0 is None else heap1 - heap0)
-    return per_sample
+    out.update(steps=steps, rss_growth=rss2 - rss1, tracemalloc_growth=t1 - t0,
+               heap_growth=None if heap0 is None else heap1 - heap0)
+    return out
+
+
+def launch(name: str, n: int, args) -> dict:
+    """Run one scenario in fresh processes (one per rank); rank 0's figures."""
+    ranks = SCENARIOS[name][2]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--one", name, "--n", str(n), "--steps", str(args.steps),
+               "--batch", str(args.batch), "--keep", str(args.keep), "--store",
+               os.path.join(tmp, "store")]
+        procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+        outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        err = next(e for p, (_, e) in zip(procs, outs) if p.returncode)
+        raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else "failed")
+    return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- driver
@@ -197,36 +243,39 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS),
                     metavar="NAME", help=f"subset of: {', '.join(SCENARIOS)}")
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one scenario, print JSON
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = int(args.n)
     if args.one:
-        print(json.dumps(run_scenario(args.one, n, args.steps, args.batch, args.keep)))
+        print(json.dumps(run_scenario(args.one, n, args.steps, args.batch, args.keep, args.rank,
+                                      args.store)))
         return
 
     print(f"# gpuprune memory: N = {n:,}, keep = {args.keep}, {args.steps:,} observe steps of "
           f"{args.batch}")
     print(f"# {machine()}")
-    head = (f"| {'scenario':<22} | planned | tensor B/s | RSS B/s | peak GB | "
-            f"observe: RSS growth | heap growth | tracemalloc growth |")
+    head = (f"| {'scenario':<28} | planned | tensor B/s | nbytes B/s | disk B/s | RSS B/s | "
+            f"peak GB | observe: RSS growth | heap growth | tracemalloc growth |")
     print(head)
-    print("|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|")
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     over = []
+    fmt = (lambda v, unit=" B": "-" if v is None else f"{v:,}{unit}")
     for name in args.scenarios:
-        cmd = [sys.executable, __file__, "--one", name, "--n", str(n), "--steps", str(args.steps),
-               "--batch", str(args.batch), "--keep", str(args.keep)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"| {name:<22} | failed: {out.stderr.strip().splitlines()[-1]} |")
+        try:
+            r = launch(name, n, args)
+        except RuntimeError as e:
+            print(f"| {name:<28} | failed: {e} |")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         planned = f"{r['planned'] / n:.3f} N" if "planned" in r else "-"
-        heap = "n/a" if r["heap_growth"] is None else f"{r['heap_growth']:,} B"
-        print(f"| {name:<22} | {planned:>7} | {r['tensor']:>10.2f} | {r['rss']:>7.2f} | "
-              f"{r['peak_gb']:>7.2f} | {r['rss_growth']:>17,} B | {heap:>11} | "
-              f"{r['tracemalloc_growth']:>16,} B |", flush=True)
-        if r["tensor"] > 24 + 64 / n:              # 24 B/sample plus a few scalar counters
+        nb = f"{r['nbytes']:.2f}" if "nbytes" in r else "-"
+        disk = f"{r['disk']:.2f}" if "disk" in r else "-"
+        print(f"| {name:<28} | {planned:>7} | {r['tensor']:>10.2f} | {nb:>10} | {disk:>8} | "
+              f"{r['rss']:>7.2f} | {r['peak_gb']:>7.2f} | {fmt(r['rss_growth']):>19} | "
+              f"{fmt(r['heap_growth']):>11} | {fmt(r['tracemalloc_growth']):>18} |", flush=True)
+        if max(r["tensor"], r.get("disk", 0.0)) > 24 + 4096 / n:   # + a few scalars and headers
             over.append(name)
-    print(f"# over 24 B/sample (tensor bytes): {', '.join(over) if over else 'none'}")
+    print(f"# over 24 B/sample (tensor bytes or disk): {', '.join(over) if over else 'none'}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 import gpuprune
-from gpuprune.distributed import synchronize
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -119,10 +118,14 @@ def main() -> None:
     model = DDP(model, device_ids=[local_rank] if cuda else None)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
-
     pruner = gpuprune.Pruner(n, keep=args.keep, policy=args.policy, num_epochs=args.epochs,  # gpuprune
                              warmup_epochs=args.warmup_epochs, seed=args.seed, device=device)
+    per_step = pruner.policy.exact_k
+    if per_step:   # a per-step schedule sized for the pruned run: this rank's batches, all epochs
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr, total_steps=pruner.total_steps(args.batch_size))  # gpuprune
+    else:          # InfoBatch: epoch sizes depend on the losses, so schedule per epoch
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     sampler = pruner.sampler()                              # gpuprune: this rank's shard
     loader = DataLoader(gpuprune.IndexedDataset(TensorDataset(x_tr, y_tr)),   # gpuprune: + index
                         batch_size=args.batch_size, sampler=sampler, pin_memory=cuda)
@@ -141,8 +144,8 @@ def main() -> None:
               f"{args.policy}, keep {args.keep}, device {device}", flush=True)
     for epoch in range(start, args.epochs):
         t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        planned = len(pruner.plan(epoch))   # gpuprune: merge statistics, plan (all ranks; cached)
+        sampler.set_epoch(epoch)            # gpuprune: merge statistics and plan (all ranks)
+        planned = len(pruner.plan(epoch))   # the plan just made (cached)
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for x, y, idx in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -151,13 +154,16 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if per_step:
+                sched.step()
             total += torch.stack([per_sample.detach().sum().double(),
                                   torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
-        sched.step()
+        if not per_step:
+            sched.step()
         dist.all_reduce(total)
         acc = evaluate(model, x_te, y_te, rank, world, device)
         if args.checkpoint is not None:
-            synchronize(pruner)                             # gpuprune: merge before saving
+            pruner.synchronize()                            # gpuprune: merge before saving
             if rank == 0:                                   # crash-safe write
                 gpuprune.save_checkpoint({"epoch": epoch, "model": model.module.state_dict(),
                                           "optimizer": opt.state_dict(),
@@ -171,7 +177,7 @@ def main() -> None:
         stats = pruner.selection_stats()
         print(f"selection over {stats['rounds']} pruned epochs: always {stats['always']:.3f}, "
               f"sometimes {stats['sometimes']:.3f}, never {stats['never']:.3f}; non-finite losses "
-              f"skipped: {int(pruner.bank.nonfinite)}", flush=True)
+              f"skipped: {int(pruner.stats.nonfinite)}", flush=True)
     dist.destroy_process_group()
 
 

@@ -177,6 +177,23 @@ class Pruner:
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
         return None if n is None else shard_size(n, w, drop_last)
 
+    def total_steps(self, batch_size: int, *, drop_last: bool = False) -> int:
+        """Optimizer steps of the whole run on each rank, for step-based learning-rate schedules
+        (``OneCycleLR(total_steps=pruner.total_steps(batch_size))``): the sum over the epochs of
+        this rank's batches, as the sampler and the DALI iterator deliver them.
+
+        Raises ValueError without ``num_epochs``, or for a policy whose epoch sizes depend on the
+        losses (InfoBatch): use an epoch-based schedule there, or
+        ``pruner.schedule.total_steps(N, k=N, ...)`` for an upper bound.
+        """
+        if not self.policy.exact_k:
+            raise ValueError(f"policy {self.policy.name!r} plans a loss-dependent number of samples, "
+                             f"so the run's step count is not known in advance; use an epoch-based "
+                             f"schedule, or pruner.schedule.total_steps(N, k=N, ...) for an upper "
+                             f"bound")
+        return self.schedule.total_steps(self.num_samples, self.k, batch_size,
+                                         world_size=self.world_size, drop_last=drop_last)
+
     # ------------------------------------------------------------------ plan
     def plan(self, epoch: int) -> Plan:
         """The plan of ``epoch``: sample ids in training order and their loss weights.
