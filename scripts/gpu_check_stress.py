@@ -39,8 +39,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpuprune.doctor import (BackendImplementation, Implementation, NumpyReference,  # noqa: E402
-                             _compare_ids, _compare_states, _losses, _short)
+from gpuprune.doctor.environment import _short                          # noqa: E402
+from gpuprune.doctor.reference import (BackendImplementation, Implementation,  # noqa: E402
+                                       NumpyReference)
+from gpuprune.doctor.selftest import _compare_ids, _compare_states, _losses    # noqa: E402
 
 __all__ = ["SCORE_KINDS", "stress_scores", "draw_case", "run_stress", "main"]
 

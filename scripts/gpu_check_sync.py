@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpuprune as gp                                             # noqa: E402
-from gpuprune.doctor import _short                                # noqa: E402
+from gpuprune.doctor.environment import _short                    # noqa: E402
 
 __all__ = ["POLICIES", "make_pruner", "observe_epoch", "run", "main"]
 

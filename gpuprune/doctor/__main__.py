@@ -1,0 +1,5 @@
+"""``python -m gpuprune.doctor``."""
+
+from .selftest import main
+
+raise SystemExit(main())
