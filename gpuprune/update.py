@@ -42,6 +42,22 @@ def prepare_losses(losses: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
+def int_pow(base: float, n: torch.Tensor, max_n: int) -> torch.Tensor:
+    """``base ** n`` for whole ``0 <= n <= max_n`` (float64), by binary exponentiation.
+
+    The same round-to-nearest multiplies in the same order on every device and in the CUDA kernel,
+    so the result never depends on a ``pow`` library (torch's CPU pow and CUDA's libdevice pow
+    differ in the last bit for some inputs). ``max_n`` bounds the loop (the batch size).
+    """
+    e = n.long()
+    r = torch.ones_like(n, dtype=torch.float64)
+    b = torch.full_like(r, base)
+    for bit in range(max(int(max_n), 1).bit_length()):
+        r = torch.where((e >> bit) & 1 == 1, r * b, r)
+        b = b * b
+    return r
+
+
 def merge_groups(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, n_new: torch.Tensor,
                  sum_d: torch.Tensor, sum_d2: torch.Tensor, decay: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +78,7 @@ def merge_groups(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, n_ne
     c = n.clamp(min=1.0)
     dm = sum_d.double() / c                                   # group mean - old mean
     within = (sum_d2.double() / c - dm * dm).clamp(min=0.0)   # within-group variance
-    a = 1.0 - torch.pow(torch.full_like(n, decay), n)
+    a = 1.0 - int_pow(decay, n, n.numel())              # a group has at most numel() losses
     a = torch.where(seen, a, torch.ones_like(a))              # first visit: take the group as is
     a = torch.where(n > 0, a, torch.zeros_like(a))            # nothing new: keep the state
     new_mean = mean.double() + a * dm

@@ -10,4 +10,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -
     || echo "[setup] could not install dataset-fashion-mnist; the benchmark will fall back to scikit-learn digits"
 fi
 echo "[setup] installing gpuprune and its extras (torch pinned by constraints.txt)"
-$PY -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[cuda12,test,bench]"
+$PY -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[cuda12,test,bench,kernel-tests]"

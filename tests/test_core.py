@@ -716,3 +716,19 @@ def test_len_only_reads(policy):
     assert p.current_plan.epoch == 0 and len(p.history) == 1
     s.set_epoch(1)
     assert len(s) == len(p.plan(1)) and p.rounds == (0 if policy == "full" else 2)
+
+
+def test_int_pow_is_binary_exponentiation_with_exact_powers_of_two():
+    from gpuprune.update import int_pow
+    n = torch.arange(0, 200, dtype=torch.float64)
+    assert int_pow(0.5, n, 199).tolist() == [2.0 ** -i for i in range(200)]
+    def ref(base, e):                     # squarings from the lowest bit, as the kernel does
+        r = 1.0
+        while e:
+            if e & 1:
+                r *= base
+            base *= base
+            e >>= 1
+        return r
+    for decay in (0.9, 0.99, 0.3, 0.0):
+        assert int_pow(decay, n, 199).tolist() == [ref(decay, i) for i in range(200)]

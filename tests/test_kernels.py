@@ -1,10 +1,8 @@
-"""CUDA kernels without a GPU: the source builds (nvcc, NVRTC where present), the loader falls back
-cleanly, and the kernels' launch sequences and arithmetic match the torch reference bit for bit.
-
-The equivalence tests run the real source compiled for the host (``-DGPUPRUNE_HOST_TEST``: every
-kernel as a serial host function built from the same helpers) under the real
-:class:`gpuprune.kernels.KernelOps`. The kernels' parallel mechanics are covered by
-``tests/test_kernels_gpu.py``.
+"""CUDA kernels without a GPU: the source and the Python spec agree, nvcc builds the fatbin with the
+promised architectures, the exact arithmetic is immune to CuPy's -ftz=true (checked on the PTX that
+nvcc and NVRTC emit with CuPy's real option list), setup.py's optional build, and the loader's
+fallbacks. The kernels' results are checked by ``tests/test_kernel_equivalence.py`` (the
+concurrency harness) and the harness itself by ``tests/test_kernel_harness.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +10,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
-import math
+import inspect
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,19 +24,15 @@ import torch
 
 import gpuprune as gp
 from gpuprune import kernels
+from gpuprune.backend import TorchBackend, get_backend
 from gpuprune.kernels import _loader
-from gpuprune.kernels._spec import CONSTANTS, CTL_BYTES, KERNEL_NAMES, SIGNATURES
-from gpuprune.plan import shard_indices
-from gpuprune.policies.epsilon_greedy import epsilon_greedy_select, greedy_score
-from gpuprune.policies.infobatch import infobatch_select
-from gpuprune.policies.ucb import ucb_score
-from gpuprune.select import random_k, shuffle, shuffle_order, top_k_by_score
+from gpuprune.kernels._spec import CONSTANTS, CTL_BYTES, CTL_OFFSETS, KERNEL_NAMES, SIGNATURES
+
+import kernel_harness as kh
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "gpuprune_kernels.cu"
 NVCC = shutil.which("nvcc")
-CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
-SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 3.5]
 
 
 def _load_setup():
@@ -47,11 +42,11 @@ def _load_setup():
     return module
 
 
-# ---------------------------------------------------------------- the source
 def _source() -> str:
     return SOURCE.read_text()
 
 
+# ---------------------------------------------------------------- the source and the spec
 def _params(text: str, name: str) -> str:
     m = re.search(rf"\b{name}\s*\(([^)]*)\)\s*\{{", text)
     assert m, f"{name} not found in the source"
@@ -74,39 +69,119 @@ def _params(text: str, name: str) -> str:
 
 def test_source_is_nvrtc_clean_and_matches_the_python_spec():
     text = _source()
-    device_part = text.split("#ifdef GPUPRUNE_HOST_TEST")[0]
-    # NVRTC has no standard headers: the only include is the host-only <math.h> fallback
-    includes = re.findall(r"^\s*#\s*include\s*<([^>]+)>", device_part, flags=re.M)
-    assert includes == ["math.h"]
-    assert re.search(r"#else\s*\n#include <math.h>", device_part)
-    kernels_in_source = re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(',
-                                   text)
-    assert sorted(kernels_in_source) == sorted(KERNEL_NAMES)
-    assert "template" not in device_part        # extern "C" entry points only: no name mangling
+    assert not re.search(r"^\s*#\s*include", text, flags=re.M)      # NVRTC has no std headers
+    assert "template" not in text                 # extern "C" entry points only: no name mangling
+    names = re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(', text)
+    assert sorted(names) == sorted(KERNEL_NAMES)
     for name, kinds in SIGNATURES.items():
         assert _params(text, name) == kinds, name
-        assert _params(text, name.replace("gp_", "gp_host_", 1)) == kinds, name
     defines = dict(re.findall(r"^#define (GP_\w+) (\d+)\b", text, flags=re.M))
     for name, value in CONSTANTS.items():
         assert int(defines[name]) == value, name
-    assert CTL_BYTES == 32 + 4 * CONSTANTS["GP_MAX_BINS"]
+    assert CONSTANTS["GP_TILE"] == CONSTANTS["GP_SEL_THREADS"] * CONSTANTS["GP_TILE_ITEMS"]
+    # struct GpSelectCtl: the fields in the order and at the offsets ops.py uses
+    body = re.search(r"struct GpSelectCtl \{(.*?)\};", text, flags=re.S).group(1)
+    fields = re.findall(r"^\s*(u64|u32) (\w+)(?:\[(\w+)\])?;", body, flags=re.M)
+    offset, layout = 0, {}
+    for ctype, name, count in fields:
+        layout[name] = offset
+        offset += (8 if ctype == "u64" else 4) * (CONSTANTS[count] if count else 1)
+    assert {k: layout[k] for k in CTL_OFFSETS} == CTL_OFFSETS and offset == CTL_BYTES
+    # every launch of ops.py stays within the kernel's __launch_bounds__ (checked per launch by the
+    # harness too); the bounds themselves:
+    assert kh.launch_bounds(text) == {"gp_observe_small": 1024, "gp_observe_sorted": 256,
+                                      "gp_radix_pass": 256, "gp_compact": 256}
+
+
+def test_one_kernel_source_of_truth():
+    """No serial rewrites of the kernels remain: the harness compiles the source itself."""
+    text = _source()
+    assert "gp_host_" not in text and "GPUPRUNE_HOST_TEST" not in text
+    assert not (ROOT / "gpuprune" / "kernels" / "_host.py").exists()
+    slot = (ROOT / "csrc" / "harness" / "gp_slot.cpp").read_text()
+    assert "#include GPH_SOURCE" in slot
+
+
+# ---------------------------------------------------------------- nvcc: fatbin and PTX
+def _fatbin_entries(data: bytes) -> list[tuple[str, int]]:
+    """(kind, sm) of each entry of a fatbin: 'sass' (ELF) or 'ptx'."""
+    magic, _version, header, size = struct.unpack_from("<IHHQ", data, 0)
+    assert magic == 0xBA55ED50
+    out, off = [], header
+    while off < header + size:
+        kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, off)
+        arch = struct.unpack_from("<I", data, off + 28)[0]
+        out.append(({1: "ptx", 2: "sass"}[kind], arch))
+        off += entry_header + payload
+    return sorted(out)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-def test_nvcc_builds_a_sm90_fatbin_and_ptx_with_every_kernel(tmp_path):
+def test_setup_builds_a_fatbin_with_sm80_sm90_sass_and_ptx(tmp_path):
     setup_module = _load_setup()
-    fatbin = tmp_path / "k.fatbin"
-    cmd = setup_module.nvcc_command(NVCC, SOURCE, fatbin, archs=("90",), ptx_arch="90")
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-    data = fatbin.read_bytes()
-    assert len(data) > 1000 and data[:4] == bytes.fromhex("50ed55ba")   # fatbin magic 0xBA55ED50
-    ptx = tmp_path / "k.ptx"
-    subprocess.run([NVCC, "-ptx", "-arch=sm_90", "-std=c++17", "-o", str(ptx), str(SOURCE)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    entries = re.findall(r"\.visible \.entry (\w+)\(", ptx.read_text())
-    assert sorted(entries) == sorted(KERNEL_NAMES)
+    out = setup_module.build_fatbin(tmp_path, SOURCE)
+    assert out is not None and out.name == kernels.fatbin_name(SOURCE)
+    assert _fatbin_entries(out.read_bytes()) == [("ptx", 90), ("sass", 80), ("sass", 90)]
+    # the loader takes exactly this fatbin for this source, and none for another source
+    assert kernels.find_fatbin([tmp_path], SOURCE) == out
+    other = tmp_path / "other.cu"
+    other.write_text(_source() + "\n// edited\n")
+    assert kernels.find_fatbin([tmp_path], other) is None
 
 
+def _ptx_functions(ptx: str) -> dict[str, str]:
+    """PTX function name -> its body (a function starts at its .entry/.func line with "name(")."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in ptx.splitlines():
+        m = (re.match(r"^\.visible \.entry (\w+)\(", line)
+             or re.match(r"^\.(?:visible |weak )?\.?func\s+(?:\([^)]*\)\s*)?(\w+)\($", line))
+        if m:
+            current = m.group(1)
+            out.setdefault(current, [])
+        if current is not None:
+            out[current].append(line)
+    return {name: "\n".join(lines) for name, lines in out.items()}
+
+
+def _check_no_flush(ptx: str) -> None:
+    """Our kernels carry no .ftz instruction: every float<->double conversion is cvt.f64.f32 or
+    cvt.rn.f32.f64, and no library function (such as libdevice's pow) is called."""
+    funcs = _ptx_functions(ptx)
+    for name in KERNEL_NAMES:
+        body = funcs[name]
+        assert ".ftz" not in body, (name, [l for l in body.splitlines() if ".ftz" in l][:5])
+    assert set(funcs) == set(KERNEL_NAMES), sorted(set(funcs) - set(KERNEL_NAMES))
+    observe = funcs["gp_observe_small"]
+    assert "cvt.f64.f32" in observe and "cvt.rn.f32.f64" in observe
+
+
+def _plain_conversions(text: str) -> str:
+    """The source with the inline-PTX conversions replaced by plain casts (the pre-fix code)."""
+    text = text.replace('asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));', "r = (double)a;")
+    text = text.replace('asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));', "r = (float)a;")
+    assert "asm(" not in text
+    return text
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_nvcc_ftz_true_leaves_the_exact_ops_unflushed(tmp_path):
+    def ptx_of(text: str) -> str:
+        src, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
+        src.write_text(text)
+        subprocess.run([NVCC, "-ptx", "-arch=compute_90", "-std=c++17", "-ftz=true", "-o", str(ptx),
+                        str(src)], check=True, capture_output=True, text=True, timeout=600)
+        return ptx.read_text()
+
+    ptx = ptx_of(_source())
+    assert sorted(re.findall(r"\.visible \.entry (\w+)\(", ptx)) == sorted(KERNEL_NAMES)
+    _check_no_flush(ptx)
+    # the check can fail: plain casts under -ftz=true are flushing conversions
+    with pytest.raises(AssertionError, match="cvt.ftz"):
+        _check_no_flush(ptx_of(_plain_conversions(_source())))
+
+
+# ---------------------------------------------------------------- NVRTC with CuPy's options
 def _find_nvrtc() -> str | None:
     """libnvrtc: $GPUPRUNE_TEST_NVRTC (a path), else where cuda-pathfinder or ldconfig finds it."""
     if os.environ.get("GPUPRUNE_TEST_NVRTC"):
@@ -121,21 +196,51 @@ def _find_nvrtc() -> str | None:
     return ctypes.util.find_library("nvrtc")
 
 
-@pytest.mark.skipif(_find_nvrtc() is None, reason="libnvrtc not found")
-def test_nvrtc_compiles_the_source_with_the_loader_options():
-    nvrtc = ctypes.CDLL(_find_nvrtc())
+def _cupy_appended_options() -> tuple[str, ...]:
+    """What CuPy's RawModule(code=...) appends to the loader's options, read from the installed
+    CuPy's compiler (so a change there shows up here): -ftz=true, then the arch option and
+    --device-as-default-execution-space."""
+    compiler = pytest.importorskip("cupy.cuda.compiler")
+    cache = inspect.getsource(compiler._compile_with_cache_cuda)
+    nvrtc = inspect.getsource(compiler._compile_using_nvrtc_no_warning)
+    appended = re.findall(r"options \+= \('([^']+)',\)", cache)
+    assert "-ftz=true" in appended, appended
+    assert "--device-as-default-execution-space" in nvrtc
+    # arch: CuPy passes -arch=sm_XX (cubin); the PTX wanted here comes from -arch=compute_90
+    return ("-ftz=true", "-arch=compute_90", "--device-as-default-execution-space")
+
+
+def _nvrtc_ptx(lib: str, text: str, options: tuple[str, ...]) -> str:
+    for builtins in sorted(Path(lib).parent.glob("libnvrtc-builtins.so*")):   # found by dlopen
+        ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+        break
+    nvrtc = ctypes.CDLL(lib)
     prog = ctypes.c_void_p()
-    src = _source().encode()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"gpuprune_kernels.cu", 0, None, None) == 0
-    opts = [o.encode() for o in (*kernels.NVRTC_OPTIONS, "--gpu-architecture=compute_90")]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"gpuprune_kernels.cu", 0,
+                                    None, None) == 0
+    opts = [o.encode() for o in options]
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
     assert rc == 0, log.value.decode(errors="replace")
+    nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode()
+
+
+@pytest.mark.skipif(_find_nvrtc() is None, reason="libnvrtc not found (set GPUPRUNE_TEST_NVRTC)")
+def test_nvrtc_with_cupys_options_keeps_the_exact_ops_unflushed():
+    lib = _find_nvrtc()
+    options = (*kernels.NVRTC_OPTIONS, *_cupy_appended_options())
+    ptx = _nvrtc_ptx(lib, _source(), options)
+    assert sorted(re.findall(r"\.visible \.entry (\w+)\(", ptx)) == sorted(KERNEL_NAMES)
+    _check_no_flush(ptx)
+    with pytest.raises(AssertionError, match="cvt.ftz"):            # the check can fail
+        _check_no_flush(_nvrtc_ptx(lib, _plain_conversions(_source()), options))
 
 
 # ---------------------------------------------------------------- setup.py
@@ -150,7 +255,7 @@ def test_setup_skips_the_fatbin_when_asked_or_without_nvcc(tmp_path, monkeypatch
     monkeypatch.setenv("PATH", str(tmp_path))          # no nvcc anywhere
     assert setup_module.find_nvcc() is None
     assert setup_module.build_fatbin(tmp_path / "b") is None
-    assert not (tmp_path / "b" / setup_module.FATBIN_NAME).exists()
+    assert not (tmp_path / "b").exists() or list((tmp_path / "b").iterdir()) == []
 
 
 def test_setup_survives_a_failing_nvcc(tmp_path, monkeypatch):
@@ -166,14 +271,19 @@ def test_setup_survives_a_failing_nvcc(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []      # no partial file left behind
 
 
+def test_setup_and_loader_name_the_fatbin_alike():
+    setup_module = _load_setup()
+    assert setup_module.fatbin_name(SOURCE) == kernels.fatbin_name(SOURCE)
+    assert setup_module.SASS_ARCHS == ("80", "90") and setup_module.PTX_ARCH == "90"
+
+
 # ---------------------------------------------------------------- loader and backend choice
 def test_import_gpuprune_works_without_cupy_and_auto_picks_torch():
     code = (
         "import sys; sys.modules['cupy'] = None\n"           # makes `import cupy` fail
         "import gpuprune, torch\n"
         "from gpuprune.kernels import _loader\n"
-        "assert gpuprune.ScoreBank(8).backend == 'torch'\n"
-        "assert gpuprune.Pruner(8, policy='ucb').bank.backend == 'torch'\n"
+        "assert gpuprune.Pruner(8, policy='ucb').backend.name == 'torch'\n"
         "try:\n"
         "    _loader._build(0)\n"
         "except gpuprune.kernels.KernelsUnavailable as e:\n"
@@ -194,11 +304,11 @@ def test_import_gpuprune_works_without_cupy_and_auto_picks_torch():
 
 
 def test_backend_argument_is_checked_and_cuda_without_cuda_is_a_clear_error():
-    assert gp.ScoreBank(4, backend="torch").backend == "torch"
-    assert gp.ScoreBank(4, backend="auto").backend == "torch"          # CPU device
-    assert gp.Pruner(10, backend="torch").bank.kernels is None
+    assert isinstance(get_backend("torch", torch.device("cpu"), 4), TorchBackend)
+    assert isinstance(get_backend("auto", torch.device("cpu"), 4), TorchBackend)
+    assert gp.Pruner(10, backend="torch").backend.name == "torch"
     with pytest.raises(ValueError, match=r"backend='cuda' needs a CUDA device, got device=cpu"):
-        gp.ScoreBank(4, backend="cuda")
+        get_backend("cuda", torch.device("cpu"), 4)
     with pytest.raises(ValueError, match=r"backend='cuda' needs a CUDA device"):
         gp.Pruner(10, policy="uniform", backend="cuda")
     with pytest.raises(ValueError, match=r"backend must be one of .*got backend='gpu'"):
@@ -211,7 +321,6 @@ def test_backend_argument_is_checked_and_cuda_without_cuda_is_a_clear_error():
 def test_no_cuda_means_kernels_unavailable_with_a_reason():
     assert not kernels.available()
     assert "CUDA" in kernels.unavailable_reason()
-    assert kernels.resolve_backend("auto", torch.device("cpu"), 10) is None
 
 
 def test_candidates_prefer_the_fatbin_and_fall_back_to_the_source(tmp_path, monkeypatch):
@@ -219,10 +328,14 @@ def test_candidates_prefer_the_fatbin_and_fall_back_to_the_source(tmp_path, monk
     fat, src = tmp_path / "fat", tmp_path / "src"
     fat.mkdir()
     src.mkdir()
-    (src / kernels.SOURCE_NAME).write_text("// source")
-    assert kernels.module_candidates([fat], [src]) == [("source", src / kernels.SOURCE_NAME)]
-    (fat / kernels.FATBIN_NAME).write_bytes(b"\0")
-    both = [("fatbin", fat / kernels.FATBIN_NAME), ("source", src / kernels.SOURCE_NAME)]
+    source = src / kernels.SOURCE_NAME
+    source.write_text("// source")
+    assert kernels.module_candidates([fat], [src]) == [("source", source)]
+    (fat / "gpuprune_kernels-0000000000000000.fatbin").write_bytes(b"\0")     # another source's
+    assert kernels.module_candidates([fat], [src]) == [("source", source)]
+    fatbin = fat / kernels.fatbin_name(source)
+    fatbin.write_bytes(b"\0")
+    both = [("fatbin", fatbin), ("source", source)]
     assert kernels.module_candidates([fat], [src]) == both
     assert kernels.module_candidates([fat], [src], prefer="source") == both[1:]
     assert kernels.module_candidates([fat], [src], prefer="fatbin") == both[:1]
@@ -239,7 +352,7 @@ def test_load_module_tries_each_candidate_and_reports_every_failure(tmp_path):
     cupy = pytest.importorskip("cupy")
     if torch.cuda.is_available():
         pytest.skip("checks the failure path; the GPU tests load for real")
-    bad = tmp_path / kernels.FATBIN_NAME
+    bad = tmp_path / kernels.fatbin_name(SOURCE)
     bad.write_bytes(b"not a fatbin")
     with pytest.raises(kernels.KernelsUnavailable) as err:
         kernels.load_module(cupy, 0, [("fatbin", bad), ("source", SOURCE)])
@@ -258,214 +371,34 @@ def test_get_ops_memoises_failures_per_device(monkeypatch):
 
     monkeypatch.setattr(_loader, "_device_index", lambda device: 0)
     monkeypatch.setattr(_loader, "_build", failing_build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     kernels.clear_cache()
     try:
         for _ in range(3):
             assert kernels.unavailable_reason("cuda:0") == "no kernels on 0"
         assert calls == [0]
         with pytest.warns(RuntimeWarning, match="using the torch backend on cuda:0: no kernels"):
-            assert kernels.resolve_backend("auto", torch.device("cuda", 0), 10) is None
+            assert isinstance(get_backend("auto", torch.device("cuda", 0), 10), TorchBackend)
         with pytest.raises(kernels.KernelsUnavailable, match="backend='cuda' was requested but no "
                                                              "kernels on 0"):
-            kernels.resolve_backend("cuda", torch.device("cuda", 0), 10)
+            get_backend("cuda", torch.device("cuda", 0), 10)
     finally:
         kernels.clear_cache()
 
 
-def test_host_counts_reads_once_and_serves_the_next_invalid_check():
-    bank = gp.ScoreBank(4)
-    bank.invalid_batches.fill_(2)
-    assert bank.host_counts(torch.tensor(7), torch.tensor([3], dtype=torch.int32)) == [7, 3]
-    bank.invalid_batches.zero_()           # not read again: the value read with the counts is used
-    with pytest.raises(ValueError, match=r"in 2 batch\(es\)"):
-        bank.raise_if_invalid()
-    bank.raise_if_invalid()                # one use only; the device counter (0) is read now
-    bank.invalid_batches.fill_(1)
-    bank.host_counts()
-    bank.observe(torch.tensor([0]), torch.tensor([1.0]))   # a new batch makes the snapshot stale
-    bank.invalid_batches.fill_(3)
-    with pytest.raises(ValueError, match=r"in 3 batch\(es\)"):
-        bank.raise_if_invalid()
-
-
-# ---------------------------------------------------------------- the host build == torch reference
-@pytest.fixture(scope="module")
-def ops():
-    if CXX is None:
-        pytest.skip("no C++ compiler for the host build")
-    from gpuprune.kernels._host import host_ops
-    return host_ops()
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32) if t.dtype == torch.float32 else t
-
-
-def _assert_banks_equal(ref: gp.ScoreBank, ker: gp.ScoreBank, where) -> None:
-    for name in ("mean", "var", "count", "last_epoch", "nonfinite", "invalid_batches"):
-        a, b = getattr(ref, name), getattr(ker, name)
-        assert torch.equal(_bits(a), _bits(b)), (where, name)
-
-
-def _pair(n: int, decay: float, ops):
-    ref, ker = gp.ScoreBank(n, decay=decay), gp.ScoreBank(n, decay=decay)
-    ker.kernels = ops
-    return ref, ker
-
-
-def _same_set(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.numel() == b.numel() and torch.equal(torch.sort(a).values, torch.sort(b).values)
-
-
-def test_observe_hand_computed(ops):
-    bank = gp.ScoreBank(3, decay=0.5)
-    bank.kernels = ops
-    bank.observe(torch.tensor([0, 0, 1]), torch.tensor([1.0, 3.0, 2.0]))
-    # sample 0: first visit, group of two: mean 2, within-group variance 1
-    assert bank.mean.tolist() == [2.0, 2.0, 0.0] and bank.var.tolist() == [1.0, 0.0, 0.0]
-    bank.epoch = 4
-    bank.observe(torch.tensor([0, 2]), torch.tensor([4.0, float("nan")]))
-    # a = 1 - 0.5 = 0.5: mean 2 + 0.5 * 2 = 3, var 0.5 * 1 + 0.25 * 2**2 = 1.5; the NaN is skipped
-    assert bank.mean.tolist() == [3.0, 2.0, 0.0] and bank.var.tolist() == [1.5, 0.0, 0.0]
-    assert bank.count.tolist() == [3, 1, 0] and bank.last_epoch.tolist() == [4, 0, -1]
-    assert int(bank.nonfinite) == 1
-
-
-@pytest.mark.parametrize("decay", [0.9, 0.5, 0.75, 0.0])
-def test_observe_matches_torch_bit_for_bit(ops, decay):
-    g = torch.Generator().manual_seed(int(decay * 100))
-    for n in (1, 2, 37, 3000):
-        ref, ker = _pair(n, decay, ops)
-        # batch sizes on both sides of the single-block limit (2048), duplicates of any multiplicity
-        for step, b in enumerate((1, 2, 5, 64, 2047, 2048, 2049, 4000, 300, 1)):
-            idx = torch.randint(0, n, (b,), generator=g)
-            if step == 3:
-                idx[:] = idx[0]                                # one id, 64 times
-            x = torch.randn(b, generator=g) * torch.exp(2 * torch.randn(b, generator=g))
-            pick = torch.randint(0, len(SPECIAL) * 4, (b,), generator=g)
-            x = torch.where(pick < len(SPECIAL), torch.tensor(SPECIAL)[pick % len(SPECIAL)], x)
-            ref.epoch = ker.epoch = step
-            ref.observe(idx, x)
-            ker.observe(idx.to(torch.int32) if step % 2 else idx, x.double() if step == 5 else x)
-            _assert_banks_equal(ref, ker, (n, step))
-        assert int(ker.nonfinite) > 0
-
-
-def test_observe_extreme_losses_saturate_like_torch(ops):
-    ref, ker = _pair(4, 0.9, ops)
-    idx = torch.tensor([0, 0, 1, 1, 2])
-    x = torch.tensor([-3e38, 3e38, 1e-45, -1e-45, 3e38])
-    for bank in (ref, ker):
-        bank.observe(idx, x)
-        bank.observe(idx.flip(0), x)
-    _assert_banks_equal(ref, ker, "extreme")
-    assert torch.isfinite(ker.var).all()
-
-
-def test_invalid_batch_is_ignored_whole_and_counted(ops):
-    # the CPU bank rejects bad ids before any kernel; call the kernel path directly, as on a GPU
-    for b in (3, 3000):                                       # single-block and sorted paths
-        bank = gp.ScoreBank(10)
-        before = {k: v.clone() for k, v in bank.state_dict().items() if isinstance(v, torch.Tensor)}
-        idx = torch.arange(b) % 10
-        idx[b // 2] = 10 if b == 3 else -1
-        x = torch.ones(b)
-        x[0] = float("nan")
-        ops.observe(bank, idx, x)
-        assert int(bank.invalid_batches) == 1 and int(bank.nonfinite) == 0
-        for name in ("mean", "var", "count", "last_epoch"):
-            assert torch.equal(getattr(bank, name), before[name])
-        with pytest.raises(ValueError, match=r"indices outside \[0, 10\) in 1 batch"):
-            bank.raise_if_invalid()
-
-
-def _scores(n: int, kind: str, g: torch.Generator) -> torch.Tensor:
-    if kind == "random":
-        return torch.randn(n, generator=g)
-    if kind == "equal":
-        return torch.full((n,), 0.25)
-    if kind == "special":
-        return torch.tensor(SPECIAL)[torch.randint(0, len(SPECIAL), (n,), generator=g)]
-    return torch.randint(0, 3, (n,), generator=g).float()          # heavy ties
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 100, 4095, 4096, 4097, 20000])
-def test_selection_matches_torch(ops, n):
-    g = torch.Generator().manual_seed(n)
-    for kind in ("random", "equal", "special", "ties"):
-        s = _scores(n, kind, g)
-        for k in sorted({0, 1, n // 2, n - 1, n} - {-1}):
-            for seed in (0, 2**64 - 1):
-                assert _same_set(ops.top_k_scores(s, k, seed), top_k_by_score(s, k, seed)), (kind, k)
-                assert _same_set(ops.top_k_scores(s.double(), k, seed), top_k_by_score(s.double(), k, seed))
-        for k in sorted({0, 1, n // 3, n}):
-            assert _same_set(ops.random_k(n, k, 7), random_k(n, k, 7))
-
-
-def _random_bank(n: int, g: torch.Generator, kind: str) -> gp.ScoreBank:
-    bank = gp.ScoreBank(n)
-    bank.mean.copy_(_scores(n, kind, g).abs())
-    bank.var.copy_(_scores(n, kind, g))                   # negative and NaN variances included
-    bank.count.copy_(torch.randint(0, 3, (n,), generator=g, dtype=torch.int32))
-    return bank
-
-
-@pytest.mark.parametrize("n", [1, 5, 1000, 9000])
-def test_policy_selections_match_torch(ops, n):
-    g = torch.Generator().manual_seed(1000 + n)
-    for kind in ("random", "equal", "special", "ties"):
-        bank = _random_bank(n, g, kind)
-        for k in sorted({1, n // 2, max(n - 1, 1), n}):
-            for c, unc in ((1.0, "std"), (0.3, "var"), (0.0, "std"), (1e30, "std")):
-                want = top_k_by_score(ucb_score(bank.mean, bank.var, bank.seen, c, unc), k, 11)
-                assert _same_set(ops.ucb(bank, k, 11, c, unc), want), (kind, k, c, unc)
-            for eps in (0.0, 0.1, 0.5, 1.0):
-                want = epsilon_greedy_select(greedy_score(bank), k, eps, (3, 2**63 + 5))
-                assert _same_set(ops.epsilon_greedy(bank, k, eps, (3, 2**63 + 5)), want), (kind, k, eps)
-        for ratio in (0.0, 0.3, 0.5, 0.999):
-            idx, w = ops.infobatch(bank, ratio, 5)
-            ref_idx, ref_w = infobatch_select(bank.mean, bank.seen, ratio, 5)
-            a, b = torch.argsort(idx), torch.argsort(ref_idx)
-            assert torch.equal(idx[a], ref_idx[b]) and torch.equal(w[a], ref_w[b]), (kind, ratio)
-            assert torch.equal(idx, torch.sort(idx).values)            # ordered compaction
-
-
-def test_shuffle_and_shards_match_torch(ops):
-    g = torch.Generator().manual_seed(3)
-    for n in (0, 1, 7, 1000):
-        ids = torch.randperm(5000, generator=g)[:n]
-        w = torch.rand(n, generator=g)
-        assert torch.equal(ops.shuffle_order(ids, 99), shuffle_order(ids, 99))
-        for world in (1, 3, 8):
-            for rank in range(world):
-                for drop_last in (False, True):
-                    got, got_w = ops.shuffle_shard(ids, w, 99, rank, world, drop_last)
-                    order = shuffle_order(ids, 99)
-                    assert torch.equal(got, shard_indices(shuffle(ids, 99), rank, world, drop_last))
-                    assert torch.equal(got_w, shard_indices(w[order], rank, world, drop_last))
-
-
-@pytest.mark.parametrize("policy", ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"])
-def test_pruner_plans_are_identical_with_the_kernels(ops, policy):
-    n, g = 3000, torch.Generator().manual_seed(5)
-    kw = dict(keep=0.3, policy=policy, seed=17, num_epochs=8, selection_interval=2 if policy == "ucb"
-              else 1)
-    if policy == "static":
-        kw["static_scores"] = torch.randn(n, generator=g)
-    ref, ker = gp.Pruner(n, **kw), gp.Pruner(n, **kw)
-    ker.bank.kernels = ops
-    assert ker.bank.backend == "cuda" and ref.bank.backend == "torch"
-    losses = torch.rand(n, generator=g) * 3
-    losses[::97] = float("nan")
-    for epoch in range(8):
-        p_ref, p_ker = ref.plan(epoch), ker.plan(epoch)
-        assert torch.equal(p_ref.indices, p_ker.indices), epoch
-        assert (p_ref.weights is None) == (p_ker.weights is None)
-        if p_ref.weights is not None:
-            assert torch.equal(p_ref.weights, p_ker.weights)
-        for i in range(0, len(p_ref), 700):
-            idx = p_ref.indices[i:i + 700]
-            loss = losses[idx] * (1 + epoch)
-            assert torch.equal(_bits(ref.observe(idx, loss)), _bits(ker.observe(idx, loss)))
-        _assert_banks_equal(ref.bank, ker.bank, epoch)
-    assert torch.equal(ref.bank.selected, ker.bank.selected)
+def test_kernel_ops_checks_its_arguments():
+    ops = kh.harness_ops(slots=1)
+    for n, k in ((10, 0), (10, 10), (10, 11), (0, 0)):
+        with pytest.raises(ValueError, match=rf"top_k needs 0 < k < n .*got k={k}, n={n}"):
+            ops.top_k(None, n, k, 1)
+    with pytest.raises(ValueError, match="score must have n=10 entries, got 9"):
+        ops.top_k(torch.zeros(9), 10, 3, 1)
+    with pytest.raises(TypeError, match="gp_hash_index takes 5 arguments, got 4"):
+        ops._launch("gp_hash_index", 1, 32, None, 0, 0, 0)
+    before = ops.launches
+    ops.top_k(torch.zeros(10), 10, 3, 1)
+    ops.top_k(None, 10, 3, 1)
+    assert ops.launches - before == 7 + 4                     # launches per call, as documented
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        import pickle
+        pickle.dumps(ops)

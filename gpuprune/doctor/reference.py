@@ -162,6 +162,17 @@ class _PrunerRun:
         return self.impl.arrays(self.pruner.stats)
 
 
+def _int_pow(base: float, n: int) -> float:
+    """``base ** n`` by binary exponentiation (squarings from the lowest bit), in Python floats."""
+    r = 1.0
+    while n:
+        if n & 1:
+            r *= base
+        base *= base
+        n >>= 1
+    return r
+
+
 class NumpyReference(Implementation):
     """An independent, slow rendering of the documented formulas in numpy and plain Python.
 
@@ -171,7 +182,8 @@ class NumpyReference(Implementation):
       library's signed-int form; top-k is a full ``argsort`` of the 64-bit keys;
     * shuffle: ids sorted by their hash;
     * observe: a Python loop per sample with the merge formulas of :mod:`gpuprune.update` in float64
-      (sums in batch order, ``a = 1 - decay ** c``), rounded to float32 once;
+      (sums in batch order, ``a = 1 - decay ** c`` with ``decay ** c`` by binary exponentiation,
+      as documented in :func:`gpuprune.update.int_pow`), rounded to float32 once;
     * plans: each policy's documented rule, written out again (UCB's score in float32 arithmetic,
       InfoBatch's mean with ``math.fsum``). Only the host-side seed draws are shared with the
       library (:mod:`gpuprune.rng`): they involve no backend.
@@ -264,7 +276,7 @@ class NumpyReference(Implementation):
                 s2 += d * d
             dm = s1 / c
             within = max(s2 / c - dm * dm, 0.0)
-            a = 1.0 - decay ** c if last[i] >= 0 else 1.0
+            a = 1.0 - _int_pow(decay, c) if last[i] >= 0 else 1.0
             mean[i] = np.float32(mu + a * dm)
             var[i] = np.float32(min((1.0 - a) * v0 + a * within + a * (1.0 - a) * dm * dm, _F32_MAX))
             last[i] = epoch

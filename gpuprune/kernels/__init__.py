@@ -1,8 +1,9 @@
 """CUDA kernels for the score update and exact-k selection, run through CuPy.
 
 The kernels live in one NVRTC-clean source, ``csrc/gpuprune_kernels.cu`` (installed next to this
-file). ``setup.py`` prebuilds it into ``gpuprune_kernels.fatbin`` when nvcc is present; otherwise, or
-when the fatbin does not load, NVRTC compiles the source at first use. Kernels launch on torch's
+file). ``setup.py`` prebuilds it into ``gpuprune_kernels-<hash>.fatbin`` when nvcc is present;
+otherwise, or when the fatbin does not load, NVRTC compiles the source at first use. The CPU test
+suite runs the same source in a concurrency harness (``csrc/harness/``, ``tests/kernel_harness``). Kernels launch on torch's
 current stream with torch-allocated buffers: ``observe`` never waits for the GPU.
 
 Which backend runs (these kernels or torch) is decided in one place, :mod:`gpuprune.backend`
@@ -17,6 +18,7 @@ from ._loader import (
     KernelsUnavailable,
     available,
     clear_cache,
+    fatbin_name,
     find_fatbin,
     find_source,
     get_ops,
@@ -29,6 +31,6 @@ from .ops import MAX_SAMPLES, KernelOps
 
 __all__ = [
     "KernelOps", "KernelsUnavailable", "get_ops", "available", "unavailable_reason", "clear_cache",
-    "find_source", "find_fatbin", "module_candidates", "load_module", "KERNEL_NAMES", "SOURCE_NAME",
+    "find_source", "fatbin_name", "find_fatbin", "module_candidates", "load_module", "KERNEL_NAMES", "SOURCE_NAME",
     "FATBIN_NAME", "NVRTC_OPTIONS", "MAX_SAMPLES",
 ]

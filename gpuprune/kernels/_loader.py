@@ -2,9 +2,11 @@
 
 Loading order for a device (the first that works wins; every failure is kept for the error message):
 
-1. ``gpuprune/kernels/gpuprune_kernels.fatbin``, built by ``setup.py`` with plain nvcc (SASS for
-   sm_80/86/89/90 plus compute_90 PTX), loaded with ``cupy.RawModule(path=...)``. A fatbin from a
-   newer CUDA than the driver supports fails to load; then
+1. ``gpuprune/kernels/gpuprune_kernels-<hash>.fatbin``, built by ``setup.py`` with plain nvcc (SASS
+   for sm_80 and sm_90, which sm_86/89 run, plus compute_90 PTX for newer GPUs), loaded with
+   ``cupy.RawModule(path=...)``. ``<hash>`` names the source it was built from: only the fatbin of
+   the source found below is taken, so a stale build is never loaded. A fatbin from a newer CUDA than
+   the driver supports fails to load (the PTX of nvcc 13 needs an R580+ driver); then
 2. the source, compiled at run time by NVRTC: ``cupy.RawModule(code=..., options=NVRTC_OPTIONS)``
    (CuPy caches the binary on disk). The source is looked up next to this file (installed copy) and
    in ``csrc/`` of a source checkout.
@@ -17,6 +19,7 @@ memoised per device index, failures included (call :func:`clear_cache` to retry)
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -31,14 +34,16 @@ from .ops import KernelOps
 
 __all__ = [
     "KernelsUnavailable", "SOURCE_NAME", "FATBIN_NAME", "NVRTC_OPTIONS", "find_source",
-    "find_fatbin", "module_candidates", "load_module", "get_ops", "available", "unavailable_reason",
+    "fatbin_name", "find_fatbin", "module_candidates", "load_module", "get_ops", "available", "unavailable_reason",
     "clear_cache", "CupyRuntime",
 ]
 
 SOURCE_NAME = "gpuprune_kernels.cu"
-FATBIN_NAME = "gpuprune_kernels.fatbin"
-#: NVRTC options of the run-time build (CuPy adds the device's -arch). No -use_fast_math and the
-#: default -fmad: the exact parts use explicit round-to-nearest intrinsics.
+#: prefix of the fatbin's name; the rest is the source's hash (see :func:`fatbin_name`)
+FATBIN_NAME = "gpuprune_kernels-"
+#: NVRTC options of the run-time build. CuPy appends -ftz=true, the device's -arch and
+#: --device-as-default-execution-space; no -use_fast_math. The exact parts do not depend on -fmad or
+#: -ftz: round-to-nearest double intrinsics and float<->double conversions in inline PTX.
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 _ENV = "GPUPRUNE_KERNELS"
 
@@ -62,10 +67,19 @@ def find_source(dirs: list[Path] | None = None) -> Path | None:
     return None
 
 
-def find_fatbin(dirs: list[Path] | None = None) -> Path | None:
-    """The prebuilt fatbin in the package, if ``setup.py`` built one."""
+def fatbin_name(source: Path) -> str:
+    """``gpuprune_kernels-<first 16 hex digits of the source's sha256>.fatbin`` (as setup.py names it)."""
+    return f"{FATBIN_NAME}{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]}.fatbin"
+
+
+def find_fatbin(dirs: list[Path] | None = None, source: Path | None = None) -> Path | None:
+    """The prebuilt fatbin of ``source`` (default: :func:`find_source`) in the package, if any."""
+    source = find_source() if source is None else source
+    if source is None:
+        return None
+    name = fatbin_name(source)
     for d in [_PKG_DIR] if dirs is None else dirs:
-        p = Path(d) / FATBIN_NAME
+        p = Path(d) / name
         if p.is_file():
             return p
     return None
@@ -83,7 +97,8 @@ def module_candidates(fatbin_dirs: list[Path] | None = None, source_dirs: list[P
     prefer = os.environ.get(_ENV, "auto") if prefer is None else prefer
     check_choice(_ENV, prefer, {"auto", "fatbin", "source"})
     out: list[tuple[str, Path]] = []
-    fatbin, source = find_fatbin(fatbin_dirs), find_source(source_dirs)
+    source = find_source(source_dirs)
+    fatbin = find_fatbin(fatbin_dirs, source)
     if fatbin is not None and prefer in ("auto", "fatbin"):
         out.append(("fatbin", fatbin))
     if source is not None and prefer in ("auto", "source"):
@@ -166,8 +181,14 @@ class CupyRuntime:
         with self._cupy.cuda.Device(self.device_index), self._stream(handle):
             yield
 
+    def stream_key(self) -> int:
+        """torch's current stream on this device (launches go there)."""
+        return torch.cuda.current_stream(torch.device("cuda", self.device_index)).cuda_stream
+
     def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple) -> None:
-        self._functions[name](grid, block, args)
+        raw = tuple(0 if a is None else a.data_ptr() if isinstance(a, torch.Tensor) else a
+                    for a in args)
+        self._functions[name](grid, block, raw)
 
 
 _LOCK = threading.Lock()

@@ -1,0 +1,306 @@
+"""The backends agree bit for bit: one suite, run for every backend.
+
+``backend`` is parametrised over
+
+* ``torch``: :class:`gpuprune.backend.TorchBackend` on the CPU (the reference implementation);
+* ``harness``: :class:`gpuprune.backend.KernelBackend` over the real kernel source in the
+  concurrency harness (``tests/kernel_harness``): every CUDA thread an OS thread, four blocks at a
+  time, grids sized as on a 3-SM GPU (up to 12 blocks), with schedule perturbation;
+* ``harness-serial``: the same, one block at a time, grids sized as on a 1-SM GPU (N <= 4096:
+  larger grids and other geometries are swept by ``test_top_k_across_grid_shapes``);
+* ``cuda``: the kernels on a GPU through CuPy (skipped without one).
+
+Every result is compared with the torch reference computed independently on the CPU: for
+selections, a full sort of the unique keys of :mod:`gpuprune.keys`; for the statistics,
+:func:`gpuprune.update.observe_torch`; for plans, a Pruner on the torch backend. Inputs include ties,
+NaN, +-inf, +-0, denormals, huge values and duplicate ids of any multiplicity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gpuprune as gp
+from gpuprune.backend import KernelBackend, TorchBackend
+from gpuprune.keys import composite_key, hash32
+from gpuprune.stats import LossStats
+from gpuprune.update import observe_torch, prepare_losses
+
+import kernel_harness as kh
+
+DENORMALS = [1e-45, -1e-45, 1e-40, -2.5e-39, 1.1e-38]
+SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 3.5, 3e38, -3e38,
+           *DENORMALS]
+HARNESS_GEOMETRY = {"harness": dict(slots=4, sm_count=3, chaos=10),
+                    "harness-serial": dict(slots=1, sm_count=1, chaos=0)}
+
+
+@pytest.fixture(scope="module", params=["torch", "harness", "harness-serial", "cuda"])
+def backend(request):
+    name = request.param
+    if name == "torch":
+        return TorchBackend(torch.device("cpu"))
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        pytest.importorskip("cupy")
+        from gpuprune import kernels
+        return KernelBackend(kernels.get_ops(torch.device("cuda", torch.cuda.current_device())))
+    if kh.find_compiler() is None:
+        pytest.skip("the harness needs g++")
+    return KernelBackend(kh.harness_ops(**HARNESS_GEOMETRY[name]))
+
+
+def _is_harness(backend) -> bool:
+    return isinstance(backend, KernelBackend) and backend.device.type == "cpu"
+
+
+def _is_serial(backend) -> bool:
+    return _is_harness(backend) and backend.ops.runtime.slots == 1
+
+
+def _skip_large_serial(backend, n: int) -> None:
+    if _is_serial(backend) and n > 4096:
+        pytest.skip("large N runs on the concurrent harness geometry")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.cpu()
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _assert_same_state(ref: LossStats, got: LossStats, where) -> None:
+    for name in ("mean", "var", "last_epoch", "nonfinite", "invalid_batches"):
+        a, b = getattr(ref, name), getattr(got, name)
+        assert torch.equal(_bits(a), _bits(b)), (where, name, a, b)
+
+
+def _losses(b: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(b, generator=g) * torch.exp(2 * torch.randn(b, generator=g))
+    pick = torch.randint(0, len(SPECIAL) * 3, (b,), generator=g)
+    return torch.where(pick < len(SPECIAL), torch.tensor(SPECIAL)[pick % len(SPECIAL)], x)
+
+
+def _reference_top_k(score: torch.Tensor | None, n: int, k: int, seed: int) -> torch.Tensor:
+    """The k largest unique keys by a full (stable) sort: independent of every top-k algorithm."""
+    key = composite_key(None if score is None else score.cpu(), seed, n, "cpu")
+    return torch.sort(torch.argsort(key, descending=True, stable=True)[:k]).values
+
+
+def _as_set(ids: torch.Tensor) -> torch.Tensor:
+    return torch.sort(ids.cpu().long()).values
+
+
+# ---------------------------------------------------------------- observe
+def test_observe_hand_computed(backend):
+    dev = backend.device
+    stats = LossStats(3, dev)
+    backend.observe_(stats.tensors(), torch.tensor([0, 0, 1], device=dev),
+                     torch.tensor([1.0, 3.0, 2.0], device=dev), 0.5, 0)
+    # sample 0: first visit, a group of two: mean 2, within-group variance 1
+    assert stats.mean.tolist() == [2.0, 2.0, 0.0] and stats.var.tolist() == [1.0, 0.0, 0.0]
+    backend.observe_(stats.tensors(), torch.tensor([0, 2], device=dev),
+                     torch.tensor([4.0, float("nan")], device=dev), 0.5, 4)
+    # a = 1 - 0.5 = 0.5: mean 2 + 0.5 * 2 = 3, var 0.5 * 1 + 0.25 * 2**2 = 1.5; the NaN is skipped
+    assert stats.mean.tolist() == [3.0, 2.0, 0.0] and stats.var.tolist() == [1.5, 0.0, 0.0]
+    assert stats.last_epoch.tolist() == [4, 0, -1] and int(stats.nonfinite) == 1
+
+
+def _batches(n: int):
+    """(size, kind) of a sequence of batches: both observe kernels, the sort-free unique path and
+    the duplicate path, one id many times."""
+    out = [(1, "any"), (2, "any"), (5, "any"), (64, "one"), (300, "unique"), (1000, "any"),
+           (3, "any")]
+    if n >= 1000:
+        out += [(4096, "any"), (4097, "any"), (n, "unique"), (2500, "unique")]
+    return out
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5, 0.0])
+def test_observe_matches_reference(backend, decay):
+    dev = backend.device
+    g = torch.Generator().manual_seed(int(decay * 100) + 1)
+    for n in (1, 37, 3000):
+        ref, got = LossStats(n), LossStats(n, dev)
+        for step, (b, kind) in enumerate(_batches(n)):
+            if kind == "unique":
+                b = min(b, n)
+                idx = torch.randperm(n, generator=g)[:b]
+            else:
+                idx = torch.randint(0, n, (b,), generator=g)
+                if kind == "one":
+                    idx[:] = idx[0]
+            x = _losses(b, g)
+            if step == 5:
+                x = x.double()
+                x[::7] = 1e300                                    # saturates to +-3.4e38
+            observe_torch(ref.tensors(), idx, prepare_losses(x), decay, step)
+            ids = idx.to(torch.int32) if step % 2 else idx
+            backend.observe_(got.tensors(), ids.to(dev), x.to(dev), decay, step)
+            _assert_same_state(ref, got, (n, step, b, kind))
+        assert int(got.nonfinite) > 0
+        assert torch.isfinite(got.mean).all() and torch.isfinite(got.var).all()
+
+
+def test_observe_keeps_denormals(backend):
+    """Denormal losses, means and variances are not flushed to zero (the NVRTC -ftz=true hazard)."""
+    dev = backend.device
+    n = 8
+    ref = LossStats(n)
+    ref.mean.copy_(torch.tensor([1e-40, -3e-39, 2e-45, 0.0, 1e-38, -1e-45, 5e-39, 1.0]))
+    ref.var.copy_(torch.tensor([1e-41, 2e-39, 1e-45, 3e-40, 0.0, 1e-45, 1e-39, 1e-44]))
+    ref.last_epoch.copy_(torch.tensor([0, 0, 0, -1, 0, 0, 0, 0], dtype=torch.int32))
+    got = LossStats(n, dev)
+    for name in ("mean", "var", "last_epoch"):
+        getattr(got, name).copy_(getattr(ref, name))
+    for step, (ids, x) in enumerate([
+            ([0, 1, 2, 3, 4, 5, 6, 7], [3e-40, -1e-39, 1e-45, 7e-39, 2e-38, 1e-45, -5e-39, 1e-40]),
+            ([0, 0, 2, 2, 2, 6], [1e-40, 2e-40, -1e-45, 1e-45, 3e-45, 1e-39])]):
+        idx, loss = torch.tensor(ids), torch.tensor(x)
+        observe_torch(ref.tensors(), idx, loss, 0.5, step + 1)
+        backend.observe_(got.tensors(), idx.to(dev), loss.to(dev), 0.5, step + 1)
+        _assert_same_state(ref, got, step)
+    tiny = got.mean.cpu().abs()
+    assert ((tiny > 0) & (tiny < 1.1754944e-38)).sum() >= 4        # denormal results survive
+    # hand-computed: sample 3, first visit with 7e-39: the mean is the loss itself
+    assert got.mean.cpu()[3].item() == torch.tensor(7e-39).item()
+
+
+def test_invalid_batch_is_ignored_whole_and_counted(backend):
+    if backend.device.type == "cpu" and not isinstance(backend, KernelBackend):
+        pytest.skip("the CPU torch path relies on the caller's range check (Pruner.observe)")
+    dev = backend.device
+    for b in (3, 3000, 5000):                     # small unique, small duplicate, sorted paths
+        stats = LossStats(10, dev)
+        idx = torch.arange(b) % 10
+        idx[b // 2] = 10 if b == 3 else -1
+        x = torch.ones(b)
+        x[0] = float("nan")
+        backend.observe_(stats.tensors(), idx.to(dev), x.to(dev), 0.9, 1)
+        assert int(stats.invalid_batches) == 1 and int(stats.nonfinite) == 0
+        assert int((stats.last_epoch >= 0).sum()) == 0 and float(stats.mean.abs().sum()) == 0.0
+
+
+# ---------------------------------------------------------------- selection
+def _scores(n: int, kind: str, g: torch.Generator) -> torch.Tensor | None:
+    if kind == "random":
+        return torch.randn(n, generator=g)
+    if kind == "equal":
+        return torch.full((n,), 0.25)
+    if kind == "special":
+        return torch.tensor(SPECIAL)[torch.randint(0, len(SPECIAL), (n,), generator=g)]
+    if kind == "denormal":
+        return torch.tensor(DENORMALS + [0.0, -0.0])[torch.randint(0, 7, (n,), generator=g)]
+    if kind == "hash":
+        return None
+    return torch.randint(0, 3, (n,), generator=g).float()          # heavy ties
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 100, 4095, 4096, 4097, 20000])
+def test_top_k_matches_reference(backend, n):
+    _skip_large_serial(backend, n)
+    dev = backend.device
+    g = torch.Generator().manual_seed(n)
+    big = n >= 4095
+    kinds = ("random", "ties", "hash") if big else ("random", "equal", "special", "denormal",
+                                                     "ties", "hash")
+    ks = sorted({1, n // 2, n - 1} - {0}) if big else sorted({0, 1, n // 2, n - 1, n})
+    seeds = (0, 2**64 - 1, 5)
+    for i, kind in enumerate(kinds):
+        s = _scores(n, kind, g)
+        for j, k in enumerate(ks):
+            if n > 4097 and j != i:                 # N = 20000: one k per kind
+                continue
+            for seed in (seeds[(i + j) % 3],):      # every seed, spread over the cases
+                got = backend.top_k(None if s is None else s.to(dev), n, k, seed)
+                assert got.dtype == torch.int32 and got.device.type == dev.type
+                assert torch.equal(_as_set(got), _reference_top_k(s, n, k, seed)), (kind, k, seed)
+                if _is_harness(backend) and 0 < k < n:
+                    assert backend.ops.last_total() == k
+
+
+def test_top_k_across_grid_shapes(backend):
+    """Same set for any grid and any number of blocks at once (honest launch geometry)."""
+    if not _is_harness(backend) or _is_serial(backend):
+        pytest.skip("launch geometry is a harness parameter (swept once, here)")
+    g = torch.Generator().manual_seed(9)
+    n = 9000                                      # three compaction tiles
+    cases = [(_scores(n, "random", g), n // 2), (_scores(n, "ties", g), 777), (None, 4500)]
+    for c, (slots, sm) in enumerate(((1, 2), (2, 1), (4, 16))):
+        ops = kh.harness_ops(slots=slots, sm_count=sm)
+        for s, k in (cases[c], cases[(c + 1) % 3]):
+            got = ops.top_k(s, n, k, 3)
+            assert torch.equal(_as_set(got), _reference_top_k(s, n, k, 3)), (slots, sm, k)
+            assert ops.last_total() == k
+        assert {grid for name, grid, _ in ops.runtime.log if name == "gp_radix_pass"} == \
+            {max(1, min(math.ceil(n / 2048), sm * 4))}
+
+
+def test_shuffle_and_hash_match_reference(backend):
+    dev = backend.device
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 7, 1000, 5000):
+        ids = torch.randperm(50000, generator=g)[:n]
+        want = ids[torch.argsort(hash32(ids, 99))]
+        assert torch.equal(backend.shuffle(ids.to(dev), 99).cpu(), want)
+        assert torch.equal(backend._hash(ids.to(dev), 2**64 - 7).cpu(), hash32(ids, 2**64 - 7))
+
+
+# ---------------------------------------------------------------- policies through the backend
+POLICIES = {
+    "uniform": lambda n, g: "uniform",
+    "epsilon_greedy": lambda n, g: gp.EpsilonGreedy(epsilon=0.3),
+    "ucb": lambda n, g: gp.UCB(c=1.0),
+    "ucb-var": lambda n, g: gp.UCB(c=0.5, uncertainty="var"),
+    "infobatch": lambda n, g: gp.InfoBatch(),
+    "static-scores": lambda n, g: gp.Static(torch.randn(n, generator=g)),
+    "static": lambda n, g: gp.Static(),
+    "full": lambda n, g: "full",
+}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_policy_plans_match_reference(backend, policy):
+    dev = backend.device
+    n, epochs = 3000, 5
+    g = torch.Generator().manual_seed(5)
+    kw = dict(keep=0.3, seed=17, num_epochs=epochs, selection_interval=2 if policy == "ucb" else 1)
+    ref = gp.Pruner(n, policy=POLICIES[policy](n, torch.Generator().manual_seed(1)), **kw)
+    got = gp.Pruner(n, policy=POLICIES[policy](n, torch.Generator().manual_seed(1)), device=dev, **kw)
+    got.backend = backend
+    losses = torch.rand(n, generator=g) * 3
+    losses[::97] = float("nan")
+    losses[5::101] = 1e-40                        # denormal losses
+    for epoch in range(epochs):
+        p_ref, p_got = ref.plan(epoch), got.plan(epoch)
+        assert torch.equal(p_ref.indices, p_got.indices.cpu()), epoch
+        assert p_ref.weight == p_got.weight
+        for i in range(0, len(p_ref), 700):
+            idx = p_ref.indices[i:i + 700]
+            loss = losses[idx.long()] * (1 + epoch)
+            r, k = ref.observe(idx, loss), got.observe(idx.to(dev), loss.to(dev))
+            assert torch.equal(_bits(r), _bits(k))
+        _assert_same_state(ref.stats, got.stats, epoch)
+    assert torch.equal(ref.stats.selected, got.stats.selected.cpu())
+
+
+def test_large_ucb_selection_sequence(backend):
+    """A UCB run at N = 20000 over several epochs: scores from real statistics, with ties."""
+    n = 20000
+    _skip_large_serial(backend, n)
+    dev = backend.device
+    ref = gp.Pruner(n, policy=gp.UCB(c=1.0), keep=0.5, seed=3, num_epochs=3)
+    got = gp.Pruner(n, policy=gp.UCB(c=1.0), keep=0.5, seed=3, num_epochs=3, device=dev)
+    got.backend = backend
+    g = torch.Generator().manual_seed(8)
+    for epoch in range(2):
+        p_ref, p_got = ref.plan(epoch), got.plan(epoch)
+        assert torch.equal(p_ref.indices, p_got.indices.cpu()), epoch
+        idx = p_ref.indices[:4096]
+        loss = torch.randint(0, 4, (idx.numel(),), generator=g).float()   # ties
+        ref.observe(idx, loss)
+        got.observe(idx.to(dev), loss.to(dev))
+        _assert_same_state(ref.stats, got.stats, epoch)

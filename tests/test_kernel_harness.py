@@ -1,0 +1,188 @@
+"""The concurrency harness itself: it runs blocks at once, enforces the CUDA rules it claims to, finds
+the race of the pre-fix radix pass, and a ThreadSanitizer replay of the real kernels is clean.
+
+The equivalence of the kernels with torch is ``tests/test_kernel_equivalence.py``; this file proves
+that the harness behind it can fail.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from gpuprune.backend import TorchBackend
+from gpuprune.kernels import KernelOps
+from gpuprune.kernels._spec import CONSTANTS, CTL_OFFSETS
+from gpuprune.stats import LossStats
+
+import kernel_harness as kh
+
+pytestmark = pytest.mark.skipif(kh.find_compiler() is None, reason="the harness needs g++")
+
+RULES = kh.RACY_RADIX_PASS.parent / "rule_breakers.cu"
+RULE_KERNELS = {"k_barrier_divergence": "p", "k_exited_lane": "p", "k_shfl_outside_mask": "p",
+                "k_not_in_mask": "p", "k_dropout": "p", "k_shared_uninit": "p",
+                "k_all_blocks_meet": "pp", "k_warp_sum": "pp"}
+
+
+@pytest.fixture(scope="module")
+def rules():
+    text = RULES.read_text()
+    lib = kh.build_library(text, slots=3, signatures=RULE_KERNELS)
+    return kh.HarnessRuntime(lib, text, slots=3, timeout_s=120.0, signatures=RULE_KERNELS)
+
+
+def _run(rt, name, grid, block, *args):
+    rt.launch(name, (grid,), (block,), args)
+
+
+# ---------------------------------------------------------------- the model's rules are enforced
+@pytest.mark.parametrize("kernel, message", [
+    ("k_barrier_divergence", r"barrier divergence: .* line \d+ while others wait at line \d+"),
+    # lane 5 exits before the others vote, or while they wait for it: either way it is named
+    ("k_exited_lane", r"__ballot_sync mask 0xffffffff names lanes that have exited \(0x00000020\)|"
+                      r"lane 5 exited while lanes 0x[0-9a-f]+ wait for it in __ballot_sync"),
+    ("k_shfl_outside_mask", r"__shfl_sync: lane \d+ reads lane 20, outside the mask 0x0000ffff"),
+    ("k_not_in_mask", r"__ballot_sync with mask 0x00000002 not naming the calling lane"),
+])
+def test_rule_violations_are_reported(rules, kernel, message):
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(kh.HarnessError, match=message):
+        _run(rules, kernel, 1, 64, out)
+    _run(rules, "k_dropout", 1, 64, out)                   # the harness is usable afterwards
+
+
+def test_exited_threads_drop_out_of_barriers(rules):
+    out = torch.zeros(3, dtype=torch.int32)
+    _run(rules, "k_dropout", 3, 96, out)                    # 16 of 96 threads reach the barrier
+    assert out.tolist() == [16, 16, 16]
+
+
+def test_shared_memory_is_per_block_and_uninitialised(rules):
+    out = torch.zeros(6 * 64, dtype=torch.int32)
+    _run(rules, "k_shared_uninit", 6, 64, out)              # 6 blocks on 3 slots: slots are reused
+    assert (out.view(torch.int64) == int.from_bytes(b"\xa5" * 8, "little", signed=True)).all()
+
+
+def test_blocks_run_at_once_up_to_the_slots(rules):
+    counter, out = torch.zeros(1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    _run(rules, "k_all_blocks_meet", 3, 32, counter, out)   # 3 blocks, 3 slots: they meet
+    assert out.tolist() == [1, 1, 1]
+    counter.zero_()
+    rules2 = kh.HarnessRuntime(rules.library, RULES.read_text(), slots=2, timeout_s=2.0,
+                               signatures=RULE_KERNELS)
+    with pytest.raises(kh.HarnessError, match="did not finish within 2 s"):   # 3 blocks, 2 slots
+        _run(rules2, "k_all_blocks_meet", 3, 32, counter, out)
+
+
+def test_warp_shuffle_of_64_bit_values(rules):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2**62, (128,), generator=g)
+    out = torch.zeros(4, dtype=torch.int64)
+    _run(rules, "k_warp_sum", 2, 64, x, out)
+    assert out.tolist() == [int(v) for v in x.view(4, 32).sum(1)]
+
+
+def test_launches_above_launch_bounds_are_refused():
+    ops = kh.harness_ops()
+    n, k = 100, 10
+    ctl = torch.zeros(1030, dtype=torch.int64)
+    with pytest.raises(kh.HarnessError, match=r"gp_radix_pass launched with 512 threads per block, "
+                                              r"above its __launch_bounds__\(256\)"):
+        ops._launch("gp_radix_pass", 1, 512, torch.zeros(n), torch.zeros(n, dtype=torch.int32), 0,
+                    n, 0, 0, ctl, 53, 11, k, 1)
+
+
+# ---------------------------------------------------------------- the compaction's bound guard
+def test_compaction_never_writes_past_k():
+    ops = kh.harness_ops(slots=2)
+    n, k = 9000, 100
+    ctl = torch.zeros(1030, dtype=torch.int64)         # thresh 0: every id is "selected"
+    status = torch.zeros(64, dtype=torch.int64)
+    out = torch.full((k + 64,), -7, dtype=torch.int32)   # a canary tail after the k slots
+    ops._launch("gp_compact", 3, CONSTANTS["GP_SEL_THREADS"], None, CONSTANTS["GP_MODE_HASH"], n,
+                1, 2, ctl, status, out, k)
+    assert out[:k].tolist() == list(range(k))            # index order
+    assert (out[k:] == -7).all()                         # nothing past k
+    assert int(ctl.view(torch.int32)[CTL_OFFSETS["total"] // 4]) == n   # the overflow is visible
+    assert int(status.abs().sum()) == 0 and int(ctl.view(torch.int32)[8:10].abs().sum()) == 0
+
+
+# ---------------------------------------------------------------- the pre-fix race is caught
+def test_harness_catches_the_racy_radix_pass_by_its_wrong_count():
+    """The pre-fix radix pass (tests/kernel_harness/racy_radix_pass.cu) under real concurrency:
+    some selection of k = n/2 at n = 20000 has the wrong count (the fixed kernel: never)."""
+    ops = kh.harness_ops(source_text=kh.racy_source(), slots=2, build_slots=2, sm_count=2,
+                         chaos=100)
+    ref = TorchBackend(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    n, k = 20000, 10000
+    seen = []
+    for trial in range(40):                           # stops at the first wrong selection
+        s = torch.randn(n, generator=g)
+        got = ops.top_k(s, n, k, trial)
+        total = ops.last_total()
+        same = torch.equal(torch.sort(got).values.long(), torch.sort(ref.top_k(s, n, k, trial)).values)
+        seen.append(total)
+        if total != k or not same:
+            break
+    assert seen[-1] != k, f"40 selections, all with the right count {k}: the race went unseen"
+
+
+@pytest.fixture(scope="module")
+def tsan():
+    if not kh.tsan_runtime_available():
+        pytest.skip("ThreadSanitizer runtime (libtsan) not installed")
+    return kh
+
+
+def _record_selections(ops_source: str | None, tmp_path, n: int = 6000):
+    rec = kh.RecordingRuntime(kh.HarnessRuntime(kh.build_library(), slots=4))
+    ops = KernelOps(rec, torch.device("cpu"), sm_count=1)     # grids <= 4 = the slots: all concurrent
+    g = torch.Generator().manual_seed(1)
+    ops.top_k(torch.randn(n, generator=g), n, n // 2, 5)
+    ops.top_k(torch.randint(0, 3, (n,), generator=g).float(), n, 777, 6)   # ties: hash passes
+    return rec
+
+
+def test_tsan_is_clean_on_the_real_kernels(tsan, tmp_path):
+    """ThreadSanitizer replay of launch sequences recorded from ops.py: no report, same bytes."""
+    exe = kh.build_replay()
+    rec = _record_selections(None, tmp_path)
+    ops = KernelOps(rec, torch.device("cpu"), sm_count=1)
+    g = torch.Generator().manual_seed(2)
+    ops.top_k(None, 5000, 1234, 7)
+    stats = LossStats(500)
+    ops.observe_(stats.tensors(), torch.randint(0, 500, (200,), generator=g),
+                 torch.randn(200, generator=g), 0.9, 1)                       # duplicate path
+    ops.observe_(stats.tensors(), torch.randperm(500, generator=g)[:300].int(),
+                 torch.randn(300, generator=g), 0.9, 2)                       # unique path
+    ops.observe_(stats.tensors(), torch.randint(0, 500, (4500,), generator=g),
+                 torch.randn(4500, generator=g), 0.9, 3)                      # sorted path
+    ops.hash_ids(torch.arange(3000), 9)
+    trace = rec.write(tmp_path / "trace.bin")
+    assert len(rec.launches) == 7 + 7 + 4 + 3 + 1
+    proc = kh.replay(exe, trace, slots=4)
+    assert "ThreadSanitizer" not in proc.stderr, proc.stderr[:6000]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[:3000]
+    assert f"replayed {len(rec.launches)} launches: 0 buffer mismatches" in proc.stdout
+
+
+def test_tsan_reports_the_racy_radix_pass(tsan, tmp_path):
+    exe = kh.build_replay(kh.racy_source(), slots=2)
+    rec = _record_selections(None, tmp_path)          # recorded with the fixed kernels
+    trace = rec.write(tmp_path / "trace.bin")
+    proc = kh.replay(exe, trace, slots=2)
+    assert proc.returncode == 66, proc.stdout + proc.stderr[:3000]
+    report = proc.stderr
+    assert "WARNING: ThreadSanitizer: data race" in report
+    # the write of `need` in ctl_apply races with the late read in the bucket scan
+    race = report.split("WARNING: ThreadSanitizer: data race")[1]
+    assert re.search(r"#0 ctl_apply .*kernels\.cu", race) and "gp_radix_pass" in race, race[:3000]
+    offset = CTL_OFFSETS["need"]
+    assert re.search(rf"Location is heap block of size \d+ at 0x([0-9a-f]+)", race)
+    addr = int(re.search(r"of size 4 at 0x([0-9a-f]+)", race).group(1), 16)
+    block = int(re.search(r"heap block of size \d+ at 0x([0-9a-f]+)", race).group(1), 16)
+    assert addr - block == offset, (hex(addr), hex(block))
