@@ -1,33 +1,41 @@
 """Cost of feeding DALI through gpuprune: pruned iterator vs plain DALI, pruned vs full epochs.
 
-    python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~1 min
+    python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~5 min
     python benchmarks/pipeline.py --device-id 0        # GPU pipelines (augmentation on the GPU)
-    python benchmarks/pipeline.py --files 0 --reps 3   # arrays only, fewer repeats
+    python benchmarks/pipeline.py --files 0 --reps 5   # arrays only, fewer repeats
 
-Data: Fashion-MNIST training images made CIFAR-shaped (32x32x3 uint8, as in docs/dali.md), plus
-``--files`` of them written as PNG files. Graph: random flip + normalise to float CHW
-(``crop_mirror_normalize``), the same in every pipeline.
+Data: Fashion-MNIST training images made CIFAR-shaped (32x32x3 uint8), plus ``--files`` of them
+written as PNG files. Graph: random flip + normalise to float CHW (``crop_mirror_normalize``), the
+same in every pipeline. Batch 256.
 
-1. **Throughput** (samples/s) over the same planned samples (a uniform keep=0.5 plan):
-   * arrays: ``ArraySource`` + ``PrunedDALIIterator`` vs a plain batch-mode ``external_source``
-     callable + ``DALIGenericIterator`` (the minimal hand-written version, dali.md §1);
-   * files: ``FileSource`` + ``PrunedDALIIterator`` vs (``files/reader``) ``fn.readers.file(files=
-     <the planned files>)`` + ``DALIGenericIterator(reader_name=...)``, and vs (``files/ES``) a
-     plain external source of the same paths -> ``fn.io.file.read``, the way dali.md recommends
-     for per-epoch subsets (a reader cannot change its files per epoch). PNG decoded on the CPU
-     (or "mixed"). The plan is a fixed random half (policy "static"), so the reader is fair.
-   Target: pruned / plain >= 0.95.
-2. **Epoch time vs keep**: wall time of an epoch of the pruned iterator at keep = 0.3, 0.5, 0.7
-   (uniform policy) against a full-data epoch of the same iterator (policy "full"). Each epoch is
-   timed from ``set_epoch`` to the end of the loop, so it includes planning, publishing and the
-   epoch turnover. Target: time(keep) <= 1.05 * keep * time(full).
+1. **Arrays** (samples/s over the same plans: uniform keep=0.5 of ``--samples``):
+   ``ArraySource`` + ``PrunedDALIIterator`` vs a plain batch-mode ``external_source`` callable +
+   ``DALIGenericIterator`` (the minimal hand-written version). Target >= 0.97.
+2. **Files** (samples/s over the same files: a fixed random half, policy "static", so a reader
+   over a fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (serial, and
+   ``parallel=True`` with 2 workers) vs ``fn.readers.file(files=<the planned files>)`` +
+   ``DALIGenericIterator(reader_name=...)``, vs a reader rebuilt every epoch with that epoch's
+   planned list (build included), and vs a plain ``external_source`` of the paths ->
+   ``fn.io.file.read``. PNG decoded on the CPU (or "mixed"). Target: pruned >= 0.95 x reader.
+3. **Epoch time vs keep** (arrays): wall time of an epoch of the pruned iterator at keep = 0.3,
+   0.5, 0.7 (uniform) against a full-data epoch of the same iterator (policy "full"), each timed
+   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included).
+   Target: time(keep) <= 1.02 x keep x time(full).
+4. **Turnover** (arrays, keep=0.5 of ``--samples``): the first batch after ``set_epoch`` (the plan
+   made beforehand), against the first batch after ``reset()`` of the plain pipeline (the same
+   refill) and a steady-state batch. Target: within 2 ms.
 
-Configurations are interleaved (A B, B A, A B, ...) over ``--reps`` epochs after one warm-up
-epoch each, so that load from other processes hits them alike. Ratios are given three ways: of the
-median wall time, of the best (least disturbed) epoch, and of the process's CPU time per epoch
-(user + system, all threads), which load from other processes barely moves; the machine, its load
-average and the versions are printed first. Each configuration is checked before it is timed: every
-planned sample arrives exactly once with its own label.
+Fairness: configurations of sections 1, 3 and 4 stop cleanly at each epoch's end (nothing runs in
+the background), so their epochs are interleaved (A B, B A, ...), each configuration's samples
+median-ed. ``fn.readers.file`` keeps prefetching across epoch boundaries, in the background; so in
+section 2 each configuration runs in blocks of consecutive epochs (as in training), after a pause
+that lets any background work of the previous block finish and one untimed epoch, and blocks are
+interleaved over rounds. Ratios are given four ways: paired (the ratio within each round, whose
+epochs ran close together in time, then the median over rounds: slow drifts of the machine's load
+cancel out), of the median wall-time rates, of the best epochs, and of the process's CPU time per
+sample (user + system, all threads). The machine, its load average and the versions are printed first.
+Each configuration is checked before it is timed: every planned sample arrives once, with its
+own label.
 """
 
 from __future__ import annotations
@@ -111,30 +119,68 @@ def augment(images, labels):
     return images, labels
 
 
-# ---------------------------------------------------------------- plain DALI baselines
-class PlainBatches:
-    """The minimal hand-written batch-mode source over a fixed index list (no gpuprune)."""
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, bs: int) -> None:
-        self.x, self.y, self.bs, self.sel = x, y, bs, np.empty(0, np.int64)
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- configurations
+class Config:
+    """One way of feeding epochs: ``prepare()`` (untimed) readies the next epoch, ``run()`` iterates
+    it and returns the number of samples; ``first`` records each epoch's first-batch latency."""
+
+    name = "config"
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.first: list[float] = []          # start of the epoch -> first batch, seconds
+
+    def loop(self, it, key: str, t0: float) -> int:
+        count = 0
+        for (b,) in it:
+            if not count:
+                self.first.append(time.perf_counter() - t0)
+            count += len(b[key])
+        return count
+
+    def run(self) -> int:
+        raise NotImplementedError
+
+    def labels_of_epoch(self) -> np.ndarray:
+        """Run one epoch and return its labels (for the correctness check)."""
+        raise NotImplementedError
+
+
+class PlainBatches:
+    """The minimal hand-written batch-mode source over an index list (no gpuprune)."""
+
+    def __init__(self, arrays, bs: int) -> None:
+        self.arrays, self.bs, self.sel = arrays, bs, np.empty(0, np.int64)
 
     def __call__(self, info):
         lo = info.iteration * self.bs
         if lo >= len(self.sel):
             raise StopIteration
         idx = self.sel[lo:lo + self.bs]
-        return self.x[idx], self.y[idx]
+        return tuple(a[idx] for a in self.arrays)
 
 
-class PlainArrays:
-    """external_source(PlainBatches) + DALIGenericIterator, one epoch per call.
+class PlainArrays(Config):
+    """external_source(PlainBatches) + DALIGenericIterator; ``plans(e)`` gives epoch e's ids
+    (set before the epoch's reset(), untimed: the plan is the twin Pruner's)."""
 
-    ``plans(epoch)`` gives each epoch's index list (set untimed, before the epoch's reset()).
-    """
+    name = "plain ES"
 
     def __init__(self, x, y, plans, args) -> None:
-        self.src = PlainBatches(x, y, args.batch_size)
-        self.plans, self.next_epoch = plans, 0
+        super().__init__()
+        self.src = PlainBatches((x, y), args.batch_size)
+        self.plans = plans
         pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
                         device_id=args.device_id, seed=0)
         with pipe:
@@ -143,21 +189,123 @@ class PlainArrays:
                                                 ndim=[3, 0], layout=["HWC", None])
             pipe.set_outputs(*augment(images, labels))
         self.it = DALIGenericIterator(pipe, ["data", "label"], size=-1, prepare_first_batch=False)
-        self.started = False
 
     def prepare(self) -> None:
-        self.src.sel = self.plans(self.next_epoch)
-        self.next_epoch += 1
+        self.src.sel = self.plans(self.epoch)
 
-    def epoch(self) -> int:
-        if self.started:
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        if self.epoch:
             self.it.reset()
-        self.started = True
-        return sum(len(b["label"]) for (b,) in self.it)
+        self.epoch += 1
+        return self.loop(self.it, "label", t0)
+
+    def labels_of_epoch(self) -> np.ndarray:
+        self.prepare()
+        if self.epoch:
+            self.it.reset()
+        self.epoch += 1
+        return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
 
 
-class PlainPaths:
+class Pruned(Config):
+    """A PrunedDALIIterator; ``prepare()`` plans the next epoch (untimed) unless
+    ``plan_timed``; ``run()`` calls ``set_epoch`` (publish, reset, prefetch) and loops."""
+
+    name = "pruned"
+
+    def __init__(self, pruner, source, args, plan_timed: bool = False, **kwargs) -> None:
+        super().__init__()
+        self.pruner, self.plan_timed = pruner, plan_timed
+        self.it = build_iterator(pruner, source, augment, batch_size=args.batch_size,
+                                 num_threads=args.threads, device_id=args.device_id, seed=0,
+                                 **kwargs)
+        self.plan_times: list[float] = []
+
+    def prepare(self) -> None:
+        if not self.plan_timed:
+            self.pruner.plan(self.epoch)
+
+    def run(self) -> int:
+        t = time.perf_counter()
+        self.pruner.plan(self.epoch)                 # free if prepare() did it
+        t0 = time.perf_counter()
+        self.plan_times.append(t0 - t)
+        self.it.set_epoch(self.epoch)
+        self.epoch += 1
+        return self.loop(self.it, "index", t0)
+
+    def labels_of_epoch(self) -> np.ndarray:
+        self.it.set_epoch(self.epoch)
+        self.epoch += 1
+        return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
+
+
+def reader_pipeline(files, labels, args) -> Pipeline:
+    pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
+                    device_id=args.device_id, seed=0)
+    with pipe:
+        raw, lab = fn.readers.file(files=list(files), labels=[int(v) for v in labels],
+                                   random_shuffle=False, name="Reader")
+        dev = "mixed" if args.device_id is not None else "cpu"
+        images = fn.decoders.image(raw, device=dev, output_type=types.RGB)
+        pipe.set_outputs(*augment(images, lab))
+    return pipe
+
+
+class Reader(Config):
+    """fn.readers.file over a fixed file list + DALIGenericIterator(reader_name=...), auto_reset:
+    it reads ahead across epoch boundaries."""
+
+    name = "fn.readers.file"
+
+    def __init__(self, files, labels, args) -> None:
+        super().__init__()
+        self.it = DALIGenericIterator(reader_pipeline(files, labels, args), ["data", "label"],
+                                      reader_name="Reader", auto_reset=True,
+                                      last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self) -> int:
+        return self.loop(self.it, "label", time.perf_counter())
+
+    def labels_of_epoch(self) -> np.ndarray:
+        return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
+
+
+class RebuiltReader(Config):
+    """A reader pipeline built anew each epoch with that epoch's planned files (build timed)."""
+
+    name = "reader rebuilt/epoch"
+
+    def __init__(self, pruner, files, labels, args) -> None:
+        super().__init__()
+        self.pruner, self.files, self.labels, self.args = pruner, files, labels, args
+
+    def prepare(self) -> None:
+        self.pruner.plan(self.epoch)
+
+    def _iterator(self):
+        ids = self.pruner.plan(self.epoch).indices.cpu().numpy()
+        self.epoch += 1
+        pipe = reader_pipeline([self.files[i] for i in ids], self.labels[ids], self.args)
+        return DALIGenericIterator(pipe, ["data", "label"], reader_name="Reader",
+                                   last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        return self.loop(self._iterator(), "label", t0)
+
+    def labels_of_epoch(self) -> np.ndarray:
+        return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self._iterator()])
+
+
+class PlainPaths(Config):
     """external_source of paths (no gpuprune) -> fn.io.file.read -> decoder, fixed file list."""
+
+    name = "plain ES paths"
 
     class Source:
         def __init__(self, files, labels, bs) -> None:
@@ -171,6 +319,7 @@ class PlainPaths:
             return self.paths[lo:lo + self.bs], self.labels[lo:lo + self.bs]
 
     def __init__(self, files, labels, args) -> None:
+        super().__init__()
         self.src = self.Source(files, labels, args.batch_size)
         pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
                         device_id=args.device_id, seed=0)
@@ -181,151 +330,68 @@ class PlainPaths:
             images = fn.decoders.image(fn.io.file.read(paths), device=dev, output_type=types.RGB)
             pipe.set_outputs(*augment(images, lab))
         self.it = DALIGenericIterator(pipe, ["data", "label"], size=-1, prepare_first_batch=False)
-        self.started = False
 
     def prepare(self) -> None:
         pass
 
-    def epoch(self) -> int:
-        if self.started:
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        if self.epoch:
             self.it.reset()
-        self.started = True
-        return sum(len(b["label"]) for (b,) in self.it)
+        self.epoch += 1
+        return self.loop(self.it, "label", t0)
 
-
-class PlainReader:
-    """fn.readers.file over a fixed list of files + DALIGenericIterator(reader_name=...)."""
-
-    def __init__(self, files, labels, args) -> None:
-        pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
-                        device_id=args.device_id, seed=0)
-        with pipe:
-            raw, lab = fn.readers.file(files=list(files), labels=[int(v) for v in labels],
-                                       random_shuffle=False, name="Reader")
-            dev = "mixed" if args.device_id is not None else "cpu"
-            images = fn.decoders.image(raw, device=dev, output_type=types.RGB)
-            pipe.set_outputs(*augment(images, fn.cast(lab, dtype=types.INT64)))
-        self.it = DALIGenericIterator(pipe, ["data", "label"], reader_name="Reader",
-                                      last_batch_policy=LastBatchPolicy.PARTIAL,
-                                      prepare_first_batch=False)
-        self.started = False
-
-    def prepare(self) -> None:
-        pass
-
-    def epoch(self) -> int:
-        if self.started:
+    def labels_of_epoch(self) -> np.ndarray:
+        if self.epoch:
             self.it.reset()
-        self.started = True
-        return sum(len(b["label"]) for (b,) in self.it)
+        self.epoch += 1
+        return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
 
 
-class Pruned:
-    """A PrunedDALIIterator, one epoch per call.
-
-    ``prepare()`` selects the next epoch's plan (``pruner.plan``) outside the timed part when
-    ``plan_untimed``; ``epoch()`` runs ``set_epoch`` (publish, reset, prefetch) and the loop.
-    """
-
-    def __init__(self, pruner, source, args, plan_untimed: bool = True) -> None:
-        self.pruner, self.plan_untimed = pruner, plan_untimed
-        self.it = build_iterator(pruner, source, augment, batch_size=args.batch_size,
-                                 num_threads=args.threads, device_id=args.device_id, seed=0)
-        self.next_epoch = 0
-        self.plan_times: list[float] = []
-        self.first_batch: list[float] = []     # set_epoch -> first batch (the turnover)
-
-    def prepare(self) -> None:
-        if self.plan_untimed:
-            self.pruner.plan(self.next_epoch)
-
-    def epoch(self) -> int:
-        t = time.perf_counter()
-        self.pruner.plan(self.next_epoch)            # free if prepare() did it
-        t1 = time.perf_counter()
-        self.plan_times.append(t1 - t)
-        self.it.set_epoch(self.next_epoch)
-        self.next_epoch += 1
-        count = 0
-        for (b,) in self.it:
-            if not count:
-                self.first_batch.append(time.perf_counter() - t1)
-            count += len(b["index"])
-        return count
-
-
-# ---------------------------------------------------------------- correctness, timing
-def check_pruned(p: Pruned, y: np.ndarray) -> None:
-    """One epoch: every planned sample once, in plan order, with its own label."""
-    p.it.set_epoch(p.next_epoch)
-    got, labels = [], []
-    for (b,) in p.it:
-        got.append(b["index"].cpu().numpy())
-        labels.append(b["label"].cpu().numpy())
-    got = np.concatenate(got)
-    want = p.pruner.plan(p.next_epoch).indices.cpu().numpy()
-    assert np.array_equal(got, want), "pruned iterator: wrong samples"
-    assert np.array_equal(np.concatenate(labels), y[got]), "pruned iterator: wrong labels"
-    p.next_epoch += 1
-
-
-def check_plain(plain, sel: np.ndarray, y: np.ndarray) -> None:
-    plain.prepare()
-    if plain.started:
-        plain.it.reset()
-    plain.started = True
-    labels = np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in plain.it])
-    assert np.array_equal(labels, y[sel]), "plain pipeline: wrong labels"
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process, all threads (user + system)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def timed(run) -> tuple[float, int, float]:
+# ---------------------------------------------------------------- timing
+def timed(cfg: Config) -> tuple[float, int, float]:
     """(wall s, samples, CPU s) of one epoch."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     c, t = cpu_seconds(), time.perf_counter()
-    n = run()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    n = cfg.run()
+    sync()
     return time.perf_counter() - t, n, cpu_seconds() - c
 
 
-def interleaved(configs: dict, reps: int) -> dict[str, list[tuple[float, int]]]:
-    """One warm-up epoch of each configuration, then ``reps`` rounds A B C, C B A, A B C, ...
-
-    ``configs`` maps a name to an object with ``prepare()`` (untimed) and ``epoch()`` (timed).
-    Alternating the order keeps a slot's position in the round from favouring one configuration.
-    """
+def interleaved(configs: dict, reps: int) -> dict[str, list]:
+    """One warm-up epoch each, then ``reps`` rounds A B C, C B A, ... of single epochs (for
+    configurations that leave nothing running in the background between epochs)."""
     for c in configs.values():
         c.prepare()
-        c.epoch()
+        c.run()
     out = {name: [] for name in configs}
     names = list(configs)
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
             configs[name].prepare()
-            out[name].append(timed(configs[name].epoch))
+            out[name].append(timed(configs[name]))
     return out
 
 
-def median_time(samples) -> float:
-    return statistics.median(t for t, _, _ in samples)
+def in_blocks(configs: dict, rounds: int, per_block: int, pause: float = 0.5) -> dict[str, list]:
+    """``rounds`` rounds over the configurations (order alternating); in each, a block of one
+    untimed and ``per_block`` timed consecutive epochs, after ``pause`` seconds in which any
+    background prefetch of the previous block finishes."""
+    out = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            time.sleep(pause)
+            cfg = configs[name]
+            cfg.prepare()
+            cfg.run()
+            for _ in range(per_block):
+                cfg.prepare()
+                out[name].append(timed(cfg))
+    return out
 
 
-def best_time(samples) -> float:
-    return min(t for t, _, _ in samples)
-
-
-def cpu_time(samples) -> float:
-    return statistics.median(c for _, _, c in samples)
-
-
-def median_rate(samples) -> float:
+def rate(samples) -> float:
     return statistics.median(n / t for t, n, _ in samples)
 
 
@@ -334,18 +400,40 @@ def best_rate(samples) -> float:
 
 
 def cpu_rate(samples) -> float:
-    return statistics.median(n / c for _, n, c in samples)
+    return statistics.median(n / c for _, n, c in samples if c > 0)
+
+
+def paired(base, other, per_round: int = 1) -> float:
+    """Median over rounds of (rate of ``other`` / rate of ``base``) within the same round: epochs
+    measured close together in time, so slow drifts of the machine's load cancel out."""
+    def round_rates(samples):
+        return [statistics.median(n / t for t, n, _ in samples[i:i + per_round])
+                for i in range(0, len(samples), per_round)]
+    return statistics.median(o / b for b, o in zip(round_rates(base), round_rates(other)))
+
+
+def ratio_row(name, count, base, other, per_round: int = 1, width=34) -> str:
+    return (f"{name:<{width}} {count:>8} {rate(base):>10,.0f} {rate(other):>10,.0f} "
+            f"{paired(base, other, per_round):>7.3f} {rate(other) / rate(base):>7.3f} "
+            f"{best_rate(other) / best_rate(base):>7.3f} {cpu_rate(other) / cpu_rate(base):>7.3f}")
+
+
+def check(cfg: Config, want_labels: np.ndarray, what: str) -> None:
+    got = cfg.labels_of_epoch()
+    if not np.array_equal(got, want_labels):
+        sys.exit(f"{what}: wrong samples or labels ({len(got)} labels, {len(want_labels)} expected)")
 
 
 # ---------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=60000, help="in-memory samples (max 60000)")
-    ap.add_argument("--files", type=int, default=8000, help="PNG files for the file section (0: skip)")
+    ap.add_argument("--files", type=int, default=8000, help="PNG files for section 2 (0: skip)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     ap.add_argument("--device-id", type=int, default=None, help="GPU for the pipelines (default: CPU)")
-    ap.add_argument("--reps", type=int, default=20, help="timed epochs per configuration")
+    ap.add_argument("--reps", type=int, default=15, help="timed epochs per configuration")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of file blocks (section 2)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch CPU threads (selection runs in torch; DALI has its own threads)")
     args = ap.parse_args()
@@ -353,74 +441,104 @@ def main() -> None:
     print(describe(args), flush=True)
     x, y = load_images(args.samples)
     n = len(x)
-    rows = []
+    header = (f"{'compared / baseline':<34} {'samples':>8} {'baseline':>10} {'compared':>10} "
+              f"{'paired':>7} {'median':>7} {'best':>7} {'CPU':>7}")
 
-    # 1a. throughput, arrays: the same uniform keep=0.5 plans through both; selection untimed
+    # 1. arrays: the same uniform keep=0.5 plans through both; selection untimed
     pruner = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)
     twin = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)     # same seed: the same plans
     pruned = Pruned(pruner, ArraySource(x, y, layouts=("HWC", None)), args)
-    plain = PlainArrays(x, y, lambda e: twin.plan(e).indices.numpy(), args)
-    check_pruned(pruned, y)
-    check_plain(plain, twin.plan(0).indices.numpy(), y)
+    plain = PlainArrays(x, y, lambda e: twin.plan(e).indices.numpy().astype(np.int64), args)
     count = len(twin.plan(0))
+    check(pruned, y[pruner.plan(0).indices.numpy()], "pruned arrays")
+    check(plain, y[twin.plan(0).indices.numpy()], "plain arrays")
     res = interleaved({"pruned": pruned, "plain": plain}, args.reps)
-    rows.append(("arrays", count, res["plain"], res["pruned"]))
+    print("\n1. arrays: samples/s over the same plans (selection not timed); ratio pruned/plain: "
+          "paired (median over rounds of the ratio within a round), of the median rates, of the "
+          "best epochs and of the CPU time per sample (target >= 0.97)")
+    print(header)
+    print(ratio_row("pruned / plain ES", count, res["plain"], res["pruned"]))
+    first_plain = statistics.median(plain.first[1:])
+    first_pruned = statistics.median(pruned.first[1:])
+    steady = statistics.median(t / -(-k // args.batch_size) for t, k, _ in res["pruned"])
 
-    # 1b. throughput, files: FileSource vs fn.readers.file over the same planned files
+    # 2. files: a fixed random half of the files through every configuration
     if args.files:
         nf = min(args.files, n)
         with tempfile.TemporaryDirectory(prefix="gpuprune-bench-") as tmp:
             t = time.perf_counter()
             paths = write_pngs(x[:nf], Path(tmp))
-            print(f"wrote {nf} PNG files in {time.perf_counter() - t:.1f}s", flush=True)
-            # a reader cannot change its files per epoch (dali.md §2.14): a fixed random half
+            print(f"\nwrote {nf} PNG files in {time.perf_counter() - t:.1f}s", flush=True)
             fpruner = gp.Pruner(nf, keep=0.5, policy="static", seed=0)
-            fpruned = Pruned(fpruner, FileSource(paths, y[:nf], output_type=types.RGB), args)
-            check_pruned(fpruned, y[:nf])
-            fsel = fpruner.plan(0).indices.numpy()
-            reader = PlainReader([paths[i] for i in fsel], y[fsel], args)
-            check_plain(reader, fsel, y)
-            es_paths = PlainPaths([paths[i] for i in fsel], y[fsel], args)
-            check_plain(es_paths, fsel, y)
-            res_f = interleaved({"pruned": fpruned, "reader": reader, "es": es_paths}, args.reps)
-            rows.append(("files/reader", len(fsel), res_f["reader"], res_f["pruned"]))
-            rows.append(("files/ES", len(fsel), res_f["es"], res_f["pruned"]))
+            fsel = fpruner.plan(0).indices.numpy().astype(np.int64)
+            sel_files, sel_labels = [paths[i] for i in fsel], y[fsel]
+            configs = {
+                "reader": Reader(sel_files, sel_labels, args),
+                "pruned": Pruned(fpruner, FileSource(paths, y[:nf], reader_labels=False), args),
+                "pruned parallel": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
+                                          FileSource(paths, y[:nf], reader_labels=False,
+                                                     parallel=True), args, py_num_workers=2),
+                "rebuilt": RebuiltReader(gp.Pruner(nf, keep=0.5, policy="static", seed=0), paths,
+                                         y[:nf], args),
+                "plain ES paths": PlainPaths(sel_files, sel_labels, args),
+            }
+            for name, cfg in configs.items():          # the checks also serve as warm-up
+                if name == "reader":
+                    continue
+                want = y[cfg.pruner.plan(cfg.epoch).indices.numpy()] if hasattr(cfg, "pruner") \
+                    else sel_labels
+                check(cfg, want, name)
+            reader_labels = configs["reader"].labels_of_epoch()
+            if sorted(reader_labels.tolist()) != sorted(sel_labels.tolist()):
+                sys.exit("reader: wrong samples")
+            per_block = max(1, args.reps // args.rounds)
+            res_f = in_blocks(configs, args.rounds, per_block)
+            print(f"\n2. files ({len(fsel)} PNG per epoch, {-(-len(fsel) // args.batch_size)} "
+                  f"batches): samples/s, {args.rounds} blocks of {per_block} epochs each; ratios "
+                  "as in 1., paired by round (target: pruned >= 0.95 x reader)")
+            print(header)
+            for base in ("reader", "plain ES paths"):
+                for name in ("pruned", "pruned parallel", "rebuilt"):
+                    if name == "rebuilt" and base != "reader":
+                        continue
+                    print(ratio_row(f"{name} / {base}", len(fsel), res_f[base], res_f[name],
+                                    per_block))
+            print(ratio_row("plain ES paths / reader", len(fsel), res_f["reader"],
+                            res_f["plain ES paths"], per_block))
 
-    print("\nThroughput over the same planned samples, selection not timed; samples/s of the "
-          "median epoch, ratio pruned/plain of the median, best and CPU-time rates (target >= 0.95)")
-    print(f"{'vs':<12} {'samples/epoch':>13} {'plain DALI':>11} {'pruned':>11} {'ratio':>7} "
-          f"{'best':>7} {'CPU':>7}")
-    for name, count, plain, prn in rows:
-        m0, m1 = median_rate(plain), median_rate(prn)
-        print(f"{name:<12} {count:>13} {m0:>11,.0f} {m1:>11,.0f} {m1 / m0:>7.3f} "
-              f"{best_rate(prn) / best_rate(plain):>7.3f} {cpu_rate(prn) / cpu_rate(plain):>7.3f}")
-
-    # 2. epoch time vs keep, one iterator per keep, interleaved; selection timed
+    # 3. epoch time vs keep, one iterator per keep, interleaved; selection timed
     configs, counts = {}, {}
     for keep in (1.0, *KEEPS):
-        policy = "full" if keep == 1.0 else "uniform"
-        p = gp.Pruner(n, keep=keep, policy=policy, seed=0)
-        it = Pruned(p, ArraySource(x, y, layouts=("HWC", None)), args, plan_untimed=False)
-        check_pruned(it, y)
-        configs[keep], counts[keep] = it, len(p.plan(0))
+        p = gp.Pruner(n, keep=keep, policy="full" if keep == 1.0 else "uniform", seed=0)
+        configs[keep] = Pruned(p, ArraySource(x, y, layouts=("HWC", None)), args, plan_timed=True)
+        counts[keep] = len(p.plan(0))
+        check(configs[keep], y[p.plan(0).indices.numpy()], f"keep {keep}")
+        configs[keep].plan_times.clear()
     res = interleaved(configs, args.reps)
     full = res[1.0]
-    print("\nEpoch time vs keep, selection included; ratio = time(keep) / (keep * time(full)) of "
-          "the median wall time, the best wall time and the CPU time (target <= 1.05)")
-    print(f"{'keep':>5} {'samples':>8} {'epoch s':>9} {'plan s':>8} {'keep*full':>10} {'ratio':>7} "
-          f"{'best':>7} {'CPU':>7}")
+
+    def med(s, i=0):
+        return statistics.median(v[i] for v in s)
+    print("\n3. epoch time vs keep (arrays), selection included; ratio = time(keep) / (keep x "
+          "time(full)): paired (median over rounds), of the median wall times, of the best wall "
+          "times and of the CPU times (target <= 1.02)")
+    print(f"{'keep':>5} {'samples':>8} {'epoch s':>9} {'plan ms':>8} {'keep*full':>10} "
+          f"{'paired':>7} {'median':>7} {'best':>7} {'CPU':>7}")
     for keep in (1.0, *KEEPS):
         r = res[keep]
-        plan_s = statistics.median(configs[keep].plan_times[-args.reps:])
-        print(f"{keep:>5} {counts[keep]:>8} {median_time(r):>9.3f} {plan_s:>8.4f} "
-              f"{keep * median_time(full):>10.3f} {median_time(r) / (keep * median_time(full)):>7.3f} "
-              f"{best_time(r) / (keep * best_time(full)):>7.3f} "
-              f"{cpu_time(r) / (keep * cpu_time(full)):>7.3f}")
-    half = configs[0.5]
-    print(f"\nturnover at keep=0.5: first batch {1e3 * statistics.median(half.first_batch):.1f} ms "
-          f"after set_epoch (plan {1e3 * statistics.median(half.plan_times):.1f} ms included); "
-          f"epoch time / batches {1e3 * median_time(res[0.5]) / -(-counts[0.5] // args.batch_size):.2f}"
-          f" ms")
+        plan_ms = 1e3 * statistics.median(configs[keep].plan_times[-args.reps:])
+        pair = statistics.median(t / (keep * f) for (t, _, _), (f, _, _) in zip(r, full))
+        print(f"{keep:>5} {counts[keep]:>8} {med(r):>9.3f} {plan_ms:>8.2f} "
+              f"{keep * med(full):>10.3f} {pair:>7.3f} {med(r) / (keep * med(full)):>7.3f} "
+              f"{min(v[0] for v in r) / (keep * min(v[0] for v in full)):>7.3f} "
+              f"{med(r, 2) / (keep * med(full, 2)):>7.3f}")
+
+    # 4. turnover
+    print(f"\n4. turnover at N={n}, keep=0.5 (section 1's epochs, medians): first batch after "
+          f"set_epoch {1e3 * first_pruned:.2f} ms (plan made before: "
+          f"{1e3 * statistics.median(configs[0.5].plan_times):.2f} ms); plain DALI's first batch "
+          f"after reset() {1e3 * first_plain:.2f} ms; steady batch {1e3 * steady:.2f} ms "
+          f"(target: first batch <= 2 ms)")
     print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
 
 

@@ -1,7 +1,9 @@
 """Train a small CNN on Fashion-MNIST through a DALI pipeline, with dynamic data pruning.
 
 The DALI graph (random flips, normalisation) is ordinary user code; the only gpuprune parts are the
-source at its start, the iterator, and ``pruner.observe`` on the unreduced loss.
+source at its start, the iterator, and ``pruner.observe`` on the unreduced loss. The learning rate
+follows ``OneCycleLR`` sized with the run's total optimizer steps (``it.total_steps()``): pruned
+epochs are shorter than the full warm-up and final epochs.
 
     python examples/train_dali.py                        # CPU, about a minute on 2 cores
     python examples/train_dali.py --keep 1.0             # the full-data baseline, for comparison
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5, help="fraction kept per pruned epoch")
     ap.add_argument("--policy", default="ucb", choices=sorted(gp.POLICIES))
     ap.add_argument("--warmup", type=int, default=1, help="full-data epochs at the start")
+    ap.add_argument("--final-full", type=int, default=1, help="full-data epochs at the end")
     ap.add_argument("--samples", type=int, default=20000, help="training samples used (max 60000)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -93,7 +96,9 @@ def main() -> None:
 
     # 1. the pruner (scores live on the training device)
     pruner = gp.Pruner(n, keep=args.keep, policy=args.policy, num_epochs=args.epochs,
-                       warmup_epochs=args.warmup if args.keep < 1 else 0, seed=args.seed,
+                       warmup_epochs=args.warmup if args.keep < 1 else 0,
+                       final_full_epochs=(None if args.policy == "infobatch" or args.keep >= 1
+                                          else args.final_full), seed=args.seed,
                        device=device)
     # 2. a source at the start of the DALI graph; on a GPU the arrays are gathered there
     if device.type == "cuda":
@@ -109,11 +114,22 @@ def main() -> None:
 
     model = SmallCNN().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
-    seen = 0
+    # 4. a step-based LR schedule sized for the whole run: pruned epochs have fewer steps than
+    #    full ones (warm-up, final), so len(it) of the first epoch times the epochs would be wrong.
+    #    the Schedule counts them per batch size, drop policy and rank (it.total_steps() is the
+    #    same call with the iterator's settings). InfoBatch's pruned epochs depend on the losses:
+    #    counting them full (k = n) gives an upper bound, so the schedule never runs out.
+    k = pruner.k if pruner.policy.exact_k else n
+    total_steps = pruner.schedule.total_steps(n, k, args.batch_size, world_size=it.num_shards,
+                                              drop_last=False)
+    assert total_steps == it.total_steps()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total_steps)
+    seen, steps_done = 0, 0
     start = time.perf_counter()
-    print(f"{n} training samples, keep={args.keep}, policy={args.policy}, device={device}")
+    print(f"{n} training samples, keep={args.keep}, policy={args.policy}, device={device}, "
+          f"{total_steps} optimizer steps in {args.epochs} epochs")
     for epoch in range(args.epochs):
-        it.set_epoch(epoch)
+        it.set_epoch(epoch)                             # plans the epoch
         t0, total, count = time.perf_counter(), 0.0, 0
         planned, steps = len(pruner.plan(epoch)), len(it)
         for (batch,) in it:
@@ -124,12 +140,16 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
+            steps_done += 1
             total += float(loss.detach()) * len(index)
             count += len(index)
         seen += count
         acc = accuracy(model, x_test, y_test, device)
         print(f"epoch {epoch}: {planned:6d} planned / {steps:4d} steps, train loss "
               f"{total / max(count, 1):.4f}, test acc {acc:.4f}, {time.perf_counter() - t0:.1f}s")
+    # exact for every policy but InfoBatch, whose total is an upper bound (data-dependent epochs)
+    assert steps_done == total_steps or (not pruner.policy.exact_k and steps_done < total_steps)
     stats = pruner.selection_stats()
     print(f"trained on {seen} samples ({seen / (n * args.epochs):.0%} of full data) in "
           f"{time.perf_counter() - start:.1f}s")

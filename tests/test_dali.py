@@ -1,17 +1,22 @@
 """DALI integration on real pipelines (CPU, device_id=None) and real data (Fashion-MNIST).
 
 Every test runs actual DALI pipelines: in-memory arrays and PNG files written from the same images,
-serial and parallel external sources, PARTIAL and DROP, early exits, shards, restarts, bad files.
-GPU variants are marked ``gpu`` and skip without CUDA.
+serial and parallel external sources, PARTIAL and DROP, early exits, shards (in one process and
+in a real 2-rank gloo group), restarts, bad files. The issue-14 findings are tested one by one
+(``test_finding_N_...``); DALI's own iterator contract is checked against the stock iterator in
+``test_dali_contract.py``. GPU variants are marked ``gpu`` and skip without CUDA.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +25,16 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from nvidia.dali import fn, types  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali.pipeline import Pipeline  # noqa: E402
 
 import gpuprune as gp  # noqa: E402
-from gpuprune.dali import (ArraySource, BadSampleError, FileSource, LastBatchPolicy,  # noqa: E402
-                           PrunedDALIIterator, build_iterator, build_pipeline)
+from gpuprune.dali import (ArraySource, BadSampleError, CallbackSource, FileSource,  # noqa: E402
+                           LastBatchPolicy, PlanSource, PrunedDALIIterator, build_iterator,
+                           build_pipeline)
 from gpuprune.policies import Policy, Selection  # noqa: E402
-from gpuprune.rng import draw_seeds, epoch_generator  # noqa: E402
-from gpuprune.select import random_k  # noqa: E402
+from gpuprune.rng import draw_seeds  # noqa: E402
+from gpuprune.sampler import Position  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N = 3000          # samples used from the training set
@@ -66,26 +73,24 @@ def png_files(fmnist, tmp_path_factory):
 
 
 class ScheduledSizes(Policy):
-    """A random subset whose size follows a per-epoch schedule (0 and odd sizes included).
-
-    The size is looked up from the first draw of the (seed, epoch) generator, so the schedule is a
-    pure function of the epoch and survives a checkpoint like any built-in policy.
-    """
+    """A random subset whose size follows a per-epoch schedule (0 and odd sizes included)."""
 
     name = "scheduled_sizes"
     exact_k = False
 
-    def __init__(self, seed: int, sizes: list[int]) -> None:
+    def __init__(self, sizes: list[int]) -> None:
         self.sizes = list(sizes)
-        self._by_draw = {draw_seeds(epoch_generator(seed, e), 1)[0]: s for e, s in enumerate(sizes)}
 
-    def select(self, bank, k, generator):
-        (draw,) = draw_seeds(generator, 1)
-        return Selection(random_k(bank.num_samples, self._by_draw[draw], draw ^ 0x5EED, bank.device))
+    def settings(self) -> dict:
+        return {"sizes": self.sizes}
+
+    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
+        (seed,) = draw_seeds(generator, 1)
+        return Selection(backend.top_k(None, stats.num_samples, self.sizes[epoch], seed))
 
 
 def scheduled_pruner(sizes, num_samples=N, seed=3) -> gp.Pruner:
-    return gp.Pruner(num_samples, policy=ScheduledSizes(seed, sizes), seed=seed)
+    return gp.Pruner(num_samples, policy=ScheduledSizes(sizes), seed=seed)
 
 
 def normalize_graph(images, labels):
@@ -101,7 +106,7 @@ def run_epoch(it, x, y, *, stop_after=None, check_chw=True):
     for k, (b,) in enumerate(it):
         idx = b["index"].numpy()
         assert b["index"].dtype == torch.int64
-        assert np.array_equal(b["label"].numpy(), y[idx])
+        assert np.array_equal(b["label"].numpy().reshape(-1), y[idx])
         want = x[idx].transpose(0, 3, 1, 2) if check_chw else x[idx]
         assert np.array_equal(b["data"].numpy(), want.astype(b["data"].numpy().dtype))
         assert b["weight"].shape == b["index"].shape
@@ -111,16 +116,22 @@ def run_epoch(it, x, y, *, stop_after=None, check_chw=True):
     return batches
 
 
-def expected_batches(plan_ids: torch.Tensor, bs: int, drop: bool) -> list[np.ndarray]:
-    ids = plan_ids.numpy()
-    n = (len(ids) // bs) * bs if drop else len(ids)
-    return [ids[i:min(i + bs, n)] for i in range(0, n, bs)]
+def expected_batches(plan_ids: torch.Tensor, bs: int, drop: bool, start: int = 0) -> list:
+    ids = plan_ids.numpy().astype(np.int64)
+    n = len(ids)
+    if drop:
+        n = start + (n - start) // bs * bs
+    return [ids[i:min(i + bs, n)] for i in range(start, n, bs)]
 
 
 def assert_same_batches(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+def _loss_of(idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    return ((idx * 2654435761 + epoch * 97) % 1000).float() / 100.0
 
 
 # ---------------------------------------------------------------- array source
@@ -150,29 +161,39 @@ def test_array_source_serves_each_planned_sample_once(fmnist, policy, parallel):
         next(it)
 
 
-def test_epochs_count_up_without_set_epoch_and_len_plans_ahead(fmnist):
+def test_len_and_size_never_plan(fmnist):
+    """Issue 10: len(it) (and it.size) only read; rounds, selected counts and history unchanged."""
     x, y = fmnist
     pruner = gp.Pruner(N, keep=0.1, policy="uniform", seed=5)
     it = build_iterator(pruner, ArraySource(x, y), batch_size=128)
-    assert it.epoch == 0
     for epoch in range(3):
-        n = len(it)                                             # plans the coming epoch
-        assert n == -(-pruner.k // 128)
+        before = (pruner.rounds, pruner.stats.selected.clone(), len(pruner.history))
+        n = len(it)
+        size = it.size
+        assert n == -(-pruner.k // 128) and size == pruner.k == 300
+        assert pruner.rounds == before[0] and len(pruner.history) == before[2]
+        assert torch.equal(pruner.stats.selected, before[1])
+        assert pruner.current_plan is None or pruner.current_plan.epoch == epoch - 1
         got = run_epoch(it, x, y, check_chw=False)
         assert it.epoch == epoch and len(got) == n
         assert_same_batches(got, expected_batches(pruner.plan(epoch).indices, 128, False))
-    it.set_epoch(5)                                             # epochs may skip ahead
-    assert_same_batches(run_epoch(it, x, y, check_chw=False),
-                        expected_batches(pruner.plan(5).indices, 128, False))
+    # an InfoBatch epoch's size depends on the losses: len says so instead of planning
+    ib = gp.Pruner(N, keep=0.5, policy="infobatch", num_epochs=4, seed=1)
+    it = build_iterator(ib, ArraySource(x, y), batch_size=128)
+    for (b,) in it:
+        ib.observe(b["index"], _loss_of(b["index"], 0))
+    with pytest.raises(RuntimeError, match=r"call it.set_epoch\(1\) first"):
+        len(it)
+    assert it.size == -1 and it._size == -1 and ib.current_plan.epoch == 0
+    it.set_epoch(1)
+    assert it.size == len(ib.plan(1)) and len(it) == -(-len(ib.plan(1)) // 128)
 
 
 def test_next_without_iter_and_auto_reset(fmnist):
     x, y = fmnist
     pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=2)       # 150 samples: 3 batches of 64
     it = build_iterator(pruner, ArraySource(x, y), batch_size=64, auto_reset=True)
-    got = []
-    for _ in range(3):
-        got.append(next(it)[0]["index"].numpy())
+    got = [next(it)[0]["index"].numpy() for _ in range(3)]
     with pytest.raises(StopIteration):
         next(it)
     assert_same_batches(got, expected_batches(pruner.plan(0).indices, 64, False))
@@ -180,43 +201,168 @@ def test_next_without_iter_and_auto_reset(fmnist):
     assert it.epoch == 1 and np.array_equal(nxt, pruner.plan(1).indices[:64].numpy())
 
 
-def test_a_peeked_batch_belongs_to_the_epoch_its_loop_finishes(fmnist):
+def test_finding_4_peeking_keeps_the_epoch(fmnist):
+    """next(iter(it)) then a for loop: the loop finishes the same epoch (0.1: one batch of epoch e,
+    then all of epoch e+1); the loop after that runs epoch e+1."""
     x, y = fmnist
     pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=6)       # 150 samples: 3 batches
     it = build_iterator(pruner, ArraySource(x, y), batch_size=64)
-    first = next(it)[0]["index"].numpy()                        # peek, then loop over the rest
-    rest = run_epoch(it, x, y, check_chw=False)
-    assert it.epoch == 0
-    assert_same_batches([first, *rest], expected_batches(pruner.plan(0).indices, 64, False))
-    assert_same_batches(run_epoch(it, x, y, check_chw=False),     # the next loop: epoch 1
-                        expected_batches(pruner.plan(1).indices, 64, False))
+    for epoch in range(2):
+        it.set_epoch(epoch)
+        first = next(iter(it))[0]["index"].numpy()              # peek
+        rest = run_epoch(it, x, y, check_chw=False)
+        assert it.epoch == epoch
+        assert_same_batches([first, *rest], expected_batches(pruner.plan(epoch).indices, 64, False))
+    with pytest.raises(StopIteration):            # a bare next() after a finished epoch: ended
+        next(it)
+    assert_same_batches(run_epoch(it, x, y, check_chw=False),    # the next loop: epoch 2
+                        expected_batches(pruner.plan(2).indices, 64, False))
 
 
+# ---------------------------------------------------------------- leaving early, resuming
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-def test_leaving_an_epoch_early_leaks_nothing_into_the_next(fmnist, parallel):
+def test_finding_5_after_a_break_live_and_restored_agree(fmnist, parallel):
+    """One rule: after a break the position is (epoch, samples served); continuing live and
+    restoring from state_dict() into a new pipeline give the same batches; set_epoch(next) or
+    reset() end the epoch on both, and nothing prefetched of it leaks into the next one."""
     x, y = fmnist
-    bs = 32
-    pruner = scheduled_pruner([900, 500, 300, 200, 100], seed=11)
-    source = ArraySource(x, y, parallel=parallel, prefetch_queue_depth=3)
-    it = build_iterator(pruner, source, batch_size=bs, prefetch_queue_depth=3, py_num_workers=2)
-    # epoch 0: break after 2 batches; the plain for loop of epoch 1 must start clean
-    got = run_epoch(it, x, y, stop_after=2, check_chw=False)
-    assert_same_batches(got, expected_batches(pruner.plan(0).indices, bs, False)[:2])
-    assert len(it) == -(-900 // bs)    # the left pass is still the current one until iter()
-    got = run_epoch(it, x, y, check_chw=False)
-    assert it.epoch == 1
-    assert_same_batches(got, expected_batches(pruner.plan(1).indices, bs, False))
-    # epoch 2: leave after 1 batch, then set_epoch(3); epoch 3 via reset() after 0 batches consumed
-    run_epoch(it, x, y, stop_after=1, check_chw=False)
-    it.set_epoch(3)
-    assert len(it) == -(-200 // bs)
-    iter(it)
-    it.reset()                   # an epoch started and left before any batch
-    got = run_epoch(it, x, y, check_chw=False)
-    assert it.epoch == 4
-    assert_same_batches(got, expected_batches(pruner.plan(4).indices, bs, False))
+    bs, sizes = 32, [300, 500, 200, 250]
+    source_kw = {"parallel": parallel, "prefetch_queue_depth": 3}
+
+    def make():
+        pruner = scheduled_pruner(sizes, seed=11)
+        return pruner, build_iterator(pruner, ArraySource(x, y, **source_kw), batch_size=bs,
+                                      prefetch_queue_depth=3, py_num_workers=2)
+
+    def train(pruner, it, epochs, record, stop=None):
+        for epoch in epochs:
+            it.set_epoch(epoch)
+            for (b,) in it:
+                pruner.observe(b["index"], _loss_of(b["index"], epoch))
+                record.append((epoch, b["index"].numpy()))
+                if stop is not None and (epoch, len(record)) == stop:
+                    return
+
+    live_p, live = make()
+    got: list = []
+    train(live_p, live, [0], got, stop=(0, 3))                  # break after 3 batches
+    state = {"pruner": live_p.state_dict(), "it": live.state_dict()}
+    assert state["it"] == Position.make(0, 3 * bs, 1, False)
+    assert live.state_dict() == state["it"] and live.size == 300 and len(live) == 10
+    plan0 = live_p.plan(0).indices
+    train(live_p, live, [0, 1], got)                              # set_epoch(0) keeps the place
+    rest_live = got[3:]
+
+    rest_p, rest = make()
+    rest_p.load_state_dict(state["pruner"])
+    rest.load_state_dict(state["it"])
+    assert rest.epoch == 0 and len(rest) == 10 - 3 and rest.size == 300 - 96
+    restored: list = []
+    train(rest_p, rest, [0, 1], restored)
+    assert [e for e, _ in restored] == [e for e, _ in rest_live]
+    assert_same_batches([b for _, b in restored], [b for _, b in rest_live])
+    assert_same_batches([b for e, b in rest_live if e == 0],
+                        expected_batches(plan0, bs, False, start=96))
+
+    # a plain for loop after a break continues the epoch, live and restored alike
+    for it, p in ((live, live_p), (rest, rest_p)):
+        it.set_epoch(2)
+        head = run_epoch(it, x, y, stop_after=2, check_chw=False)
+        tail = run_epoch(it, x, y, check_chw=False)
+        assert_same_batches(head + tail, expected_batches(p.plan(2).indices, bs, False))
+        # set_epoch(another epoch) and reset() after a break end the epoch: epoch 3 starts clean
+        it.set_epoch(3)
+        run_epoch(it, x, y, stop_after=1, check_chw=False)
+        it.reset()
+        assert it.state_dict() == Position.make(4, 0, 1, False)
 
 
+def test_state_dict_resumes_mid_epoch_exactly(fmnist):
+    x, y = fmnist
+    bs, epochs = 50, 4
+
+    def make():
+        pruner = gp.Pruner(N, keep=0.2, policy="ucb", seed=9)
+        return pruner, build_iterator(pruner, ArraySource(x, y), batch_size=bs)
+
+    def train(pruner, it, record, until=None):
+        for epoch in range(it.epoch, epochs):
+            it.set_epoch(epoch)
+            for (b,) in it:
+                pruner.observe(b["index"], _loss_of(b["index"], epoch))
+                record.append((epoch, b["index"].numpy()))
+                if until == (epoch, it.state_dict()["consumed"]):
+                    return
+
+    ref_pruner, ref_it = make()
+    ref = []
+    train(ref_pruner, ref_it, ref)
+
+    pruner, it = make()
+    got = []
+    train(pruner, it, got, until=(1, 4 * bs))                # interrupt after 4 batches of epoch 1
+    state = {"pruner": pruner.state_dict(), "it": it.state_dict()}
+    assert state["it"] == {"epoch": 1, "consumed": 200, "num_replicas": 1, "drop_last": False}
+    Position.check(state["it"], 1, False, "test")              # the sampler's format, checked alike
+    del pruner, it
+    pruner, it = make()                       # a fresh pipeline, as after a restart
+    pruner.load_state_dict(state["pruner"])
+    it.load_state_dict(state["it"])
+    assert it.epoch == 1 and len(it) == -(-len(pruner.plan(1)) // bs) - 4
+    train(pruner, it, got)
+    assert [e for e, _ in got] == [e for e, _ in ref]
+    for (_, g), (_, r) in zip(got, ref):
+        assert np.array_equal(g, r)
+
+
+def test_sampler_and_iterator_positions_are_interchangeable(fmnist):
+    """Issue 10: the same format and resume rule as PrunedSampler, so a position saved by one
+    restores into the other and both continue with the same samples."""
+    x, y = fmnist
+    pruner = gp.Pruner(N, keep=0.1, policy="uniform", seed=4)
+    plan = pruner.plan(0)
+    sampler = gp.PrunedSampler(pruner)
+    sampler.set_epoch(0)
+    state = sampler.state_dict(consumed=70)                    # not a multiple of the batch size
+    it = build_iterator(pruner, ArraySource(x, y), batch_size=64)
+    it.load_state_dict(state)
+    assert len(it) == -(-(300 - 70) // 64) and it.size == 230
+    got = np.concatenate(run_epoch(it, x, y, check_chw=False))
+    assert np.array_equal(got, plan.indices[70:].numpy())
+    resumed = gp.PrunedSampler(pruner)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)
+    assert list(resumed) == plan.indices[70:].tolist()
+    # and back: the iterator's mid-epoch state into a sampler
+    it.set_epoch(1)
+    run_epoch(it, x, y, stop_after=2, check_chw=False)
+    resumed = gp.PrunedSampler(pruner)
+    resumed.load_state_dict(it.state_dict())
+    resumed.set_epoch(1)
+    assert list(resumed) == pruner.plan(1).indices[128:].tolist()
+    # a bad position is refused before anything changes
+    with pytest.raises(ValueError, match="missing"):
+        it.load_state_dict({"epoch": 1, "batch": 2})
+    with pytest.raises(ValueError, match="consumed"):
+        it.load_state_dict(Position.make(1, 301, 1, False))
+    with pytest.raises(ValueError, match="num_replicas=2"):
+        it.load_state_dict(Position.make(1, 5, 2, False))
+    assert it.state_dict() == Position.make(1, 128, 1, False)
+
+
+def test_state_at_an_epoch_boundary_points_at_the_next_epoch(fmnist):
+    x, y = fmnist
+    pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=1)
+    it = build_iterator(pruner, ArraySource(x, y), batch_size=64)
+    run_epoch(it, x, y, check_chw=False)
+    assert it.state_dict() == Position.make(1, 0, 1, False)
+    it2 = build_iterator(pruner, ArraySource(x, y), batch_size=32)    # batch size may differ
+    it2.load_state_dict(it.state_dict())
+    assert_same_batches(run_epoch(it2, x, y, check_chw=False),
+                        expected_batches(pruner.plan(1).indices, 32, False))
+
+
+# ---------------------------------------------------------------- shards
 @pytest.mark.parametrize("policy", [PARTIAL, DROP], ids=["partial", "drop"])
 def test_two_shards_split_the_same_plan(fmnist, policy):
     x, y = fmnist
@@ -246,35 +392,53 @@ def test_two_shards_split_the_same_plan(fmnist, policy):
 
 
 _RANK_SCRIPT = r"""
-import json, sys
+import json, sys, datetime
 import numpy as np, torch, torch.distributed as dist
 import gpuprune as gp
-from gpuprune.dali import ArraySource, build_iterator
+from gpuprune.dali import ArraySource, LastBatchPolicy, build_iterator
 rank, world, port, data, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=60))
 x, y = np.load(data + "_x.npy"), np.load(data + "_y.npy")
 pruner = gp.Pruner(len(x), keep=0.3, policy="ucb", seed=7)          # synchronised over the group
-it = build_iterator(pruner, ArraySource(x, y), batch_size=32, shard_id=rank, num_shards=world)
-record = []
+record = {"errors": []}
+try:                                  # explicit shard arguments that disagree with the group raise
+    build_iterator(pruner, ArraySource(x, y), batch_size=32, num_shards=3)
+except ValueError as e:
+    record["errors"].append(str(e))
+its = {"partial": build_iterator(pruner, ArraySource(x, y), batch_size=32),      # no shard args
+       "drop": build_iterator(pruner, ArraySource(x, y), batch_size=32,
+                              last_batch_policy=LastBatchPolicy.DROP)}
+record["shard"] = [its["partial"].shard_id, its["partial"].num_shards]
+if rank == 0:                         # a one-sided len()/size before planning: a pure read
+    record["len0"] = [len(its["partial"]), its["partial"].size]
+dist.barrier()                        # would time out if len() had issued a collective
+record["epochs"] = []
 for epoch in range(3):
-    it.set_epoch(epoch)
-    steps, got = len(it), []
-    for (b,) in it:
-        assert np.array_equal(b["label"].numpy(), y[b["index"].numpy()])
-        loss = ((b["index"] * 2654435761 + epoch * 97) % 1000).float() / 100.0
-        pruner.observe(b["index"], loss)
-        got.append(b["index"].tolist())
-    record.append({"plan": pruner.plan(epoch).indices.tolist(), "steps": steps, "batches": got})
+    ep = {}
+    for name, it in its.items():
+        it.set_epoch(epoch)
+        steps, got = len(it), []
+        for (b,) in it:
+            assert np.array_equal(b["label"].numpy(), y[b["index"].numpy()])
+            if name == "partial":
+                pruner.observe(b["index"], ((b["index"] * 2654435761 + epoch * 97) % 1000).float() / 100.0)
+            got.append(b["index"].tolist())
+        ep[name] = {"steps": steps, "batches": got}
+    ep["plan"] = pruner.plan(epoch).indices.tolist()
+    record["epochs"].append(ep)
 json.dump(record, open(out, "w"))
 dist.barrier()
 dist.destroy_process_group()
 """
 
 
-def test_ranks_of_a_gloo_group_split_each_plan(fmnist, tmp_path):
-    """Two real processes (torch.distributed, gloo): same plans, equal steps, shards cover the plan."""
+def test_ranks_of_a_gloo_group_shard_by_themselves(fmnist, tmp_path):
+    """Issue 10: under a real 2-rank gloo group the iterator finds its shard from the Pruner (no
+    shard arguments): equal-size, disjoint shards covering the plan; every rank plans alike;
+    disagreeing explicit shard arguments raise; a one-sided len() does not hang the group."""
     import socket
-    x, y = fmnist[0][:1000], fmnist[1][:1000]
+    x, y = fmnist[0][:1001], fmnist[1][:1001]
     np.save(tmp_path / "d_x.npy", x)
     np.save(tmp_path / "d_y.npy", y)
     script = tmp_path / "rank.py"
@@ -289,20 +453,30 @@ def test_ranks_of_a_gloo_group_split_each_plan(fmnist, tmp_path):
                                str(tmp_path / "d"), str(tmp_path / f"r{r}.json")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
-    outs = [p.communicate(timeout=180)[0] for p in procs]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     ranks = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    assert [r["shard"] for r in ranks] == [[0, 2], [1, 2]]
+    assert all(len(r["errors"]) == 1 and "num_replicas=3" in r["errors"][0] for r in ranks)
+    k = round(0.3 * 1001)                                        # 300: 150 per rank
+    assert ranks[0]["len0"] == [-(-150 // 32), 150]
     for epoch in range(3):
-        plan = ranks[0][epoch]["plan"]
-        assert ranks[1][epoch]["plan"] == plan                   # every rank planned alike
-        assert ranks[0][epoch]["steps"] == ranks[1][epoch]["steps"]
-        for r in range(2):
-            shard = gp.Plan(epoch, torch.tensor(plan), None, False, 1000).shard(r, 2).indices
-            flat = [i for batch in ranks[r][epoch]["batches"] for i in batch]
-            assert flat == shard.tolist()
-            assert len(ranks[r][epoch]["batches"]) == ranks[r][epoch]["steps"]
-        both = [i for r in range(2) for batch in ranks[r][epoch]["batches"] for i in batch]
-        assert set(both) == set(plan) and len(both) == len(plan)   # 300 = 2 * 150: no padding
+        plan = ranks[0]["epochs"][epoch]["plan"]
+        assert ranks[1]["epochs"][epoch]["plan"] == plan and len(plan) == k
+        for name in ("partial", "drop"):
+            shards = []
+            for r in range(2):
+                rec = ranks[r]["epochs"][epoch][name]
+                shards.append([i for batch in rec["batches"] for i in batch])
+                assert len(rec["batches"]) == rec["steps"]
+                want = gp.Plan(epoch, torch.tensor(plan, dtype=torch.int32), False, 1001).shard(
+                    r, 2, name == "drop").indices.tolist()
+                assert shards[-1] == (want if name == "partial" else want[:len(want) // 32 * 32])
+            assert ranks[0]["epochs"][epoch][name]["steps"] == ranks[1]["epochs"][epoch][name]["steps"]
+            if name == "partial":
+                assert len(shards[0]) == len(shards[1]) == 150           # equal sizes
+                assert not set(shards[0]) & set(shards[1])               # disjoint
+                assert set(shards[0]) | set(shards[1]) == set(plan)      # covering the plan
 
 
 def test_weight_output_is_the_plans_loss_weight(fmnist):
@@ -311,10 +485,11 @@ def test_weight_output_is_the_plans_loss_weight(fmnist):
     it = build_iterator(pruner, ArraySource(x, y), batch_size=100)
     losses = torch.from_numpy((np.arange(N) % 7).astype(np.float32))
     for epoch in range(2):
+        it.set_epoch(epoch)
         plan = pruner.plan(epoch)
         table = torch.ones(N)
         if plan.weights is not None:
-            table[plan.indices] = plan.weights
+            table[plan.indices.long()] = plan.weights
         for (b,) in it:
             idx = b["index"]
             assert torch.equal(b["weight"], table[idx])
@@ -323,60 +498,220 @@ def test_weight_output_is_the_plans_loss_weight(fmnist):
     assert plan.weights is not None and (plan.weights == 2.0).any()   # epoch 1 rescales
 
 
-# ---------------------------------------------------------------- restart
-def _loss_of(idx: torch.Tensor, epoch: int) -> torch.Tensor:
-    return ((idx * 2654435761 + epoch * 97) % 1000).float() / 100.0
-
-
-def test_state_dict_resumes_mid_epoch_exactly(fmnist):
+# ---------------------------------------------------------------- findings 1-3, 6, 8, 9
+def test_finding_1_dali_checkpoints_are_refused_pointing_at_state_dict(fmnist):
+    """0.1 accepted enable_checkpointing and, restored from it.checkpoints()[0], paired data with
+    the wrong sample ids. Now: a clear error at construction, naming state_dict."""
     x, y = fmnist
-    bs, epochs, stop = 50, 4, (1, 4)          # interrupt after 4 batches of epoch 1
+    pruner = gp.Pruner(N, keep=0.1, policy="uniform")
+    with pytest.raises(ValueError, match=r"enable_checkpointing=True.*it\.state_dict\(\)"):
+        build_iterator(pruner, ArraySource(x, y), batch_size=32, enable_checkpointing=True)
+    # a pipeline restored from a DALI checkpoint is refused too
+    src = ArraySource(x, y)
+    plain = Pipeline(batch_size=32, num_threads=1, device_id=None, enable_checkpointing=True)
+    with plain:
+        plain.set_outputs(fn.random.uniform(range=(0, 1)))
+    plain.build()
+    plain.run()
+    restored = build_pipeline(src, batch_size=32, checkpoint=plain.checkpoint(),
+                              enable_checkpointing=True)
+    with pytest.raises(ValueError, match=r"restored from a DALI checkpoint.*pruner\.state_dict"):
+        PrunedDALIIterator(restored, ["data", "label"], pruner=pruner, source=src)
+    it = build_iterator(pruner, ArraySource(x, y), batch_size=32)
+    with pytest.raises(ValueError, match=r"checkpoints\(\) is not supported.*state_dict"):
+        it.checkpoints()
 
-    def make():
-        pruner = gp.Pruner(N, keep=0.2, policy="ucb", seed=9)
-        return pruner, build_iterator(pruner, ArraySource(x, y), batch_size=bs)
 
-    def train(pruner, it, record, until=None):
-        for epoch in range(it.epoch, epochs):
+def test_finding_2_stock_constructor_arguments(fmnist):
+    """Each DALIGenericIterator argument is accepted with its meaning or explained."""
+    x, y = fmnist
+    pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=3)
+
+    def make(*args, **kwargs):
+        source = ArraySource(x, y)
+        pipe = build_pipeline(source, batch_size=64)
+        return PrunedDALIIterator(pipe, ["data", "label"], *args, pruner=pruner, source=source,
+                                  **kwargs)
+
+    want = expected_batches(pruner.plan(0).indices, 64, False)
+    ok = [make(-1), make(size=-1), make(reader_name=None), make(dynamic_shape=True),
+          make(last_batch_padded=False), make(prepare_first_batch=False),
+          make(-1, None, False, None, False, False, PARTIAL, True)]   # stock positional order
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok.append(make(fill_last_batch=False))                    # DALI's old name for PARTIAL
+    assert any("fill_last_batch" in str(w.message) for w in caught)
+    for it in ok:
+        it.set_epoch(0)
+        assert_same_batches(run_epoch(it, x, y, check_chw=False), want)
+    for kwargs, match in [({"size": 150}, "size=150 does not apply.*leave size=-1"),
+                          ({"size": 0}, "size=0 does not apply"),
+                          ({"reader_name": "Reader"}, "reader_name='Reader'.*FileSource"),
+                          ({"last_batch_policy": LastBatchPolicy.FILL}, "FILL.*did not choose"),
+                          ({"last_batch_padded": True}, "last_batch_padded=True.*never padded")]:
+        with pytest.raises(ValueError, match=match):
+            make(**kwargs)
+    with pytest.raises(ValueError, match="FILL.*PARTIAL"), pytest.warns(Warning,
+                                                                     match="fill_last_batch"):
+        make(fill_last_batch=True)
+    with pytest.raises(ValueError, match="size=150 does not apply"):
+        make(150)                                                 # positional size too
+    with pytest.raises(TypeError, match="prepare_first_batch must be a bool"):
+        make(prepare_first_batch="yes")
+    # through build_iterator the iterator's message comes back, not a Pipeline TypeError
+    with pytest.raises(ValueError, match="size=150 does not apply"):
+        build_iterator(pruner, ArraySource(x, y), batch_size=64, size=150)
+    with pytest.raises(ValueError, match="reader_name"):
+        build_iterator(pruner, ArraySource(x, y), batch_size=64, reader_name="Reader")
+    it = build_iterator(pruner, ArraySource(x, y), batch_size=64, dynamic_shape=False,
+                        last_batch_padded=False)
+    assert_same_batches(run_epoch(it, x, y, check_chw=False), want)
+
+
+def test_finding_2_prepare_first_batch_starts_the_pipeline_in_set_epoch(fmnist):
+    x, y = fmnist
+    for prepare in (True, False):
+        calls = []
+
+        def gather(ids, epoch, calls=calls):
+            calls.append(epoch)
+            return x[ids], y[ids]
+
+        pruner = gp.Pruner(N, keep=0.1, policy="uniform", seed=2)
+        source = CallbackSource(gather, N, dtype=[np.uint8, np.int64], ndim=[3, 0])
+        it = build_iterator(pruner, source, batch_size=64, prepare_first_batch=prepare)
+        assert calls == []                          # the constructor cannot plan: nothing runs
+        it.set_epoch(0)
+        assert len(calls) == (2 if prepare else 0)  # DALI's prefetch_queue_depth batches
+        assert_same_batches(run_epoch(it, x, y, check_chw=False),
+                            expected_batches(pruner.plan(0).indices, 64, False))
+
+
+def test_finding_3_size_reports_the_planned_shard(fmnist):
+    """0.1: it._size was -1, so NVIDIA's ceil(loader._size / batch_size) gave 0 steps."""
+    x, y = fmnist
+    pruner = gp.Pruner(N, keep=0.1, policy="uniform", seed=8)
+    for policy in (PARTIAL, DROP):
+        for rank in range(2):
+            it = build_iterator(pruner, ArraySource(x, y), batch_size=64, last_batch_policy=policy,
+                                shard_id=rank, num_shards=2)
+            assert it.size == it._size == 150                   # 300 planned, half per rank
+            steps = math.ceil(it._size / it.batch_size) if policy == PARTIAL else it._size // 64
+            it.set_epoch(0)
+            assert steps == len(it) == len(run_epoch(it, x, y, check_chw=False))
+
+
+@pytest.mark.parametrize("policy_name", ["full", "uniform"])
+def test_finding_6_unshuffled_mode_serves_ids_in_order(fmnist, policy_name):
+    x, y = fmnist
+    pruner = gp.Pruner(N, keep=0.1, policy=policy_name, seed=5)
+    it = build_iterator(pruner, ArraySource(x, y), batch_size=128, shuffle=False)
+    for epoch in range(2):
+        it.set_epoch(epoch)
+        got = np.concatenate(run_epoch(it, x, y, check_chw=False))
+        assert np.array_equal(got, np.sort(pruner.plan(epoch).indices.numpy()))
+        if policy_name == "full":
+            assert np.array_equal(got, np.arange(N))
+        else:
+            assert len(got) == 300 and not np.array_equal(pruner.plan(epoch).indices.numpy(), got)
+    shuffled = build_iterator(gp.Pruner(N, policy="full", seed=5), ArraySource(x, y),
+                              batch_size=128)
+    assert not np.array_equal(np.concatenate(run_epoch(shuffled, x, y, check_chw=False)),
+                              np.arange(N))           # the default still shuffles, even for "full"
+
+
+def test_finding_8_callback_sources_get_ids_and_epoch(fmnist):
+    """A public source API: the user's per-sample or batch code gets planned ids and the epoch."""
+    x, y = fmnist
+    pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=12)
+
+    def per_sample(i, epoch):                # e.g. a ported per-sample external_source callable
+        assert isinstance(i, int) and isinstance(epoch, int)
+        return x[i], np.array(y[i]), np.array([epoch, i], np.int64)
+
+    its = {"sample": build_iterator(pruner, CallbackSource(per_sample, N,
+                                                           dtype=[types.UINT8, np.int64, np.int64],
+                                                           ndim=[3, 0, 1], per_sample=True,
+                                                           layout=["HWC", None, None]),
+                                    normalize_graph_3, batch_size=40,
+                                    output_map=["data", "label", "tag"]),
+           "batch": build_iterator(pruner, CallbackSource(
+               lambda ids, epoch: (x[ids], y[ids], np.stack([np.full(len(ids), epoch), ids], 1)),
+               N, dtype=[np.uint8, np.int64, np.int64], ndim=[3, 0, 1], layout=["HWC", None, None]),
+               normalize_graph_3, batch_size=40, output_map=["data", "label", "tag"])}
+    for epoch in range(2):
+        for it in its.values():
+            it.set_epoch(epoch)
+            got = []
+            for (b,) in it:
+                idx = b["index"].numpy()
+                assert np.array_equal(b["tag"].numpy(), np.stack([np.full(len(idx), epoch), idx], 1))
+                assert np.array_equal(b["data"].numpy(), x[idx].transpose(0, 3, 1, 2))
+                assert np.array_equal(b["label"].numpy(), y[idx])
+                got.append(idx)
+            assert_same_batches(got, expected_batches(pruner.plan(epoch).indices, 40, False))
+
+    class Gray(PlanSource):                   # a source written against the public base class
+        def outputs(self):
+            (img,) = self.external_source(dtype=[np.uint8], ndim=[3], layout=["HWC"])
+            return (img, fn.cast(fn.reductions.sum(img), dtype=types.INT64))
+
+        def gather(self, ids, epoch):
+            return (x[ids],)
+
+    it = build_iterator(pruner, Gray(N), batch_size=64)
+    it.set_epoch(2)
+    for (b,) in it:
+        idx = b["index"].numpy()
+        assert np.array_equal(b["label"].numpy(), x[idx].reshape(len(idx), -1).sum(1))
+    with pytest.raises(TypeError, match="callback must be callable"):
+        CallbackSource(3, N, dtype=np.uint8, ndim=3)
+    with pytest.raises(ValueError, match="one entry per output"):
+        CallbackSource(lambda i, e: i, N, dtype=[np.uint8, np.int64], ndim=[3])
+
+
+def normalize_graph_3(images, labels, tags):
+    return (*normalize_graph(images, labels), tags)
+
+
+@pytest.mark.parametrize("policy", [PARTIAL, DROP], ids=["partial", "drop"])
+def test_finding_9_total_steps_sizes_one_cycle_lr(fmnist, policy):
+    """OneCycleLR sized from len() at the start raised ("Tried to step...") once later epochs
+    were longer; it.total_steps() counts every optimizer step of the run on this rank."""
+    x, y = fmnist
+    bs, epochs = 100, 4
+    for rank in range(2):
+        pruner = gp.Pruner(N, keep=0.3, policy="uniform", num_epochs=epochs, final_full_epochs=1,
+                           seed=1)
+        it = build_iterator(pruner, ArraySource(x, y), batch_size=bs, last_batch_policy=policy,
+                            shard_id=rank, num_shards=2)
+        total = it.total_steps()
+        assert total == pruner.schedule.total_steps(N, pruner.k, bs, world_size=2,
+                                                    drop_last=policy == DROP)
+        per_epoch = [450 // bs if policy == DROP else 5] * 3 + [15]   # 900/2 pruned, 3000/2 full
+        assert total == sum(per_epoch)
+        naive = len(it) * epochs                         # what 0.1 users computed at the start
+        assert naive < total
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
+        naive_sched = torch.optim.lr_scheduler.OneCycleLR(
+            torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), max_lr=0.1,
+            total_steps=naive)
+        steps, naive_error = 0, None
+        for epoch in range(epochs):
             it.set_epoch(epoch)
             for (b,) in it:
-                pruner.observe(b["index"], _loss_of(b["index"], epoch))
-                record.append((epoch, b["index"].numpy()))
-                if until == (epoch, it.state_dict()["batch"]):
-                    return
-
-    ref_pruner, ref_it = make()
-    ref = []
-    train(ref_pruner, ref_it, ref)
-
-    pruner, it = make()
-    got = []
-    train(pruner, it, got, until=stop)
-    state = {"pruner": pruner.state_dict(), "it": it.state_dict()}
-    assert state["it"]["epoch"] == 1 and state["it"]["batch"] == 4
-    del pruner, it
-    pruner, it = make()                       # a fresh pipeline, as after a restart
-    pruner.load_state_dict(state["pruner"])
-    it.load_state_dict(state["it"])
-    assert it.epoch == 1 and len(it) == -(-len(pruner.plan(1)) // bs) - 4
-    train(pruner, it, got)
-    assert [e for e, _ in got] == [e for e, _ in ref]
-    for (_, g), (_, r) in zip(got, ref):
-        assert np.array_equal(g, r)
-
-
-def test_state_at_an_epoch_boundary_points_at_the_next_epoch(fmnist):
-    x, y = fmnist
-    pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=1)
-    it = build_iterator(pruner, ArraySource(x, y), batch_size=64)
-    run_epoch(it, x, y, check_chw=False)
-    assert it.state_dict()["epoch"] == 1 and it.state_dict()["batch"] == 0
-    with pytest.raises(ValueError, match="batch_size"):
-        it.load_state_dict({**it.state_dict(), "batch_size": 32})
-    it2 = build_iterator(pruner, ArraySource(x, y), batch_size=64)
-    it2.load_state_dict(it.state_dict())
-    assert_same_batches(run_epoch(it2, x, y, check_chw=False),
-                        expected_batches(pruner.plan(1).indices, 64, False))
+                opt.step()
+                sched.step()
+                steps += 1
+                try:
+                    naive_sched.optimizer.step()
+                    naive_sched.step()
+                except ValueError as e:
+                    naive_error = naive_error or e
+        assert steps == total
+        assert naive_error is not None and "Tried to step" in str(naive_error)
 
 
 # ---------------------------------------------------------------- file source
@@ -399,6 +734,22 @@ def test_file_source_decodes_exactly_the_planned_files(fmnist, png_files, parall
             assert_same_batches(got, want)
 
 
+def test_finding_7_file_labels_look_like_the_readers(fmnist, png_files):
+    """fn.readers.file gives int32 labels of shape (B, 1); FileSource does too by default, so
+    label.squeeze(-1) code keeps working; reader_labels=False keeps the array as given."""
+    y = fmnist[1][:N_FILES]
+    pruner = gp.Pruner(N_FILES, keep=0.1, policy="uniform", seed=2)
+    for reader_labels, dtype, shape in ((True, torch.int32, (32, 1)), (False, torch.int64, (32,))):
+        it = build_iterator(pruner, FileSource(png_files, y, output_type=types.GRAY,
+                                               reader_labels=reader_labels), batch_size=32)
+        it.set_epoch(0)
+        (b,) = next(it)
+        assert b["label"].dtype == dtype and tuple(b["label"].shape) == shape
+        assert np.array_equal(b["label"].reshape(-1).numpy(), y[b["index"].numpy()])
+    with pytest.raises(ValueError, match="outside int32"):
+        FileSource(png_files, np.full(N_FILES, 2**40))
+
+
 def test_spawned_workers_see_each_new_plan(fmnist, png_files):
     # spawn pickles the source into the workers; the plan must reach them through shared memory
     y = fmnist[1][:N_FILES]
@@ -407,6 +758,7 @@ def test_spawned_workers_see_each_new_plan(fmnist, png_files):
     source = FileSource(png_files, y, output_type=types.GRAY, parallel=True)
     it = build_iterator(pruner, source, batch_size=32, py_num_workers=1, py_start_method="spawn")
     for epoch in range(len(sizes)):
+        it.set_epoch(epoch)
         got = [b["index"].numpy() for (b,) in it]
         assert_same_batches(got, expected_batches(pruner.plan(epoch).indices, 32, False))
 
@@ -512,6 +864,7 @@ def test_skip_mode_drops_bad_samples_from_their_batch(fmnist, png_files, tmp_pat
     source = FileSource(paths, y, output_type=types.GRAY, on_error="skip", parallel=parallel)
     it = build_iterator(pruner, source, normalize_graph, batch_size=bs, py_num_workers=2)
     for epoch in range(2):
+        it.set_epoch(epoch)
         want = expected_batches(pruner.plan(epoch).indices, bs, False)
         assert len(it) == len(want)
         got = run_epoch(it, x, y)
@@ -520,6 +873,35 @@ def test_skip_mode_drops_bad_samples_from_their_batch(fmnist, png_files, tmp_pat
             assert np.array_equal(g, np.array([i for i in w if i not in bad], np.int64))
         assert {i: r for i, (_, r) in it.bad_samples.items()} == bad
         assert all(it.bad_samples[i][0] == paths[i] for i in bad)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_issue_11_finding_10_skip_means_skip_in_every_epoch(fmnist, png_files, tmp_path, parallel):
+    """A file that read fine in epoch 0 is deleted, another truncated, before epoch 1: epoch 1
+    skips both and records them (0.1: BadSampleError from DALI, bad_samples empty); a file
+    repaired before epoch 2 is served again."""
+    x, y = fmnist[0][:200], fmnist[1][:200]
+    paths = []
+    for i in range(200):                                   # private copies we may damage
+        paths.append(str(tmp_path / f"{i:05d}.png"))
+        shutil.copyfile(png_files[i], paths[-1])
+    gone, broken = 17, 130
+    pruner = gp.Pruner(200, policy="full")
+    source = FileSource(paths, y, output_type=types.GRAY, on_error="skip", parallel=parallel)
+    it = build_iterator(pruner, source, normalize_graph, batch_size=32, py_num_workers=2)
+    it.set_epoch(0)
+    assert sum(len(b) for b in run_epoch(it, x, y)) == 200 and it.bad_samples == {}
+    good_bytes = Path(paths[broken]).read_bytes()
+    os.remove(paths[gone])
+    Path(paths[broken]).write_bytes(good_bytes[:50])
+    for epoch, bad in ((1, {gone: "unreadable", broken: "undecodable"}), (2, {gone: "unreadable"})):
+        if epoch == 2:
+            Path(paths[broken]).write_bytes(good_bytes)           # repaired
+        it.set_epoch(epoch)
+        got = run_epoch(it, x, y)
+        want = expected_batches(pruner.plan(epoch).indices, 32, False)
+        assert_same_batches(got, [w[~np.isin(w, list(bad))] for w in want])
+        assert {i: r for i, (_, r) in it.bad_samples.items()} == bad
 
 
 def test_skip_mode_rejects_a_batch_with_no_good_sample(fmnist, png_files, tmp_path):
@@ -531,9 +913,35 @@ def test_skip_mode_rejects_a_batch_with_no_good_sample(fmnist, png_files, tmp_pa
         next(it)
 
 
+def test_file_root_finds_files_and_labels_like_the_reader(fmnist, png_files, tmp_path):
+    """FileSource(file_root=...) applies fn.readers.file's discovery rule: sorted class folders
+    (labels 0, 1, ...), sorted files matching the default filters (case-insensitive)."""
+    from gpuprune.dali import discover_files
+    root = tmp_path / "root"
+    layout = {"b_cls": ["z.png", "A.PNG", "m.Png"], "a_cls": ["2.png", "10.png"],
+              "c_cls": ["skip.txt"], "d_cls": ["x.jpeg"]}
+    for cls, names in layout.items():
+        (root / cls).mkdir(parents=True)
+        for k, name in enumerate(names):
+            shutil.copyfile(png_files[k], root / cls / name)
+    (root / "top.png").write_bytes(b"")                       # files in the root are not read
+    paths, labels = discover_files(root)
+    rel = [os.path.relpath(p, root) for p in paths]
+    assert rel == ["a_cls/10.png", "a_cls/2.png", "b_cls/A.PNG", "b_cls/m.Png", "b_cls/z.png",
+                   "d_cls/x.jpeg"]
+    assert labels.tolist() == [0, 0, 1, 1, 1, 3] and labels.dtype == np.int32
+    assert discover_files(root, case_sensitive_filter=True)[0][2:4] == [str(root / "b_cls/z.png"),
+                                                                        str(root / "d_cls/x.jpeg")]
+    source = FileSource(file_root=root, decoder=None)
+    assert source.files == paths
+    with pytest.raises(ValueError, match="not both"):
+        FileSource(paths, file_root=root)
+    with pytest.raises(ValueError, match="not a directory"):
+        FileSource(file_root=tmp_path / "nope")
+
+
 # ---------------------------------------------------------------- user-built pipelines, checks
 def test_user_pipeline_with_pipeline_def(fmnist):
-    from nvidia.dali import pipeline_def
     x, y = fmnist
     source = ArraySource(x, y, layouts=("HWC", None))
 
@@ -553,14 +961,14 @@ def test_user_pipeline_with_pipeline_def(fmnist):
 def test_bad_arguments_are_rejected(fmnist, png_files):
     x, y = fmnist
     pruner = gp.Pruner(N, keep=0.5)
-    with pytest.raises(ValueError, match="last_batch_policy"):
-        build_iterator(pruner, ArraySource(x, y), batch_size=8, last_batch_policy=LastBatchPolicy.FILL)
     with pytest.raises(ValueError, match="3000 samples.*holds 600|plans 3000"):
         build_iterator(pruner, FileSource(png_files), batch_size=8, output_map=["data"])
     with pytest.raises(ValueError, match="outputs but output_map"):
         build_iterator(pruner, ArraySource(x, y), batch_size=8, output_map=["data"])
-    with pytest.raises(ValueError, match="shard_id must be <= 1"):
+    with pytest.raises(ValueError, match="rank must be <= 1"):
         build_iterator(pruner, ArraySource(x, y), batch_size=8, shard_id=2, num_shards=2)
+    with pytest.raises(TypeError, match="shuffle must be a bool"):
+        build_iterator(pruner, ArraySource(x, y), batch_size=8, shuffle="no")
     with pytest.raises(ValueError, match="first dimension"):
         ArraySource(x, y[:10])
     with pytest.raises(ValueError, match="layout 'HW'"):
@@ -569,10 +977,14 @@ def test_bad_arguments_are_rejected(fmnist, png_files):
         FileSource(png_files, on_error="ignore")
     with pytest.raises(TypeError, match="single path"):
         FileSource(png_files[0])
+    with pytest.raises(TypeError, match="files .* or file_root"):
+        FileSource()
     source = ArraySource(x, y)
     pipe = build_pipeline(source, batch_size=8)
     with pytest.raises(ValueError, match="index_name='index' is added by the iterator"):
         PrunedDALIIterator(pipe, ["data", "index"], pruner=pruner, source=source)
+    with pytest.raises(ValueError, match="takes one pipeline"):
+        PrunedDALIIterator([pipe, pipe], ["data", "label"], pruner=pruner, source=source)
     with pytest.raises(RuntimeError, match="already feeds a pipeline"):
         build_pipeline(source, batch_size=8)
     with pytest.raises(ValueError, match="epoch must be >= 0"):
@@ -627,6 +1039,7 @@ def test_gpu_file_source_decodes_with_mixed_backend(fmnist, png_files):
     source = FileSource(png_files, y, output_type=types.GRAY)
     it = build_iterator(pruner, source, batch_size=32, device_id=0)
     for epoch in range(2):
+        it.set_epoch(epoch)
         got = []
         for (b,) in it:
             assert b["data"].is_cuda and b["index"].is_cuda       # ids on the pruner's device

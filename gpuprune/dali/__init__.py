@@ -21,9 +21,10 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
 from .build import build_iterator, build_pipeline
 from .iterator import PrunedDALIIterator
-from .sources import ArraySource, BadSampleError, FileSource, PlanSource
+from .sources import (ArraySource, BadSampleError, CallbackSource, FileSource, PlanSource,
+                      discover_files)
 
 __all__ = [
-    "PrunedDALIIterator", "ArraySource", "FileSource", "PlanSource", "BadSampleError",
-    "build_pipeline", "build_iterator", "LastBatchPolicy",
+    "PrunedDALIIterator", "ArraySource", "FileSource", "CallbackSource", "PlanSource",
+    "BadSampleError", "discover_files", "build_pipeline", "build_iterator", "LastBatchPolicy",
 ]

@@ -2,7 +2,7 @@
 
 Parallel external-source workers hold their own copy of the source callable: forked at pipeline
 build, or unpickled in a spawned process. A plain attribute set in the main process after that is
-invisible to them, so the per-epoch plan lives in a shared mapping instead (dali.md §2.8).
+invisible to them, so the per-epoch plan lives in a shared mapping instead.
 
 The mapping is a file in ``/dev/shm`` (tmpfs; the default temp folder elsewhere) opened with
 ``np.memmap``. Forked workers inherit the mapping; spawned workers re-open the file by path in

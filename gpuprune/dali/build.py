@@ -41,6 +41,8 @@ def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | Non
         device_id: the GPU, or None for a CPU-only pipeline (default).
         **pipeline_kwargs: more ``nvidia.dali.Pipeline`` arguments (``seed``,
             ``prefetch_queue_depth``, ``py_num_workers``, ``py_start_method``, ...).
+            ``enable_checkpointing`` is accepted here but refused by the iterator (use
+            ``state_dict``).
 
     Returns:
         The pipeline (not built yet; the iterator builds it).
@@ -60,25 +62,33 @@ def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | Non
     return pipe
 
 
+#: DALIGenericIterator arguments that build_iterator passes to the iterator, not the Pipeline
+_ITERATOR_ARGS = ("size", "reader_name", "fill_last_batch", "dynamic_shape", "last_batch_padded")
+
+
 def build_iterator(pruner: Pruner, source: PlanSource,
                    define_graph: Callable[..., object] | None = None, *, batch_size: int,
                    output_map: Sequence[str] = ("data", "label"),
                    last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
                    shard_id: int | None = None, num_shards: int | None = None,
-                   num_threads: int = 2,
-                   device_id: int | None = None, auto_reset: bool | str = False,
+                   shuffle: bool = True, prepare_first_batch: bool = True,
+                   num_threads: int = 2, device_id: int | None = None,
+                   auto_reset: bool | str = False,
                    index_name: str = "index", weight_name: str = "weight",
                    **pipeline_kwargs) -> PrunedDALIIterator:
     """Pipeline and :class:`~gpuprune.dali.PrunedDALIIterator` in one call.
 
     Args:
         pruner: the :class:`~gpuprune.Pruner` planning the epochs.
-        source, define_graph, batch_size, num_threads, device_id, **pipeline_kwargs: see
-            :func:`build_pipeline`.
+        source, define_graph, batch_size, num_threads, device_id: see :func:`build_pipeline`.
         output_map: names of ``define_graph``'s outputs. Default ``("data", "label")``, as
             ``DALIClassificationIterator``.
-        last_batch_policy, shard_id, num_shards, auto_reset, index_name, weight_name: see
-            :class:`~gpuprune.dali.PrunedDALIIterator`.
+        last_batch_policy, shard_id, num_shards, shuffle, prepare_first_batch, auto_reset,
+            index_name, weight_name: see :class:`~gpuprune.dali.PrunedDALIIterator`.
+        **pipeline_kwargs: more ``nvidia.dali.Pipeline`` arguments (``seed``,
+            ``prefetch_queue_depth``, ``py_num_workers``, ...). ``DALIGenericIterator``'s own
+            arguments (``size``, ``reader_name``, ``fill_last_batch``, ``dynamic_shape``,
+            ``last_batch_padded``) go to the iterator, which accepts or explains them.
 
     Example:
         >>> source = ArraySource(images, labels, layouts=("HWC", None))      # doctest: +SKIP
@@ -87,10 +97,17 @@ def build_iterator(pruner: Pruner, source: PlanSource,
         ...                                     mean=[127.5], std=[127.5]), labels
         >>> it = build_iterator(pruner, source, graph, batch_size=256)       # doctest: +SKIP
     """
+    iterator_kwargs = {k: pipeline_kwargs.pop(k) for k in _ITERATOR_ARGS if k in pipeline_kwargs}
+    if iterator_kwargs:
+        # check them before the pipeline is built, so the error names the iterator's argument
+        PrunedDALIIterator._check_stock_arguments(iterator_kwargs.get("size", -1),
+                                                  iterator_kwargs.get("reader_name"),
+                                                  iterator_kwargs.get("last_batch_padded", False))
     output_map = list(output_map)
     pipe = build_pipeline(source, define_graph, batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id, **pipeline_kwargs)
     return PrunedDALIIterator(pipe, output_map, pruner=pruner, source=source,
                               last_batch_policy=last_batch_policy, shard_id=shard_id,
-                              num_shards=num_shards, auto_reset=auto_reset, index_name=index_name,
-                              weight_name=weight_name)
+                              num_shards=num_shards, shuffle=shuffle,
+                              prepare_first_batch=prepare_first_batch, auto_reset=auto_reset,
+                              index_name=index_name, weight_name=weight_name, **iterator_kwargs)

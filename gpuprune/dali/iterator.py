@@ -2,37 +2,49 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import torch
+from nvidia.dali import types
+from nvidia.dali.backend import TensorGPU
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
-from .._checks import check_int
+from .._checks import check_bool
 from ..plan import Plan, num_batches
 from ..pruner import Pruner
-from ..sampler import shard_of
+from ..sampler import Position, shard_of
 from .sources import BadSampleError, PlanSource
 
 __all__ = ["PrunedDALIIterator"]
 
+_CHECKPOINT_HINT = (
+    "DALI checkpoints record DALI's own iteration counter, not which planned samples were served, "
+    "so a restored pipeline would pair data with the wrong sample ids. Save "
+    "it.state_dict() together with pruner.state_dict() instead, and restore them with "
+    "pruner.load_state_dict() and it.load_state_dict() on a newly built pipeline and iterator")
+
 
 @dataclass
 class _Pass:
-    """One run over (the rest of) one epoch's plan."""
+    """One run over (the rest of) one epoch's plan for this rank."""
 
     epoch: int
-    plan: Plan            # this rank's share
-    start: int            # first plan batch served (non-zero after a mid-epoch restore)
-    total: int            # batches in this rank's full plan
-    consumed: int = 0     # batches handed out in this pass
-    done: bool = False    # DALI has raised StopIteration for this pass
-    looped: bool = False  # iter() was called on this pass (a for loop runs over it)
+    plan: Plan            # this rank's share, in training order
+    start: int            # first plan entry served (non-zero after a mid-epoch restore)
+    end: int              # one past the last entry served (cut to whole batches with DROP)
+    num_batches: int      # batches in [start, end)
+    handed: int = 0       # batches handed out by __next__
+    done: bool = False    # StopIteration was raised, or the pass was ended early
+    ids: torch.Tensor | None = None       # entries [start, end) as int64, sliced per batch
+    weights: torch.Tensor | None = None   # their loss weights (float32)
 
-    @property
-    def num_batches(self) -> int:
-        return self.total - self.start
+    def consumed(self, batch_size: int) -> int:
+        """Plan entries of this rank's epoch served so far (the Position's ``consumed``)."""
+        return min(self.start + self.handed * batch_size, self.end)
 
 
 class PrunedDALIIterator(DALIGenericIterator):
@@ -46,57 +58,62 @@ class PrunedDALIIterator(DALIGenericIterator):
       InfoBatch does).
 
     The ids are taken from the plan, not from a pipeline output: DALI's external source returns
-    iteration ``i``'s data as output ``i``, so the ``j``-th batch of a pass is plan batch
-    ``start + j``. (An extra output would cost DALI about 0.1 ms per batch.) The graph must keep
-    the samples in their order, as DALI operators do; a batch-permuting graph (``fn.permute_batch``
-    on the main samples) would need its own ids.
+    iteration ``i``'s data as output ``i``, so the ``j``-th batch of a pass is the ``j``-th planned
+    batch. The graph must keep the samples in their order, as DALI operators do; a batch-permuting
+    graph (``fn.permute_batch`` on the main samples) would need its own ids.
 
-    Each pass over the iterator is one epoch: the iterator asks ``pruner.plan(epoch)`` for the plan,
-    takes this rank's shard, publishes it to the pipeline's
-    :class:`~gpuprune.dali.sources.PlanSource`, and only then lets DALI prefetch the epoch.
+    Epochs (docs/dali.md, "Epochs"): each pass is one epoch of the plan. At its start the iterator
+    asks ``pruner.plan(epoch)`` for the plan, takes this rank's shard, publishes it to the pipeline's
+    :class:`~gpuprune.dali.PlanSource`, and only then lets DALI prefetch::
 
-    Epochs::
-
-        for epoch in range(num_epochs):
-            it.set_epoch(epoch)             # optional: without it, epochs count up from 0
-            for (batch,) in it:             # batch["data"], batch["label"], batch["index"], batch["weight"]
+        for epoch in range(it.epoch, num_epochs):    # it.epoch: 0, or the restored epoch
+            it.set_epoch(epoch)                      # plans; a collective under DDP
+            for (batch,) in it:
                 loss = pruner.observe(batch["index"], criterion(model(batch["data"]), batch["label"]))
 
-    * ``iter(it)`` (each ``for`` loop) starts the next epoch: the one given to :meth:`set_epoch`,
-      else the last one + 1. It continues the current epoch instead when no loop has run over it
-      yet (the epoch was started by ``next(it)``, e.g. to peek at a batch) or when it has not
-      handed out a batch yet.
-    * Leaving an epoch early (``break``) is safe: the next ``for`` loop, :meth:`set_epoch` or
-      :meth:`reset` ends it, stops the source and drains the few batches DALI had prefetched, so
-      nothing of the old epoch reaches the next one. (A bare ``next(it)`` after a ``break``
-      continues the old epoch.)
-    * ``len(it)`` is the number of batches of the running epoch (for this rank), or of the epoch
-      the next ``iter()`` will start. It never plans: before :meth:`set_epoch` it gives the size
-      the schedule predicts (the same on every rank). After a mid-epoch restore it counts the
-      remaining batches.
-    * :meth:`state_dict` / :meth:`load_state_dict` hold (epoch, batches consumed): restored into a
-      fresh pipeline + iterator (and with the Pruner restored too), iteration continues with exactly
-      the remaining batches of that epoch, then the same later epochs.
+    * The iterator follows DALI's rules: ``iter(it)`` (each ``for`` loop) continues an unfinished
+      epoch and starts the next one after a finished epoch; ``next(it)`` after the end raises
+      ``StopIteration`` again until ``reset()``/``iter()`` (or, with ``auto_reset``, starts the next
+      epoch). Without :meth:`set_epoch` the epochs count up from 0.
+    * **One rule after a break, live or restored**: the position is (epoch, samples served). The
+      next loop continues that epoch with its remaining batches, exactly as a restore from
+      :meth:`state_dict` does; :meth:`set_epoch` with another epoch or :meth:`reset` ends it
+      (unlike DALI's ``reset``, which ignores an unfinished epoch) and the next loop starts the
+      next epoch.
+    * ``len(it)`` and ``it.size`` count the batches and samples of the running pass (from its start
+      position), or of the pass the next ``iter()`` starts. They never plan: before
+      :meth:`set_epoch` they give the size the schedule predicts (the same on every rank).
 
     Args:
         pipelines: one DALI pipeline (or a list holding one) whose graph starts with ``source``.
-            One pipeline per process: for several GPUs run one process per GPU, each with its
-            ``shard_id``.
+            One pipeline per process: for several GPUs run one process per GPU.
         output_map: names of the pipeline's outputs, in order (as for ``DALIGenericIterator``).
-        pruner: the :class:`~gpuprune.Pruner` that plans the epochs.
-        source: the pipeline's :class:`~gpuprune.dali.sources.PlanSource`.
+        size, reader_name, fill_last_batch, dynamic_shape, last_batch_padded: the arguments of
+            ``DALIGenericIterator``, accepted where they mean something here: ``size=-1`` (the
+            plan sets each epoch's size), ``reader_name=None`` (there is no reader),
+            ``fill_last_batch=False`` (deprecated spelling of PARTIAL), any ``dynamic_shape``
+            (ignored by DALI too), ``last_batch_padded=False``. Other values raise ValueError
+            saying why and what to use.
+        auto_reset: like DALI's: if True, ``next()`` after the end of an epoch (which raised
+            ``StopIteration`` once) starts the next one. ``iter()`` does that anyway. Default False.
         last_batch_policy: ``LastBatchPolicy.PARTIAL`` (default: the last batch may be short) or
-            ``LastBatchPolicy.DROP`` (it is dropped). ``FILL`` is not supported: it would train on
+            ``LastBatchPolicy.DROP`` (it is dropped). ``FILL`` is refused: it would train on
             samples the plan did not choose.
+        prepare_first_batch: if True (default), an epoch's first batches are prepared as soon as
+            the epoch is known, in :meth:`set_epoch`, so the pipeline works while you do something
+            else (evaluate, log); if False, on the first ``next()``. (DALI's iterator prepares in
+            its constructor, which cannot plan: the epoch to start is not known yet.)
+        pruner: the :class:`~gpuprune.Pruner` that plans the epochs.
+        source: the pipeline's :class:`~gpuprune.dali.PlanSource`.
         shard_id: this rank. Default: the rank in the pruner's process group (0 without one).
         num_shards: number of ranks. Default: the size of the pruner's process group (1 without
             one); a value that disagrees with a distributed pruner raises. Every rank gets an equal
             share of the same plan (:meth:`gpuprune.Plan.shard`): with PARTIAL the plan is padded
             by wrap-around, so up to ``num_shards - 1`` samples appear twice; with DROP it is cut
             to a multiple of ``num_shards``.
-        auto_reset: like DALI's: if True, ``next()`` after the end of an epoch starts the next one
-            (``StopIteration`` is still raised once at the end). ``iter()`` does that anyway.
-            Default ``False``.
+        shuffle: if True (default), batches follow the plan's shuffled order. If False, each
+            epoch's planned ids are served in increasing id order (``policy="full"`` then reads
+            0, 1, ..., N-1, like a reader without ``random_shuffle``).
         index_name: key of the sample ids in each batch dict. Default ``"index"``.
         weight_name: key of the loss weights. Default ``"weight"``.
 
@@ -107,19 +124,46 @@ class PrunedDALIIterator(DALIGenericIterator):
             restore the position with :meth:`load_state_dict`.
     """
 
-    def __init__(self, pipelines, output_map: Sequence[str], *, pruner: Pruner, source: PlanSource,
+    def __init__(self, pipelines, output_map: Sequence[str], size: int = -1,
+                 reader_name: str | None = None, auto_reset: bool | str | None = False,
+                 fill_last_batch: bool | None = None, dynamic_shape: bool | None = False,
+                 last_batch_padded: bool = False,
                  last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
-                 shard_id: int | None = None, num_shards: int | None = None, auto_reset: bool | str = False, index_name: str = "index",
-                 weight_name: str = "weight") -> None:
+                 prepare_first_batch: bool = True, *, pruner: Pruner, source: PlanSource,
+                 shard_id: int | None = None, num_shards: int | None = None, shuffle: bool = True,
+                 index_name: str = "index", weight_name: str = "weight") -> None:
         pipes = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
         if len(pipes) != 1:
             raise ValueError(f"PrunedDALIIterator takes one pipeline, got {len(pipes)}; run one "
-                             "process per GPU with its own shard_id instead")
+                             "process per GPU instead (each rank gets its shard of the plan)")
         pipe = pipes[0]
         if not isinstance(pruner, Pruner):
             raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
         if not isinstance(source, PlanSource):
             raise TypeError(f"source must be a gpuprune.dali PlanSource, got {type(source).__name__}")
+        self._check_stock_arguments(size, reader_name, last_batch_padded)
+        if fill_last_batch is not None:     # DALI's deprecated spelling; it wins over the policy
+            warnings.warn("fill_last_batch is deprecated in DALI; use last_batch_policy", Warning,
+                          stacklevel=2)
+            last_batch_policy = (LastBatchPolicy.FILL if check_bool("fill_last_batch",
+                                                                     fill_last_batch)
+                                 else LastBatchPolicy.PARTIAL)
+        if not isinstance(last_batch_policy, LastBatchPolicy):
+            raise TypeError(f"last_batch_policy must be a LastBatchPolicy, got "
+                            f"{type(last_batch_policy).__name__} {last_batch_policy!r}")
+        if last_batch_policy == LastBatchPolicy.FILL:
+            raise ValueError("last_batch_policy=LastBatchPolicy.FILL (or fill_last_batch=True) "
+                             "would fill the last batch with samples the plan did not choose; use "
+                             "LastBatchPolicy.PARTIAL (short last batch) or DROP")
+        if auto_reset not in (True, False, None, "yes", "no"):
+            raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got auto_reset={auto_reset!r}")
+        self._prepare = check_bool("prepare_first_batch", prepare_first_batch)
+        self.shuffle = check_bool("shuffle", shuffle)
+        if getattr(pipe, "_enable_checkpointing", False) or getattr(pipe, "_checkpoint", None):
+            which = ("was restored from a DALI checkpoint (checkpoint=...)"
+                     if getattr(pipe, "_checkpoint", None) else "has enable_checkpointing=True")
+            raise ValueError(f"the pipeline {which}, which PrunedDALIIterator does not support: "
+                             f"{_CHECKPOINT_HINT}")
         if source.batch_size is None:
             raise ValueError("source is not part of the pipeline: call source.outputs() in its "
                              "definition (or use gpuprune.dali.build_iterator)")
@@ -129,12 +173,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         if pruner.num_samples != source.num_samples:
             raise ValueError(f"the pruner plans {pruner.num_samples} samples but the source holds "
                              f"{source.num_samples}")
-        if last_batch_policy not in (LastBatchPolicy.PARTIAL, LastBatchPolicy.DROP):
-            raise ValueError(f"last_batch_policy must be LastBatchPolicy.PARTIAL or DROP, got "
-                             f"last_batch_policy={last_batch_policy!r}")
         self.shard_id, self.num_shards = shard_of(pruner, num_shards, shard_id, "PrunedDALIIterator")
-        if auto_reset not in (True, False, None, "yes", "no"):
-            raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got auto_reset={auto_reset!r}")
         output_map = list(output_map)
         if len(set(output_map)) != len(output_map):
             raise ValueError(f"output_map names must be distinct, got {output_map}")
@@ -153,37 +192,98 @@ class PrunedDALIIterator(DALIGenericIterator):
         self.index_name, self.weight_name = index_name, weight_name
         self._auto_reset_epochs = auto_reset in (True, "yes")
         self._drop = last_batch_policy == LastBatchPolicy.DROP
-        self._next = (0, 0)             # (epoch, first batch) of the next pass
+        self._next = (0, 0)             # (epoch, first plan entry) of the next pass
         self._pass: _Pass | None = None
-        self._ended = 0                 # passes ended = DALI epochs finished (BatchInfo.epoch_idx)
         self._error: BaseException | None = None
         self._shard_cache: tuple[Plan | None, Plan | None] = (None, None)
-        # size=-1: DALI runs until the source raises StopIteration (dali.md §2.4); nothing runs
-        # before the first epoch is published (prepare_first_batch=False, §2.1).
+        self._ready = False
+        # Builds the pipeline and sets DALI's attributes. Nothing runs before the first epoch is
+        # published (prepare_first_batch=False here: DALI would call the source at once, before
+        # any plan exists). size=-1: DALI runs until the source raises StopIteration; this class
+        # drives the pipeline itself.
         super().__init__(pipe, output_map, size=-1, auto_reset=False, prepare_first_batch=False)
+        self._ready = True
+
+    @staticmethod
+    def _check_stock_arguments(size, reader_name, last_batch_padded) -> None:
+        if size is not None and size != -1:
+            raise ValueError(f"size={size!r} does not apply to PrunedDALIIterator: the plan sets "
+                             "each epoch's size (it.size and len(it) report it); leave size=-1")
+        if reader_name is not None:
+            raise ValueError(f"reader_name={reader_name!r} does not apply: PrunedDALIIterator's "
+                             "pipeline is fed by its gpuprune source, not by a reader, and the plan "
+                             "sets each epoch's size. Replace the reader with a FileSource "
+                             "(FileSource(file_root=...) reads the same files with the same labels "
+                             "as fn.readers.file) and drop reader_name")
+        if last_batch_padded not in (False, None):
+            raise ValueError(f"last_batch_padded={last_batch_padded!r} does not apply: it describes "
+                             "a reader's pad_last_batch, and a plan is never padded; choose the last "
+                             "batch with last_batch_policy (PARTIAL or DROP)")
+
+    # ------------------------------------------------------------------ DALI's size attributes
+    @property
+    def size(self) -> int:
+        """Samples of this rank's running pass (from its start position), or of the pass the next
+        ``iter()`` starts; -1 while that is unknown (a loss-dependent InfoBatch epoch not planned
+        yet). Never plans."""
+        if not self._ready:
+            return -1                      # while DALIGenericIterator.__init__ runs
+        p = self._pass
+        if p is not None and not p.done:
+            return len(p.plan) - p.start
+        epoch, start = self._next
+        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        return -1 if n is None else max(0, n - start)
+
+    @property
+    def _size(self) -> int:
+        # DALI's attribute, read by code such as ceil(loader._size / batch_size): the planned size
+        return self.size
+
+    @_size.setter
+    def _size(self, value) -> None:
+        # DALIGenericIterator.__init__ assigns its `size` argument (-1) here; sizes come from plans
+        self._dali_size = value
 
     # ------------------------------------------------------------------ plans
-    def _plan_for(self, epoch: int) -> Plan:
+    def _shard_for(self, epoch: int) -> Plan:
+        """This rank's share of ``epoch``'s plan, in serving order (plans the epoch if needed)."""
         plan = self.pruner.plan(epoch)
-        if self.num_shards == 1:
-            return plan
-        if self._shard_cache[0] is not plan:
-            self._shard_cache = (plan, plan.shard(self.shard_id, self.num_shards, self._drop))
-        return self._shard_cache[1]
+        if self._shard_cache[0] is plan:
+            return self._shard_cache[1]
+        shard = plan
+        if not self.shuffle:
+            ids = plan.indices
+            ids = (torch.arange(len(ids), dtype=ids.dtype, device=ids.device)
+                   if plan.full and len(ids) == plan.num_samples else torch.sort(ids).values)
+            shard = Plan(plan.epoch, ids, plan.full, plan.num_samples, plan.weight, plan.rescaled)
+        if self.num_shards > 1:
+            shard = shard.shard(self.shard_id, self.num_shards, self._drop)
+        self._shard_cache = (plan, shard)
+        return shard
 
-    def _num_batches(self, plan: Plan) -> int:
-        return plan.batches(self.batch_size, drop_last=self._drop)
+    def _batches_from(self, n: int, start: int) -> int:
+        return num_batches(max(0, n - start), self.batch_size, self._drop)
 
-    def _predicted_batches(self, epoch: int) -> int:
-        """Batches of ``epoch`` for this rank without planning it (the planned size if planned)."""
-        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
-        if n is None:
-            raise RuntimeError(f"the length of epoch {epoch} is known once it is planned (policy "
-                               f"{self.pruner.policy.name!r} plans a loss-dependent number of "
-                               f"samples): call it.set_epoch({epoch}) first")
-        return num_batches(n, self.batch_size, self._drop)
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run on this rank (one per batch), for step-based learning
+        rate schedules such as ``OneCycleLR(total_steps=it.total_steps())``.
+
+        :meth:`gpuprune.Schedule.total_steps` with this iterator's batch size, number of shards and
+        last-batch policy. Exact for policies that plan exactly k samples (all but InfoBatch); for
+        InfoBatch, whose pruned epochs are data-dependent, an upper bound (every epoch counted
+        full), so the schedule never runs out. Needs the Pruner's ``num_epochs``.
+        """
+        p = self.pruner
+        k = p.k if p.policy.exact_k else p.num_samples
+        return p.schedule.total_steps(p.num_samples, k, self.batch_size,
+                                      world_size=self.num_shards, drop_last=self._drop)
 
     # ------------------------------------------------------------------ epochs
+    def _api(self):
+        """The scope DALI's own iterators drive their pipeline in (DALI refuses mixed API use)."""
+        return self._pipes[0]._check_api_type_scope(types.PipelineAPIType.ITERATOR)
+
     def _check_usable(self) -> None:
         if self._error is not None:
             raise RuntimeError("this PrunedDALIIterator stopped after an error (see above); a DALI "
@@ -193,21 +293,31 @@ class PrunedDALIIterator(DALIGenericIterator):
 
     def _start_pass(self) -> None:
         epoch, start = self._next
-        plan = self._plan_for(epoch)
-        total = self._num_batches(plan)
-        if start > total:
-            raise ValueError(f"cannot resume epoch {epoch} at batch {start}: its plan has only "
-                             f"{total} batches for this rank")
-        tag = self._ended
-        self.source.publish(tag, plan.indices, start, total - start)    # before any prefetch
-        if self._ended:
-            DALIGenericIterator.reset(self)       # pipeline reset + prefetch of the new epoch
-        dali_epoch = getattr(self._pipes[0], "_epoch_idx", tag)
-        if dali_epoch != tag:
-            raise RuntimeError(f"internal error: DALI is at epoch {dali_epoch}, plan published for "
-                               f"{tag}")
-        self._pass = _Pass(epoch, plan, start, total)
+        plan = self._shard_for(epoch)
+        n = len(plan)
+        if start > n:
+            raise ValueError(f"cannot resume epoch {epoch} after {start} samples: this rank's plan "
+                             f"of it has only {n}")
+        nb = self._batches_from(n, start)
+        end = start + nb * self.batch_size if self._drop else n
+        pipe = self._pipes[0]
+        if pipe._last_iter:                # the previous DALI epoch ended: start the next one
+            pipe.reset()
+        if not pipe._first_iter:
+            raise RuntimeError("internal error: the DALI pipeline did not finish its previous epoch")
+        # publish before DALI asks for data; the pipeline's epoch counter tags the plan
+        self.source.publish(pipe._epoch_idx, epoch, plan.indices, start, end, nb)
+        self._pass = _Pass(epoch, plan, start, end, nb)
         self._next = (epoch + 1, 0)
+        try:
+            with self._api():
+                pipe.schedule_run()        # prefetch: DALI calls the source queue-depth times
+        except Exception as e:
+            self._fail(e)
+        # while DALI works: the pass's ids and weights, so each batch only slices them
+        p = self._pass
+        p.ids = plan.indices[start:end].to(torch.int64)
+        p.weights = plan.weights_of(p.ids)
 
     def _end_pass(self) -> None:
         p = self._pass
@@ -215,20 +325,23 @@ class PrunedDALIIterator(DALIGenericIterator):
             return
         if not p.done:
             # leaving early: stop the source, then drain what DALI has already prefetched so the
-            # pipeline reaches its end of epoch (reset() is ignored mid-epoch, dali.md §2.13)
+            # pipeline reaches its end of epoch (DALI's pipeline reset() does nothing mid-epoch)
             self.source.cut()
+            pipe = self._pipes[0]
             try:
-                while True:
-                    DALIGenericIterator.__next__(self)
+                with self._api():
+                    while True:
+                        pipe.share_outputs()
+                        pipe.release_outputs()
+                        pipe.schedule_run()
             except StopIteration:
                 pass
             except Exception as e:
                 self._fail(e)
             p.done = True
         self._pass = None
-        self._ended += 1
 
-    def _fail(self, err: BaseException) -> None:
+    def _fail(self, err: BaseException) -> NoReturn:
         """Record a pipeline error and raise it, naming the bad file when a file is to blame."""
         self._error = err
         p = self._pass
@@ -238,8 +351,8 @@ class PrunedDALIIterator(DALIGenericIterator):
         ahead = max(pipe.cpu_queue_size, pipe.gpu_queue_size) + 2
         if self.source.parallel:
             ahead += self.source.prefetch_queue_depth
-        first = p.start + p.consumed
-        bad = self.source.find_bad(first, min(p.total, first + ahead))
+        first = p.consumed(self.batch_size)
+        bad = self.source.find_bad(first, min(p.end, first + ahead * self.batch_size))
         if bad is None:
             raise err
         index, path, what, detail = bad
@@ -247,27 +360,38 @@ class PrunedDALIIterator(DALIGenericIterator):
                              f"{p.epoch}): {detail}", index=index, path=path) from err
 
     def set_epoch(self, epoch: int) -> None:
-        """Make ``epoch`` the epoch of the next pass (ends an unfinished pass first).
+        """Make ``epoch`` the epoch of the next pass, and plan it.
 
-        Plans the epoch (under a process group that is a collective: every rank calls it).
-        Optional: without it the iterator runs epochs 0, 1, 2, ..., planning each when its pass
-        starts. Calling it with the epoch that is already pending keeps a restored mid-epoch
-        position.
+        Planning is a collective under a process group: every rank calls it. If ``epoch`` is the
+        epoch in progress (or the restored one), its position is kept; any other epoch ends the
+        unfinished pass and starts from the beginning of ``epoch``. With ``prepare_first_batch``
+        the pipeline starts preparing its first batches right away. Optional: without it the
+        iterator runs epochs 0, 1, 2, ..., planning each when its pass starts.
         """
         epoch = self.pruner.schedule.check_epoch(epoch)
         self._check_usable()
-        self._plan_for(epoch)
         p = self._pass
-        if p is not None and p.epoch == epoch and not p.done and p.consumed == 0:
-            return                          # already the fresh pass of this epoch
+        if p is not None and not p.done and p.epoch == epoch:
+            return                          # the epoch in progress continues
+        self._shard_for(epoch)              # plan first: if it fails, nothing has changed
         self._end_pass()
         if self._next[0] != epoch:
             self._next = (epoch, 0)
+        if self._prepare:
+            self._start_pass()
 
     def reset(self) -> None:
-        """End the current epoch, even part-way (unlike DALI's reset, which ignores that)."""
+        """End the current epoch, even part-way; the next pass starts the next epoch.
+
+        Unlike DALI's ``reset()``, which ignores an unfinished epoch (and the next loop continues
+        it), this drops the rest of the epoch: call it to abandon an epoch after a ``break``.
+        """
         self._check_usable()
         self._end_pass()
+
+    def checkpoints(self):
+        """Not supported: raises ValueError. Use :meth:`state_dict` (see the message)."""
+        raise ValueError(f"PrunedDALIIterator.checkpoints() is not supported: {_CHECKPOINT_HINT}")
 
     @property
     def epoch(self) -> int:
@@ -276,22 +400,21 @@ class PrunedDALIIterator(DALIGenericIterator):
 
     @property
     def bad_samples(self) -> dict[int, tuple[str, str]]:
-        """Samples skipped by a ``FileSource(on_error="skip")``: ``{index: (path, reason)}``."""
+        """Samples found bad by a :class:`~gpuprune.dali.FileSource`: ``{index: (path, reason)}``."""
         return self.source.bad_samples
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> "PrunedDALIIterator":
         self._check_usable()
         p = self._pass
-        if p is not None and (p.done or (p.looped and p.consumed > 0)):
-            self._end_pass()              # finished, or left by a previous for loop
-        if self._pass is None:
+        if p is None or p.done:
+            self._end_pass()
             self._start_pass()
-        self._pass.looped = True
         return self
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         self._check_usable()
+        self._ever_consumed = True
         p = self._pass
         if p is None or (p.done and self._auto_reset_epochs):
             self._end_pass()
@@ -299,74 +422,109 @@ class PrunedDALIIterator(DALIGenericIterator):
             p = self._pass
         if p.done:
             raise StopIteration
+        pipe = self._pipes[0]
+        if p.handed == p.num_batches:
+            p.done = True
+            if not pipe.empty() or not pipe._last_iter:
+                self._fail(RuntimeError(f"internal error: DALI has more data after the "
+                                        f"{p.num_batches} batches planned for epoch {p.epoch}"))
+            raise StopIteration
         try:
-            out = DALIGenericIterator.__next__(self)
+            with self._api():
+                outputs = pipe.share_outputs()
+                batch = self._to_torch(pipe, outputs)
+                pipe.release_outputs()
+                pipe.schedule_run()        # the next prefetch: DALI calls the source again
         except StopIteration:
             p.done = True
-            if p.consumed != p.num_batches:
-                self._fail(RuntimeError(f"internal error: DALI ended epoch {p.epoch} after "
-                                        f"{p.consumed} of {p.num_batches} batches"))
-            raise
+            self._fail(RuntimeError(f"internal error: DALI ended epoch {p.epoch} after "
+                                    f"{p.handed} of {p.num_batches} batches"))
         except Exception as e:
             self._fail(e)
-        batch = out[0]
         index, weight = self._ids_and_weights(p)
-        got = len(next(iter(batch.values()))) if batch else len(index)
+        got = len(next(iter(batch.values())))
         if got != len(index):
-            self._fail(RuntimeError(f"internal error: DALI delivered {got} samples for plan batch "
-                                    f"{p.start + p.consumed} of epoch {p.epoch}, the plan has "
-                                    f"{len(index)}"))
-        p.consumed += 1
+            self._fail(RuntimeError(f"internal error: DALI delivered {got} samples for batch "
+                                    f"{p.handed} of epoch {p.epoch}, the plan has {len(index)}"))
+        p.handed += 1
         batch[self.index_name], batch[self.weight_name] = index, weight
-        return out
+        return [batch]
+
+    def _to_torch(self, pipe, outputs) -> dict[str, torch.Tensor]:
+        """DALI's outputs as torch tensors, as ``DALIGenericIterator`` makes them (zero-copy views
+        with the dynamic executor, copies with the legacy one)."""
+        batch = {}
+        for name, out in zip(self.output_map, outputs):
+            tensor = out.as_tensor()
+            gpu = isinstance(tensor, TensorGPU)
+            device = torch.device("cuda", pipe.device_id) if gpu else torch.device("cpu")
+            if pipe.exec_dynamic:
+                if gpu:
+                    with device:
+                        batch[name] = torch.from_dlpack(tensor)
+                else:
+                    batch[name] = torch.from_dlpack(tensor)
+            else:
+                t = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+                stream = torch.cuda.current_stream(device=device) if device.type == "cuda" else None
+                feed_ndarray(tensor, t, cuda_stream=stream)
+                batch[name] = t
+        return batch
 
     def _ids_and_weights(self, p: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's ids and loss weights: slices of the plan (views, on the plan's device)."""
-        lo = (p.start + p.consumed) * self.batch_size
-        hi = min(lo + self.batch_size, len(p.plan))
-        index = p.plan.indices[lo:hi]
-        keep = self.source.kept(lo, hi)      # skipped bad samples (FileSource on_error="skip")
+        """This batch's ids (int64) and loss weights, from the plan on the Pruner's device
+        (views into the pass's copies: the plan itself is never exposed)."""
+        i = p.handed * self.batch_size
+        index, weight = p.ids[i:i + self.batch_size], p.weights[i:i + self.batch_size]
+        keep = self.source.kept(p.start + i, p.start + i + len(index))  # skipped bad samples
         if keep is not None:
-            index = index[torch.from_numpy(keep).to(index.device)]
-        return index, p.plan.weights_of(index)
+            mask = torch.from_numpy(keep).to(index.device)
+            index, weight = index[mask], weight[mask]
+        return index, weight
 
     def __len__(self) -> int:
         p = self._pass
         if p is not None and not p.done:
             return p.num_batches
         epoch, start = self._next
-        return max(0, self._predicted_batches(epoch) - start)
+        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        if n is None:
+            raise RuntimeError(f"the length of epoch {epoch} is known once it is planned (policy "
+                               f"{self.pruner.policy.name!r} plans a loss-dependent number of "
+                               f"samples): call it.set_epoch({epoch}) first")
+        return self._batches_from(n, start)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """The position: the epoch in progress and how many of its batches were handed out.
+        """The position, in :class:`gpuprune.sampler.Position`'s format (the sampler's):
+        ``{"epoch", "consumed", "num_replicas", "drop_last"}``, where ``consumed`` counts the
+        samples of this rank's share of the epoch in the batches handed out so far (skipped bad
+        files included). Between epochs it is the next epoch with ``consumed=0``.
 
-        Save it with ``pruner.state_dict()`` at the same moment (e.g. after an optimizer step).
+        Save it with ``pruner.state_dict()`` after the optimizer step of the last batch taken.
         """
         p = self._pass
         if p is not None and not p.done:
-            epoch, batch = p.epoch, p.start + p.consumed
+            epoch, consumed = p.epoch, p.consumed(self.batch_size)
         else:
-            epoch, batch = self._next
-        return {"epoch": epoch, "batch": batch, "batch_size": self.batch_size,
-                "num_shards": self.num_shards, "shard_id": self.shard_id,
-                "last_batch_policy": self.policy.name}
+            epoch, consumed = self._next
+        return Position.make(epoch, consumed, self.num_shards, self._drop)
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`: the next pass runs the rest of the saved epoch.
+        """Continue from a saved position (from this class or from ``PrunedSampler``): the next
+        pass runs the rest of the saved epoch, from sample ``consumed`` of this rank's share, then
+        the later epochs. Restore the Pruner as well, so that it returns the same plans.
 
-        The batch size, sharding and last-batch policy must match. Restore the Pruner as well, so
-        that it returns the same plans.
+        A mid-epoch position needs the same number of shards and last-batch policy; the batch size
+        may differ (batches then start at the saved sample). Raises TypeError/ValueError before
+        changing anything if ``state`` does not fit.
         """
-        if not isinstance(state, dict) or "epoch" not in state or "batch" not in state:
-            raise TypeError("state must be a dict from PrunedDALIIterator.state_dict()")
-        mine = self.state_dict()
-        for key in ("batch_size", "num_shards", "shard_id", "last_batch_policy"):
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"state was saved with {key}={state[key]!r}, this iterator has "
-                                 f"{key}={mine[key]!r}")
-        epoch = check_int("state['epoch']", state["epoch"], minimum=0)
-        batch = check_int("state['batch']", state["batch"], minimum=0)
+        epoch, consumed = Position.check(state, self.num_shards, self._drop, "PrunedDALIIterator")
+        self.pruner.schedule.check_epoch(epoch, "state_dict['epoch']")
+        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        if n is not None and consumed > n:
+            raise ValueError(f"state_dict['consumed']={consumed} is more than the {n} samples this "
+                             f"rank's share of epoch {epoch} holds")
         self._check_usable()
         self._end_pass()
-        self._next = (epoch, batch)
+        self._next = (epoch, consumed)

@@ -4,12 +4,12 @@ A source sits at the start of the user's DALI graph. :meth:`PlanSource.outputs` 
 ``fn.external_source`` node (batch mode, ``batch_info=True``) and returns its data nodes. Each epoch,
 :class:`~gpuprune.dali.PrunedDALIIterator` publishes this rank's plan to the source; DALI then calls
 the source with ``BatchInfo(iteration, epoch_idx)`` and the source returns batch ``iteration`` of the
-plan, raising ``StopIteration`` past the last one (dali.md §1).
+plan, raising ``StopIteration`` past the last one.
 
 The sample ids do not travel through DALI: an external source hands out iteration ``i``'s data as
-the pipeline's output ``i`` (a FIFO), so the iterator knows that its ``j``-th batch of a pass is plan
-batch ``start + j`` and attaches ids and loss weights from the plan itself. An extra pipeline output
-would cost DALI 2.4 about 0.1 ms per batch on the CPU (measured), about 7% of a cheap pipeline.
+the pipeline's output ``i`` (a FIFO), so the iterator knows that its ``j``-th batch of a pass is the
+``j``-th planned batch and attaches ids and loss weights from the plan itself (an extra pipeline
+output would only add work to every batch).
 
 Sources:
 
@@ -18,6 +18,13 @@ Sources:
   the GPU with ``index_select``; no host copy).
 * :class:`FileSource`: one file per sample. The source emits paths; ``fn.io.file.read`` reads them in
   DALI's thread pool and ``fn.decoders.image`` decodes them (``device="mixed"`` on a GPU pipeline).
+  ``FileSource(file_root=...)`` finds the files and labels the way ``fn.readers.file`` does.
+* :class:`CallbackSource`: your own loading code, called with the planned sample ids and the epoch
+  (per batch, or per sample like a per-sample ``external_source`` callable).
+
+Writing a source: subclass :class:`PlanSource`, implement :meth:`PlanSource.gather` (one batch for
+a list of sample ids and the epoch) and :meth:`PlanSource.outputs` (call
+:meth:`PlanSource.external_source` with the outputs' types).
 
 The plan of a CPU source is kept in shared memory (:class:`~gpuprune.dali._shared.SharedArray`), so
 parallel workers see each new epoch's plan without being restarted.
@@ -25,27 +32,34 @@ parallel workers see each new epoch's plan without being restarted.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
-from .._checks import check_choice, check_int
+from .._checks import check_bool, check_choice, check_int
 from ._shared import SharedArray
 
-__all__ = ["PlanSource", "ArraySource", "FileSource", "BadSampleError"]
+__all__ = ["PlanSource", "ArraySource", "FileSource", "CallbackSource", "BadSampleError",
+           "discover_files", "READER_FILE_FILTERS"]
 
 # header slots of the published plan (int64)
-_TAG, _START, _NBATCH, _LEN, _BS = range(5)
+_TAG, _EPOCH, _START, _END, _NBATCH, _BS = range(6)
+_HEADER = 6
 _NO_PLAN = -1
 
-# FileSource sample status (uint8, shared with workers in skip mode)
+# FileSource sample status (uint8, shared with workers)
 _UNKNOWN, _GOOD, _UNREADABLE, _UNDECODABLE = 0, 1, 2, 3
 _REASONS = {_UNREADABLE: "unreadable", _UNDECODABLE: "undecodable"}
+
+#: ``fn.readers.file``'s default ``file_filters`` (DALI 2.4), matched case-insensitively by default
+READER_FILE_FILTERS = ("*.jpg", "*.jpeg", "*.png", "*.bmp", "*.tif", "*.tiff", "*.pnm", "*.ppm",
+                       "*.pgm", "*.pbm", "*.jp2", "*.webp", "*.flac", "*.ogg", "*.wav")
 
 
 class BadSampleError(RuntimeError):
@@ -71,7 +85,7 @@ def _layouts(layouts, count: int) -> list[str | None]:
         layouts = [layouts]
     layouts = list(layouts)
     if len(layouts) != count:
-        raise ValueError(f"layouts must have one entry per array ({count}), got layouts={layouts!r}")
+        raise ValueError(f"layouts must have one entry per output ({count}), got layouts={layouts!r}")
     for lay in layouts:
         if lay is not None and not isinstance(lay, str):
             raise TypeError(f"layouts entries must be str or None, got {lay!r}")
@@ -86,7 +100,7 @@ def _is_gpu_array(a) -> bool:
 
 def _host_array(name: str, a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
-        a = a.detach().numpy()          # DALI callbacks must return numpy (dali.md §2.11)
+        a = a.detach().numpy()          # CPU torch tensors from callbacks fail on CPU-only torch
     a = np.asarray(a)
     if a.ndim == 0:
         raise ValueError(f"{name} must have a first (sample) dimension, got a scalar")
@@ -98,16 +112,23 @@ def _host_array(name: str, a) -> np.ndarray:
 class PlanSource(ABC):
     """Base of the external sources driven by :class:`~gpuprune.dali.PrunedDALIIterator`.
 
-    Subclasses implement :meth:`outputs` (the graph side) and :meth:`_gather` (one batch of data for
-    a list of sample ids). The iterator calls :meth:`publish` before each epoch and :meth:`cut` to
-    end an epoch early.
+    A subclass implements two methods:
+
+    * :meth:`outputs` (the graph side): call :meth:`external_source` with the outputs' dtypes and
+      dimensions inside the pipeline definition and return the data nodes (optionally followed by
+      operators, as :class:`FileSource` does with ``fn.io.file.read``);
+    * :meth:`gather` (the data side): one batch of data for an array of planned sample ids and the
+      epoch they are planned for.
+
+    The iterator publishes each epoch's plan (this rank's shard) before DALI asks for data, and ends
+    an epoch early with :meth:`cut`.
 
     Args:
-        num_samples: N, the dataset size; a plan's ids must lie in ``[0, N)``.
+        num_samples: N, the dataset size; a plan's ids lie in ``[0, N)``.
         parallel: run the callback in DALI's Python worker processes (``fn.external_source(...,
             parallel=True)``; set ``py_num_workers`` / ``py_start_method`` on the pipeline). Pays off
             when the callback does real Python work; for cheap in-memory gathers the serial mode is
-            faster (dali.md §3). Default ``False``.
+            faster (the shared-memory transfer costs more than it saves). Default ``False``.
         prefetch_queue_depth: batches each worker prepares ahead in parallel mode. Default ``2``.
     """
 
@@ -117,9 +138,7 @@ class PlanSource(ABC):
     def __init__(self, num_samples: int, *, parallel: bool = False, prefetch_queue_depth: int = 2
                  ) -> None:
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
-        if not isinstance(parallel, bool):
-            raise TypeError(f"parallel must be a bool, got {parallel!r}")
-        self.parallel = parallel
+        self.parallel = check_bool("parallel", parallel)
         self.prefetch_queue_depth = check_int("prefetch_queue_depth", prefetch_queue_depth, minimum=1)
         self.batch_size: int | None = None
         self._header: SharedArray | None = None
@@ -133,6 +152,36 @@ class PlanSource(ABC):
         Returns:
             The data nodes to build the rest of the graph from (a tuple).
         """
+
+    def external_source(self, *, dtype: Sequence, ndim: Sequence[int],
+                        layout: Sequence[str | None] | None = None, **kwargs) -> list:
+        """The ``fn.external_source`` node fed by this source; call it from :meth:`outputs`.
+
+        Binds the source to the pipeline being defined (one source per pipeline) and creates a
+        batch-mode external source with one output per entry of ``dtype``.
+
+        Args:
+            dtype: DALI type (``types.UINT8``, ...) or numpy dtype of each output.
+            ndim: sample dimensions of each output (without the batch dimension).
+            layout: DALI layout of each output (e.g. ``"HWC"``) or None.
+            **kwargs: more ``fn.external_source`` arguments (e.g. ``cuda_stream``).
+
+        Returns:
+            The list of data nodes, one per output.
+        """
+        dtypes = [types.to_dali_type(np.dtype(d)) if not isinstance(d, types.DALIDataType) else d
+                  for d in dtype]
+        ndims = [check_int("ndim", d, minimum=0) for d in ndim]
+        if len(ndims) != len(dtypes):
+            raise ValueError(f"dtype and ndim must have one entry per output, got {len(dtypes)} "
+                             f"and {len(ndims)}")
+        layouts = _layouts(layout, len(dtypes))
+        self._bind()
+        return fn.external_source(
+            source=self, num_outputs=len(dtypes), batch=True, batch_info=True,
+            parallel=self.parallel,
+            **({"prefetch_queue_depth": self.prefetch_queue_depth} if self.parallel else {}),
+            dtype=dtypes, ndim=ndims, layout=layouts, device=self.device, **kwargs)
 
     def _bind(self) -> Pipeline:
         pipe = Pipeline.current()
@@ -148,39 +197,53 @@ class PlanSource(ABC):
 
     def _setup_plan_storage(self) -> None:
         # created before the pipeline is built, so forked workers inherit the mapping
-        self._header = SharedArray((5,), np.int64, fill=0)
+        self._header = SharedArray((_HEADER,), np.int64, fill=0)
         self._header.array[_TAG] = _NO_PLAN
         # this rank's plan: 4 bytes per id while ids fit int32
         self._plan = SharedArray((self.num_samples,),
                                  np.int32 if self.num_samples <= 2**31 else np.int64)
 
-    def _external_source(self, dtypes: Sequence, ndims: Sequence[int], layouts: Sequence,
-                         **kwargs) -> list:
-        return fn.external_source(
-            source=self, num_outputs=len(dtypes), batch=True, batch_info=True,
-            parallel=self.parallel,
-            **({"prefetch_queue_depth": self.prefetch_queue_depth} if self.parallel else {}),
-            dtype=list(dtypes), ndim=list(ndims), layout=list(layouts), device=self.device, **kwargs)
+    # ------------------------------------------------------------------ data side
+    @abstractmethod
+    def gather(self, ids: np.ndarray, epoch: int) -> tuple:
+        """One batch: the data of the planned sample ids ``ids`` in this order.
+
+        Args:
+            ids: 1-D int64 numpy array of sample ids (at most ``batch_size`` of them, at least 1).
+            epoch: the training epoch they are planned for (the Pruner's epoch, not DALI's
+                counter), e.g. to seed per-epoch augmentation.
+
+        Returns:
+            A tuple with one batch per output: a numpy array whose first dimension is
+            ``len(ids)``, or a list of per-sample arrays (ragged data). numpy, not torch CPU tensors
+            (DALI asks torch for a CUDA stream for every torch tensor: that fails on CPU-only
+            torch).
+        """
 
     # ------------------------------------------------------------------ iterator side
-    def publish(self, tag: int, indices, start_batch: int, num_batches: int) -> None:
-        """Make ``indices`` the plan that DALI epoch ``tag`` reads.
+    def publish(self, tag: int, epoch: int, indices, start: int, end: int,
+                num_batches: int) -> None:
+        """Make entries ``[start, end)`` of ``indices`` the batches DALI epoch ``tag`` reads.
 
         Args:
             tag: the pipeline's epoch counter (``BatchInfo.epoch_idx``) the plan is for.
-            indices: this rank's sample ids in order (a torch tensor or array).
-            start_batch: first batch of the plan to serve (non-zero when resuming mid-epoch).
-            num_batches: batches to serve from ``start_batch``; DALI iteration ``i`` gets plan batch
-                ``start_batch + i`` and iteration ``num_batches`` raises ``StopIteration``.
+            epoch: the training epoch (passed on to :meth:`gather`).
+            indices: this rank's sample ids in training order (a torch tensor or array).
+            start: first entry served (non-zero when resuming mid-epoch).
+            end: one past the last entry served.
+            num_batches: batches in ``[start, end)``; DALI iteration ``i`` gets entries
+                ``start + i * batch_size`` onwards and iteration ``num_batches`` raises
+                ``StopIteration``.
         """
         if self.batch_size is None:
             raise RuntimeError(f"{type(self).__name__} is not part of a pipeline yet; build the "
                                "pipeline with source.outputs() first")
-        n = self._check_indices(indices)
+        self._check_indices(indices)
         h = self._header.array
         h[_TAG] = _NO_PLAN                     # workers treat the plan as absent while it changes
         self._store(indices)
-        h[_START], h[_NBATCH], h[_LEN], h[_BS] = start_batch, num_batches, n, self.batch_size
+        h[_EPOCH], h[_START], h[_END], h[_NBATCH], h[_BS] = (epoch, start, end, num_batches,
+                                                               self.batch_size)
         h[_TAG] = tag
 
     def _check_indices(self, indices) -> int:
@@ -200,8 +263,8 @@ class PlanSource(ABC):
         if self._header is not None:
             self._header.array[_NBATCH] = 0
 
-    def _planned(self, info) -> np.ndarray:
-        """The sample ids of DALI iteration ``info.iteration``, or ``StopIteration``."""
+    def _batch(self, info) -> tuple[int, np.ndarray, int]:
+        """``(first plan entry, sample ids, epoch)`` of DALI iteration ``info``, or StopIteration."""
         h = self._header.array
         tag = int(h[_TAG])
         if info.epoch_idx != tag:
@@ -213,15 +276,20 @@ class PlanSource(ABC):
         if info.iteration >= int(h[_NBATCH]):
             raise StopIteration
         bs = int(h[_BS])
-        lo = (int(h[_START]) + info.iteration) * bs
-        return np.array(self._plan.array[lo:min(lo + bs, int(h[_LEN]))])   # a private copy
+        lo = int(h[_START]) + info.iteration * bs
+        ids = self._plan.array[lo:min(lo + bs, int(h[_END]))].astype(np.int64)   # a private copy
+        return lo, ids, int(h[_EPOCH])
 
     def __call__(self, info) -> tuple:
-        return self._gather(self._planned(info))
+        lo, ids, epoch = self._batch(info)
+        return self._serve(lo, ids, epoch)
 
-    @abstractmethod
-    def _gather(self, idx: np.ndarray) -> tuple:
-        """The callback's return value for sample ids ``idx``: one batch per output."""
+    def _serve(self, lo: int, ids: np.ndarray, epoch: int) -> tuple:
+        out = self.gather(ids, epoch)
+        if not isinstance(out, tuple):
+            raise TypeError(f"{type(self).__name__}.gather must return a tuple with one batch per "
+                            f"output, got {type(out).__name__}")
+        return out
 
     def kept(self, lo: int, hi: int) -> np.ndarray | None:
         """Which of plan entries ``[lo, hi)`` the source delivered (a bool mask), None for all.
@@ -232,8 +300,8 @@ class PlanSource(ABC):
         return None
 
     # ------------------------------------------------------------------ errors
-    def find_bad(self, first_batch: int, last_batch: int) -> tuple[int, str, str, str] | None:
-        """The first sample in plan batches ``[first_batch, last_batch)`` that cannot be loaded.
+    def find_bad(self, first: int, last: int) -> tuple[int, str, str, str] | None:
+        """The first sample in plan entries ``[first, last)`` that cannot be loaded.
 
         Used by the iterator after a pipeline error. Returns ``(index, path, what, detail)`` with
         ``what`` in ``("read", "decode")``, or None. Sources without files return None.
@@ -242,15 +310,83 @@ class PlanSource(ABC):
 
     @property
     def bad_samples(self) -> dict[int, tuple[str, str]]:
-        """Samples skipped so far: ``{index: (path, "unreadable" | "undecodable")}``."""
+        """Samples found bad so far: ``{index: (path, "unreadable" | "undecodable")}``."""
         return {}
+
+
+class CallbackSource(PlanSource):
+    """Your own loading code behind the plan: ``callback`` gets the planned sample ids and the epoch.
+
+    This is how an existing ``fn.external_source`` callable is ported: where it mapped DALI's
+    ``SampleInfo``/``BatchInfo`` to samples itself, it now receives the sample ids the Pruner planned
+    (in training order) and the training epoch::
+
+        # before: fn.external_source(MySource(), batch=False, num_outputs=2, ...)
+        #         where MySource.__call__(sample_info) loads sample perm[sample_info.idx_in_epoch]
+        source = CallbackSource(lambda i, epoch: load(i), N, dtype=[types.UINT8, types.INT64],
+                                ndim=[3, 0], layout=["HWC", None], per_sample=True)
+
+    Args:
+        callback: ``callback(sample_id: int, epoch: int)`` with ``per_sample=True``, returning one
+            sample per output (a tuple; a single array for one output); or
+            ``callback(ids: np.ndarray, epoch: int)`` (batch mode, the default), returning one batch
+            per output (a tuple; a single batch for one output), each a numpy array with
+            ``len(ids)`` rows or a list of ``len(ids)`` per-sample arrays.
+        num_samples: N, the dataset size.
+        dtype: DALI or numpy type of each output (a list), or one type for a single output.
+        ndim: sample dimensions of each output (a list), or one int for a single output.
+        layout: DALI layout of each output, or None.
+        per_sample: call ``callback`` once per sample (like ``external_source(batch=False)``) and
+            assemble the batch here. Default ``False``.
+        parallel, prefetch_queue_depth: see :class:`PlanSource` (with ``parallel=True`` the
+            callback runs in DALI's worker processes: it must be picklable under
+            ``py_start_method="spawn"``).
+    """
+
+    def __init__(self, callback: Callable, num_samples: int, *, dtype, ndim,
+                 layout: Sequence[str | None] | str | None = None, per_sample: bool = False,
+                 parallel: bool = False, prefetch_queue_depth: int = 2) -> None:
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        super().__init__(num_samples, parallel=parallel, prefetch_queue_depth=prefetch_queue_depth)
+        self.single = not isinstance(dtype, (list, tuple))
+        self.dtypes = [dtype] if self.single else list(dtype)
+        self.ndims = [ndim] if isinstance(ndim, int) else list(ndim)
+        if len(self.ndims) != len(self.dtypes):
+            raise ValueError(f"dtype and ndim must have one entry per output, got dtype={dtype!r}, "
+                             f"ndim={ndim!r}")
+        self.layouts = _layouts(layout, len(self.dtypes))
+        self.callback = callback
+        self.per_sample = check_bool("per_sample", per_sample)
+
+    def outputs(self) -> tuple:
+        return tuple(self.external_source(dtype=self.dtypes, ndim=self.ndims, layout=self.layouts))
+
+    def gather(self, ids: np.ndarray, epoch: int) -> tuple:
+        k = len(self.dtypes)
+        if self.per_sample:
+            samples = [self.callback(int(i), epoch) for i in ids]
+            if self.single:
+                return ([np.asarray(s) for s in samples],)
+            bad = next((s for s in samples if not isinstance(s, (tuple, list)) or len(s) != k), None)
+            if bad is not None:
+                raise TypeError(f"callback must return a tuple of {k} per-sample arrays, got {bad!r}")
+            return tuple([np.asarray(s[j]) for s in samples] for j in range(k))
+        out = self.callback(ids, epoch)
+        if self.single:
+            return (out,)
+        if not isinstance(out, (tuple, list)) or len(out) != k:
+            raise TypeError(f"callback must return a tuple of {k} batches, got "
+                            f"{type(out).__name__}")
+        return tuple(out)
 
 
 class ArraySource(PlanSource):
     """Arrays indexed by sample id (first dimension), fed one planned batch at a time.
 
     The graph gets one data node per array, in order; e.g. ``ArraySource(images, labels)`` gives
-    ``(images, labels)`` to ``define_graph``.
+    ``(images, labels)`` to ``define_graph``. Each output has the array's dtype and a sample's shape
+    (``labels`` of shape ``(N,)`` give batches of shape ``(B,)``).
 
     Args:
         *arrays: arrays with the same first dimension N. On the CPU: numpy arrays (torch CPU tensors
@@ -307,52 +443,55 @@ class ArraySource(PlanSource):
         # GPU state (serial only, lives in the main process)
         self._stream = None
         self._dev_plan: torch.Tensor | None = None
-        self._gpu_header = [_NO_PLAN, 0, 0, 0]     # tag, start, num_batches, len
+        self._gpu_header = [_NO_PLAN, 0, 0, 0, 0]     # tag, epoch, start, end, num_batches
 
     # ------------------------------------------------------------------ graph side
     def outputs(self) -> tuple:
-        pipe = self._bind()
-        dtypes = [types.to_dali_type(a.dtype) for a in self._arrays]
+        dtypes = [a.dtype if isinstance(a, np.ndarray)
+                  else torch.empty(0, dtype=a.dtype).numpy().dtype for a in self._arrays]
         ndims = [len(a.shape) - 1 for a in self._arrays]
         kwargs: dict[str, Any] = {}
         if self.device == "gpu":
+            pipe = Pipeline.current()
             dev = self._arrays[0].device
-            if pipe.device_id is None or int(pipe.device_id) != dev.index:
+            if pipe is None or pipe.device_id is None or int(pipe.device_id) != dev.index:
                 raise ValueError(f"the arrays are on {dev} but the pipeline has "
-                                 f"device_id={pipe.device_id}")
+                                 f"device_id={None if pipe is None else pipe.device_id}")
             self._stream = torch.cuda.Stream(device=dev)
             kwargs["cuda_stream"] = self._stream
-        return tuple(self._external_source(dtypes, ndims, self.layouts, **kwargs))
+        return tuple(self.external_source(dtype=dtypes, ndim=ndims, layout=self.layouts, **kwargs))
 
     def _setup_plan_storage(self) -> None:
         if self.device == "cpu":
             super()._setup_plan_storage()
 
     # ------------------------------------------------------------------ iterator side
-    def publish(self, tag: int, indices, start_batch: int, num_batches: int) -> None:
+    def publish(self, tag: int, epoch: int, indices, start: int, end: int,
+                num_batches: int) -> None:
         if self.device == "cpu":
-            return super().publish(tag, indices, start_batch, num_batches)
+            return super().publish(tag, epoch, indices, start, end, num_batches)
         if self.batch_size is None:
             raise RuntimeError("ArraySource is not part of a pipeline yet; build the pipeline with "
                                "source.outputs() first")
-        n = self._check_indices(indices)
+        self._check_indices(indices)
         dev = self._arrays[0].device
         plan = torch.as_tensor(indices).to(device=dev, dtype=torch.int64)
         # the plan was written on the current stream; the gathers run on the source's stream
         self._stream.wait_stream(torch.cuda.current_stream(dev))
         plan.record_stream(self._stream)
         self._dev_plan = plan
-        self._gpu_header = [int(tag), int(start_batch), int(num_batches), n]
+        self._gpu_header = [int(tag), int(epoch), int(start), int(end), int(num_batches)]
 
     def cut(self) -> None:
         if self.device == "cpu":
             return super().cut()
-        self._gpu_header[2] = 0
+        self._gpu_header[4] = 0
 
     def __call__(self, info) -> tuple:
         if self.device == "cpu":
-            return self._gather(self._planned(info))
-        tag, start, num_batches, n = self._gpu_header
+            lo, ids, epoch = self._batch(info)
+            return tuple(a[ids] for a in self._arrays)   # a tuple even for one array
+        tag, _, start, end, num_batches = self._gpu_header
         if info.epoch_idx != tag:
             if info.epoch_idx < tag:
                 raise StopIteration
@@ -360,13 +499,69 @@ class ArraySource(PlanSource):
                                f"plan is for epoch {tag} (-1: none)")
         if info.iteration >= num_batches:
             raise StopIteration
-        lo = (start + info.iteration) * self.batch_size
-        idx = self._dev_plan[lo:min(lo + self.batch_size, n)]     # a view: no copy, no sync
+        lo = start + info.iteration * self.batch_size
+        idx = self._dev_plan[lo:min(lo + self.batch_size, end)]     # a view: no copy, no sync
         with torch.cuda.stream(self._stream):
             return tuple(a.index_select(0, idx) for a in self._arrays)
 
-    def _gather(self, idx: np.ndarray) -> tuple:
-        return tuple(a[idx] for a in self._arrays)     # a tuple even for one array (§2.10)
+    def gather(self, ids: np.ndarray, epoch: int) -> tuple:
+        if self.device == "gpu":
+            idx = torch.as_tensor(ids, device=self._arrays[0].device)
+            return tuple(a.index_select(0, idx) for a in self._arrays)
+        return tuple(a[ids] for a in self._arrays)
+
+
+def discover_files(file_root: str | os.PathLike, *,
+                   file_filters: Sequence[str] | str = READER_FILE_FILTERS,
+                   case_sensitive_filter: bool = False,
+                   dir_filters: Sequence[str] | str | None = None) -> tuple[list[str], np.ndarray]:
+    """The files and labels ``fn.readers.file(file_root=...)`` reads, in its order.
+
+    DALI 2.4's rule: every subdirectory of ``file_root`` (one level; following symlinks; those
+    matching ``dir_filters`` if given) is a class, labelled ``0, 1, ...`` in byte-wise sorted name
+    order; its regular files and symlinks whose names match one of ``file_filters`` (``fnmatch``
+    globs, case-insensitive unless ``case_sensitive_filter``) are its samples, in byte-wise sorted
+    order. Files directly in ``file_root`` are not used.
+
+    Returns:
+        ``(paths, labels)``: the paths (``file_root`` joined with the class and file name) and an
+        int32 array of labels.
+    """
+    root = os.fspath(file_root)
+    if isinstance(file_filters, str):
+        file_filters = [file_filters]
+    if isinstance(dir_filters, str):
+        dir_filters = [dir_filters]
+    case_sensitive_filter = check_bool("case_sensitive_filter", case_sensitive_filter)
+
+    def matches(name: str, globs) -> bool:
+        if case_sensitive_filter:
+            return any(fnmatch.fnmatchcase(name, g) for g in globs)
+        return any(fnmatch.fnmatchcase(name.lower(), g.lower()) for g in globs)
+
+    if not os.path.isdir(root):
+        raise ValueError(f"file_root={root!r} is not a directory")
+    with os.scandir(root) as entries:
+        classes = sorted((e.name for e in entries if e.is_dir()
+                          and (not dir_filters or matches(e.name, dir_filters))), key=os.fsencode)
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        with os.scandir(folder) as entries:
+            names = sorted((e.name for e in entries
+                            if (e.is_symlink() or e.is_file(follow_symlinks=False))
+                            and matches(e.name, file_filters)), key=os.fsencode)
+        paths += [os.path.join(folder, name) for name in names]
+        labels += [label] * len(names)
+    if not paths:
+        raise ValueError(f"no files matching {list(file_filters)} in the subdirectories of "
+                         f"file_root={root!r}")
+    return paths, np.asarray(labels, np.int32)
+
+
+def _file_signature(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class FileSource(PlanSource):
@@ -374,14 +569,26 @@ class FileSource(PlanSource):
 
     The graph gets ``(images, *arrays)``: the decoded images (or the raw bytes with
     ``decoder=None``), then one node per extra array, e.g. ``FileSource(paths, labels)`` gives
-    ``(images, labels)`` to ``define_graph``.
+    ``(images, labels)`` to ``define_graph``. ``FileSource(file_root=root)`` finds the files and
+    their labels as ``fn.readers.file(file_root=root)`` does (:func:`discover_files`) and gives the
+    same ``(images, labels)``.
+
+    Labels look like ``fn.readers.file``'s: a 1-D integer array (one integer per sample) is emitted
+    as int32 samples of shape ``(1,)``, so a batch of labels has shape ``(B, 1)`` as with the reader
+    and existing ``label.squeeze(-1)`` code keeps working. ``reader_labels=False`` emits such arrays
+    unchanged (e.g. int64 of shape ``(B,)``).
 
     Args:
-        files: one path per sample (str or path-like), in sample-id order.
-        *arrays: per-sample host arrays with first dimension N (labels, ...).
+        files: one path per sample (str or path-like), in sample-id order. Not with ``file_root``.
+        *arrays: per-sample host arrays with first dimension N (labels, ...). Not with
+            ``file_root``, which makes the labels.
+        file_root: a folder with one subdirectory per class, read like ``fn.readers.file``.
+        file_filters, case_sensitive_filter, dir_filters: as for ``fn.readers.file`` (with
+            ``file_root`` only).
+        reader_labels: emit 1-D integer arrays as the reader emits labels (see above). Default True.
         decoder: ``"image"`` (``fn.decoders.image``, default), ``"numpy"`` (``fn.decoders.numpy``,
-            CPU) or None (raw bytes; decode in ``define_graph``, e.g. with
-            ``fn.decoders.image_random_crop``).
+            CPU) or None (raw bytes, as ``fn.readers.file`` gives them; decode in ``define_graph``,
+            e.g. with ``fn.decoders.image_random_crop``).
         output_type: colour space of decoded images. Default ``types.RGB``.
         decoder_device: ``"mixed"`` (GPU decoding) or ``"cpu"``. Default: ``"mixed"`` when the
             pipeline has a ``device_id``, else ``"cpu"``.
@@ -393,30 +600,47 @@ class FileSource(PlanSource):
               sample id and the epoch. Without ``verify``, nothing is checked up front: after a
               pipeline error the iterator re-reads and re-decodes (on the CPU) the samples of the
               batches in flight to find the culprit, and re-raises DALI's own error if none is bad.
-            * ``"skip"``: a bad sample is dropped **from its batch**: that batch is shorter; batch
-              boundaries, ``len()`` and resume points are unchanged, and the sample is recorded in
-              :attr:`bad_samples`. A batch whose every sample is bad cannot be delivered (DALI
-              rejects empty batches) and raises :class:`BadSampleError`. Skipped samples are never
-              observed, so a loss-based policy may keep planning them (they are skipped again at no
-              extra cost). Needs ``verify``.
-        verify: check each sample the first time it is planned, before DALI sees it: read the file
-            and decode it on the CPU with the same decoder (about one extra CPU decode per sample,
-            once per run; verdicts are cached in shared memory for later epochs). Default: True for
+            * ``"skip"``: a bad sample is dropped **from its batch**, in every epoch: that batch is
+              shorter; batch boundaries, ``len()`` and resume points are unchanged, and the sample
+              is recorded in :attr:`bad_samples`. A batch whose every sample is bad cannot be
+              delivered (DALI rejects empty batches) and raises :class:`BadSampleError`. Skipped
+              samples are never observed, so a loss-based policy may keep planning them. Needs
+              ``verify``.
+        verify: check each planned sample before DALI sees it. The first time, and whenever its
+            file changed since (size, modification time or inode, from one ``os.stat`` per sample
+            and epoch), the file is read and decoded on the CPU with the same decoder; otherwise the
+            cached verdict (in shared memory) is reused. So a file deleted, truncated or rewritten
+            between epochs is caught in the epoch it is next planned. Default: True for
             ``on_error="skip"``, False for ``"raise"``. Use it with ``"raise"`` too when the data
             may hold undecodable images and the pipeline decodes on the CPU: DALI 2.4's CPU image
             decoder was seen to crash the process (SIGSEGV in ``ImageDecoder<CPUBackend>``) right
-            after reporting a decoding error, before the iterator can name the file. Unreadable
-            files are reported cleanly either way.
+            after reporting a decoding error, before the iterator can name the file. A file that
+            changes while DALI reads it, or that is altered without changing its size, time or
+            inode, still reaches DALI; the iterator then names it in a :class:`BadSampleError`.
         parallel, prefetch_queue_depth: see :class:`PlanSource`. With ``verify`` the checks run in
             the workers.
     """
 
-    def __init__(self, files: Sequence, *arrays, decoder: str | None = "image",
+    def __init__(self, files: Sequence | None = None, *arrays,
+                 file_root: str | os.PathLike | None = None,
+                 file_filters: Sequence[str] | str = READER_FILE_FILTERS,
+                 case_sensitive_filter: bool = False, dir_filters: Sequence[str] | str | None = None,
+                 reader_labels: bool = True, decoder: str | None = "image",
                  output_type=types.RGB, decoder_device: str | None = None,
                  decoder_kwargs: dict | None = None,
                  layouts: Sequence[str | None] | str | None = None, on_error: str = "raise",
                  verify: bool | None = None, parallel: bool = False,
                  prefetch_queue_depth: int = 2) -> None:
+        if file_root is not None:
+            if files is not None or arrays:
+                raise ValueError("give files (and arrays) or file_root, not both: file_root finds "
+                                 "the files and makes the labels")
+            files, labels = discover_files(file_root, file_filters=file_filters,
+                                           case_sensitive_filter=case_sensitive_filter,
+                                           dir_filters=dir_filters)
+            arrays = (labels,)
+        elif files is None:
+            raise TypeError("FileSource needs files (a sequence of paths) or file_root")
         if isinstance(files, (str, bytes, os.PathLike)):
             raise TypeError("files must be a sequence of paths, got a single path")
         files = [os.fspath(f) for f in files]
@@ -428,6 +652,7 @@ class FileSource(PlanSource):
         super().__init__(len(files), parallel=parallel, prefetch_queue_depth=prefetch_queue_depth)
         check_choice("decoder", decoder, ("image", "numpy", None))
         check_choice("on_error", on_error, ("raise", "skip"))
+        self.reader_labels = check_bool("reader_labels", reader_labels)
         if verify is None:
             verify = on_error == "skip"
         if not isinstance(verify, bool):
@@ -448,10 +673,17 @@ class FileSource(PlanSource):
         self._path_bytes = np.frombuffer(b"".join(encoded), np.uint8)   # one buffer: cheap to pickle
         if any(_is_gpu_array(a) for a in arrays):
             raise ValueError("FileSource arrays must be host arrays (numpy)")
-        self._arrays = [_host_array(f"arrays[{i}]", a) for i, a in enumerate(arrays)]
-        for i, a in enumerate(self._arrays):
+        self._arrays = []
+        for i, a in enumerate(arrays):
+            a = _host_array(f"arrays[{i}]", a)
             if a.shape[0] != len(files):
                 raise ValueError(f"arrays[{i}] has {a.shape[0]} entries for {len(files)} files")
+            if self.reader_labels and a.ndim == 1 and a.dtype.kind in "iub":
+                if a.size and (a.min() < -2**31 or a.max() >= 2**31):
+                    raise ValueError(f"arrays[{i}] holds values outside int32, which labels like "
+                                     f"fn.readers.file's cannot carry; pass reader_labels=False")
+                a = a.astype(np.int32).reshape(-1, 1)    # the reader's (1,)-shaped int32 labels
+            self._arrays.append(a)
         self.layouts = _layouts(layouts, len(arrays))
         self.decoder = decoder
         self.output_type = output_type
@@ -460,13 +692,15 @@ class FileSource(PlanSource):
         self.on_error = on_error
         self.verify = verify
         self._status: SharedArray | None = None
+        self._signature: SharedArray | None = None
+        self._delivered: SharedArray | None = None
 
     # ------------------------------------------------------------------ graph side
     def outputs(self) -> tuple:
-        pipe = self._bind()
+        pipe = Pipeline.current()
         dtypes = [types.UINT8] + [types.to_dali_type(a.dtype) for a in self._arrays]
         ndims = [1] + [a.ndim - 1 for a in self._arrays]
-        paths, *rest = self._external_source(dtypes, ndims, [None] + self.layouts)
+        paths, *rest = self.external_source(dtype=dtypes, ndim=ndims, layout=[None] + self.layouts)
         data = fn.io.file.read(paths)
         if self.decoder == "image":
             device = self.decoder_device or ("mixed" if pipe.device_id is not None else "cpu")
@@ -480,14 +714,24 @@ class FileSource(PlanSource):
         super()._setup_plan_storage()
         if self.verify:
             self._status = SharedArray((self.num_samples,), np.uint8, fill=_UNKNOWN)
+            self._signature = SharedArray((self.num_samples, 3), np.int64, fill=-1)
+        if self.on_error == "skip":
+            # per plan entry: 1 if the sample was delivered in the current epoch
+            self._delivered = SharedArray((self.num_samples,), np.uint8, fill=1)
 
     def _path(self, i: int) -> np.ndarray:
         return self._path_bytes[self._offsets[i]:self._offsets[i + 1]]
 
-    def _gather(self, idx: np.ndarray) -> tuple:
+    def _serve(self, lo: int, ids: np.ndarray, epoch: int) -> tuple:
         if self.verify:
-            idx = self._keep_good(idx)
-        return ([self._path(i) for i in idx], *(a[idx] for a in self._arrays))
+            good = self._check_batch(ids, epoch)
+            if self._delivered is not None:
+                self._delivered.array[lo:lo + len(ids)] = good
+                ids = ids[good]
+        return self.gather(ids, epoch)
+
+    def gather(self, ids: np.ndarray, epoch: int) -> tuple:
+        return ([self._path(i) for i in ids], *(a[ids] for a in self._arrays))
 
     # ------------------------------------------------------------------ checks
     def check_sample(self, i: int) -> tuple[int, str] | None:
@@ -495,15 +739,21 @@ class FileSource(PlanSource):
 
         Returns None when it loads, else ``(status, detail)``.
         """
+        verdict, _ = self._probe(i)
+        return verdict
+
+    def _probe(self, i: int) -> tuple[tuple[int, str] | None, tuple[int, int, int] | None]:
+        """``(verdict, signature of the file that was checked)``."""
         try:
             with open(self.files[i], "rb") as f:
+                sig = _file_signature(os.fstat(f.fileno()))
                 raw = f.read()
         except OSError as e:
-            return _UNREADABLE, str(e)
+            return (_UNREADABLE, str(e)), None
         if self.decoder is None:
-            return None
+            return None, sig
         if not raw:
-            return _UNDECODABLE, "the file is empty"
+            return (_UNDECODABLE, "the file is empty"), sig
         try:
             import nvidia.dali.experimental.dynamic as ndd   # eager DALI, same decoders
             buf = ndd.as_tensor(np.frombuffer(raw, np.uint8))
@@ -513,50 +763,62 @@ class FileSource(PlanSource):
             else:
                 ndd.decoders.numpy(buf, **self.decoder_kwargs)
         except Exception as e:    # any decoder failure marks the sample bad
-            return _UNDECODABLE, str(e)
-        return None
+            return (_UNDECODABLE, str(e)), sig
+        return None, sig
 
-    def _keep_good(self, idx: np.ndarray) -> np.ndarray:
-        """Check the not-yet-checked samples of a batch; raise or drop the bad ones."""
-        status = self._status.array
-        for i in idx[status[idx] == _UNKNOWN]:
-            verdict = self.check_sample(int(i))
+    def _check_batch(self, ids: np.ndarray, epoch: int) -> np.ndarray:
+        """Which samples of a batch load (bool mask); raise in ``on_error="raise"`` mode.
+
+        A cached verdict is reused while the file's signature (size, mtime, inode) is unchanged.
+        """
+        status, signature = self._status.array, self._signature.array
+        for i in ids:
+            try:
+                sig = _file_signature(os.stat(self.files[i]))
+            except OSError:
+                sig = None
+            if sig is not None and status[i] != _UNKNOWN and tuple(signature[i]) == sig:
+                continue
+            if sig is None and status[i] == _UNREADABLE:
+                continue
+            verdict, sig = self._probe(int(i))
+            signature[i] = sig if sig is not None else (-1, -1, -1)
             status[i] = _GOOD if verdict is None else verdict[0]
             if verdict is not None and self.on_error == "raise":
                 what = "read" if verdict[0] == _UNREADABLE else "decode"
-                raise BadSampleError(f"cannot {what} file {self.files[i]!r} (sample index {i}): "
-                                     f"{verdict[1]}", index=int(i), path=self.files[i])
-        good = status[idx] == _GOOD
-        if self.on_error == "raise" and not good.all():   # found bad in an earlier pass
-            i = int(idx[~good][0])
-            raise BadSampleError(f"file {self.files[i]!r} (sample index {i}) is "
+                raise BadSampleError(f"cannot {what} file {self.files[i]!r} (sample index {i}, epoch "
+                                     f"{epoch}): {verdict[1]}", index=int(i), path=self.files[i])
+        good = status[ids] == _GOOD
+        if self.on_error == "raise" and not good.all():   # found bad in an earlier epoch
+            i = int(ids[~good][0])
+            raise BadSampleError(f"file {self.files[i]!r} (sample index {i}, epoch {epoch}) is "
                                  f"{_REASONS[int(status[i])]}", index=i, path=self.files[i])
-        keep = idx[good]
-        if keep.size == 0:
-            i = int(idx[0])
+        if not good.any():
+            i = int(ids[0])
             raise BadSampleError(
-                f"every sample of a batch is bad (sample ids {idx.tolist()}, e.g. {self.files[i]!r}); "
-                "on_error='skip' drops bad samples from their batch but DALI cannot take an empty "
-                "batch", index=i, path=self.files[i])
-        return keep
+                f"every sample of a batch is bad (sample ids {ids.tolist()}, e.g. {self.files[i]!r}, "
+                f"epoch {epoch}); on_error='skip' drops bad samples from their batch but DALI cannot "
+                "take an empty batch", index=i, path=self.files[i])
+        return good
 
     def kept(self, lo: int, hi: int) -> np.ndarray | None:
-        if self.on_error != "skip":
+        if self._delivered is None:
             return None
-        mask = self._status.array[self._plan.array[lo:hi]] == _GOOD
+        mask = self._delivered.array[lo:hi].astype(bool)
         return None if mask.all() else mask
 
-    def find_bad(self, first_batch: int, last_batch: int) -> tuple[int, str, str, str] | None:
-        h = self._header.array
-        bs, n = int(h[_BS]), int(h[_LEN])
-        ids = self._plan.array[max(0, first_batch) * bs:min(n, last_batch * bs)]
+    def find_bad(self, first: int, last: int) -> tuple[int, str, str, str] | None:
+        ids = self._plan.array[max(0, first):min(last, int(self._header.array[_END]))]
         seen: set[int] = set()
         for i in ids.tolist():
             if i in seen:
                 continue
             seen.add(i)
-            verdict = self.check_sample(i)
+            verdict, sig = self._probe(i)
             if verdict is not None:
+                if self._status is not None:          # remember it: skip mode skips it from now on
+                    self._status.array[i] = verdict[0]
+                    self._signature.array[i] = sig if sig is not None else (-1, -1, -1)
                 what = "read" if verdict[0] == _UNREADABLE else "decode"
                 return i, self.files[i], what, verdict[1]
         return None
