@@ -104,6 +104,12 @@ class TorchBackend(Backend):
     def _hash(self, ids, seed) -> torch.Tensor:
         return hash32(ids, seed)
 
+    def shuffle(self, ids: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return super().shuffle(ids, seed)
+        # the keys are unique, so any sort gives this order; numpy's is ~2.5x faster on the CPU
+        return ids[torch.from_numpy(np.argsort(self._hash(ids, seed).numpy()))]
+
 
 class KernelBackend(Backend):
     """The CUDA kernels of :mod:`gpuprune.kernels` (any object with their three methods)."""

@@ -128,6 +128,7 @@ class Pruner:
         self._selection_epoch = -1            # epoch the current selection was drawn in
         self._epoch = 0                       # epoch stamped on observations (the current plan's)
         self._history: list[dict] = []
+        self._peeked: tuple | None = None     # (epoch, plan it follows, Plan, reselect) of peek()
 
     # ------------------------------------------------------------------ facts
     @property
@@ -216,14 +217,69 @@ class Pruner:
         if self._sync is not None:
             stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=1,
                                      epoch=epoch, config=self.config())
+        peeked = self._peeked
+        if peeked is not None and peeked[0] == epoch and peeked[1] is current:
+            plan, reselect = peeked[2], peeked[3]
+        else:
+            plan, reselect = self._make_plan(epoch, stats, current)
+        bad = check()
+        if bad:
+            self.stats.invalid_batches.zero_()
+            raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in {bad} "
+                             f"batch(es); those batches were not recorded")
+        selected = stats.selected if plan.full else stats.selected.index_add(
+            0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
+        overlap = self._overlap(current, plan)
+        if self._sync is not None:
+            self._sync.verify(plan, self.config())
+            self._sync.reserve(shard_size(len(plan), self.world_size))
+        record = {"epoch": epoch, "size": len(plan), "full": plan.full, "reselected": reselect,
+                  "overlap": overlap}
+        self._commit(stats, selected, plan, reselect, record)
+        return plan
+
+    def peek(self, epoch: int) -> Plan | None:
+        """The plan :meth:`plan` will return for ``epoch`` if called next, when no observation can
+        change it any more; else None. Changes nothing and communicates nothing.
+
+        Determined in advance are full-data epochs, the policies that do not read the losses
+        (``uniform``, ``static``, ``full``) and epochs that reuse the current selection
+        (``selection_interval > 1``). Loaders use it to read ahead across the epoch boundary; the
+        later :meth:`plan` reuses the peeked plan (and still does its collectives and counting).
+        """
+        epoch = self.schedule.check_epoch(epoch)
+        current = self._plan
+        if current is not None:
+            if epoch == current.epoch:
+                return current
+            if epoch < current.epoch:
+                raise ValueError(f"epoch must not go back: peek({epoch}) after plan({current.epoch})")
+        peeked = self._peeked
+        if peeked is not None and peeked[0] == epoch and peeked[1] is current:
+            return peeked[2]
+        full = self.is_full_epoch(epoch)
+        reuse = not full and self._reuses(epoch, current)
+        if not (full or reuse or not self.policy.reads_losses):
+            return None
+        plan, reselect = self._make_plan(epoch, self.stats, current)
+        self._peeked = (epoch, current, plan, reselect)
+        return plan
+
+    def _reuses(self, epoch: int, current: Plan | None) -> bool:
+        """Whether a pruned ``epoch`` planned after ``current`` reuses its selection."""
+        if current is None or current.full:
+            return False
+        return self.policy.fixed_subset or not self.schedule.reselects(epoch)
+
+    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> tuple[Plan, bool]:
+        """Select (or reuse the current selection) and shuffle; changes nothing."""
         full = self.is_full_epoch(epoch)
         reselect = False
         weight, rescaled = 1.0, None
         if full:
             ids = torch.arange(self.num_samples, dtype=index_dtype(self.num_samples),
                                device=self.device)
-        elif current is None or current.full or (self.schedule.reselects(epoch)
-                                                  and not self.policy.fixed_subset):
+        elif not self._reuses(epoch, current):
             choice = self.policy.select(
                 stats, self.k, epoch=epoch, backend=self.backend,
                 generator=epoch_generator(self.seed, 0 if self.policy.fixed_subset else epoch))
@@ -233,24 +289,9 @@ class Pruner:
             reselect = True
         else:                                 # reuse the selection, reshuffled
             ids, weight, rescaled = current.indices, current.weight, current.rescaled
-        bad = check()
-        if bad:
-            self.stats.invalid_batches.zero_()
-            raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in {bad} "
-                             f"batch(es); those batches were not recorded")
         (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
-        plan = Plan(epoch, self.backend.shuffle(ids, shuffle_seed), full, self.num_samples,
-                    weight, rescaled)
-        selected = stats.selected if full else stats.selected.index_add(
-            0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
-        overlap = self._overlap(current, plan)
-        if self._sync is not None:
-            self._sync.verify(plan, self.config())
-            self._sync.reserve(shard_size(len(plan), self.world_size))
-        record = {"epoch": epoch, "size": len(plan), "full": full, "reselected": reselect,
-                  "overlap": overlap}
-        self._commit(stats, selected, plan, reselect, record)
-        return plan
+        return Plan(epoch, self.backend.shuffle(ids, shuffle_seed), full, self.num_samples,
+                    weight, rescaled), reselect
 
     def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
                 record: dict) -> None:
@@ -261,7 +302,7 @@ class Pruner:
         self.rounds += 0 if plan.full else 1
         self._selection_epoch = (plan.epoch if reselect else
                                  -1 if plan.full else self._selection_epoch)
-        self._plan, self._epoch = plan, plan.epoch
+        self._plan, self._epoch, self._peeked = plan, plan.epoch, None
         self._history.append(record)
         if self._sync is not None:
             self._sync.clear()
@@ -447,7 +488,7 @@ class Pruner:
         self.rounds = int(state["rounds"])
         self._epoch = int(state["epoch"])
         self._selection_epoch = int(state["selection_epoch"])
-        self._plan = plan
+        self._plan, self._peeked = plan, None
         self._history = [dict(r) for r in state["history"]]
         if self._sync is not None:
             self._sync.clear()

@@ -732,3 +732,29 @@ def test_int_pow_is_binary_exponentiation_with_exact_powers_of_two():
         return r
     for decay in (0.9, 0.99, 0.3, 0.0):
         assert int_pow(decay, n, 199).tolist() == [ref(decay, i) for i in range(200)]
+
+
+@pytest.mark.parametrize("policy, interval, determined", [
+    ("uniform", 1, [True] * 6), ("static", 1, [True] * 6), ("full", 1, [True] * 6),
+    ("ucb", 1, [True, False, False, False, True, True]),             # warm-up and final epochs
+    ("infobatch", 2, [True, False, True, False, True, True]),        # reused selections
+])
+def test_peek_gives_the_next_plan_when_no_loss_can_change_it(policy, interval, determined):
+    p = gp.Pruner(300, keep=0.3, policy=policy, num_epochs=6, warmup_epochs=1,
+                  final_full_epochs=2, selection_interval=interval, seed=5)
+    ref = gp.Pruner(300, keep=0.3, policy=policy, num_epochs=6, warmup_epochs=1,
+                    final_full_epochs=2, selection_interval=interval, seed=5)
+    got = []
+    for epoch in range(6):
+        before = p.state_dict()["checksum"]
+        peeked = p.peek(epoch)
+        assert p.state_dict()["checksum"] == before          # peeking changes nothing
+        got.append(peeked is not None)
+        plan, expected = p.plan(epoch), ref.plan(epoch)
+        assert torch.equal(plan.indices, expected.indices)
+        if peeked is not None:
+            assert plan is peeked                              # plan() reuses the peeked plan
+        feed(p, plan)
+        feed(ref, expected)
+    assert got == determined
+    assert p.state_dict()["checksum"] == ref.state_dict()["checksum"]

@@ -47,6 +47,8 @@ class Policy(ABC):
         fixed_subset: one subset for the whole run (static baselines): selected once, from epoch 0's
             generator.
         keeps_all: every epoch is full data (the ``full`` baseline).
+        reads_losses: the selection depends on the loss statistics (False for uniform, static and
+            full: their plans are known before the epoch's losses, see ``Pruner.peek``).
         default_decay: the EMA weight the statistics use when the Pruner is not given ``decay``.
     """
 
@@ -54,6 +56,7 @@ class Policy(ABC):
     exact_k: ClassVar[bool] = True
     fixed_subset: ClassVar[bool] = False
     keeps_all: ClassVar[bool] = False
+    reads_losses: ClassVar[bool] = True
     default_decay: ClassVar[float] = 0.9
 
     def settings(self) -> dict[str, Any]:

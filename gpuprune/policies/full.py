@@ -11,6 +11,7 @@ class FullData(Policy):
     """Train on all N samples every epoch; the budget is ignored."""
 
     name = "full"
+    reads_losses = False
     keeps_all = True
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:

@@ -32,6 +32,7 @@ class Static(Policy):
     """
 
     name = "static"
+    reads_losses = False
     fixed_subset = True
 
     def __init__(self, scores: torch.Tensor | None = None) -> None:

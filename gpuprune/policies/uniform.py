@@ -19,6 +19,7 @@ class Uniform(Policy):
     """k samples drawn uniformly without replacement, anew each epoch; the losses are not used."""
 
     name = "uniform"
+    reads_losses = False
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
