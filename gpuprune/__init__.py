@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .plan import Plan
 from .policies import POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Selection, Static, UCB, Uniform
 from .pruner import Pruner, budget
+from .refresh import Refresher, refresh_scores
 from .sampler import IndexedDataset, PrunedSampler
 from .schedule import Schedule
 from .stats import LossStats
@@ -28,5 +29,5 @@ __all__ = [
     "Pruner", "Plan", "Schedule", "LossStats", "PrunedSampler", "IndexedDataset", "budget",
     "Policy", "Selection", "POLICIES", "FullData", "Uniform", "EpsilonGreedy", "UCB", "InfoBatch",
     "Static", "el2n_scores", "ForgettingTracker", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "__version__",
+    "CheckpointError", "Refresher", "refresh_scores", "__version__",
 ]

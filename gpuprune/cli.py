@@ -1,4 +1,4 @@
-"""Command line: ``gpuprune bench`` (also ``python -m gpuprune bench``).
+"""Command line: ``gpuprune bench`` and ``gpuprune doctor`` (also ``python -m gpuprune ...``).
 
 ``gpuprune bench`` with no arguments trains an MLP on Fashion-MNIST on the CPU with full data and
 with every pruning method at prune ratio 0.5 (one seed, 10 epochs; a few minutes on 2 cores),
@@ -52,7 +52,7 @@ def _float_in(low: float | None, high: float | None, low_open: bool = False,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.config import LOADERS, METHODS, BenchConfig
+    from .bench.config import LOADERS, METHODS, REFRESH, BenchConfig
     from .data import DATASETS
     from .models import MODELS
 
@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time-to-accuracy of every pruning method vs full-data training",
         description="Train the same model on the same data with full data, a proportionally "
                     "shortened full-data schedule, and every pruning method; report test accuracy, "
-                    "charged wall time (train + select + score), speed-up and time to a target "
-                    "accuracy. Writes results.csv, summary.csv, results.json and PNG plots.",
+                    "charged wall time (train + select + refresh + score), speed-up and time to a "
+                    "target accuracy. Writes results.csv, summary.csv, overlap.csv, results.json "
+                    "and PNG plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = b.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="auto",
@@ -109,15 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ucb: weight of the uncertainty term")
     g.add_argument("--ucb-drift", type=_float_in(0, None), default=d.ucb_drift,
                    help="ucb: growth per unobserved epoch of a sample's variance, in units of the "
-                        "mean variance (0: the paper's rule, which settles on one subset)")
+                        "mean variance (0: no growth; UCB then settles on one subset)")
     g.add_argument("--uncertainty", choices=["std", "var"], default=d.uncertainty)
     g.add_argument("--decay", type=_float_in(0, 1, high_open=True), default=d.decay,
-                   help="EMA weight kept from the old loss statistics per observation")
+                   help="EMA weight kept from the old loss statistics per observation (default: "
+                        "each policy's own: 0.9, and 0 for infobatch: the latest loss)")
     g.add_argument("--delta", type=_float_in(0, 1), default=d.delta,
                    help="infobatch: full data from this fraction of the epochs on")
     g.add_argument("--warmup-epochs", type=_int_at_least(0), default=d.warmup_epochs,
                    help="full-data epochs before pruning starts")
     g.add_argument("--selection-interval", type=_int_at_least(1), default=d.selection_interval)
+    g.add_argument("--refresh", choices=list(REFRESH), default=d.refresh,
+                   help="re-score pass before each selection of epsilon_greedy, ucb and infobatch: "
+                        "a forward pass in inference mode over the unselected (or all) samples "
+                        "records fresh losses; its time is charged")
     g.add_argument("--el2n-seeds", type=_int_at_least(1), default=d.el2n_seeds,
                    help="el2n: models trained for scoring (K)")
     g.add_argument("--el2n-epochs", type=_int_at_least(1), default=d.el2n_epochs,
@@ -143,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(handler=_bench, subparser=b)   # errors are reported as "gpuprune bench: ..."
+    from .doctor import add_arguments as _doctor_arguments
+    dr = sub.add_parser(
+        "doctor", help="versions, the backend backend='auto' picks and why, and a self-test",
+        description="Print versions, the device, which backend backend='auto' runs and why, then "
+                    "run a few-second self-test of the observe update, top-k, shuffle and every "
+                    "policy's plans against references, bit for bit (and the DALI iterator when "
+                    "DALI is installed). Exit status 0 when everything agrees, else 1 with a "
+                    "one-line reason.")
+    _doctor_arguments(dr)
+    dr.set_defaults(handler=_doctor, subparser=dr)
     return parser
 
 
@@ -165,12 +181,18 @@ def _config_from_args(args, parser) -> "BenchConfig":
         momentum=args.momentum, weight_decay=args.weight_decay, warmup_frac=args.warmup_frac,
         label_smoothing=args.label_smoothing, augment=args.augment,
         prune_ratios=tuple(args.prune_ratios), seeds=tuple(args.seeds), methods=methods,
-        epsilon=args.epsilon, ucb_c=args.ucb_c, ucb_drift=args.ucb_drift, uncertainty=args.uncertainty, decay=args.decay,
+        epsilon=args.epsilon, ucb_c=args.ucb_c, ucb_drift=args.ucb_drift,
+        uncertainty=args.uncertainty, decay=args.decay, refresh=args.refresh,
         delta=args.delta, warmup_epochs=args.warmup_epochs,
         selection_interval=args.selection_interval, el2n_seeds=args.el2n_seeds,
         el2n_epochs=min(args.el2n_epochs, args.epochs), target_acc=args.target_acc,
         target_drop=args.target_drop, device=args.device, loader=args.loader,
         workers=args.workers)
+
+
+def _doctor(args, parser, argv: list[str]) -> int:
+    from .doctor import run_from_args
+    return run_from_args(args)
 
 
 def _bench(args, parser, argv: list[str]) -> int:
@@ -207,6 +229,8 @@ def _bench(args, parser, argv: list[str]) -> int:
     try:
         print(f"gpuprune bench: {data.describe()}", file=sys.stderr)
         res = run_bench(cfg, data, progress=not args.no_progress)
+        for warning in res.warnings:
+            print(f"gpuprune bench: WARNING: lock-in: {warning}", file=sys.stderr)
         command = "gpuprune " + shlex.join(argv)
         paths = write_results(res, args.out, machine_info(cfg.device), command=command)
         if not args.no_plots:

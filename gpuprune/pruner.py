@@ -23,7 +23,8 @@ _SHUFFLE_STREAM = 1
 _FORMAT = "gpuprune.Pruner/2"
 #: settings that belong to a policy object, for a helpful error when given to the Pruner
 _POLICY_SETTINGS = {"epsilon": "EpsilonGreedy", "c": "UCB", "uncertainty": "UCB", "drift": "UCB",
-                    "delta": "InfoBatch", "ratio": "InfoBatch", "static_scores": "Static",
+                    "delta": "InfoBatch", "ratio": "InfoBatch", "min_keep": "InfoBatch",
+                    "static_scores": "Static",
                     "scores": "Static"}
 
 
@@ -57,7 +58,8 @@ class Pruner:
         selection_interval: epochs between two selections; in between the last subset is reused,
             reshuffled. Default ``1``.
         decay: EMA weight kept from the old loss statistics per observation, in [0, 1); 0 keeps
-            the latest loss only. ``None`` (default) takes the policy's default (0.9).
+            the latest loss only. ``None`` (default) takes the policy's default (0.9; 0.0 for
+            InfoBatch, which scores by the latest loss).
         seed: seed of every random choice; plans are a function of (seed, epoch, observed losses).
         device: where the statistics live and selection runs. Default ``"cpu"``.
         process_group: ``"auto"`` (default) uses the default ``torch.distributed`` group when it is
@@ -264,6 +266,16 @@ class Pruner:
         plan, reselect = self._make_plan(epoch, self.stats, current)
         self._peeked = (epoch, current, plan, reselect)
         return plan
+
+    def will_select(self, epoch: int) -> bool:
+        """Whether :meth:`plan` ``(epoch)``, called next, draws a new selection (a pure read): a
+        pruned epoch that does not reuse the current selection. A re-score pass is worth running
+        before such an epoch (see :mod:`gpuprune.refresh`)."""
+        epoch = self.schedule.check_epoch(epoch)
+        current = self._plan
+        if current is not None and epoch <= current.epoch:
+            return False
+        return not self.is_full_epoch(epoch) and not self._reuses(epoch, current)
 
     def _reuses(self, epoch: int, current: Plan | None) -> bool:
         """Whether a pruned ``epoch`` planned after ``current`` reuses its selection."""

@@ -23,9 +23,22 @@ import torch
 
 from ._checks import check_int, resolve_device
 
-__all__ = ["LossStats", "StatsTensors"]
+__all__ = ["LossStats", "StatsTensors", "tree_sum"]
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor in a fixed pairwise order (pad to a power of two, add halves): the same
+    additions on every device, unlike ``torch.sum``, whose order depends on the device and the
+    number of threads. About two passes over the data."""
+    n = x.numel()
+    size = 1 << max(n - 1, 0).bit_length()
+    if size != n:
+        x = torch.cat([x, torch.zeros(size - n, dtype=x.dtype, device=x.device)])
+    while x.numel() > 1:
+        x = x[0::2] + x[1::2]
+    return x.reshape(())
 
 
 class StatsTensors(NamedTuple):
@@ -76,6 +89,20 @@ class LossStats:
     def seen(self) -> torch.Tensor:
         """Boolean mask of samples with at least one finite loss."""
         return self.last_epoch >= 0
+
+    def seen_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The float64 mean of ``values`` over the seen samples (0 when none is seen), as a 0-d
+        tensor on this device, without a host read.
+
+        Summed as a fixed pairwise tree (:func:`tree_sum`), so the bits are the same on every
+        device and backend: a mean that decides a selection (InfoBatch's below-mean rule, UCB's
+        drift scale) must not depend on a reduction's order, or CPU and GPU would plan
+        differently when extreme values make the sum's rounding matter.
+        """
+        seen = self.seen
+        v = torch.where(seen, values.double(), torch.zeros((), dtype=torch.float64,
+                                                            device=values.device))
+        return tree_sum(v) / seen.sum().clamp(min=1).double()
 
     def std(self) -> torch.Tensor:
         """Standard deviation of each sample's loss (float32)."""

@@ -14,7 +14,8 @@ import torch
 
 from gpuprune.bench import METHODS, lr_factor, step_budget
 from gpuprune.bench.config import BenchConfig
-from gpuprune.bench.report import ROW_COLUMNS, SUMMARY_COLUMNS
+from gpuprune.bench.report import OVERLAP_COLUMNS, ROW_COLUMNS, SUMMARY_COLUMNS
+from gpuprune.bench.runner import lock_in_runs, selection_overlaps
 from gpuprune.cli import main
 from gpuprune.data import fashion_mnist as fm
 from gpuprune.data import find_fashion_mnist
@@ -51,7 +52,7 @@ def test_files_and_columns(full_sweep):
     assert list(summary[0].keys()) == SUMMARY_COLUMNS
     assert len(summary) == 1 + 2 * (len(METHODS) - 1)
     assert all(s["n_seeds"] == "2" for s in summary)
-    for name in ("accuracy_vs_time.png", "selection_frequency.png"):
+    for name in ("accuracy_vs_time.png", "accuracy_vs_cpu_time.png", "selection_frequency.png"):
         data = (full_sweep / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
     doc = json.loads((full_sweep / "results.json").read_text())
@@ -113,6 +114,102 @@ def test_accounting_invariants(full_sweep):
             assert runs[("uniform", p, seed)]["rounds"] == epochs
 
 
+def test_overlap_recorded_per_epoch_and_summarised(full_sweep):
+    """overlap.csv holds every pruned run's Pruner.history; results.csv's overlap columns are the
+    mean / max of its selection overlaps, recomputed here from the CSV."""
+    rows = read_csv(full_sweep / "overlap.csv")
+    assert list(rows[0].keys()) == OVERLAP_COLUMNS
+    doc = json.loads((full_sweep / "results.json").read_text())
+    runs = {(r["method"], r["prune_ratio"], r["seed"]): r for r in doc["runs"]}
+    for (m, p, seed), run in runs.items():
+        mine = [r for r in rows if (r["method"], float(r["prune_ratio"]), int(r["seed"])) ==
+                (m, p, seed)]
+        if m in ("full", "full_short"):
+            assert mine == [] and run["history"] == [] and run["overlap_mean"] is None
+            continue
+        assert [int(r["epoch"]) for r in mine] == [0, 1]              # 2 epochs planned
+        assert mine[0]["overlap"] == ""                               # no previous plan
+        history = [{"epoch": int(r["epoch"]), "size": int(r["size"]), "full": r["full"] == "True",
+                    "reselected": r["reselected"] == "True",
+                    "overlap": None if r["overlap"] == "" else float(r["overlap"])} for r in mine]
+        for mine_rec, json_rec in zip(history, run["history"], strict=True):
+            assert {k: v for k, v in mine_rec.items() if k != "overlap"} == \
+                {k: v for k, v in json_rec.items() if k != "overlap"}
+            assert (mine_rec["overlap"] is None) == (json_rec["overlap"] is None)
+            if json_rec["overlap"] is not None:
+                assert mine_rec["overlap"] == pytest.approx(json_rec["overlap"], rel=1e-5)
+        ov = [o for _, o in selection_overlaps(history)]
+        if m in ("static_random", "el2n", "forgetting"):
+            assert history[1]["overlap"] == 1.0 and not history[1]["reselected"]
+        if ov:
+            assert run["overlap_mean"] == pytest.approx(sum(ov) / len(ov), rel=1e-5)
+            assert run["overlap_max"] == pytest.approx(max(ov), rel=1e-5)
+        else:
+            assert run["overlap_mean"] is None
+        assert run["lock_in_epochs"] == 0
+    assert doc["warnings"] == []
+
+
+def test_lock_in_warning_on_a_known_bad_setting(tmp_path, capsys):
+    """UCB without drift, with a large uncertainty weight, on 400 digits: once every sample has
+    been seen it trains the same half every epoch; the bench says so. Uniform never does."""
+    args = [*TINY, "--epochs", "7", "--methods", "ucb", "uniform", "--ucb-drift", "0", "--ucb-c",
+            "3", "--no-plots", "--out", str(tmp_path)]
+    assert main(["bench", *args]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["method"]: r for r in doc["runs"]}
+    locked = lock_in_runs(runs["ucb"]["history"])
+    assert locked and runs["ucb"]["lock_in_epochs"] == sum(b - a + 1 for a, b in locked) >= 3
+    assert runs["uniform"]["lock_in_epochs"] == 0
+    assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("ucb p=0.5 seed 0")
+    assert "scores are frozen" in doc["warnings"][0]
+    assert "WARNING: lock-in: ucb p=0.5 seed 0" in err and "WARNING: lock-in: ucb" in out
+    assert "uniform p=" not in err
+
+
+def test_refresh_is_charged_and_counts_the_unselected(tmp_path):
+    n, epochs = 400, 3
+    args = [*TINY, "--epochs", str(epochs), "--methods", "ucb", "infobatch", "uniform",
+            "--refresh", "unselected", "--no-plots"]
+    assert main(["bench", *args, "--out", str(tmp_path / "t")]) == 0
+    doc = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert doc["config"]["refresh"] == "unselected"
+    runs = {r["method"]: r for r in doc["runs"]}
+    k = budget(0.5, n)
+    # ucb reselects before epochs 1 and 2: each time the N - k samples of the last plan are scored
+    assert runs["ucb"]["refresh_samples"] == (epochs - 1) * (n - k)
+    ib = runs["infobatch"]["history"]                 # epochs 0, 1 pruned; 2 full (floor 2.625)
+    assert [r["full"] for r in ib] == [False, False, True]
+    assert runs["infobatch"]["refresh_samples"] == n - ib[0]["size"]   # before epoch 1 only
+    assert runs["uniform"]["refresh_samples"] == 0 and runs["uniform"]["refresh_s"] == 0.0
+    for m in ("ucb", "infobatch"):
+        r = runs[m]
+        assert r["refresh_s"] > 0
+        assert r["total_s"] == pytest.approx(r["train_s"] + r["select_s"] + r["refresh_s"]
+                                             + r["score_s"])
+        assert r["curve"][-1]["time_s"] == pytest.approx(r["total_s"])
+    # the DataLoader path feeds the same samples in the same batches: identical training
+    assert main(["bench", *args, "--loader", "torch", "--out", str(tmp_path / "d")]) == 0
+    a = read_csv(tmp_path / "t" / "results.csv")
+    b = read_csv(tmp_path / "d" / "results.csv")
+    assert [(r["method"], r["test_acc"], r["refresh_samples"], r["overlap_mean"]) for r in a] == \
+        [(r["method"], r["test_acc"], r["refresh_samples"], r["overlap_mean"]) for r in b]
+    from gpuprune.bench.dali_batches import dali_unavailable_reason
+    if dali_unavailable_reason() is None:             # and so does DALI (tested in test_dali.py)
+        assert main(["bench", *args, "--loader", "dali", "--out", str(tmp_path / "l")]) == 0
+        d = read_csv(tmp_path / "l" / "results.csv")
+        assert [(r["method"], r["test_acc"], r["refresh_samples"], r["overlap_mean"])
+                for r in a] == \
+            [(r["method"], r["test_acc"], r["refresh_samples"], r["overlap_mean"]) for r in d]
+    # without the pass, ucb trains differently (the fresh losses changed its selections)
+    assert main(["bench", *TINY, "--epochs", str(epochs), "--methods", "ucb", "--no-plots",
+                 "--out", str(tmp_path / "n")]) == 0
+    c = {r["method"]: r for r in read_csv(tmp_path / "n" / "results.csv")}
+    assert c["ucb"]["refresh_samples"] == "0" and c["ucb"]["refresh_s"] == "0"
+    assert c["ucb"]["overlap_mean"] != {r["method"]: r for r in a}["ucb"]["overlap_mean"]
+
+
 def test_same_seed_same_results_whatever_the_global_rng(tmp_path):
     args = [*TINY, "--methods", "uniform", "ucb", "--no-plots"]
     accs = []
@@ -166,6 +263,7 @@ def test_printed_table(tmp_path, capsys):
     (["--model", "vgg"], "--model"),
     (["--loader", "ffcv"], "--loader"),
     (["--ucb-drift", "-1"], "--ucb-drift"),
+    (["--refresh", "some"], "--refresh"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(args, named, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -758,3 +758,17 @@ def test_peek_gives_the_next_plan_when_no_loss_can_change_it(policy, interval, d
         feed(ref, expected)
     assert got == determined
     assert p.state_dict()["checksum"] == ref.state_dict()["checksum"]
+
+
+def test_tree_sum_has_a_fixed_order_and_seen_mean_ignores_unseen():
+    from gpuprune.stats import tree_sum
+    x = torch.tensor([1e16, 1.0, -1e16, 1.0, 3.0], dtype=torch.float64)
+    # ((1e16 + 1) + (-1e16 + 1)) + (3 + 0): pairs first, then their sums
+    assert tree_sum(x).item() == ((1e16 + 1.0) + (-1e16 + 1.0)) + (3.0 + 0.0)
+    assert tree_sum(torch.empty(0, dtype=torch.float64)).item() == 0.0
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    assert tree_sum(x[perm]).item() == ((3.0 + -1e16) + (1e16 + 1.0)) + (1.0 + 0.0)
+    s = Stats(4)
+    s.observe(torch.tensor([1, 3]), torch.tensor([2.0, 4.0]))
+    assert s.seen_mean(torch.tensor([100.0, 2.0, 100.0, 4.0])).item() == 3.0
+    assert Stats(3).seen_mean(torch.ones(3)).item() == 0.0

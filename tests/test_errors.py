@@ -302,6 +302,14 @@ CASES: list[Case] = [
     Case("InfoBatch", "`ratio=1.0`", lambda _: InfoBatch(ratio=1.0), ValueError, "ratio must be < 1.0, got ratio=1.0"),
     Case("InfoBatch", "`delta=-1`", lambda _: InfoBatch(delta=-1), ValueError, "delta must be >= 0.0, got delta=-1.0"),
     Case("InfoBatch", "`delta=2.0`", lambda _: InfoBatch(delta=2.0), ValueError, "delta must be <= 1.0, got delta=2.0"),
+    Case("InfoBatch", "`min_keep=0`", lambda _: InfoBatch(min_keep=0.0), ValueError, "min_keep must be > 0.0, got min_keep=0.0"),
+    Case(P, "`min_keep=` given to the Pruner", lambda _: gp.Pruner(N, policy="infobatch", num_epochs=4, min_keep=0.2), TypeError, "pass policy=gpuprune.InfoBatch(min_keep=...)"),
+    # the re-score pass
+    Case("Refresher", "`pruner=None`", lambda _: gp.Refresher(None), TypeError, "pruner must be a gpuprune.Pruner, got NoneType"),
+    Case("Refresher", "`which=\"some\"`", lambda p: gp.Refresher(p, which="some"), ValueError, "which must be one of ['all', 'unselected'], got which='some'", trained_pruner),
+    Case("Refresher", "`share=0`", lambda p: gp.Refresher(p, share=0.0), ValueError, "share must be > 0.0, got share=0.0", trained_pruner),
+    Case("Refresher.run", "`model` a function", lambda p: gp.Refresher(p).run(lambda x: x, None, 3), TypeError, "model must be a torch.nn.Module, got function", trained_pruner),
+    Case("Refresher.run", "`data` neither tensors nor batches", lambda p: gp.Refresher(p).run(model(), 5, 3), TypeError, "data must be a pair (x, y) of tensors or an iterable of batches, got int", trained_pruner),
     # sharding
     Case("plan.shard_indices", "`indices` a list", lambda _: shard_indices([1, 2], 0, 1), TypeError, "indices must be a torch.Tensor, got list"),
     Case("plan.shard_indices", "2-D `indices`", lambda _: shard_indices(torch.ones(2, 2), 0, 1), ValueError, "indices must be 1-D, got indices.shape=(2, 2)"),

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["BenchConfig", "METHODS", "BASELINES", "DYNAMIC", "STATIC", "SCORED", "LOADERS"]
+from ..policies import UCB, EpsilonGreedy, InfoBatch
+
+__all__ = ["BenchConfig", "METHODS", "BASELINES", "DYNAMIC", "STATIC", "SCORED", "LOADERS",
+           "REFRESH"]
+
+#: the policies' own defaults: the benchmark runs what users get
+_EG, _UCB, _IB = EpsilonGreedy(), UCB(), InfoBatch()
 
 #: full data (the reference) and full data for as many optimizer steps as a pruned run
 BASELINES = ("full", "full_short")
@@ -18,6 +24,8 @@ METHODS = BASELINES + DYNAMIC + STATIC
 SCORED = ("epsilon_greedy", "ucb", "infobatch")
 #: ways to feed batches
 LOADERS = ("tensor", "torch", "dali")
+#: re-score passes (:mod:`gpuprune.refresh`) before each selection of the SCORED policies
+REFRESH = ("none", "unselected", "all")
 
 
 @dataclass
@@ -40,9 +48,15 @@ class BenchConfig:
             samples per pruned epoch. Default ``(0.5,)``.
         seeds: one run of every method per seed. Default ``(0,)``.
         methods: names from :data:`METHODS`; ``"full"`` always runs (it is the reference).
-        epsilon, ucb_c, ucb_drift, uncertainty, decay, delta, warmup_epochs, selection_interval:
-            passed to :class:`gpuprune.Pruner` (its ``epsilon``, ``c``, ``drift``, ``uncertainty``,
-            ``decay``, ``delta``, ``warmup_epochs``, ``selection_interval``).
+        epsilon, ucb_c, ucb_drift, uncertainty, delta: the policies' settings
+            (``EpsilonGreedy(epsilon)``, ``UCB(c, uncertainty, drift)``, ``InfoBatch(delta)``);
+            defaults are the policies' own.
+        decay: the Pruner's EMA weight; ``None`` (default) takes each policy's default (0.9, and
+            0.0 for InfoBatch: the latest loss, as the official code).
+        warmup_epochs, selection_interval: passed to :class:`gpuprune.Pruner`.
+        refresh: ``"none"`` (default), ``"unselected"`` or ``"all"``: a forward-only re-score pass
+            (:class:`gpuprune.refresh.Refresher`) before each selection of the policies that read
+            losses (epsilon_greedy, ucb, infobatch); its time is charged to the run.
         el2n_seeds: models trained to score EL2N (K). Default ``2``.
         el2n_epochs: epochs each scoring model trains, on the full run's schedule. Default ``2``.
         target_acc: accuracy (percent) for the time-to-accuracy column; ``None`` (default) uses
@@ -67,14 +81,15 @@ class BenchConfig:
     prune_ratios: tuple[float, ...] = (0.5,)
     seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = field(default_factory=lambda: METHODS)
-    epsilon: float = 0.1
-    ucb_c: float = 1.0
-    ucb_drift: float = 0.0
-    uncertainty: str = "std"
-    decay: float = 0.9
-    delta: float = 0.875
+    epsilon: float = _EG.epsilon
+    ucb_c: float = _UCB.c
+    ucb_drift: float = _UCB.drift
+    uncertainty: str = _UCB.uncertainty
+    decay: float | None = None
+    delta: float = _IB.delta
     warmup_epochs: int = 0
     selection_interval: int = 1
+    refresh: str = "none"
     el2n_seeds: int = 2
     el2n_epochs: int = 2
     target_acc: float | None = None
@@ -91,6 +106,8 @@ class BenchConfig:
         for p in self.prune_ratios:
             if not 0.0 < p < 1.0:
                 raise ValueError(f"prune ratios must lie in (0, 1), got {p}")
+        if self.refresh not in REFRESH:
+            raise ValueError(f"refresh must be one of {list(REFRESH)}, got refresh={self.refresh!r}")
         if self.loader not in LOADERS:
             raise ValueError(f"loader must be one of {list(LOADERS)}, got loader={self.loader!r}")
         if self.el2n_epochs > self.epochs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import METHODS
+from .config import METHODS, STATIC
 from .report import summarize
 from .runner import BenchResult
 
@@ -20,10 +20,13 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy_vs_time(res: BenchResult, path: str | Path, dpi: int = 80) -> Path:
+def plot_accuracy_vs_time(res: BenchResult, path: str | Path, dpi: int = 80,
+                          clock: str = "time_s") -> Path:
     """One panel per prune ratio: each seed's test-accuracy curve against charged seconds (thin
     lines; static methods start after their scoring time), and each method's mean final point
-    with +-1 std bars over seeds."""
+    with +-1 std bars over seeds. ``clock``: ``"time_s"`` (wall) or ``"cpu_s"`` (process CPU time,
+    which other processes sharing the cores disturb much less)."""
+    total = "total_s" if clock == "time_s" else "cpu_s"
     plt = _pyplot()
     ratios = list(res.config.prune_ratios)
     cols = min(len(ratios), 2)
@@ -39,16 +42,17 @@ def plot_accuracy_vs_time(res: BenchResult, path: str | Path, dpi: int = 80) -> 
             for seed in res.config.seeds:
                 curve = res.curves.get((method, key_p, seed), [])
                 if curve:
-                    ax.plot([q["time_s"] for q in curve], [q["acc"] for q in curve], color=color,
+                    ax.plot([q[clock] for q in curve], [q["acc"] for q in curve], color=color,
                             lw=0.8, alpha=0.45)
             s = next((s for s in summary if s["method"] == method and s["prune_ratio"] == key_p),
                      None)
             if s is not None:
-                ax.errorbar(s["total_s_mean"], s["test_acc_mean"], xerr=s["total_s_std"],
+                ax.errorbar(s[f"{total}_mean"], s["test_acc_mean"], xerr=s[f"{total}_std"],
                             yerr=s["test_acc_std"], fmt="o", ms=5, color=color, label=method,
                             capsize=2)
         ax.set_title(f"prune ratio {p:g}")
-        ax.set_xlabel("charged wall time, s (train + select + score)")
+        ax.set_xlabel(f"charged {'wall' if clock == 'time_s' else 'CPU'} time, s "
+                      f"(train + select + refresh + score)")
         ax.set_ylabel("test accuracy, %")
         ax.set_ylim(max(0.0, best - 12.0), best + 1.0)   # the interesting band near the top
         ax.grid(alpha=0.3)
@@ -67,18 +71,22 @@ def plot_selection_frequency(res: BenchResult, path: str | Path, dpi: int = 80) 
     """How often each sample was planned: one bar per j = 0..R (samples planned in exactly j of
     the R pruned epochs, log scale), one panel per method (columns) and prune ratio (rows), first
     seed. The grey band (frequency 0.1 to 0.9) holds the paper's "sometimes" samples; static
-    methods have only 0 and R."""
+    methods have only 0 and R. Beside them, per prune ratio, the lock-in detector: each dynamic
+    method's Jaccard overlap of every new selection with the previous epoch's plan (first seed),
+    with the warning threshold dashed."""
     if not res.frequencies:
         return None
     from matplotlib.ticker import NullFormatter
 
     from .report import selection_histogram
-
+    from .runner import LOCK_IN_OVERLAP, selection_overlaps
     plt = _pyplot()
     methods = [m for m in METHODS if any(k[0] == m for k in res.frequencies)]
     ratios = [p for p in res.config.prune_ratios if any(k[1] == p for k in res.frequencies)]
-    fig, axes = plt.subplots(len(ratios), len(methods), squeeze=False,
-                             figsize=(2.1 * len(methods), 2.0 * len(ratios) + 0.5), sharex=True)
+    cols = len(methods) + 1
+    fig, axes = plt.subplots(len(ratios), cols, squeeze=False,
+                             figsize=(2.1 * cols, 2.0 * len(ratios) + 0.5))
+    seed0 = res.config.seeds[0]
     for i, p in enumerate(ratios):
         for j, m in enumerate(methods):
             ax = axes[i][j]
@@ -103,8 +111,26 @@ def plot_selection_frequency(res: BenchResult, path: str | Path, dpi: int = 80) 
             ax.tick_params(labelsize=6)
             if i == len(ratios) - 1:
                 ax.set_xlabel("share of pruned epochs planned", fontsize=7)
-    fig.suptitle(f"How often each sample was trained on ({res.data.name}, seed "
-                 f"{res.config.seeds[0]}); grey band: 'sometimes' samples (0.1 to 0.9)", fontsize=9)
+        ax = axes[i][-1]
+        for m in methods:
+            if m in STATIC:
+                continue
+            pts = selection_overlaps(res.histories.get((m, p, seed0), []))
+            if pts:
+                ax.plot([e for e, _ in pts], [o for _, o in pts], marker="o", ms=2.5, lw=1.0,
+                        color=_COLORS[m], label=m)
+        ax.axhline(LOCK_IN_OVERLAP, color="0.4", ls="--", lw=0.8)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_title(f"selection overlap, p={p:g}\n(Jaccard with the previous epoch)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+        if i == len(ratios) - 1:
+            ax.set_xlabel("epoch", fontsize=7)
+        if i == 0 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=5, loc="lower left")
+    fig.suptitle(f"How often each sample was trained on, and how much each epoch's selection "
+                 f"repeats the last ({res.data.name}, seed {seed0}); grey band: 'sometimes' "
+                 f"samples (0.1 to 0.9)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -114,7 +140,9 @@ def plot_selection_frequency(res: BenchResult, path: str | Path, dpi: int = 80) 
 def write_plots(res: BenchResult, out_dir: str | Path, dpi: int = 80) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"accuracy_png": plot_accuracy_vs_time(res, out / "accuracy_vs_time.png", dpi)}
+    paths = {"accuracy_png": plot_accuracy_vs_time(res, out / "accuracy_vs_time.png", dpi),
+             "accuracy_cpu_png": plot_accuracy_vs_time(res, out / "accuracy_vs_cpu_time.png", dpi,
+                                                       clock="cpu_s")}
     hist = plot_selection_frequency(res, out / "selection_frequency.png", dpi)
     if hist is not None:
         paths["selection_png"] = hist

@@ -17,19 +17,24 @@ import torch
 from .config import METHODS
 from .runner import BenchResult
 
-__all__ = ["ROW_COLUMNS", "SUMMARY_COLUMNS", "summarize", "machine_info", "write_results",
-           "format_table", "selection_histogram"]
+__all__ = ["ROW_COLUMNS", "SUMMARY_COLUMNS", "OVERLAP_COLUMNS", "summarize", "machine_info",
+           "write_results", "format_table", "selection_histogram"]
 
 #: columns of results.csv, one row per run
 ROW_COLUMNS = ["dataset", "model", "device", "loader", "method", "kind", "prune_ratio", "seed",
                "epochs", "steps", "samples_seen", "epochs_of_data", "scoring_samples", "test_acc",
-               "best_acc", "train_s", "select_s", "score_s", "total_s", "eval_s", "speedup",
-               "cpu_s", "cpu_speedup", "target_acc", "time_to_target_s", "time_to_target_cpu_s",
-               "rounds", "always", "sometimes", "never"]
+               "best_acc", "train_s", "select_s", "refresh_s", "refresh_samples", "score_s",
+               "total_s", "eval_s", "speedup", "cpu_s", "cpu_speedup", "target_acc",
+               "time_to_target_s", "time_to_target_cpu_s", "rounds", "always", "sometimes", "never",
+               "overlap_mean", "overlap_max", "lock_in_epochs"]
 
-_STAT_FIELDS = ["test_acc", "total_s", "train_s", "select_s", "score_s", "speedup", "cpu_s",
-                "cpu_speedup", "time_to_target_s", "time_to_target_cpu_s", "samples_seen",
-                "sometimes"]
+#: columns of overlap.csv, one row per planned epoch of every pruned run (the lock-in detector)
+OVERLAP_COLUMNS = ["method", "prune_ratio", "seed", "epoch", "size", "full", "reselected",
+                   "overlap"]
+
+_STAT_FIELDS = ["test_acc", "total_s", "train_s", "select_s", "refresh_s", "score_s", "speedup",
+                "cpu_s", "cpu_speedup", "time_to_target_s", "time_to_target_cpu_s", "samples_seen",
+                "sometimes", "overlap_mean", "lock_in_epochs"]
 
 #: columns of summary.csv, one row per (method, prune ratio)
 SUMMARY_COLUMNS = (["method", "kind", "prune_ratio", "n_seeds", "reached_target"]
@@ -121,11 +126,12 @@ def selection_histogram(freq: torch.Tensor, rounds: int) -> list[int]:
 
 def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
                   command: str | None = None) -> dict[str, Path]:
-    """Write results.csv, summary.csv and results.json into ``out_dir``; return their paths."""
+    """Write results.csv, summary.csv, overlap.csv and results.json into ``out_dir``; return their
+    paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results_csv": out / "results.csv", "summary_csv": out / "summary.csv",
-             "json": out / "results.json"}
+             "overlap_csv": out / "overlap.csv", "json": out / "results.json"}
     summary = summarize(res.rows)
     for path, cols, rows in ((paths["results_csv"], ROW_COLUMNS, res.rows),
                              (paths["summary_csv"], SUMMARY_COLUMNS, summary)):
@@ -134,10 +140,21 @@ def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
             w.writeheader()
             for r in rows:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    with open(paths["overlap_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=OVERLAP_COLUMNS)
+        w.writeheader()
+        for (m, p, seed), history in res.histories.items():
+            for rec in history:
+                ov = rec["overlap"]
+                w.writerow({"method": m, "prune_ratio": p, "seed": seed, "epoch": rec["epoch"],
+                            "size": rec["size"], "full": rec["full"],
+                            "reselected": rec["reselected"],
+                            "overlap": "" if ov is None else f"{ov:.6g}"})
     runs = []
     for r in res.rows:
         key = (r["method"], r["prune_ratio"], r["seed"])
-        runs.append({**r, "curve": res.curves.get(key, [])})
+        runs.append({**r, "curve": res.curves.get(key, []),
+                     "history": res.histories.get(key, [])})
     d = res.data
     doc = {
         "command": command,
@@ -146,6 +163,7 @@ def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
                     "test": len(d.x_test), "image_shape": list(d.image_shape),
                     "classes": d.classes, "notes": d.notes},
         "machine": machine,
+        "warnings": list(res.warnings),
         "runs": runs,
         "summary": summary,
         # samples_by_times_selected[j]: samples planned in exactly j of the `rounds` pruned epochs
@@ -173,15 +191,16 @@ def format_table(res: BenchResult) -> str:
     lines = [f"{d.describe()}",
              f"model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, device {cfg.device}, "
              f"loader {cfg.loader}, seeds {list(cfg.seeds)}; times in seconds, charged = train + "
-             f"select + score (test evaluation not charged); CPU = process CPU time of the same"]
+             f"select + refresh + score (test evaluation not charged); CPU = process CPU time of "
+             f"the same"]
     for note in d.notes:
         lines.append(f"NOTE: {note}")
     target = (f"target accuracy {cfg.target_acc:g}%" if cfg.target_acc is not None
               else f"target accuracy = full-data accuracy - {cfg.target_drop:g} pt (per seed)")
     lines.append(target)
     header = (f"{'method':<15}{'test acc %':>15}{'total s':>14}{'train s':>9}{'select s':>10}"
-              f"{'score s':>9}{'speed-up':>10}{'CPU s':>8}{'CPU sp-up':>11}{'time to target s':>19}"
-              f"{'epochs of data':>16}{'sometimes':>11}")
+              f"{'refresh s':>10}{'score s':>9}{'speed-up':>10}{'CPU s':>8}{'CPU sp-up':>11}"
+              f"{'time to target s':>19}{'epochs of data':>16}{'sometimes':>11}{'overlap':>9}")
     for p in cfg.prune_ratios:
         rows = full + [s for s in summary if s["prune_ratio"] == p and s["method"] != "full"]
         lines += ["", f"prune ratio {p:g} (keep {1 - p:g})", header, "-" * len(header)]
@@ -191,13 +210,22 @@ def format_table(res: BenchResult) -> str:
                       s["reached_target"])
             if s["reached_target"] < k:
                 ttt = f"{ttt} ({s['reached_target']}/{k})" if s["reached_target"] else "not reached"
-            some = s["sometimes_mean"]
+            some, ov = s["sometimes_mean"], s["overlap_mean_mean"]
             lines.append(
                 f"{s['method']:<15}"
                 f"{_pm(s['test_acc_mean'], s['test_acc_std'], '{:.2f}', k):>15}"
                 f"{_pm(s['total_s_mean'], s['total_s_std'], '{:.1f}', k):>14}"
-                f"{s['train_s_mean']:>9.1f}{s['select_s_mean']:>10.2f}{s['score_s_mean']:>9.1f}"
+                f"{s['train_s_mean']:>9.1f}{s['select_s_mean']:>10.2f}{s['refresh_s_mean']:>10.1f}"
+                f"{s['score_s_mean']:>9.1f}"
                 f"{s['speedup_mean']:>9.2f}x{s['cpu_s_mean']:>8.1f}{s['cpu_speedup_mean']:>10.2f}x"
                 f"{ttt:>19}{s['samples_seen_mean'] / len(d.x_train):>16.2f}"
-                f"{'-' if math.isnan(some) else f'{100 * some:.0f}%':>11}")
+                f"{'-' if math.isnan(some) else f'{100 * some:.0f}%':>11}"
+                f"{'-' if math.isnan(ov) else f'{ov:.2f}':>9}")
+    lines += ["", "overlap: mean Jaccard overlap of each new selection with the previous epoch's "
+              "plan (uniform at keep q: about q / (2 - q))"]
+    if cfg.refresh != "none":
+        lines.append(f"refresh: a forward-only re-score pass over the {cfg.refresh} samples before "
+                     f"each selection of epsilon_greedy, ucb and infobatch (charged)")
+    for w in res.warnings:
+        lines.append(f"WARNING: lock-in: {w}")
     return "\n".join(lines)

@@ -12,6 +12,17 @@ Per seed, in this order:
 
 ``full_short`` is full data for exactly as many optimizer steps as ``uniform`` takes at that ratio
 (the "proportionally shortened schedule" baseline); its schedule runs over those steps.
+
+With ``cfg.refresh`` other than ``"none"``, the policies that read losses (epsilon_greedy, ucb,
+infobatch) run a re-score pass before each selection, charged to them (``refresh_s``); the others
+ignore losses, so a pass would change nothing and they run without one.
+
+**Lock-in detector.** Every pruned run records ``Pruner.history``: per plan, the Jaccard overlap of
+its sample set with the previous plan's. The *selection overlaps* are those of plans that drew a
+new selection after a pruned plan (a reused subset overlaps 1.0 by design, a full epoch says
+nothing). When a dynamic method's selection overlap exceeds :data:`LOCK_IN_OVERLAP` in
+:data:`LOCK_IN_EPOCHS` consecutive selections, the run has settled on one subset (dynamic pruning
+turned static) and the benchmark warns.
 """
 
 from __future__ import annotations
@@ -30,7 +41,13 @@ from .config import DYNAMIC, SCORED, STATIC, BenchConfig
 from .scoring import ScoringCost, el2n_cost_and_scores, run_seed
 from .train import DeviceData, RunStats, make_batches, train_run
 
-__all__ = ["BenchResult", "run_bench", "kind_of", "step_budget", "time_to_target"]
+__all__ = ["BenchResult", "run_bench", "kind_of", "step_budget", "time_to_target",
+           "selection_overlaps", "lock_in_runs", "LOCK_IN_OVERLAP", "LOCK_IN_EPOCHS"]
+
+#: a selection overlap above this counts towards lock-in
+LOCK_IN_OVERLAP = 0.95
+#: this many consecutive such selections make a lock-in warning
+LOCK_IN_EPOCHS = 3
 
 
 def kind_of(method: str) -> str:
@@ -48,6 +65,44 @@ class BenchResult:
     curves: dict[tuple[str, float, int], list[dict]] = field(default_factory=dict)
     #: (method, prune_ratio) -> (per-sample selection frequency, pruned rounds) of the first seed
     frequencies: dict[tuple[str, float], tuple[torch.Tensor, int]] = field(default_factory=dict)
+    #: (method, prune_ratio, seed) -> Pruner.history of the run (pruned methods)
+    histories: dict[tuple[str, float, int], list[dict]] = field(default_factory=dict)
+    #: lock-in warnings, one sentence each
+    warnings: list[str] = field(default_factory=list)
+
+
+def selection_overlaps(history: list[dict]) -> list[tuple[int, float]]:
+    """``(epoch, overlap)`` of every plan that drew a new selection right after a pruned plan."""
+    out = []
+    for prev, rec in zip(history, history[1:]):
+        if rec["reselected"] and not rec["full"] and not prev["full"] and rec["overlap"] is not None:
+            out.append((rec["epoch"], float(rec["overlap"])))
+    return out
+
+
+def lock_in_runs(history: list[dict], threshold: float = LOCK_IN_OVERLAP,
+                 length: int = LOCK_IN_EPOCHS) -> list[tuple[int, int]]:
+    """``(first epoch, last epoch)`` of every stretch of at least ``length`` consecutive selection
+    overlaps (:func:`selection_overlaps`) above ``threshold``."""
+    runs, start, count, last = [], None, 0, None
+    for epoch, ov in selection_overlaps(history) + [(None, -1.0)]:
+        if ov > threshold:
+            start = epoch if count == 0 else start
+            count += 1
+            last = epoch
+            continue
+        if count >= length:
+            runs.append((start, last))
+        count = 0
+    return runs
+
+
+def _overlap_stats(history: list[dict]) -> dict:
+    ovs = [ov for _, ov in selection_overlaps(history)]
+    runs = lock_in_runs(history)
+    return {"overlap_mean": sum(ovs) / len(ovs) if ovs else float("nan"),
+            "overlap_max": max(ovs) if ovs else float("nan"),
+            "lock_in_epochs": sum(b - a + 1 for a, b in runs) if runs else 0}
 
 
 def step_budget(cfg: BenchConfig, num_samples: int, prune_ratio: float) -> int:
@@ -84,9 +139,10 @@ def _make_pruner(method: str, n: int, p: float, cfg: BenchConfig, seed: int,
                  device: torch.device, scores: torch.Tensor | None) -> Pruner:
     if method in ("full", "full_short"):
         return Pruner(n, keep=1.0, policy="full", seed=seed, device=device)
+    decay = cfg.decay if method in SCORED else None     # the others never read the statistics
     return Pruner(n, prune_ratio=p, policy=make_policy(method, cfg, scores), num_epochs=cfg.epochs,
                   warmup_epochs=cfg.warmup_epochs, selection_interval=cfg.selection_interval,
-                  decay=cfg.decay, seed=seed, device=device)
+                  decay=decay, seed=seed, device=device)
 
 
 class _NullBar:
@@ -198,10 +254,17 @@ def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True) -> Be
                                      else -(-budget_steps // -(-n // cfg.batch_size)))
                     _, st = train_run(pruner=pruner, use_observe=method in SCORED,
                                       step_budget=budget_steps, time_offset=cost.seconds,
-                                      cpu_offset=cost.cpu_seconds, progress=bar, **common)
+                                      cpu_offset=cost.cpu_seconds, progress=bar,
+                                      refresh=cfg.refresh if method in SCORED else "none",
+                                      **common)
                     bar.close()
                     stats = None if method == "full_short" else pruner.selection_stats()
-                    res.rows.append(_row(cfg, data, method, p, seed, st, cost, ref, stats, n))
+                    history = [] if method == "full_short" else pruner.history
+                    if history:
+                        res.histories[(method, p, seed)] = history
+                        _warn_lock_in(res, method, p, seed, history)
+                    res.rows.append(_row(cfg, data, method, p, seed, st, cost, ref, stats, n,
+                                         history))
                     res.curves[(method, p, seed)] = st.curve
                     if stats is not None and seed == cfg.seeds[0]:
                         res.frequencies[(method, p)] = (stats["frequency"], stats["rounds"])
@@ -211,9 +274,23 @@ def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True) -> Be
     return res
 
 
+def _warn_lock_in(res: BenchResult, method: str, p: float, seed: int, history: list[dict]) -> None:
+    if method not in DYNAMIC:
+        return
+    why = (" (with losses from training only, the unselected samples' scores are frozen; see "
+           "UCB's drift, or --refresh)" if res.config.refresh == "none" else
+           " (with fresh losses for every sample: the method keeps choosing the same hard subset)")
+    for a, b in lock_in_runs(history):
+        res.warnings.append(
+            f"{method} p={p:g} seed {seed}: the selection overlap with the previous epoch stayed "
+            f"above {LOCK_IN_OVERLAP:g} in epochs {a}-{b} ({b - a + 1} consecutive selections): "
+            f"it trained (almost) the same subset every epoch, as static pruning does{why}")
+
+
 def _row(cfg: BenchConfig, data: ImageData, method: str, p: float, seed: int, st: RunStats,
-         cost: ScoringCost, ref: dict, stats: dict | None, n: int) -> dict:
-    total = cost.seconds + st.train_s + st.select_s
+         cost: ScoringCost, ref: dict, stats: dict | None, n: int,
+         history: list[dict] | None = None) -> dict:
+    total = cost.seconds + st.train_s + st.select_s + st.refresh_s
     cpu = cost.cpu_seconds + st.cpu_s
     return {
         "dataset": data.name,
@@ -233,6 +310,8 @@ def _row(cfg: BenchConfig, data: ImageData, method: str, p: float, seed: int, st
         "best_acc": st.best_acc,
         "train_s": st.train_s,
         "select_s": st.select_s,
+        "refresh_s": st.refresh_s,
+        "refresh_samples": st.refresh_samples,
         "score_s": cost.seconds,
         "total_s": total,
         "eval_s": st.eval_s,
@@ -246,4 +325,5 @@ def _row(cfg: BenchConfig, data: ImageData, method: str, p: float, seed: int, st
         "always": stats["always"] if stats else float("nan"),
         "sometimes": stats["sometimes"] if stats else float("nan"),
         "never": stats["never"] if stats else float("nan"),
+        **_overlap_stats(history or []),
     }

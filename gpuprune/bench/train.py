@@ -3,6 +3,8 @@
 Timing rules (what is charged to wall time):
 
 * ``select_s``: ``Pruner.plan(epoch)`` (the selection and shuffle), bracketed by device syncs;
+* ``refresh_s``: the re-score pass before a selection (``--refresh``; :mod:`gpuprune.refresh`):
+  a forward pass in inference mode over the samples due, fed like the training batches;
 * ``train_s``: everything else of an epoch: fetching batches, forward, backward, ``observe``,
   optimizer steps;
 * ``eval_s``: the test-set evaluation after each epoch; measured, shown, **not** charged (it is
@@ -27,12 +29,13 @@ from ..data import ImageData
 from ..models import build_model
 from ..plan import Plan
 from ..pruner import Pruner
+from ..refresh import Refresher
 from ..sampler import IndexedDataset
 from ..static_scores import ForgettingTracker
 from .config import BenchConfig
 
 __all__ = ["lr_factor", "DeviceData", "TensorBatches", "TorchBatches", "make_batches",
-           "RunStats", "train_run", "evaluate", "sync"]
+           "make_refresh_source", "RunStats", "train_run", "evaluate", "sync"]
 
 
 def sync(device: torch.device) -> None:
@@ -152,6 +155,32 @@ def make_batches(kind: str, data: DeviceData, cfg: BenchConfig):
     raise ValueError(f"loader must be one of ['tensor', 'torch', 'dali'], got loader={kind!r}")
 
 
+def make_refresh_source(kind: str, data: DeviceData, cfg: BenchConfig, refresher: Refresher):
+    """What the re-score pass reads, fed like the training batches of loader ``kind``: the
+    in-memory tensors (``"tensor"``), a DataLoader over :meth:`Refresher.sampler` (``"torch"``) or
+    a DALI iterator over :attr:`Refresher.feed` (``"dali"``), all with ``cfg.eval_batch_size``
+    (no gradients are kept). Each loads only the samples due, in the feed's order, so the three
+    give the same batches."""
+    if kind == "tensor":
+        return (data.x_train, data.y_train)
+    if kind == "torch":
+        dataset = IndexedDataset(torch.utils.data.TensorDataset(data.data.x_train, data.data.y_train))
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.eval_batch_size, sampler=refresher.sampler(),
+            num_workers=cfg.workers, pin_memory=data.device.type == "cuda",
+            generator=torch.Generator().manual_seed(refresher.seed))
+    if kind == "dali":
+        from ..dali import ArraySource, build_iterator
+        if data.device.type == "cuda":
+            source, device_id = ArraySource(data.x_train, data.y_train), data.device.index
+        else:
+            source = ArraySource(data.data.x_train.numpy(), data.data.y_train.numpy())
+            device_id = None
+        return build_iterator(refresher.feed, source, batch_size=cfg.eval_batch_size,
+                              output_map=("data", "label"), num_threads=1, device_id=device_id)
+    raise ValueError(f"loader must be one of ['tensor', 'torch', 'dali'], got loader={kind!r}")
+
+
 # ------------------------------------------------------------------------------ the run
 @dataclass
 class RunStats:
@@ -159,10 +188,13 @@ class RunStats:
 
     train_s: float = 0.0
     select_s: float = 0.0
+    refresh_s: float = 0.0
     eval_s: float = 0.0
     tracker_s: float = 0.0
     cpu_s: float = 0.0
+    refresh_cpu_s: float = 0.0
     tracker_cpu_s: float = 0.0
+    refresh_samples: int = 0
     steps: int = 0
     samples: int = 0
     epochs: int = 0
@@ -188,7 +220,7 @@ def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, in
               aug_seed: int, use_observe: bool, step_budget: int | None = None,
               stop_after_epochs: int | None = None, tracker: ForgettingTracker | None = None,
               time_offset: float = 0.0, cpu_offset: float = 0.0, evaluate_each_epoch: bool = True,
-              progress=None) -> tuple[torch.nn.Module, RunStats]:
+              refresh: str = "none", progress=None) -> tuple[torch.nn.Module, RunStats]:
     """Train a fresh model on ``pruner``'s plans; return it and its measurements.
 
     Args:
@@ -207,6 +239,9 @@ def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, in
         time_offset: charged time before training (scoring), added to the curve's times.
         cpu_offset: the same in process CPU seconds.
         evaluate_each_epoch: evaluate on the test set after every epoch (off for scoring runs).
+        refresh: ``"none"``, ``"unselected"`` or ``"all"``: a re-score pass
+            (:class:`gpuprune.refresh.Refresher`) before every epoch that draws a selection from
+            the losses; charged (``refresh_s``, and in ``cpu_s``).
         progress: optional tqdm bar advanced once per epoch.
     """
     dev = data.device
@@ -217,6 +252,13 @@ def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, in
                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     aug_gen = torch.Generator().manual_seed(aug_seed)
     src = batches.bind(pruner)
+    refresher = rsrc = None
+    if refresh != "none":
+        refresher = Refresher(pruner, which=refresh)
+        rsrc = make_refresh_source(batches.name, data, refresher=refresher, cfg=cfg)
+
+    def refresh_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, reduction="none", label_smoothing=cfg.label_smoothing)
     n, bs = data.num_samples, cfg.batch_size
     if step_budget is not None:
         num_epochs = -(-step_budget // -(-n // bs))
@@ -228,9 +270,18 @@ def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, in
     for epoch in range(num_epochs):
         sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
+        if refresher is not None and refresher.due(epoch):
+            rr = refresher.run(model, rsrc, epoch, loss_fn=refresh_loss, transform=data.normalize,
+                               batch_size=cfg.eval_batch_size)
+            sync(dev)
+            st.refresh_samples += rr.scored
+            tr, cr = time.perf_counter(), time.process_time()
+            st.refresh_s += tr - t0
+            st.refresh_cpu_s += cr - c0
+            t0 = tr
         plan = pruner.plan(epoch)
         sync(dev)
-        t1, c1 = time.perf_counter(), time.process_time()
+        t1 = time.perf_counter()
         st.select_s += t1 - t0
         n_batches = plan.batches(bs)
         tracker_s = tracker_cpu_s = 0.0
@@ -272,7 +323,7 @@ def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, in
             acc = evaluate(model, data, cfg.eval_batch_size)
             st.eval_s += time.perf_counter() - te
             st.curve.append({"epoch": epoch + 1, "steps": st.steps, "samples": st.samples,
-                             "time_s": time_offset + st.train_s + st.select_s,
+                             "time_s": time_offset + st.train_s + st.select_s + st.refresh_s,
                              "cpu_s": cpu_offset + st.cpu_s, "acc": acc})
             if progress is not None:
                 progress.set_postfix(acc=f"{acc:.2f}", refresh=False)

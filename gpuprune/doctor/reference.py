@@ -162,6 +162,16 @@ class _PrunerRun:
         return self.impl.arrays(self.pruner.stats)
 
 
+def _tree_sum(x: np.ndarray) -> float:
+    """Pairwise sum in the documented fixed order: pad to a power of two, add halves."""
+    n = len(x)
+    size = 1 << max(n - 1, 0).bit_length()
+    x = np.concatenate([x, np.zeros(size - n)]) if size != n else x
+    while len(x) > 1:
+        x = x[0::2] + x[1::2]
+    return float(x[0]) if len(x) else 0.0
+
+
 def _int_pow(base: float, n: int) -> float:
     """``base ** n`` by binary exponentiation (squarings from the lowest bit), in Python floats."""
     r = 1.0
@@ -185,7 +195,8 @@ class NumpyReference(Implementation):
       (sums in batch order, ``a = 1 - decay ** c`` with ``decay ** c`` by binary exponentiation,
       as documented in :func:`gpuprune.update.int_pow`), rounded to float32 once;
     * plans: each policy's documented rule, written out again (UCB's score in float32 arithmetic,
-      InfoBatch's mean with ``math.fsum``). Only the host-side seed draws are shared with the
+      means over the seen samples summed as a pairwise tree, as :func:`gpuprune.stats.tree_sum`
+      documents). Only the host-side seed draws are shared with the
       library (:mod:`gpuprune.rng`): they involve no backend.
     """
 
@@ -333,7 +344,7 @@ class _NumpyRun:
             v = np.maximum(var, np.float32(0))
             drift = float(self.settings.get("drift", 0.0))
             if drift > 0.0:                    # var + drift * mean seen var * epochs unobserved
-                vbar = math.fsum(v[seen].astype(np.float64).tolist()) / max(int(seen.sum()), 1)
+                vbar = _tree_sum(np.where(seen, v.astype(np.float64), 0.0)) / max(int(seen.sum()), 1)
                 age = np.maximum(e - st["last_epoch"].astype(np.float64), 0.0)
                 grown = v.astype(np.float64) + (drift * vbar) * age
                 v = np.minimum(grown, _F32_MAX).astype(np.float32)
@@ -347,7 +358,7 @@ class _NumpyRun:
             ratio = self.settings["ratio"]
             q = min(1.0, max(self.settings.get("min_keep", 0.0), 1.0 - ratio))   # kept share
             s64 = mean.astype(np.float64)
-            m = math.fsum(s64[seen].tolist()) / max(int(seen.sum()), 1)
+            m = _tree_sum(np.where(seen, s64, 0.0)) / max(int(seen.sum()), 1)
             below = seen & (s64 < m)
             n_below = int(below.sum())
             kept = n - n_below + math.floor(q * n_below)

@@ -1,0 +1,375 @@
+"""The re-score pass: fresh losses for samples that were not trained, before a selection.
+
+Only trained samples get new losses, so the statistics of the others go stale (and UCB can lock in
+on one subset: see :mod:`gpuprune.policies.ucb`). A public reimplementation of the paper's methods
+refreshes the scores with a forward-only pass before each selection; this module offers that pass.
+Before an epoch that draws a new selection (every ``selection_interval``), :meth:`Refresher.run`
+runs the model in inference mode (``torch.inference_mode()``, ``model.eval()``, the training flag
+restored afterwards) over
+
+* ``which="unselected"`` (default): the samples the current plan did not train,
+* ``which="all"``: every sample,
+* either one cut to a random ``share`` of it, drawn with a keyed hash seeded from (seed, epoch),
+
+and records the per-sample losses with :meth:`Pruner.observe <gpuprune.Pruner.observe>`: the
+statistics move exactly as for a training observation (stamped with the current plan's epoch), but
+nothing counts as training (``rounds``, ``selected`` and ``history`` change only in
+:meth:`Pruner.plan <gpuprune.Pruner.plan>`). The pass is not free (one forward per refreshed
+sample, about a third of a training step): charge its time, as ``gpuprune bench --refresh`` does.
+
+Losses come from ``model.eval()``: with batch norm or dropout they differ from training-mode
+losses of the same weights (batch statistics vs running statistics), as in any evaluation.
+
+Three ways to feed it, all giving each sample the same loss:
+
+* **In-memory tensors** ``(x, y)`` indexed by sample id: the pass gathers the samples itself.
+* **A DataLoader** over only the samples to refresh: :meth:`Refresher.sampler` is a
+  :class:`~gpuprune.PrunedSampler` whose epochs hold exactly them::
+
+      refresher = Refresher(pruner, which="unselected")     # from gpuprune.refresh
+      rloader = DataLoader(gpuprune.IndexedDataset(train_set), batch_size=1024,
+                           sampler=refresher.sampler())
+      for epoch in range(num_epochs):
+          refresher.run(model, rloader, epoch, transform=lambda x: x.cuda())   # no-op unless due
+          loader.sampler.set_epoch(epoch)
+          ...
+
+* **DALI**: a :class:`~gpuprune.dali.PrunedDALIIterator` over :attr:`Refresher.feed` (a Pruner
+  whose plans are the samples to refresh) and the same source and graph as training, without
+  random augmentation::
+
+      rit = gpuprune.dali.build_iterator(refresher.feed, source, eval_graph, batch_size=1024)
+      refresher.run(model, rit, epoch)
+
+  The pass calls ``set_epoch(epoch)`` on the iterator (or on a DataLoader's sampler) after choosing
+  the samples, so the loader plans them. Any other iterable of ``(x, y, idx)`` batches (or DALI's
+  ``[{"data", "label", "index"}]``) works too: samples not due are skipped before the forward.
+
+Under ``torch.distributed`` the feed Pruner shares the main Pruner's process group, so each rank
+refreshes its shard (in-memory tensors are sharded the same way); the observations are merged at
+the next plan like training ones.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_float, check_int
+from .policies import Policy, Selection
+from .pruner import Pruner
+from .rng import draw_seeds, epoch_generator
+
+__all__ = ["Refresher", "RefreshResult", "refresh_scores", "refresh_due", "refresh_targets",
+           "WHICH"]
+
+#: the sample sets a refresh pass can cover
+WHICH = ("unselected", "all")
+#: generator stream of the random share (the Pruner uses streams 0 and 1)
+_REFRESH_STREAM = 0x52F5
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What one pass did.
+
+    Attributes:
+        epoch: the epoch about to be planned.
+        requested: samples due on this rank (for an iterable that is not the feed, all ranks').
+        scored: samples whose loss was recorded (one observation each).
+    """
+
+    epoch: int
+    requested: int
+    scored: int
+
+
+def refresh_due(pruner: Pruner, epoch: int) -> bool:
+    """Whether ``pruner.plan(epoch)`` will draw a new selection from the losses, after a plan.
+
+    True when a plan exists for an earlier epoch, ``epoch`` is pruned, the policy reads the losses
+    (not ``uniform``, ``static``, ``full``), and the plan reselects: the first pruned epoch after
+    full ones, then every ``selection_interval``. A pure read of the Pruner.
+    """
+    epoch = pruner.schedule.check_epoch(epoch)
+    if pruner.current_plan is None or not pruner.policy.reads_losses:
+        return False
+    return pruner.will_select(epoch)
+
+
+def refresh_targets(pruner: Pruner, epoch: int, which: str = "unselected", share: float = 1.0,
+                    seed: int | None = None) -> torch.Tensor:
+    """The sample ids a pass before ``epoch`` covers (1-D, on the Pruner's device, ascending
+    unless ``share < 1``).
+
+    ``"unselected"``: the samples not in the current plan (all of them before any plan, none after
+    a full epoch); ``"all"``: every sample. With ``share < 1``, ``floor(share * n + 0.5)`` of those
+    ``n`` (at least 1 when ``n > 0``), drawn uniformly without replacement by the keyed hash of a
+    seed drawn from a generator seeded from (``seed``, ``epoch``) (``seed`` defaults to the
+    Pruner's): the same on every rank and device.
+    """
+    which = check_choice("which", which, WHICH)
+    share = check_float("share", share, low=0.0, high=1.0, low_open=True)
+    seed = pruner.seed if seed is None else check_int("seed", seed)
+    epoch = pruner.schedule.check_epoch(epoch)
+    n = pruner.num_samples
+    plan = pruner.current_plan
+    mask = torch.ones(n, dtype=torch.bool, device=pruner.device)
+    if which == "unselected" and plan is not None:
+        if plan.full:
+            mask.zero_()
+        else:
+            mask[plan.indices.long()] = False
+    if share >= 1.0:
+        return torch.nonzero(mask).flatten()
+    count = int(mask.sum())
+    m = 0 if count == 0 else max(1, math.floor(share * count + 0.5))
+    score = torch.where(mask, torch.zeros(n, dtype=torch.float32, device=pruner.device),
+                        torch.full((n,), float("-inf"), device=pruner.device))
+    (hseed,) = draw_seeds(epoch_generator(seed, epoch, _REFRESH_STREAM), 1)
+    return pruner.backend.top_k(score, n, m, hseed).long()
+
+
+class _Feed(Policy):
+    """The feed Pruner's policy: each epoch, exactly the refresher's targets."""
+
+    name = "refresh_feed"
+    exact_k = False
+    default_decay = 0.0
+
+    def __init__(self, refresher: Refresher) -> None:
+        self._refresher = refresher
+
+    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
+        ids = self._refresher.targets(epoch)
+        return Selection(ids.to(stats.device))
+
+    def __repr__(self) -> str:
+        return "RefreshFeed()"
+
+
+class Refresher:
+    """Re-score samples with a forward-only pass before selections (see the module docstring).
+
+    Args:
+        pruner: the Pruner whose statistics the pass updates.
+        which: ``"unselected"`` (default) or ``"all"``.
+        share: fraction of those refreshed, in (0, 1]. Default ``1.0``.
+        seed: seed of the random share; defaults to the Pruner's seed.
+    """
+
+    def __init__(self, pruner: Pruner, which: str = "unselected", share: float = 1.0,
+                 seed: int | None = None) -> None:
+        if not isinstance(pruner, Pruner):
+            raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
+        self.pruner = pruner
+        self.which = check_choice("which", which, WHICH)
+        self.share = check_float("share", share, low=0.0, high=1.0, low_open=True)
+        self.seed = pruner.seed if seed is None else check_int("seed", seed)
+        self._feed: Pruner | None = None
+        self._targets: tuple[int, Any, torch.Tensor] | None = None   # (epoch, plan, ids)
+
+    def due(self, epoch: int) -> bool:
+        """Whether a pass belongs before ``epoch`` (:func:`refresh_due`)."""
+        return refresh_due(self.pruner, epoch)
+
+    def targets(self, epoch: int) -> torch.Tensor:
+        """The ids a pass before ``epoch`` covers (:func:`refresh_targets`), computed once per
+        (epoch, current plan)."""
+        plan = self.pruner.current_plan
+        cached = self._targets
+        if cached is None or cached[0] != epoch or cached[1] is not plan:
+            ids = refresh_targets(self.pruner, epoch, self.which, self.share, self.seed)
+            self._targets = cached = (epoch, plan, ids)
+        return cached[2]
+
+    @property
+    def feed(self) -> Pruner:
+        """A Pruner whose ``plan(epoch)`` holds exactly :meth:`targets` ``(epoch)`` (shuffled by the
+        seed), for a :class:`~gpuprune.PrunedSampler` or a DALI iterator that should load only
+        them. It shares the main Pruner's device and process group; its own statistics (16 bytes
+        per sample) are never used."""
+        if self._feed is None:
+            p = self.pruner
+            self._feed = Pruner(p.num_samples, keep=1.0, policy=_Feed(self), seed=p.seed,
+                                device=p.device, process_group=p.process_group,
+                                backend=p.backend.name)
+        return self._feed
+
+    def sampler(self, **kwargs) -> Any:
+        """A :class:`~gpuprune.PrunedSampler` over :attr:`feed` (keyword arguments pass through)."""
+        return self.feed.sampler(**kwargs)
+
+    def run(self, model: torch.nn.Module, data, epoch: int, *,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            batch_size: int = 1024, force: bool = False) -> RefreshResult:
+        """The pass before ``epoch`` (call it before ``plan(epoch)`` / ``set_epoch(epoch)``).
+
+        Does nothing (``scored == 0``) unless :meth:`due` or ``force``.
+
+        Args:
+            model: the model; run in ``eval()`` mode under ``torch.inference_mode()``, its training
+                flag restored afterwards.
+            data: ``(x, y)`` tensors of all N samples indexed by sample id, or an iterable of
+                batches ``(x, y, idx)`` / DALI ``[{"data", "label", "index"}]`` (a loader over
+                :meth:`sampler` or :attr:`feed`, or any loader: samples not due are skipped).
+            epoch: the epoch about to be planned.
+            loss_fn: ``loss_fn(outputs, targets)`` -> one loss per sample. Default: cross-entropy
+                with ``reduction="none"``. Use the training criterion (e.g. its label smoothing).
+            transform: applied to each input batch before the model (e.g. normalisation, moving
+                to the GPU). Inputs are moved to the model's device first.
+            batch_size: batch size for in-memory tensors. Default ``1024``.
+            force: run even when not due.
+        """
+        epoch = self.pruner.schedule.check_epoch(epoch)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        tensors = _as_tensor_pair(data)
+        if tensors is None and not isinstance(data, Iterable):
+            raise TypeError(f"data must be a pair (x, y) of tensors or an iterable of batches, got "
+                            f"{type(data).__name__}")
+        planner = None if tensors is not None else _planner_of(data)
+        if planner is not None and planner.pruner is self.pruner:
+            raise ValueError("data iterates the training Pruner's own plans: a refresh pass over "
+                             "it would plan the next epoch before the fresh losses are recorded; "
+                             "pass a loader over refresher.sampler() / refresher.feed, or one "
+                             "that is not driven by this Pruner")
+        if not (force or self.due(epoch)):
+            return RefreshResult(epoch, 0, 0)
+        targets = self.targets(epoch)
+        if targets.numel() == 0:
+            return RefreshResult(epoch, 0, 0)
+        loss_fn = loss_fn if loss_fn is not None else _cross_entropy
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                if tensors is not None:
+                    return self._run_tensors(model, tensors, epoch, loss_fn, transform, batch_size)
+                return self._run_batches(model, data, epoch, targets, loss_fn, transform)
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------ feeding
+    def _run_tensors(self, model, tensors, epoch, loss_fn, transform, batch_size) -> RefreshResult:
+        x_all, y_all = tensors
+        n = self.pruner.num_samples
+        if len(x_all) != n or len(y_all) != n:
+            raise ValueError(f"data tensors must hold all num_samples={n} samples, got "
+                             f"x: {len(x_all)}, y: {len(y_all)}")
+        plan = self.feed.plan(epoch)     # the order a loader over the feed gets
+        p = self.pruner
+        ids = plan.indices[p.rank::p.world_size]     # disjoint shards, no padding
+        scored = 0
+        for s in range(0, ids.numel(), batch_size):
+            b = ids[s:s + batch_size]
+            bx = b.to(x_all.device)
+            scored += self._score(model, x_all[bx], y_all[b.to(y_all.device)], b, loss_fn,
+                                  transform)
+        return RefreshResult(epoch, int(ids.numel()), scored)
+
+    def _run_batches(self, model, data, epoch, targets, loss_fn, transform) -> RefreshResult:
+        p = self.pruner
+        planner = _planner_of(data)
+        if planner is not None and planner.pruner is self.feed:
+            planner.set_epoch(epoch)             # the loader now plans exactly the targets
+        due = torch.zeros(p.num_samples, dtype=torch.bool, device=p.device)
+        due[targets] = True
+        scored = 0
+        for batch in data:
+            x, y, idx = _unpack(batch)
+            idx = idx.to(p.device).long()
+            keep = due[idx]
+            if not bool(keep.all()):
+                pos = torch.nonzero(keep).flatten()
+                x, y, idx = x[pos.to(x.device)], y[pos.to(y.device)], idx[pos]
+            if idx.numel():
+                due[idx] = False                 # one observation per sample and pass
+                scored += self._score(model, x, y, idx, loss_fn, transform)
+        requested = int(targets.numel())
+        if p.world_size == 1 and scored < requested:
+            warnings.warn(f"gpuprune refresh before epoch {epoch}: the data delivered {scored} of "
+                          f"the {requested} samples due; the others keep their old losses",
+                          RuntimeWarning, stacklevel=3)
+        return RefreshResult(epoch, requested, scored)
+
+    def _score(self, model, x, y, idx, loss_fn, transform) -> int:
+        dev = _device_of(model, x.device)
+        x = x.to(dev)
+        if transform is not None:
+            x = transform(x)
+        losses = loss_fn(model(x), y.to(dev))
+        if not isinstance(losses, torch.Tensor) or losses.shape != idx.shape:
+            raise ValueError(f"loss_fn must return one loss per sample (shape {tuple(idx.shape)}), "
+                             f"got {getattr(losses, 'shape', type(losses).__name__)}")
+        p = self.pruner
+        p.observe(idx.to(p.device, dtype=torch.int64), losses.to(p.device))
+        return int(idx.numel())
+
+
+def refresh_scores(model: torch.nn.Module, data, pruner: Pruner, epoch: int, *,
+                   which: str = "unselected", share: float = 1.0, seed: int | None = None,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   batch_size: int = 1024, force: bool = False) -> RefreshResult:
+    """One pass before ``epoch`` with in-memory tensors or any iterable of batches: a
+    :class:`Refresher` used once (see :meth:`Refresher.run`). For loaders that should load only the
+    due samples, keep a :class:`Refresher` and use its :meth:`~Refresher.sampler` or
+    :attr:`~Refresher.feed`."""
+    return Refresher(pruner, which, share, seed).run(model, data, epoch, loss_fn=loss_fn,
+                                                     transform=transform, batch_size=batch_size,
+                                                     force=force)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _device_of(model: torch.nn.Module, default: torch.device) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return default
+
+
+def _as_tensor_pair(data):
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        return data[0], data[1]
+    return None
+
+
+def _planner_of(data):
+    """The object of ``data`` that plans epochs from a Pruner (a DALI iterator, or a DataLoader's
+    PrunedSampler), or None."""
+    for obj in (data, getattr(data, "sampler", None)):
+        if isinstance(getattr(obj, "pruner", None), Pruner) and hasattr(obj, "set_epoch"):
+            return obj
+    return None
+
+
+def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 1 and isinstance(batch[0], dict):
+        batch = batch[0]                                   # DALI: one dict per pipeline
+    if isinstance(batch, dict):
+        try:
+            return batch["data"], batch["label"], batch["index"]
+        except KeyError as e:
+            raise ValueError(f"a batch dict must have 'data', 'label' and 'index', got "
+                             f"{sorted(batch)}") from e
+    if isinstance(batch, (list, tuple)) and len(batch) >= 3:
+        return batch[0], batch[1], batch[2]
+    raise TypeError(f"batches must be (x, y, idx) or DALI's [{{'data', 'label', 'index'}}], got "
+                    f"{type(batch).__name__}")
