@@ -207,23 +207,15 @@ class Pruner:
         host synchronisation (InfoBatch's kept count, or the out-of-range-id check on a GPU). Under
         a process group this is a collective: every rank must call it for every new epoch.
         """
-        epoch = self.schedule.check_epoch(epoch)
-        current = self._plan
-        if current is not None:
-            if epoch == current.epoch:
-                return current
-            if epoch < current.epoch:
-                raise ValueError(f"epoch must not go back: plan({epoch}) after plan({current.epoch})")
+        epoch, current, ready = self._lookup(epoch, "plan")
+        if ready is not None and ready[0] is current:
+            return current
         stats = self.stats
         check = self._read_invalid_later()
         if self._sync is not None:
             stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=1,
                                      epoch=epoch, config=self.config())
-        peeked = self._peeked
-        if peeked is not None and peeked[0] == epoch and peeked[1] is current:
-            plan, reselect = peeked[2], peeked[3]
-        else:
-            plan, reselect = self._make_plan(epoch, stats, current)
+        plan, reselect = ready if ready is not None else self._make_plan(epoch, stats, current)
         bad = check()
         if bad:
             self.stats.invalid_batches.zero_()
@@ -249,16 +241,9 @@ class Pruner:
         (``selection_interval > 1``). Loaders use it to read ahead across the epoch boundary; the
         later :meth:`plan` reuses the peeked plan (and still does its collectives and counting).
         """
-        epoch = self.schedule.check_epoch(epoch)
-        current = self._plan
-        if current is not None:
-            if epoch == current.epoch:
-                return current
-            if epoch < current.epoch:
-                raise ValueError(f"epoch must not go back: peek({epoch}) after plan({current.epoch})")
-        peeked = self._peeked
-        if peeked is not None and peeked[0] == epoch and peeked[1] is current:
-            return peeked[2]
+        epoch, current, ready = self._lookup(epoch, "peek")
+        if ready is not None:
+            return ready[0]
         full = self.is_full_epoch(epoch)
         reuse = not full and self._reuses(epoch, current)
         if not (full or reuse or not self.policy.reads_losses):
@@ -266,6 +251,23 @@ class Pruner:
         plan, reselect = self._make_plan(epoch, self.stats, current)
         self._peeked = (epoch, current, plan, reselect)
         return plan
+
+    def _lookup(self, epoch: int, verb: str) -> tuple[int, Plan | None, tuple | None]:
+        """``(epoch, current plan, (plan, reselect) already made for epoch or None)``: the current
+        plan itself when it is ``epoch``'s, else a plan :meth:`peek` computed after it. Epochs must
+        not go back."""
+        epoch = self.schedule.check_epoch(epoch)
+        current = self._plan
+        if current is not None:
+            if epoch == current.epoch:
+                return epoch, current, (current, False)
+            if epoch < current.epoch:
+                raise ValueError(f"epoch must not go back: {verb}({epoch}) after "
+                                 f"plan({current.epoch})")
+        peeked = self._peeked
+        if peeked is not None and peeked[0] == epoch and peeked[1] is current:
+            return epoch, current, (peeked[2], peeked[3])
+        return epoch, current, None
 
     def will_select(self, epoch: int) -> bool:
         """Whether :meth:`plan` ``(epoch)``, called next, draws a new selection (a pure read): a
