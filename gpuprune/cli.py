@@ -11,6 +11,10 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .bench.config import BenchConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -162,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_args(args, parser) -> "BenchConfig":
+def _config_from_args(args, parser) -> BenchConfig:
     from .bench.config import METHODS, BenchConfig
 
     methods = METHODS if "all" in args.methods else tuple(args.methods)

@@ -2,7 +2,7 @@
 
 Each epoch gets its own CPU ``torch.Generator`` seeded from a SplitMix64 mix of (seed, epoch). Policies
 draw a few 64-bit words from it and turn them into per-sample values with the keyed hash of
-:mod:`gpuprune.select`. The generator lives on the host and only a handful of words are drawn, so
+:mod:`gpuprune.keys`. The generator lives on the host and only a handful of words are drawn, so
 no device work or host synchronisation is involved, and the plan is the same on CPU and on any GPU.
 """
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from ._checks import check_bool, check_int

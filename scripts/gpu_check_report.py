@@ -251,7 +251,7 @@ def render_markdown(rep: dict) -> str:
               f"DALI {env.get('dali') or 'not installed'}",
               f"- fatbin: {e.get('fatbin', '-')}; {e.get('fatbin_freshness')}: "
               f"{e.get('fatbin_freshness_why')}",
-              f"- kernels loaded: " + (f"{kl['build']} build ({kl['path']}, {kl['load_s']:.1f} s)"
+              "- kernels loaded: " + (f"{kl['build']} build ({kl['path']}, {kl['load_s']:.1f} s)"
                                       if "build" in kl else f"FAILED: {kl.get('error', 'not tried')}")]
     else:
         L.append("not recorded (step 1 failed)")

@@ -182,7 +182,7 @@ def test_tsan_reports_the_racy_radix_pass(tsan, tmp_path):
     race = report.split("WARNING: ThreadSanitizer: data race")[1]
     assert re.search(r"#0 ctl_apply .*kernels\.cu", race) and "gp_radix_pass" in race, race[:3000]
     offset = CTL_OFFSETS["need"]
-    assert re.search(rf"Location is heap block of size \d+ at 0x([0-9a-f]+)", race)
+    assert re.search(r"Location is heap block of size \d+ at 0x([0-9a-f]+)", race)
     addr = int(re.search(r"of size 4 at 0x([0-9a-f]+)", race).group(1), 16)
     block = int(re.search(r"heap block of size \d+ at 0x([0-9a-f]+)", race).group(1), 16)
     assert addr - block == offset, (hex(addr), hex(block))
