@@ -1,41 +1,55 @@
 """Cost of feeding DALI through gpuprune: pruned iterator vs plain DALI, pruned vs full epochs.
 
-    python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~5 min
+    python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~6 min
     python benchmarks/pipeline.py --device-id 0        # GPU pipelines (augmentation on the GPU)
-    python benchmarks/pipeline.py --files 0 --reps 5   # arrays only, fewer repeats
+    python benchmarks/pipeline.py --files 0 --reps 6   # arrays only, fewer repeats
 
 Data: Fashion-MNIST training images made CIFAR-shaped (32x32x3 uint8), plus ``--files`` of them
 written as PNG files. Graph: random flip + normalise to float CHW (``crop_mirror_normalize``), the
 same in every pipeline. Batch 256.
 
-1. **Arrays** (samples/s over the same plans: uniform keep=0.5 of ``--samples``):
-   ``ArraySource`` + ``PrunedDALIIterator`` vs a plain batch-mode ``external_source`` callable +
-   ``DALIGenericIterator`` (the minimal hand-written version). Target >= 0.97.
-2. **Files** (samples/s over the same files: a fixed random half, policy "static", so a reader
-   over a fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (serial, and
-   ``parallel=True`` with 2 workers) vs ``fn.readers.file(files=<the planned files>)`` +
-   ``DALIGenericIterator(reader_name=...)``, vs a reader rebuilt every epoch with that epoch's
-   planned list (build included), and vs a plain ``external_source`` of the paths ->
-   ``fn.io.file.read``. PNG decoded on the CPU (or "mixed"). Target: pruned >= 0.95 x reader.
+Two kinds of pruned runs are measured, because the iterator reads ahead across epoch boundaries
+only when the next epoch's plan is known before the current epoch's last losses
+(``Pruner.peek``): **uniform/static** plans (also full-data epochs and reused selections) are
+read ahead, so the pipeline never drains between epochs; **UCB** plans (also epsilon-greedy and
+InfoBatch's pruned epochs) depend on the epoch's last losses, so each epoch refills the pipeline.
+
+1. **Arrays** (samples/s; keep=0.5 of ``--samples``): ``ArraySource`` + ``PrunedDALIIterator``
+   with uniform plans (read ahead) and with UCB plans (refilled) vs a plain batch-mode
+   ``external_source`` callable + ``DALIGenericIterator`` over the uniform plans (the minimal
+   hand-written version, ``reset()`` between epochs). Target >= 0.97.
+2. **Files** (samples/s over a random half of the files: policy "static", so a reader over a
+   fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (static: read ahead,
+   and with ``read_ahead=False``; ``parallel=True`` with 2 workers; and UCB: a new half each
+   epoch, refilled) vs ``fn.readers.file(files=<the planned files>)`` +
+   ``DALIGenericIterator(reader_name=...)`` (it reads ahead across epochs), with its default
+   (memory-mapped files) and with ``dont_use_mmap=True`` (plain reads, FileSource's default), vs
+   a reader rebuilt every epoch with that epoch's planned list (build included), and vs a plain
+   ``external_source`` of the paths (a list of arrays, as DALI's docs show) ->
+   ``fn.io.file.read(dont_use_mmap=True)``. PNG decoded on the CPU (or "mixed").
+   Target: pruned >= 0.95 x reader, >= 0.97 x plain source.
 3. **Epoch time vs keep** (arrays): wall time of an epoch of the pruned iterator at keep = 0.3,
    0.5, 0.7 (uniform) against a full-data epoch of the same iterator (policy "full"), each timed
-   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included).
+   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included; with
+   read-ahead the next plan is made, by ``peek``, inside the previous epoch's loop).
    Target: time(keep) <= 1.02 x keep x time(full).
-4. **Turnover** (arrays, keep=0.5 of ``--samples``): the first batch after ``set_epoch`` (the plan
-   made beforehand), against the first batch after ``reset()`` of the plain pipeline (the same
-   refill) and a steady-state batch. Target: within 2 ms.
+4. **Turnover** (arrays, N = ``--samples``, keep=0.5): the wait for the first batch after
+   ``set_epoch`` (the plan made beforehand) vs a steady batch's wait, in a training loop whose
+   step takes ``--step-ms`` (a sleep: the host waits for the device, the CPU is free), for uniform
+   plans (read ahead), UCB plans (refilled) and plain DALI's first batch after ``reset()``; and the
+   same first-batch figures from section 1's tight loop (no step: the pipeline is the
+   bottleneck, so every batch, the first included, waits about one pipeline batch).
+   Target: first batch within 2 ms.
 
-Fairness: configurations of sections 1, 3 and 4 stop cleanly at each epoch's end (nothing runs in
-the background), so their epochs are interleaved (A B, B A, ...), each configuration's samples
-median-ed. ``fn.readers.file`` keeps prefetching across epoch boundaries, in the background; so in
-section 2 each configuration runs in blocks of consecutive epochs (as in training), after a pause
-that lets any background work of the previous block finish and one untimed epoch, and blocks are
-interleaved over rounds. Ratios are given four ways: paired (the ratio within each round, whose
-epochs ran close together in time, then the median over rounds: slow drifts of the machine's load
-cancel out), of the median wall-time rates, of the best epochs, and of the process's CPU time per
-sample (user + system, all threads). The machine, its load average and the versions are printed first.
-Each configuration is checked before it is timed: every planned sample arrives once, with its
-own label.
+Fairness: every configuration runs in blocks of consecutive epochs (as in training), each block
+after a pause that lets any background work of the previous block finish (``fn.readers.file``
+and a read-ahead keep working after an epoch's last batch) and one untimed epoch; blocks of the
+configurations are interleaved over rounds. Ratios are given four ways: paired (the ratio within
+each round, whose epochs ran close together in time, then the median over rounds: slow drifts of
+the machine's load cancel out), of the median wall-time rates, of the best epochs, and of the
+process's CPU time per sample (user + system, all threads). The machine, its load average and
+the versions are printed first. Each configuration is checked before it is timed: every planned
+sample arrives once, with its own label.
 """
 
 from __future__ import annotations
@@ -83,8 +97,8 @@ def describe(args) -> str:
             f"python {platform.python_version()} | DALI {dali.__version__} | torch {torch.__version__} "
             f"| numpy {np.__version__} | gpuprune {gp.__version__}\n"
             f"pipelines: batch {args.batch_size}, DALI num_threads {args.threads}, torch threads "
-            f"{torch.get_num_threads()}, device_id {args.device_id}, {args.reps} timed epochs per "
-            f"configuration (median)")
+            f"{torch.get_num_threads()}, device_id {args.device_id}, {args.rounds} rounds x "
+            f"{max(1, args.reps // args.rounds)} timed epochs per configuration")
 
 
 def load_images(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,12 +255,12 @@ class Pruned(Config):
         return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
 
 
-def reader_pipeline(files, labels, args) -> Pipeline:
+def reader_pipeline(files, labels, args, mmap: bool = True) -> Pipeline:
     pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
                     device_id=args.device_id, seed=0)
     with pipe:
         raw, lab = fn.readers.file(files=list(files), labels=[int(v) for v in labels],
-                                   random_shuffle=False, name="Reader")
+                                   random_shuffle=False, name="Reader", dont_use_mmap=not mmap)
         dev = "mixed" if args.device_id is not None else "cpu"
         images = fn.decoders.image(raw, device=dev, output_type=types.RGB)
         pipe.set_outputs(*augment(images, lab))
@@ -259,9 +273,9 @@ class Reader(Config):
 
     name = "fn.readers.file"
 
-    def __init__(self, files, labels, args) -> None:
+    def __init__(self, files, labels, args, mmap: bool = True) -> None:
         super().__init__()
-        self.it = DALIGenericIterator(reader_pipeline(files, labels, args), ["data", "label"],
+        self.it = DALIGenericIterator(reader_pipeline(files, labels, args, mmap), ["data", "label"],
                                       reader_name="Reader", auto_reset=True,
                                       last_batch_policy=LastBatchPolicy.PARTIAL)
 
@@ -303,7 +317,8 @@ class RebuiltReader(Config):
 
 
 class PlainPaths(Config):
-    """external_source of paths (no gpuprune) -> fn.io.file.read -> decoder, fixed file list."""
+    """external_source of paths (no gpuprune; a list of per-sample arrays, as DALI's docs show) ->
+    fn.io.file.read (plain reads, as FileSource's default) -> decoder, fixed file list."""
 
     name = "plain ES paths"
 
@@ -327,7 +342,8 @@ class PlainPaths(Config):
             paths, lab = fn.external_source(self.src, num_outputs=2, batch=True, batch_info=True,
                                             dtype=[types.UINT8, types.INT64], ndim=[1, 0])
             dev = "mixed" if args.device_id is not None else "cpu"
-            images = fn.decoders.image(fn.io.file.read(paths), device=dev, output_type=types.RGB)
+            images = fn.decoders.image(fn.io.file.read(paths, dont_use_mmap=True), device=dev,
+                                       output_type=types.RGB)
             pipe.set_outputs(*augment(images, lab))
         self.it = DALIGenericIterator(pipe, ["data", "label"], size=-1, prepare_first_batch=False)
 
@@ -356,21 +372,6 @@ def timed(cfg: Config) -> tuple[float, int, float]:
     n = cfg.run()
     sync()
     return time.perf_counter() - t, n, cpu_seconds() - c
-
-
-def interleaved(configs: dict, reps: int) -> dict[str, list]:
-    """One warm-up epoch each, then ``reps`` rounds A B C, C B A, ... of single epochs (for
-    configurations that leave nothing running in the background between epochs)."""
-    for c in configs.values():
-        c.prepare()
-        c.run()
-    out = {name: [] for name in configs}
-    names = list(configs)
-    for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            configs[name].prepare()
-            out[name].append(timed(configs[name]))
-    return out
 
 
 def in_blocks(configs: dict, rounds: int, per_block: int, pause: float = 0.5) -> dict[str, list]:
@@ -412,7 +413,7 @@ def paired(base, other, per_round: int = 1) -> float:
     return statistics.median(o / b for b, o in zip(round_rates(base), round_rates(other)))
 
 
-def ratio_row(name, count, base, other, per_round: int = 1, width=34) -> str:
+def ratio_row(name, count, base, other, per_round: int = 1, width=46) -> str:
     return (f"{name:<{width}} {count:>8} {rate(base):>10,.0f} {rate(other):>10,.0f} "
             f"{paired(base, other, per_round):>7.3f} {rate(other) / rate(base):>7.3f} "
             f"{best_rate(other) / best_rate(base):>7.3f} {cpu_rate(other) / cpu_rate(base):>7.3f}")
@@ -432,81 +433,126 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     ap.add_argument("--device-id", type=int, default=None, help="GPU for the pipelines (default: CPU)")
-    ap.add_argument("--reps", type=int, default=15, help="timed epochs per configuration")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of file blocks (section 2)")
+    ap.add_argument("--reps", type=int, default=12, help="timed epochs per configuration")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of blocks (reps/rounds epochs "
+                    "each)")
+    ap.add_argument("--step-ms", type=float, default=10.0,
+                    help="simulated training step per batch in section 4 (sleep), ms")
+    ap.add_argument("--turnover-epochs", type=int, default=6, help="timed epochs in section 4")
+    ap.add_argument("--sections", default="1234", help="sections to run, e.g. 2 or 14")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch CPU threads (selection runs in torch; DALI has its own threads)")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     print(describe(args), flush=True)
     x, y = load_images(args.samples)
-    n = len(x)
-    header = (f"{'compared / baseline':<34} {'samples':>8} {'baseline':>10} {'compared':>10} "
+    header = (f"{'compared / baseline':<46} {'samples':>8} {'baseline':>10} {'compared':>10} "
               f"{'paired':>7} {'median':>7} {'best':>7} {'CPU':>7}")
 
-    # 1. arrays: the same uniform keep=0.5 plans through both; selection untimed
+    # 1. arrays: the same uniform keep=0.5 plans through pruned and plain; UCB plans refilled
+    per_block = max(1, args.reps // args.rounds)
+    tight: dict[str, float] = {}
+    steady = float("nan")
+    if "1" in args.sections:
+        tight, steady = arrays(x, y, args, header, per_block)
+    if args.files and "2" in args.sections:
+        files(x, y, args, header, per_block)
+    if "3" in args.sections:
+        epoch_time(x, y, args, per_block)
+    if "4" in args.sections:
+        turnover_table(x, y, args, tight, steady)
+    print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
+
+
+def arrays(x, y, args, header, per_block) -> tuple[dict[str, float], float]:
+    n = len(x)
     pruner = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)
     twin = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)     # same seed: the same plans
-    pruned = Pruned(pruner, ArraySource(x, y, layouts=("HWC", None)), args)
-    plain = PlainArrays(x, y, lambda e: twin.plan(e).indices.numpy().astype(np.int64), args)
+    ucb = gp.Pruner(n, keep=0.5, policy="ucb", seed=0)
+    configs = {"pruned": Pruned(pruner, ArraySource(x, y, layouts=("HWC", None)), args),
+               "pruned ucb": Pruned(ucb, ArraySource(x, y, layouts=("HWC", None)), args),
+               "plain": PlainArrays(x, y, lambda e: twin.plan(e).indices.numpy().astype(np.int64),
+                                    args)}
     count = len(twin.plan(0))
-    check(pruned, y[pruner.plan(0).indices.numpy()], "pruned arrays")
-    check(plain, y[twin.plan(0).indices.numpy()], "plain arrays")
-    res = interleaved({"pruned": pruned, "plain": plain}, args.reps)
-    print("\n1. arrays: samples/s over the same plans (selection not timed); ratio pruned/plain: "
-          "paired (median over rounds of the ratio within a round), of the median rates, of the "
-          "best epochs and of the CPU time per sample (target >= 0.97)")
+    check(configs["pruned"], y[pruner.plan(0).indices.numpy()], "pruned arrays")
+    check(configs["pruned ucb"], y[ucb.plan(0).indices.numpy()], "pruned ucb arrays")
+    check(configs["plain"], y[twin.plan(0).indices.numpy()], "plain arrays")
+    res = in_blocks(configs, args.rounds, per_block)
+    print(f"\n1. arrays: samples/s, {args.rounds} blocks of {per_block} epochs each (selection not "
+          "timed); ratio: paired (median over rounds of the ratio within a round), of the median "
+          "rates, of the best epochs and of the CPU time per sample (target >= 0.97)")
     print(header)
-    print(ratio_row("pruned / plain ES", count, res["plain"], res["pruned"]))
-    first_plain = statistics.median(plain.first[1:])
-    first_pruned = statistics.median(pruned.first[1:])
+    print(ratio_row("pruned uniform / plain ES", count, res["plain"], res["pruned"], per_block))
+    print(ratio_row("pruned ucb / plain ES", count, res["plain"], res["pruned ucb"], per_block))
+    print(ratio_row("pruned uniform / pruned ucb", count, res["pruned ucb"], res["pruned"],
+                    per_block))
+    tight = {name: statistics.median(cfg.first[1:]) for name, cfg in configs.items()}
     steady = statistics.median(t / -(-k // args.batch_size) for t, k, _ in res["pruned"])
+    return tight, steady
 
-    # 2. files: a fixed random half of the files through every configuration
-    if args.files:
-        nf = min(args.files, n)
-        with tempfile.TemporaryDirectory(prefix="gpuprune-bench-") as tmp:
-            t = time.perf_counter()
-            paths = write_pngs(x[:nf], Path(tmp))
-            print(f"\nwrote {nf} PNG files in {time.perf_counter() - t:.1f}s", flush=True)
-            fpruner = gp.Pruner(nf, keep=0.5, policy="static", seed=0)
-            fsel = fpruner.plan(0).indices.numpy().astype(np.int64)
-            sel_files, sel_labels = [paths[i] for i in fsel], y[fsel]
-            configs = {
-                "reader": Reader(sel_files, sel_labels, args),
-                "pruned": Pruned(fpruner, FileSource(paths, y[:nf], reader_labels=False), args),
-                "pruned parallel": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
-                                          FileSource(paths, y[:nf], reader_labels=False,
-                                                     parallel=True), args, py_num_workers=2),
-                "rebuilt": RebuiltReader(gp.Pruner(nf, keep=0.5, policy="static", seed=0), paths,
-                                         y[:nf], args),
-                "plain ES paths": PlainPaths(sel_files, sel_labels, args),
-            }
-            for name, cfg in configs.items():          # the checks also serve as warm-up
-                if name == "reader":
-                    continue
-                want = y[cfg.pruner.plan(cfg.epoch).indices.numpy()] if hasattr(cfg, "pruner") \
-                    else sel_labels
-                check(cfg, want, name)
-            reader_labels = configs["reader"].labels_of_epoch()
+
+def files(x, y, args, header, per_block) -> None:
+    """2. files: a fixed random half of the files through every configuration."""
+    n = len(x)
+    nf = min(args.files, n)
+    with tempfile.TemporaryDirectory(prefix="gpuprune-bench-") as tmp:
+        t = time.perf_counter()
+        paths = write_pngs(x[:nf], Path(tmp))
+        print(f"\nwrote {nf} PNG files in {time.perf_counter() - t:.1f}s", flush=True)
+        fpruner = gp.Pruner(nf, keep=0.5, policy="static", seed=0)
+        fsel = fpruner.plan(0).indices.numpy().astype(np.int64)
+        sel_files, sel_labels = [paths[i] for i in fsel], y[fsel]
+        configs = {
+            "reader": Reader(sel_files, sel_labels, args),
+            "reader no mmap": Reader(sel_files, sel_labels, args, mmap=False),
+            "pruned": Pruned(fpruner, FileSource(paths, y[:nf], reader_labels=False), args),
+            "pruned ucb": Pruned(gp.Pruner(nf, keep=0.5, policy="ucb", seed=0),
+                                 FileSource(paths, y[:nf], reader_labels=False), args),
+            "pruned no read-ahead": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
+                                           FileSource(paths, y[:nf], reader_labels=False), args,
+                                           read_ahead=False),
+            "pruned parallel": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
+                                      FileSource(paths, y[:nf], reader_labels=False,
+                                                 parallel=True), args, py_num_workers=2),
+            "rebuilt": RebuiltReader(gp.Pruner(nf, keep=0.5, policy="static", seed=0), paths,
+                                     y[:nf], args),
+            "plain ES paths": PlainPaths(sel_files, sel_labels, args),
+        }
+        for name, cfg in configs.items():          # the checks also serve as warm-up
+            if name.startswith("reader"):
+                continue
+            want = y[cfg.pruner.plan(cfg.epoch).indices.numpy()] if hasattr(cfg, "pruner") \
+                else sel_labels
+            check(cfg, want, name)
+        for name in ("reader", "reader no mmap"):
+            reader_labels = configs[name].labels_of_epoch()
             if sorted(reader_labels.tolist()) != sorted(sel_labels.tolist()):
-                sys.exit("reader: wrong samples")
-            per_block = max(1, args.reps // args.rounds)
-            res_f = in_blocks(configs, args.rounds, per_block)
-            print(f"\n2. files ({len(fsel)} PNG per epoch, {-(-len(fsel) // args.batch_size)} "
-                  f"batches): samples/s, {args.rounds} blocks of {per_block} epochs each; ratios "
-                  "as in 1., paired by round (target: pruned >= 0.95 x reader)")
-            print(header)
-            for base in ("reader", "plain ES paths"):
-                for name in ("pruned", "pruned parallel", "rebuilt"):
-                    if name == "rebuilt" and base != "reader":
-                        continue
-                    print(ratio_row(f"{name} / {base}", len(fsel), res_f[base], res_f[name],
-                                    per_block))
-            print(ratio_row("plain ES paths / reader", len(fsel), res_f["reader"],
-                            res_f["plain ES paths"], per_block))
+                sys.exit(f"{name}: wrong samples")
+        res_f = in_blocks(configs, args.rounds, per_block)
+        print(f"\n2. files ({len(fsel)} PNG per epoch, {-(-len(fsel) // args.batch_size)} "
+              f"batches): samples/s, {args.rounds} blocks of {per_block} epochs each; ratios "
+              "as in 1., paired by round (target: pruned >= 0.95 x reader, >= 0.97 x plain ES)")
+        print(header)
+        for base in ("reader", "reader no mmap", "plain ES paths"):
+            for name in ("pruned", "pruned no read-ahead", "pruned ucb", "pruned parallel",
+                         "rebuilt"):
+                if name in ("rebuilt", "pruned parallel") and base != "reader":
+                    continue
+                label = {"pruned": "pruned static",
+                         "pruned no read-ahead": "pruned static, no read-ahead"}.get(name, name)
+                print(ratio_row(f"{label} / {base}", len(fsel), res_f[base], res_f[name],
+                                per_block))
+        print(ratio_row("plain ES paths / reader", len(fsel), res_f["reader"],
+                        res_f["plain ES paths"], per_block))
+        print(ratio_row("reader no mmap / reader", len(fsel), res_f["reader"],
+                        res_f["reader no mmap"], per_block))
+        print(ratio_row("pruned static: read-ahead / none", len(fsel),
+                        res_f["pruned no read-ahead"], res_f["pruned"], per_block))
 
-    # 3. epoch time vs keep, one iterator per keep, interleaved; selection timed
+
+def epoch_time(x, y, args, per_block) -> None:
+    """3. epoch time vs keep, one iterator per keep, in blocks; selection timed."""
+    n = len(x)
     configs, counts = {}, {}
     for keep in (1.0, *KEEPS):
         p = gp.Pruner(n, keep=keep, policy="full" if keep == 1.0 else "uniform", seed=0)
@@ -514,32 +560,105 @@ def main() -> None:
         counts[keep] = len(p.plan(0))
         check(configs[keep], y[p.plan(0).indices.numpy()], f"keep {keep}")
         configs[keep].plan_times.clear()
-    res = interleaved(configs, args.reps)
+    res = in_blocks(configs, args.rounds, per_block)
     full = res[1.0]
 
     def med(s, i=0):
         return statistics.median(v[i] for v in s)
-    print("\n3. epoch time vs keep (arrays), selection included; ratio = time(keep) / (keep x "
-          "time(full)): paired (median over rounds), of the median wall times, of the best wall "
-          "times and of the CPU times (target <= 1.02)")
+    print("\n3. epoch time vs keep (arrays, uniform plans: read ahead), selection included; ratio "
+          "= time(keep) / (keep x time(full)): paired (median over epochs), of the median wall "
+          "times, of the best wall times and of the CPU times (target <= 1.02)")
     print(f"{'keep':>5} {'samples':>8} {'epoch s':>9} {'plan ms':>8} {'keep*full':>10} "
           f"{'paired':>7} {'median':>7} {'best':>7} {'CPU':>7}")
     for keep in (1.0, *KEEPS):
         r = res[keep]
-        plan_ms = 1e3 * statistics.median(configs[keep].plan_times[-args.reps:])
+        plan_ms = 1e3 * statistics.median(configs[keep].plan_times)
         pair = statistics.median(t / (keep * f) for (t, _, _), (f, _, _) in zip(r, full))
         print(f"{keep:>5} {counts[keep]:>8} {med(r):>9.3f} {plan_ms:>8.2f} "
               f"{keep * med(full):>10.3f} {pair:>7.3f} {med(r) / (keep * med(full)):>7.3f} "
               f"{min(v[0] for v in r) / (keep * min(v[0] for v in full)):>7.3f} "
               f"{med(r, 2) / (keep * med(full, 2)):>7.3f}")
+    print("   (plan ms: pruner.plan() at the epoch's start; with read-ahead the selection was "
+          "already made, by peek, during the previous epoch, whose time includes it)")
 
-    # 4. turnover
-    print(f"\n4. turnover at N={n}, keep=0.5 (section 1's epochs, medians): first batch after "
-          f"set_epoch {1e3 * first_pruned:.2f} ms (plan made before: "
-          f"{1e3 * statistics.median(configs[0.5].plan_times):.2f} ms); plain DALI's first batch "
-          f"after reset() {1e3 * first_plain:.2f} ms; steady batch {1e3 * steady:.2f} ms "
-          f"(target: first batch <= 2 ms)")
-    print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
+
+def turnover_table(x, y, args, tight, steady) -> None:
+    """4. turnover: the table."""
+    n = len(x)
+    turn = turnover(x, y, args)
+    print(f"\n4. turnover at N={n}, keep=0.5: wait for the first batch after set_epoch (the plan "
+          f"made before) / reset(), and for a steady batch; medians in ms (target: first batch "
+          f"<= 2 ms)")
+    print(f"{'':<36} {'first':>8} {'steady':>8}")
+    for name, (first, steady_wait) in turn.items():
+        print(f"{name:<36} {1e3 * first:>8.2f} {1e3 * steady_wait:>8.2f}")
+    if tight:
+        print(f"{'tight loop (section 1), uniform':<36} {1e3 * tight['pruned']:>8.2f} "
+              f"{1e3 * steady:>8.2f}")
+        print(f"{'tight loop (section 1), ucb':<36} {1e3 * tight['pruned ucb']:>8.2f}")
+        print(f"{'tight loop (section 1), plain reset()':<36} {1e3 * tight['plain']:>8.2f}")
+
+
+def turnover(x, y, args) -> dict[str, tuple[float, float]]:
+    """First-batch and steady-batch waits in a loop whose training step takes ``--step-ms``
+    (``time.sleep``: the host waits for the device). Each configuration runs one untimed epoch,
+    then ``--turnover-epochs`` epochs; the plan of each epoch is made before it (untimed)."""
+    n, step = len(x), args.step_ms / 1e3
+    out = {}
+
+    def waits(it, t0, observe=None):
+        first, steady = None, []
+        t = t0
+        for (b,) in it:
+            now = time.perf_counter()
+            if first is None:
+                first = now - t
+            else:
+                steady.append(now - t)
+            if observe is not None:
+                observe(b)
+            time.sleep(step)
+            t = time.perf_counter()
+        return first, steady
+
+    twin = gp.Pruner(n, keep=0.5, policy="uniform", seed=1)
+    plain = PlainArrays(x, y, lambda e: twin.plan(e).indices.numpy().astype(np.int64), args)
+    cases = {}
+    for policy in ("uniform", "ucb"):
+        p = gp.Pruner(n, keep=0.5, policy=policy, seed=1)
+        it = build_iterator(p, ArraySource(x, y, layouts=("HWC", None)), augment,
+                            batch_size=args.batch_size, num_threads=args.threads,
+                            device_id=args.device_id, seed=0)
+        label = "uniform (read ahead)" if policy == "uniform" else "ucb (refilled)"
+        cases[f"step {args.step_ms:g} ms, {label}"] = (p, it)
+    for name, (p, it) in cases.items():
+        time.sleep(0.5)
+        firsts, steadies = [], []
+        for epoch in range(args.turnover_epochs + 1):
+            p.plan(epoch)
+            t0 = time.perf_counter()
+            it.set_epoch(epoch)
+            first, steady = waits(it, t0, lambda b, p=p: p.observe(
+                b["index"], (b["index"] % 7).float()))
+            if epoch:
+                firsts.append(first)
+                steadies += steady
+        out[name] = (statistics.median(firsts), statistics.median(steadies))
+    time.sleep(0.5)
+    firsts, steadies = [], []
+    for epoch in range(args.turnover_epochs + 1):
+        plain.prepare()
+        t0 = time.perf_counter()
+        if plain.epoch:
+            plain.it.reset()
+        plain.epoch += 1
+        first, steady = waits(plain.it, t0)
+        if epoch:
+            firsts.append(first)
+            steadies += steady
+    out[f"step {args.step_ms:g} ms, plain DALI reset()"] = (statistics.median(firsts),
+                                                           statistics.median(steadies))
+    return out
 
 
 if __name__ == "__main__":

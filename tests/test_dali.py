@@ -124,6 +124,10 @@ def expected_batches(plan_ids: torch.Tensor, bs: int, drop: bool, start: int = 0
     return [ids[i:min(i + bs, n)] for i in range(start, n, bs)]
 
 
+def expected_batches_list(ids: list, bs: int) -> list:
+    return [ids[i:i + bs] for i in range(0, len(ids), bs)]
+
+
 def assert_same_batches(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -426,7 +430,20 @@ for epoch in range(3):
             got.append(b["index"].tolist())
         ep[name] = {"steps": steps, "batches": got}
     ep["plan"] = pruner.plan(epoch).indices.tolist()
+    ep["dali_epoch"] = its["partial"]._pipes[0]._epoch_idx
     record["epochs"].append(ep)
+# read-ahead: a uniform plan (301 of 1001: PARTIAL pads one sample) is read across the boundaries
+ahead = gp.Pruner(len(x), keep=0.301, policy="uniform", num_epochs=3, seed=8)
+it = build_iterator(ahead, ArraySource(x, y), batch_size=32)
+record["ahead"] = []
+for epoch in range(3):
+    it.set_epoch(epoch)
+    got = []
+    for (b,) in it:
+        assert np.array_equal(b["label"].numpy(), y[b["index"].numpy()])
+        got.append(b["index"].tolist())
+    record["ahead"].append({"batches": got, "plan": ahead.plan(epoch).indices.tolist(),
+                            "dali_epoch": it._pipes[0]._epoch_idx})
 json.dump(record, open(out, "w"))
 dist.barrier()
 dist.destroy_process_group()
@@ -436,7 +453,9 @@ dist.destroy_process_group()
 def test_ranks_of_a_gloo_group_shard_by_themselves(fmnist, tmp_path):
     """Issue 10: under a real 2-rank gloo group the iterator finds its shard from the Pruner (no
     shard arguments): equal-size, disjoint shards covering the plan; every rank plans alike;
-    disagreeing explicit shard arguments raise; a one-sided len() does not hang the group."""
+    disagreeing explicit shard arguments raise; a one-sided len() does not hang the group. With
+    read-ahead (uniform plans, peeked locally on each rank) the shards are the same and the
+    pipeline never refills; UCB plans (loss-dependent) refill every epoch."""
     import socket
     x, y = fmnist[0][:1001], fmnist[1][:1001]
     np.save(tmp_path / "d_x.npy", x)
@@ -477,6 +496,22 @@ def test_ranks_of_a_gloo_group_shard_by_themselves(fmnist, tmp_path):
                 assert len(shards[0]) == len(shards[1]) == 150           # equal sizes
                 assert not set(shards[0]) & set(shards[1])               # disjoint
                 assert set(shards[0]) | set(shards[1]) == set(plan)      # covering the plan
+    # UCB plans depend on the losses: each epoch refills the pipeline (its DALI epoch counter
+    # moves); uniform plans are read ahead on every rank: one DALI epoch for the three epochs
+    assert [e["dali_epoch"] for e in ranks[0]["epochs"]] == [0, 1, 2]
+    for epoch in range(3):
+        plan = ranks[0]["ahead"][epoch]["plan"]
+        assert ranks[1]["ahead"][epoch]["plan"] == plan and len(plan) == 301
+        shards = []
+        for r in range(2):
+            rec = ranks[r]["ahead"][epoch]
+            assert rec["dali_epoch"] == 0
+            shards.append([i for batch in rec["batches"] for i in batch])
+            want = gp.Plan(epoch, torch.tensor(plan, dtype=torch.int32), False, 1001).shard(r, 2)
+            assert rec["batches"] == expected_batches_list(want.indices.tolist(), 32)
+        assert len(shards[0]) == len(shards[1]) == 151                   # one sample padded
+        assert set(shards[0]) | set(shards[1]) == set(plan)
+        assert len(set(shards[0]) & set(shards[1])) == 1
 
 
 def test_weight_output_is_the_plans_loss_weight(fmnist):
@@ -750,6 +785,31 @@ def test_finding_7_file_labels_look_like_the_readers(fmnist, png_files):
         FileSource(png_files, np.full(N_FILES, 2**40))
 
 
+def test_file_source_reads_paths_of_any_length_and_encoding(tmp_path):
+    """FileSource feeds each batch's paths as one NUL-padded byte matrix: short and long paths,
+    non-ASCII and nested names in one batch still read exactly their own file."""
+    names = ["a.png", "x" * 200 + ".png", "é-ü-中.png", "d/e/f/g.png", "b c.png"]
+    paths = []
+    for k, name in enumerate(names * 3):
+        p = tmp_path / f"{k}" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([k]) * 48)              # equal lengths: the raw batch is dense
+        paths.append(str(p))
+    pruner = gp.Pruner(len(paths), policy="full", seed=1)
+    for read_kwargs in (None, {"dont_use_mmap": False}):    # plain reads (default), mapped files
+        source = FileSource(paths, decoder=None, read_kwargs=read_kwargs)
+        assert source.read_kwargs["dont_use_mmap"] is (read_kwargs is None)
+        it = build_iterator(pruner, source, batch_size=6, output_map=["data"])
+        seen = []
+        for (b,) in it:
+            want = np.repeat(b["index"].numpy().astype(np.uint8)[:, None], 48, axis=1)
+            assert np.array_equal(b["data"].numpy(), want)
+            seen += b["index"].tolist()
+        assert sorted(seen) == list(range(len(paths)))
+    with pytest.raises(TypeError, match="read_kwargs must be a dict"):
+        FileSource(paths, read_kwargs="dont_use_mmap")
+
+
 def test_spawned_workers_see_each_new_plan(fmnist, png_files):
     # spawn pickles the source into the workers; the plan must reach them through shared memory
     y = fmnist[1][:N_FILES]
@@ -888,7 +948,11 @@ def test_issue_11_finding_10_skip_means_skip_in_every_epoch(fmnist, png_files, t
     gone, broken = 17, 130
     pruner = gp.Pruner(200, policy="full")
     source = FileSource(paths, y, output_type=types.GRAY, on_error="skip", parallel=parallel)
-    it = build_iterator(pruner, source, normalize_graph, batch_size=32, py_num_workers=2)
+    # read_ahead=False: every file of an epoch is checked after the previous epoch ended (with
+    # read-ahead the next epoch's first batches are read, and checked, before that; see
+    # test_dali_readahead.py)
+    it = build_iterator(pruner, source, normalize_graph, batch_size=32, py_num_workers=2,
+                        read_ahead=False)
     it.set_epoch(0)
     assert sum(len(b) for b in run_epoch(it, x, y)) == 200 and it.bad_samples == {}
     good_bytes = Path(paths[broken]).read_bytes()
@@ -1002,14 +1066,15 @@ def test_pipeline_run_directly_without_the_iterator_explains_itself(fmnist):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("kind", ["torch", "cupy"])
-def test_gpu_array_source_gathers_on_the_device(fmnist, kind):
+@pytest.mark.parametrize("policy", ["ucb", "uniform"])       # uniform: read ahead on the GPU
+def test_gpu_array_source_gathers_on_the_device(fmnist, kind, policy):
     x, y = fmnist
     if kind == "cupy":
         cp = pytest.importorskip("cupy")
         xs, ys = cp.asarray(x), cp.asarray(y)
     else:
         xs, ys = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
-    pruner = gp.Pruner(N, keep=0.3, policy="ucb", seed=0, device="cuda")
+    pruner = gp.Pruner(N, keep=0.3, policy=policy, seed=0, device="cuda")
     source = ArraySource(xs, ys, layouts=("HWC", None))
     assert source.device == "gpu"
     it = build_iterator(pruner, source, normalize_graph, batch_size=64, device_id=0,

@@ -72,7 +72,7 @@ def build_iterator(pruner: Pruner, source: PlanSource,
                    last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
                    shard_id: int | None = None, num_shards: int | None = None,
                    shuffle: bool = True, prepare_first_batch: bool = True,
-                   num_threads: int = 2, device_id: int | None = None,
+                   read_ahead: bool = True, num_threads: int = 2, device_id: int | None = None,
                    auto_reset: bool | str = False,
                    index_name: str = "index", weight_name: str = "weight",
                    **pipeline_kwargs) -> PrunedDALIIterator:
@@ -83,8 +83,8 @@ def build_iterator(pruner: Pruner, source: PlanSource,
         source, define_graph, batch_size, num_threads, device_id: see :func:`build_pipeline`.
         output_map: names of ``define_graph``'s outputs. Default ``("data", "label")``, as
             ``DALIClassificationIterator``.
-        last_batch_policy, shard_id, num_shards, shuffle, prepare_first_batch, auto_reset,
-            index_name, weight_name: see :class:`~gpuprune.dali.PrunedDALIIterator`.
+        last_batch_policy, shard_id, num_shards, shuffle, prepare_first_batch, read_ahead,
+            auto_reset, index_name, weight_name: see :class:`~gpuprune.dali.PrunedDALIIterator`.
         **pipeline_kwargs: more ``nvidia.dali.Pipeline`` arguments (``seed``,
             ``prefetch_queue_depth``, ``py_num_workers``, ...). ``DALIGenericIterator``'s own
             arguments (``size``, ``reader_name``, ``fill_last_batch``, ``dynamic_shape``,
@@ -109,5 +109,6 @@ def build_iterator(pruner: Pruner, source: PlanSource,
     return PrunedDALIIterator(pipe, output_map, pruner=pruner, source=source,
                               last_batch_policy=last_batch_policy, shard_id=shard_id,
                               num_shards=num_shards, shuffle=shuffle,
-                              prepare_first_batch=prepare_first_batch, auto_reset=auto_reset,
+                              prepare_first_batch=prepare_first_batch, read_ahead=read_ahead,
+                              auto_reset=auto_reset,
                               index_name=index_name, weight_name=weight_name, **iterator_kwargs)

@@ -30,13 +30,15 @@ _CHECKPOINT_HINT = (
 
 @dataclass
 class _Pass:
-    """One run over (the rest of) one epoch's plan for this rank."""
+    """One run over (the rest of) one epoch's plan for this rank: a segment of a DALI epoch."""
 
     epoch: int
     plan: Plan            # this rank's share, in training order
     start: int            # first plan entry served (non-zero after a mid-epoch restore)
     end: int              # one past the last entry served (cut to whole batches with DROP)
     num_batches: int      # batches in [start, end)
+    source_plan: Plan | None = None       # the Pruner's plan the share was taken from
+    base: int = 0         # position of plan entry 0 in the source's plan storage
     handed: int = 0       # batches handed out by __next__
     done: bool = False    # StopIteration was raised, or the pass was ended early
     ids: torch.Tensor | None = None       # entries [start, end) as int64, sliced per batch
@@ -45,6 +47,20 @@ class _Pass:
     def consumed(self, batch_size: int) -> int:
         """Plan entries of this rank's epoch served so far (the Position's ``consumed``)."""
         return min(self.start + self.handed * batch_size, self.end)
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    """Whether two plans serve the same ids with the same loss weights."""
+    if a is b:
+        return True
+    if (a.epoch, a.full, a.num_samples, a.weight) != (b.epoch, b.full, b.num_samples, b.weight):
+        return False
+    if (a.rescaled is None) != (b.rescaled is None):
+        return False
+    if a.rescaled is not None and not torch.equal(a.rescaled, b.rescaled.to(a.rescaled.device)):
+        return False
+    return a.indices.shape == b.indices.shape and torch.equal(a.indices,
+                                                              b.indices.to(a.indices.device))
 
 
 class PrunedDALIIterator(DALIGenericIterator):
@@ -83,6 +99,16 @@ class PrunedDALIIterator(DALIGenericIterator):
     * ``len(it)`` and ``it.size`` count the batches and samples of the running pass (from its start
       position), or of the pass the next ``iter()`` starts. They never plan: before
       :meth:`set_epoch` they give the size the schedule predicts (the same on every rank).
+    * **Read-ahead across epoch boundaries** (``read_ahead=True``): when the next epoch's plan is
+      already determined before this epoch's last losses arrive (``Pruner.peek``: full-data
+      epochs, the ``uniform``/``static``/``full`` policies, epochs reusing a selection), its first
+      batches are fed to DALI right after this epoch's last ones, in the same DALI epoch, as a
+      reader keeps reading across its epochs; the pipeline never drains and refills between such
+      epochs. :meth:`set_epoch` still plans (the collective) and then hands out exactly those
+      batches. Anything else (another epoch, a ``break`` followed by ``set_epoch``/``reset``,
+      :meth:`load_state_dict`, a plan that differs from the one read ahead) drops the read-ahead
+      like an early exit. Loss-dependent plans (UCB, epsilon-greedy, InfoBatch's pruned epochs)
+      cannot be read ahead: they depend on the epoch's last losses.
 
     Args:
         pipelines: one DALI pipeline (or a list holding one) whose graph starts with ``source``.
@@ -114,6 +140,10 @@ class PrunedDALIIterator(DALIGenericIterator):
         shuffle: if True (default), batches follow the plan's shuffled order. If False, each
             epoch's planned ids are served in increasing id order (``policy="full"`` then reads
             0, 1, ..., N-1, like a reader without ``random_shuffle``).
+        read_ahead: if True (default), read the next epoch's first batches before this one ends
+            whenever its plan is already determined (see above). The next epoch's source calls
+            (``gather`` with its epoch, file reads and checks) then happen during this epoch. If
+            False, each epoch's batches are read only after it starts (the pipeline refills).
         index_name: key of the sample ids in each batch dict. Default ``"index"``.
         weight_name: key of the loss weights. Default ``"weight"``.
 
@@ -131,7 +161,8 @@ class PrunedDALIIterator(DALIGenericIterator):
                  last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
                  prepare_first_batch: bool = True, *, pruner: Pruner, source: PlanSource,
                  shard_id: int | None = None, num_shards: int | None = None, shuffle: bool = True,
-                 index_name: str = "index", weight_name: str = "weight") -> None:
+                 read_ahead: bool = True, index_name: str = "index",
+                 weight_name: str = "weight") -> None:
         pipes = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
         if len(pipes) != 1:
             raise ValueError(f"PrunedDALIIterator takes one pipeline, got {len(pipes)}; run one "
@@ -159,6 +190,7 @@ class PrunedDALIIterator(DALIGenericIterator):
             raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got auto_reset={auto_reset!r}")
         self._prepare = check_bool("prepare_first_batch", prepare_first_batch)
         self.shuffle = check_bool("shuffle", shuffle)
+        self.read_ahead = check_bool("read_ahead", read_ahead)
         if getattr(pipe, "_enable_checkpointing", False) or getattr(pipe, "_checkpoint", None):
             which = ("was restored from a DALI checkpoint (checkpoint=...)"
                      if getattr(pipe, "_checkpoint", None) else "has enable_checkpointing=True")
@@ -194,6 +226,13 @@ class PrunedDALIIterator(DALIGenericIterator):
         self._drop = last_batch_policy == LastBatchPolicy.DROP
         self._next = (0, 0)             # (epoch, first plan entry) of the next pass
         self._pass: _Pass | None = None
+        # The DALI epoch in progress: one pass or, reading ahead, several back to back. _ahead is
+        # the next epoch's pass, published after the current one (the read-ahead); _covered the
+        # batches published to the source in this DALI epoch, _served those taken from the
+        # pipeline; _final: nothing more will be published (DALI may have been told the end).
+        self._ahead: _Pass | None = None
+        self._covered = self._served = 0
+        self._final = True
         self._error: BaseException | None = None
         self._shard_cache: tuple[Plan | None, Plan | None] = (None, None)
         self._ready = False
@@ -248,7 +287,10 @@ class PrunedDALIIterator(DALIGenericIterator):
     # ------------------------------------------------------------------ plans
     def _shard_for(self, epoch: int) -> Plan:
         """This rank's share of ``epoch``'s plan, in serving order (plans the epoch if needed)."""
-        plan = self.pruner.plan(epoch)
+        return self._shard_of(self.pruner.plan(epoch))
+
+    def _shard_of(self, plan: Plan) -> Plan:
+        """This rank's share of ``plan``, in serving order."""
         if self._shard_cache[0] is plan:
             return self._shard_cache[1]
         shard = plan
@@ -291,13 +333,28 @@ class PrunedDALIIterator(DALIGenericIterator):
                                "iterator and restore the position with load_state_dict()"
                                ) from self._error
 
+    def _lookahead(self) -> int:
+        """How far past the batches taken DALI may have asked the source: the pipeline's prefetch
+        queue, plus the batches parallel workers compute ahead of it."""
+        pipe = self._pipes[0]
+        depth = max(pipe.cpu_queue_size, pipe.gpu_queue_size)
+        return depth + (self.source.prefetch_queue_depth if self.source.parallel else 0)
+
     def _start_pass(self) -> None:
         epoch, start = self._next
-        plan = self._shard_for(epoch)
+        source_plan = self.pruner.plan(epoch)          # a collective under a process group
+        plan = self._shard_of(source_plan)
         n = len(plan)
         if start > n:
             raise ValueError(f"cannot resume epoch {epoch} after {start} samples: this rank's plan "
                              f"of it has only {n}")
+        a = self._ahead
+        if a is not None:
+            if start == 0 and a.epoch == epoch and _same_plan(a.source_plan, source_plan):
+                # read ahead: DALI is already producing this epoch's batches
+                self._ahead, self._pass, self._next = None, a, (epoch + 1, 0)
+                return
+            self._abandon()                            # read ahead for nothing: drop it
         nb = self._batches_from(n, start)
         end = start + nb * self.batch_size if self._drop else n
         pipe = self._pipes[0]
@@ -306,26 +363,68 @@ class PrunedDALIIterator(DALIGenericIterator):
         if not pipe._first_iter:
             raise RuntimeError("internal error: the DALI pipeline did not finish its previous epoch")
         # publish before DALI asks for data; the pipeline's epoch counter tags the plan
-        self.source.publish(pipe._epoch_idx, epoch, plan.indices, start, end, nb)
-        self._pass = _Pass(epoch, plan, start, end, nb)
+        base = self.source.publish(pipe._epoch_idx, epoch, plan.indices, start, end, nb)
+        self._pass = p = _Pass(epoch, plan, start, end, nb, source_plan, base or 0)
         self._next = (epoch + 1, 0)
+        self._covered, self._served, self._final = nb, 0, False
+        self._extend(self._lookahead())    # a short pass: decide on the read-ahead before DALI asks
         try:
             with self._api():
                 pipe.schedule_run()        # prefetch: DALI calls the source queue-depth times
         except Exception as e:
             self._fail(e)
         # while DALI works: the pass's ids and weights, so each batch only slices them
-        p = self._pass
-        p.ids = plan.indices[start:end].to(torch.int64)
-        p.weights = plan.weights_of(p.ids)
+        self._slice(p)
 
-    def _end_pass(self) -> None:
-        p = self._pass
-        if p is None:
+    def _slice(self, p: _Pass) -> None:
+        p.ids = p.plan.indices[p.start:p.end].to(torch.int64)
+        p.weights = p.plan.weights_of(p.ids)
+
+    def _extend(self, upcoming: int) -> None:
+        """Before DALI may ask the source for iterations up to ``upcoming`` (exclusive) of its
+        epoch: if that is past the published batches, decide now what follows them, since DALI
+        ends its epoch at the first iteration the source has no batch for.
+
+        Reading ahead, the next epoch's batches follow the running pass in the same DALI epoch
+        when its plan is already determined (``Pruner.peek``: full-data epochs, policies that do
+        not read the losses, reused selections), so the pipeline never drains and refills between
+        such epochs. Otherwise (a loss-dependent plan, the last epoch, a read-ahead already
+        published, ``read_ahead=False``) the DALI epoch ends after the published batches.
+        """
+        if self._final or upcoming <= self._covered:
             return
-        if not p.done:
-            # leaving early: stop the source, then drain what DALI has already prefetched so the
-            # pipeline reaches its end of epoch (DALI's pipeline reset() does nothing mid-epoch)
+        self._final = True
+        p = self._pass
+        if not self.read_ahead or self._ahead is not None or p is None or p.done:
+            return
+        epoch = p.epoch + 1
+        num_epochs = self.pruner.schedule.num_epochs
+        current = self.pruner.current_plan
+        if (num_epochs is not None and epoch >= num_epochs) or current is None \
+                or current.epoch != p.epoch:
+            return
+        source_plan = self.pruner.peek(epoch)          # local: no collective, changes nothing
+        if source_plan is None:
+            return
+        plan = self._shard_of(source_plan)
+        nb = self._batches_from(len(plan), 0)
+        if nb == 0:
+            return
+        end = nb * self.batch_size if self._drop else len(plan)
+        base = self.source.append(epoch, plan.indices, 0, end, nb, self._covered)
+        a = _Pass(epoch, plan, 0, end, nb, source_plan, base)
+        self._slice(a)
+        self._ahead = a
+        self._covered += nb
+        # another read-ahead needs this one's plan made (peek looks one epoch past the last plan)
+        self._final = upcoming > self._covered
+
+    def _abandon(self) -> None:
+        """End the DALI epoch now: stop the source, then drain what DALI has already prefetched
+        (the rest of the running pass and any read-ahead), so nothing of it reaches a later epoch
+        (DALI's pipeline reset() does nothing mid-epoch)."""
+        p = self._pass
+        if (p is not None and not p.done) or self._ahead is not None:
             self.source.cut()
             pipe = self._pipes[0]
             try:
@@ -338,7 +437,20 @@ class PrunedDALIIterator(DALIGenericIterator):
                 pass
             except Exception as e:
                 self._fail(e)
+        if p is not None:
             p.done = True
+        self._ahead = None
+        self._final = True
+
+    def _end_pass(self) -> None:
+        """Leave the current pass: an unfinished one ends the DALI epoch (:meth:`_abandon`); after
+        one whose batches were all handed out, a read-ahead of the next epoch stays."""
+        p = self._pass
+        if p is None:
+            return
+        if not p.done and p.handed < p.num_batches:
+            self._abandon()
+        p.done = True
         self._pass = None
 
     def _fail(self, err: BaseException) -> NoReturn:
@@ -347,17 +459,20 @@ class PrunedDALIIterator(DALIGenericIterator):
         p = self._pass
         if isinstance(err, BadSampleError) or p is None:
             raise err
-        pipe = self._pipes[0]
-        ahead = max(pipe.cpu_queue_size, pipe.gpu_queue_size) + 2
-        if self.source.parallel:
-            ahead += self.source.prefetch_queue_depth
-        first = p.consumed(self.batch_size)
-        bad = self.source.find_bad(first, min(p.end, first + ahead * self.batch_size))
-        if bad is None:
-            raise err
-        index, path, what, detail = bad
-        raise BadSampleError(f"cannot {what} file {path!r} (sample index {index}, epoch "
-                             f"{p.epoch}): {detail}", index=index, path=path) from err
+        # the batches in flight: the rest of the pass, then the read-ahead's first ones
+        window = (self._lookahead() + 2) * self.batch_size
+        for q in (p, self._ahead):
+            if q is None or window <= 0:
+                continue
+            first = q.consumed(self.batch_size)
+            last = min(q.end, first + window)
+            bad = self.source.find_bad(q.base + first, q.base + last)
+            if bad is not None:
+                index, path, what, detail = bad
+                raise BadSampleError(f"cannot {what} file {path!r} (sample index {index}, epoch "
+                                     f"{q.epoch}): {detail}", index=index, path=path) from err
+            window -= last - first
+        raise err
 
     def set_epoch(self, epoch: int) -> None:
         """Make ``epoch`` the epoch of the next pass, and plan it.
@@ -365,8 +480,9 @@ class PrunedDALIIterator(DALIGenericIterator):
         Planning is a collective under a process group: every rank calls it. If ``epoch`` is the
         epoch in progress (or the restored one), its position is kept; any other epoch ends the
         unfinished pass and starts from the beginning of ``epoch``. With ``prepare_first_batch``
-        the pipeline starts preparing its first batches right away. Optional: without it the
-        iterator runs epochs 0, 1, 2, ..., planning each when its pass starts.
+        the pipeline starts preparing its first batches right away, unless they were read ahead
+        (then this only plans and checks that the plan is the one read ahead). Optional: without
+        it the iterator runs epochs 0, 1, 2, ..., planning each when its pass starts.
         """
         epoch = self.pruner.schedule.check_epoch(epoch)
         self._check_usable()
@@ -385,6 +501,7 @@ class PrunedDALIIterator(DALIGenericIterator):
 
         Unlike DALI's ``reset()``, which ignores an unfinished epoch (and the next loop continues
         it), this drops the rest of the epoch: call it to abandon an epoch after a ``break``.
+        After a finished epoch it only closes it (a read-ahead of the next epoch stays).
         """
         self._check_usable()
         self._end_pass()
@@ -425,10 +542,13 @@ class PrunedDALIIterator(DALIGenericIterator):
         pipe = self._pipes[0]
         if p.handed == p.num_batches:
             p.done = True
-            if not pipe.empty() or not pipe._last_iter:
+            if self._ahead is None and (not pipe.empty() or not pipe._last_iter):
                 self._fail(RuntimeError(f"internal error: DALI has more data after the "
                                         f"{p.num_batches} batches planned for epoch {p.epoch}"))
             raise StopIteration
+        # the schedule_run below lets DALI ask for one more batch: read ahead now if it is past
+        # the published ones (before taking this batch, so a failing plan loses nothing)
+        self._extend(self._lookahead() + self._served + 1)
         try:
             with self._api():
                 outputs = pipe.share_outputs()
@@ -441,6 +561,7 @@ class PrunedDALIIterator(DALIGenericIterator):
                                     f"{p.handed} of {p.num_batches} batches"))
         except Exception as e:
             self._fail(e)
+        self._served += 1
         index, weight = self._ids_and_weights(p)
         got = len(next(iter(batch.values())))
         if got != len(index):
@@ -476,7 +597,8 @@ class PrunedDALIIterator(DALIGenericIterator):
         (views into the pass's copies: the plan itself is never exposed)."""
         i = p.handed * self.batch_size
         index, weight = p.ids[i:i + self.batch_size], p.weights[i:i + self.batch_size]
-        keep = self.source.kept(p.start + i, p.start + i + len(index))  # skipped bad samples
+        lo = p.base + p.start + i
+        keep = self.source.kept(lo, lo + len(index))                    # skipped bad samples
         if keep is not None:
             mask = torch.from_numpy(keep).to(index.device)
             index, weight = index[mask], weight[mask]
@@ -526,5 +648,6 @@ class PrunedDALIIterator(DALIGenericIterator):
             raise ValueError(f"state_dict['consumed']={consumed} is more than the {n} samples this "
                              f"rank's share of epoch {epoch} holds")
         self._check_usable()
-        self._end_pass()
+        self._abandon()                     # the running pass and any read-ahead
+        self._pass = None
         self._next = (epoch, consumed)

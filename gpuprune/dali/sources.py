@@ -4,7 +4,9 @@ A source sits at the start of the user's DALI graph. :meth:`PlanSource.outputs` 
 ``fn.external_source`` node (batch mode, ``batch_info=True``) and returns its data nodes. Each epoch,
 :class:`~gpuprune.dali.PrunedDALIIterator` publishes this rank's plan to the source; DALI then calls
 the source with ``BatchInfo(iteration, epoch_idx)`` and the source returns batch ``iteration`` of the
-plan, raising ``StopIteration`` past the last one.
+plan, raising ``StopIteration`` past the last one. When the iterator reads ahead, it appends the next
+training epoch's plan before DALI gets there: one DALI epoch then reads several training epochs'
+batches back to back (each batch belongs to one training epoch, which ``gather`` receives).
 
 The sample ids do not travel through DALI: an external source hands out iteration ``i``'s data as
 the pipeline's output ``i`` (a FIFO), so the iterator knows that its ``j``-th batch of a pass is the
@@ -35,6 +37,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from abc import ABC, abstractmethod
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -48,10 +51,20 @@ from ._shared import SharedArray
 __all__ = ["PlanSource", "ArraySource", "FileSource", "CallbackSource", "BadSampleError",
            "discover_files", "READER_FILE_FILTERS"]
 
-# header slots of the published plan (int64)
-_TAG, _EPOCH, _START, _END, _NBATCH, _BS = range(6)
-_HEADER = 6
+# The published schedule, an int64 header: the DALI epoch (pipeline epoch counter) it is for, the
+# batch size, a limit on DALI iterations (cut), then one block per plan slot. A DALI epoch reads one
+# segment (a pass over one training epoch's plan) or, when the iterator reads ahead, several back
+# to back, each in the other slot: DALI iteration i of the epoch is batch i - first of the segment
+# with first <= i < first + num_batches. A slot's block is written under a sequence number (odd
+# while it changes) so a parallel worker never uses a half-written block.
+_TAG, _BS, _LIMIT = range(3)
+_GLOBAL = 3
+_S_SEQ, _S_TAG, _S_EPOCH, _S_START, _S_END, _S_NBATCH, _S_FIRST = range(7)
+_SLOT_FIELDS = 7
+_SLOTS = 2
+_HEADER = _GLOBAL + _SLOTS * _SLOT_FIELDS
 _NO_PLAN = -1
+_NO_LIMIT = 2**62
 
 # FileSource sample status (uint8, shared with workers)
 _UNKNOWN, _GOOD, _UNREADABLE, _UNDECODABLE = 0, 1, 2, 3
@@ -109,6 +122,54 @@ def _host_array(name: str, a) -> np.ndarray:
     return a
 
 
+def _slot_at(s: int) -> int:
+    return _GLOBAL + s * _SLOT_FIELDS
+
+
+def _clear_header(h: np.ndarray) -> None:
+    h[:] = 0
+    h[_TAG] = _NO_PLAN
+    for s in range(_SLOTS):
+        h[_slot_at(s) + _S_TAG] = _NO_PLAN
+
+
+def _write_slot(h: np.ndarray, s: int, tag: int, epoch: int, start: int, end: int,
+                num_batches: int, first: int) -> None:
+    """Write one slot's block under its sequence number (odd while the block changes)."""
+    o = _slot_at(s)
+    h[o + _S_SEQ] += 1
+    h[o + _S_TAG], h[o + _S_EPOCH], h[o + _S_START] = tag, epoch, start
+    h[o + _S_END], h[o + _S_NBATCH], h[o + _S_FIRST] = end, num_batches, first
+    h[o + _S_SEQ] += 1
+
+
+def _locate(h: np.ndarray, info, parallel: bool, name: str) -> tuple[int, int, int, int]:
+    """``(slot, first entry, one past the last entry, training epoch)`` of DALI iteration ``info``
+    under header ``h``; StopIteration past the published batches or for a stale DALI epoch."""
+    v = h.tolist()                   # one read of every field (a few microseconds per batch)
+    tag = v[_TAG]
+    if info.epoch_idx != tag:
+        if info.epoch_idx < tag or (parallel and tag == _NO_PLAN):
+            raise StopIteration      # a stale prefetch of an epoch that has ended
+        raise RuntimeError(
+            f"DALI asked {name} for epoch {info.epoch_idx}, but the published plan is for epoch "
+            f"{tag} (-1: none); drive the pipeline with PrunedDALIIterator")
+    it = info.iteration
+    if it >= v[_LIMIT]:
+        raise StopIteration
+    for s in range(_SLOTS):
+        o = _slot_at(s)
+        seq = v[o + _S_SEQ]
+        stag, epoch, start, end, nb, first = v[o + 1:o + _SLOT_FIELDS]
+        if seq & 1 or stag != tag or not first <= it < first + nb:
+            continue
+        if int(h[o + _S_SEQ]) != seq:
+            continue                 # rewritten while read: never the slot a requested batch is in
+        lo = start + (it - first) * v[_BS]
+        return s, lo, min(lo + v[_BS], end), epoch
+    raise StopIteration
+
+
 class PlanSource(ABC):
     """Base of the external sources driven by :class:`~gpuprune.dali.PrunedDALIIterator`.
 
@@ -120,8 +181,9 @@ class PlanSource(ABC):
     * :meth:`gather` (the data side): one batch of data for an array of planned sample ids and the
       epoch they are planned for.
 
-    The iterator publishes each epoch's plan (this rank's shard) before DALI asks for data, and ends
-    an epoch early with :meth:`cut`.
+    The iterator publishes each epoch's plan (this rank's shard) before DALI asks for data, appends
+    the next epoch's plan when it reads ahead (:meth:`append`), and ends a DALI epoch early with
+    :meth:`cut`.
 
     Args:
         num_samples: N, the dataset size; a plan's ids lie in ``[0, N)``.
@@ -198,10 +260,12 @@ class PlanSource(ABC):
     def _setup_plan_storage(self) -> None:
         # created before the pipeline is built, so forked workers inherit the mapping
         self._header = SharedArray((_HEADER,), np.int64, fill=0)
-        self._header.array[_TAG] = _NO_PLAN
-        # this rank's plan: 4 bytes per id while ids fit int32
-        self._plan = SharedArray((self.num_samples,),
+        _clear_header(self._header.array)
+        # this rank's plans, one slot of N entries each (the file is sparse: only the entries
+        # written take memory); 4 bytes per id while ids fit int32
+        self._plan = SharedArray((_SLOTS * self.num_samples,),
                                  np.int32 if self.num_samples <= 2**31 else np.int64)
+        self._last_slot = 0
 
     # ------------------------------------------------------------------ data side
     @abstractmethod
@@ -222,8 +286,8 @@ class PlanSource(ABC):
 
     # ------------------------------------------------------------------ iterator side
     def publish(self, tag: int, epoch: int, indices, start: int, end: int,
-                num_batches: int) -> None:
-        """Make entries ``[start, end)`` of ``indices`` the batches DALI epoch ``tag`` reads.
+                num_batches: int) -> int:
+        """Start DALI epoch ``tag`` with entries ``[start, end)`` of ``indices`` as its batches.
 
         Args:
             tag: the pipeline's epoch counter (``BatchInfo.epoch_idx``) the plan is for.
@@ -232,19 +296,53 @@ class PlanSource(ABC):
             start: first entry served (non-zero when resuming mid-epoch).
             end: one past the last entry served.
             num_batches: batches in ``[start, end)``; DALI iteration ``i`` gets entries
-                ``start + i * batch_size`` onwards and iteration ``num_batches`` raises
-                ``StopIteration``.
+                ``start + i * batch_size`` onwards, and iteration ``num_batches`` raises
+                ``StopIteration`` unless :meth:`append` adds the next epoch's batches.
+
+        Returns:
+            The position of entry 0 of ``indices`` in the source's plan storage (the offset that
+            :meth:`kept` and :meth:`find_bad` positions add to plan entries).
         """
-        if self.batch_size is None:
-            raise RuntimeError(f"{type(self).__name__} is not part of a pipeline yet; build the "
-                               "pipeline with source.outputs() first")
+        self._check_bound()
         self._check_indices(indices)
         h = self._header.array
         h[_TAG] = _NO_PLAN                     # workers treat the plan as absent while it changes
-        self._store(indices)
-        h[_EPOCH], h[_START], h[_END], h[_NBATCH], h[_BS] = (epoch, start, end, num_batches,
-                                                               self.batch_size)
+        for s in range(_SLOTS):
+            _write_slot(h, s, _NO_PLAN, 0, 0, 0, 0, 0)
+        self._store(0, indices)
+        _write_slot(h, 0, tag, epoch, start, end, num_batches, 0)
+        h[_BS], h[_LIMIT] = self.batch_size, _NO_LIMIT
         h[_TAG] = tag
+        self._last_slot = 0
+        return 0
+
+    def append(self, epoch: int, indices, start: int, end: int, num_batches: int,
+               first: int) -> int:
+        """Read ahead: make DALI iterations ``first, first + 1, ...`` of the running DALI epoch the
+        batches of entries ``[start, end)`` of the next training epoch's ``indices``.
+
+        The caller guarantees that DALI has not asked for iteration ``first`` yet (else it has
+        already been told that the epoch ended) and that the batches of the slot this overwrites
+        (the one before the last) have all been delivered. Returns the storage offset, as
+        :meth:`publish` does.
+        """
+        self._check_bound()
+        self._check_indices(indices)
+        h = self._header.array
+        tag = int(h[_TAG])
+        if tag == _NO_PLAN:
+            raise RuntimeError("append() needs a published DALI epoch to extend")
+        s = (self._last_slot + 1) % _SLOTS
+        _write_slot(h, s, _NO_PLAN, 0, 0, 0, 0, 0)
+        self._store(s, indices)
+        _write_slot(h, s, tag, epoch, start, end, num_batches, first)
+        self._last_slot = s
+        return s * self.num_samples
+
+    def _check_bound(self) -> None:
+        if self.batch_size is None:
+            raise RuntimeError(f"{type(self).__name__} is not part of a pipeline yet; build the "
+                               "pipeline with source.outputs() first")
 
     def _check_indices(self, indices) -> int:
         n = len(indices)
@@ -253,38 +351,34 @@ class PlanSource(ABC):
                              f"{self.num_samples} samples")
         return n
 
-    def _store(self, indices) -> None:
+    def _store(self, slot: int, indices) -> None:
         if isinstance(indices, torch.Tensor):
             indices = indices.detach().cpu().numpy()     # one copy per epoch for a GPU plan
-        self._plan.array[:len(indices)] = indices
+        base = slot * self.num_samples
+        self._plan.array[base:base + len(indices)] = indices
 
     def cut(self) -> None:
-        """End the current epoch early: every later call raises ``StopIteration``."""
+        """End the current DALI epoch early: every later call raises ``StopIteration``."""
         if self._header is not None:
-            self._header.array[_NBATCH] = 0
+            self._header.array[_LIMIT] = 0
+
+    def _locate(self, info) -> tuple[int, int, int, int]:
+        """``(slot, first entry, one past the last entry, training epoch)`` of DALI iteration
+        ``info``, or StopIteration past the published batches."""
+        return _locate(self._header.array, info, self.parallel, type(self).__name__)
 
     def _batch(self, info) -> tuple[int, np.ndarray, int]:
-        """``(first plan entry, sample ids, epoch)`` of DALI iteration ``info``, or StopIteration."""
-        h = self._header.array
-        tag = int(h[_TAG])
-        if info.epoch_idx != tag:
-            if info.epoch_idx < tag or (self.parallel and tag == _NO_PLAN):
-                raise StopIteration      # a stale prefetch of an epoch that has ended
-            raise RuntimeError(
-                f"DALI asked {type(self).__name__} for epoch {info.epoch_idx}, but the published plan "
-                f"is for epoch {tag} (-1: none); drive the pipeline with PrunedDALIIterator")
-        if info.iteration >= int(h[_NBATCH]):
-            raise StopIteration
-        bs = int(h[_BS])
-        lo = int(h[_START]) + info.iteration * bs
-        ids = self._plan.array[lo:min(lo + bs, int(h[_END]))].astype(np.int64)   # a private copy
-        return lo, ids, int(h[_EPOCH])
+        """``(storage position, sample ids, epoch)`` of DALI iteration ``info``, or StopIteration."""
+        slot, lo, hi, epoch = self._locate(info)
+        pos = slot * self.num_samples + lo
+        ids = self._plan.array[pos:pos + (hi - lo)].astype(np.int64)   # a private copy
+        return pos, ids, epoch
 
     def __call__(self, info) -> tuple:
         lo, ids, epoch = self._batch(info)
         return self._serve(lo, ids, epoch)
 
-    def _serve(self, lo: int, ids: np.ndarray, epoch: int) -> tuple:
+    def _serve(self, pos: int, ids: np.ndarray, epoch: int) -> tuple:
         out = self.gather(ids, epoch)
         if not isinstance(out, tuple):
             raise TypeError(f"{type(self).__name__}.gather must return a tuple with one batch per "
@@ -292,7 +386,9 @@ class PlanSource(ABC):
         return out
 
     def kept(self, lo: int, hi: int) -> np.ndarray | None:
-        """Which of plan entries ``[lo, hi)`` the source delivered (a bool mask), None for all.
+        """Which of the plan entries at storage positions ``[lo, hi)`` the source delivered (a
+        bool mask), None for all. A position is the offset :meth:`publish`/:meth:`append` returned
+        plus the entry's index in the plan.
 
         Only a source that skips bad samples drops any; the iterator calls this after DALI has
         produced the batch, when the source's verdicts for it are final.
@@ -301,7 +397,8 @@ class PlanSource(ABC):
 
     # ------------------------------------------------------------------ errors
     def find_bad(self, first: int, last: int) -> tuple[int, str, str, str] | None:
-        """The first sample in plan entries ``[first, last)`` that cannot be loaded.
+        """The first sample at plan storage positions ``[first, last)`` (see :meth:`kept`) that
+        cannot be loaded.
 
         Used by the iterator after a pipeline error. Returns ``(index, path, what, detail)`` with
         ``what`` in ``("read", "decode")``, or None. Sources without files return None.
@@ -440,10 +537,9 @@ class ArraySource(PlanSource):
         for lay, a in zip(self.layouts, self._arrays):
             if lay is not None and len(lay) != len(a.shape) - 1:
                 raise ValueError(f"layout {lay!r} does not match samples of shape {tuple(a.shape[1:])}")
-        # GPU state (serial only, lives in the main process)
+        # GPU state (serial only, lives in the main process): one CUDA plan tensor per slot
         self._stream = None
-        self._dev_plan: torch.Tensor | None = None
-        self._gpu_header = [_NO_PLAN, 0, 0, 0, 0]     # tag, epoch, start, end, num_batches
+        self._dev_plans: list[torch.Tensor | None] = [None] * _SLOTS
 
     # ------------------------------------------------------------------ graph side
     def outputs(self) -> tuple:
@@ -463,44 +559,29 @@ class ArraySource(PlanSource):
 
     def _setup_plan_storage(self) -> None:
         if self.device == "cpu":
-            super()._setup_plan_storage()
+            return super()._setup_plan_storage()
+        # the same header, in this process only (the serial GPU source has no workers)
+        self._header = SimpleNamespace(array=np.zeros(_HEADER, np.int64))
+        _clear_header(self._header.array)
+        self._last_slot = 0
 
     # ------------------------------------------------------------------ iterator side
-    def publish(self, tag: int, epoch: int, indices, start: int, end: int,
-                num_batches: int) -> None:
+    def _store(self, slot: int, indices) -> None:
         if self.device == "cpu":
-            return super().publish(tag, epoch, indices, start, end, num_batches)
-        if self.batch_size is None:
-            raise RuntimeError("ArraySource is not part of a pipeline yet; build the pipeline with "
-                               "source.outputs() first")
-        self._check_indices(indices)
+            return super()._store(slot, indices)
         dev = self._arrays[0].device
         plan = torch.as_tensor(indices).to(device=dev, dtype=torch.int64)
         # the plan was written on the current stream; the gathers run on the source's stream
         self._stream.wait_stream(torch.cuda.current_stream(dev))
         plan.record_stream(self._stream)
-        self._dev_plan = plan
-        self._gpu_header = [int(tag), int(epoch), int(start), int(end), int(num_batches)]
-
-    def cut(self) -> None:
-        if self.device == "cpu":
-            return super().cut()
-        self._gpu_header[4] = 0
+        self._dev_plans[slot] = plan
 
     def __call__(self, info) -> tuple:
         if self.device == "cpu":
-            lo, ids, epoch = self._batch(info)
+            _, ids, _ = self._batch(info)
             return tuple(a[ids] for a in self._arrays)   # a tuple even for one array
-        tag, _, start, end, num_batches = self._gpu_header
-        if info.epoch_idx != tag:
-            if info.epoch_idx < tag:
-                raise StopIteration
-            raise RuntimeError(f"DALI asked ArraySource for epoch {info.epoch_idx}, but the published "
-                               f"plan is for epoch {tag} (-1: none)")
-        if info.iteration >= num_batches:
-            raise StopIteration
-        lo = start + info.iteration * self.batch_size
-        idx = self._dev_plan[lo:min(lo + self.batch_size, end)]     # a view: no copy, no sync
+        slot, lo, hi, _ = self._locate(info)
+        idx = self._dev_plans[slot][lo:hi]                # a view: no copy, no sync
         with torch.cuda.stream(self._stream):
             return tuple(a.index_select(0, idx) for a in self._arrays)
 
@@ -593,6 +674,10 @@ class FileSource(PlanSource):
         decoder_device: ``"mixed"`` (GPU decoding) or ``"cpu"``. Default: ``"mixed"`` when the
             pipeline has a ``device_id``, else ``"cpu"``.
         decoder_kwargs: extra arguments for the decoder (e.g. ``{"hw_decoder_load": 0.65}``).
+        read_kwargs: extra arguments for ``fn.io.file.read``. Default ``{"dont_use_mmap": True}``
+            (plain reads): mapping each file costs ``fn.io.file.read`` a map and an unmap per
+            sample, which made it about half as fast on small files in our measurements
+            (docs/dali.md, Cost); pass ``{"dont_use_mmap": False}`` for DALI's default.
         layouts: DALI layout per extra array, or None.
         on_error: what to do with a file that cannot be read or decoded.
 
@@ -629,8 +714,8 @@ class FileSource(PlanSource):
                  output_type=types.RGB, decoder_device: str | None = None,
                  decoder_kwargs: dict | None = None,
                  layouts: Sequence[str | None] | str | None = None, on_error: str = "raise",
-                 verify: bool | None = None, parallel: bool = False,
-                 prefetch_queue_depth: int = 2) -> None:
+                 verify: bool | None = None, read_kwargs: dict | None = None,
+                 parallel: bool = False, prefetch_queue_depth: int = 2) -> None:
         if file_root is not None:
             if files is not None or arrays:
                 raise ValueError("give files (and arrays) or file_root, not both: file_root finds "
@@ -666,11 +751,15 @@ class FileSource(PlanSource):
                 raise ValueError("decoder='numpy' runs on the CPU only (decoder_device='cpu')")
         if decoder_kwargs is not None and not isinstance(decoder_kwargs, dict):
             raise TypeError(f"decoder_kwargs must be a dict, got {type(decoder_kwargs).__name__}")
+        if read_kwargs is not None and not isinstance(read_kwargs, dict):
+            raise TypeError(f"read_kwargs must be a dict, got {type(read_kwargs).__name__}")
+        self.read_kwargs = {"dont_use_mmap": True, **(read_kwargs or {})}
         self.files = files
-        encoded = [f.encode() for f in files]
+        encoded = [os.fsencode(f) for f in files]
         self._offsets = np.zeros(len(files) + 1, np.int64)
         np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-        self._path_bytes = np.frombuffer(b"".join(encoded), np.uint8)   # one buffer: cheap to pickle
+        # one buffer (cheap to pickle), a NUL at its end so an empty batch of paths still indexes it
+        self._path_bytes = np.frombuffer(b"".join(encoded) + b"\0", np.uint8)
         if any(_is_gpu_array(a) for a in arrays):
             raise ValueError("FileSource arrays must be host arrays (numpy)")
         self._arrays = []
@@ -701,7 +790,7 @@ class FileSource(PlanSource):
         dtypes = [types.UINT8] + [types.to_dali_type(a.dtype) for a in self._arrays]
         ndims = [1] + [a.ndim - 1 for a in self._arrays]
         paths, *rest = self.external_source(dtype=dtypes, ndim=ndims, layout=[None] + self.layouts)
-        data = fn.io.file.read(paths)
+        data = fn.io.file.read(paths, **self.read_kwargs)
         if self.decoder == "image":
             device = self.decoder_device or ("mixed" if pipe.device_id is not None else "cpu")
             data = fn.decoders.image(data, device=device, output_type=self.output_type,
@@ -716,22 +805,33 @@ class FileSource(PlanSource):
             self._status = SharedArray((self.num_samples,), np.uint8, fill=_UNKNOWN)
             self._signature = SharedArray((self.num_samples, 3), np.int64, fill=-1)
         if self.on_error == "skip":
-            # per plan entry: 1 if the sample was delivered in the current epoch
-            self._delivered = SharedArray((self.num_samples,), np.uint8, fill=1)
+            # per plan storage position: 1 if the sample was delivered in the current epoch
+            self._delivered = SharedArray((_SLOTS * self.num_samples,), np.uint8, fill=1)
 
-    def _path(self, i: int) -> np.ndarray:
-        return self._path_bytes[self._offsets[i]:self._offsets[i + 1]]
+    def _paths(self, ids: np.ndarray) -> np.ndarray:
+        """The batch's paths as one uint8 matrix, row r = path of ``ids[r]`` padded with NUL bytes
+        (at least one). One dense array is fed to DALI in one copy, where a list of per-sample
+        arrays costs DALI a Python-level step per sample (about a quarter of the reading
+        throughput); ``fn.io.file.read`` opens the path up to its first NUL, as every POSIX call
+        does (a path cannot contain NUL)."""
+        lo, hi = self._offsets[ids], self._offsets[ids + 1]
+        lengths = hi - lo
+        width = int(lengths.max(initial=0)) + 1
+        cols = np.arange(width, dtype=np.int64)
+        inside = cols < lengths[:, None]
+        pos = np.where(inside, lo[:, None] + cols, 0)
+        return np.where(inside, self._path_bytes[pos], np.uint8(0))
 
-    def _serve(self, lo: int, ids: np.ndarray, epoch: int) -> tuple:
+    def _serve(self, pos: int, ids: np.ndarray, epoch: int) -> tuple:
         if self.verify:
             good = self._check_batch(ids, epoch)
             if self._delivered is not None:
-                self._delivered.array[lo:lo + len(ids)] = good
+                self._delivered.array[pos:pos + len(ids)] = good
                 ids = ids[good]
         return self.gather(ids, epoch)
 
     def gather(self, ids: np.ndarray, epoch: int) -> tuple:
-        return ([self._path(i) for i in ids], *(a[ids] for a in self._arrays))
+        return (self._paths(ids), *(a[ids] for a in self._arrays))
 
     # ------------------------------------------------------------------ checks
     def check_sample(self, i: int) -> tuple[int, str] | None:
@@ -808,7 +908,7 @@ class FileSource(PlanSource):
         return None if mask.all() else mask
 
     def find_bad(self, first: int, last: int) -> tuple[int, str, str, str] | None:
-        ids = self._plan.array[max(0, first):min(last, int(self._header.array[_END]))]
+        ids = self._plan.array[max(0, first):min(last, len(self._plan.array))]
         seen: set[int] = set()
         for i in ids.tolist():
             if i in seen:
