@@ -63,6 +63,10 @@ class Position:
         missing = [key for key in cls.KEYS if key not in state]
         if missing:
             raise ValueError(f"state_dict is missing {missing}")
+        unknown = sorted(str(key) for key in state if key not in cls.KEYS)
+        if unknown:
+            raise ValueError(f"state_dict has unknown keys {unknown} (a {owner} position holds "
+                             f"{list(cls.KEYS)}): was it saved by another object?")
         epoch = check_int("state_dict['epoch']", state["epoch"], minimum=0)
         consumed = check_int("state_dict['consumed']", state["consumed"], minimum=0)
         saved = (check_int("state_dict['num_replicas']", state["num_replicas"], minimum=1),

@@ -4,10 +4,15 @@ One table drives the test and docs/errors.md: each case names the entry point, t
 exception type and a fragment of its message. The test snapshots the object's whole state (every
 tensor, counter and flag), makes the bad call, checks the error, and checks the state is unchanged.
 ``PYTHONPATH=. python tests/test_errors.py`` prints the table for docs/errors.md, and a test keeps the two equal.
+
+The DALI rows (``gpuprune.dali``) use real CPU pipelines (``device_id=None``) over tiny in-memory
+arrays; they import DALI only when they run, and are skipped where it is not installed (the table
+lists them regardless).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import stat
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import IterableDataset
@@ -37,7 +43,9 @@ class Case:
     call: Callable[[Any], Any]       # makes the bad call on the subject
     exc: type | tuple
     message: str                     # a fragment of the error message (plain text)
-    subject: Callable[[], Any] = lambda: None   # builds the object whose state must not change
+    subject: Callable[[], Any] | str = lambda: None   # builds the object whose state must not change
+    #                                (a str names a folder made in tmp_path: see TMP_SUBJECTS)
+    dali: bool = False               # needs nvidia.dali (skipped without it)
 
     @property
     def exc_name(self) -> str:
@@ -169,6 +177,94 @@ def set_at(i: int, value):
     return change
 
 
+# ---------------------------------------------------------------- DALI subjects
+def _have_dali() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):     # no `nvidia` package, or nvidia.dali blocked
+        return False
+
+
+HAVE_DALI = _have_dali()
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali is not installed")
+
+
+def dali():
+    """gpuprune.dali, imported only when a DALI case runs (this module imports without DALI)."""
+    import gpuprune.dali
+    return gpuprune.dali
+
+
+DX = np.arange(N * 4, dtype=np.uint8).reshape(N, 2, 2, 1)     # N tiny HWC images
+DY = np.arange(N, dtype=np.int64) % 3                          # and their labels
+
+
+def dali_pruner() -> gp.Pruner:
+    return gp.Pruner(N, keep=0.5, policy="uniform", num_epochs=6, seed=1)
+
+
+def array_source():
+    return dali().ArraySource(DX, DY, layouts=("HWC", None))
+
+
+@dataclass
+class DaliParts:
+    """What an iterator is made of: a Pruner, a source and (built around the source) a pipeline."""
+    pruner: gp.Pruner
+    source: Any
+    pipe: Any = None
+
+
+def dali_parts(**pipeline_kwargs) -> DaliParts:
+    """A Pruner, an ArraySource and a CPU pipeline reading it (not built yet: the iterator builds it)."""
+    source = array_source()
+    return DaliParts(dali_pruner(), source, dali().build_pipeline(source, batch_size=4,
+                                                                  **pipeline_kwargs))
+
+
+def unbound_parts() -> DaliParts:
+    """A Pruner and a source no pipeline uses yet, for build_iterator."""
+    return DaliParts(dali_pruner(), array_source())
+
+
+def dali_iterator():
+    """A PrunedDALIIterator mid-epoch: epoch 0 served, one batch of epoch 1 taken (its 10 samples
+    in batches of 4), epoch 2 read ahead (uniform plans are known in advance)."""
+    it = dali().build_iterator(dali_pruner(), array_source(), batch_size=4)
+    it.set_epoch(0)
+    for _ in it:
+        pass
+    it.set_epoch(1)
+    next(it)
+    return it
+
+
+def iterator_of(d: DaliParts, output_map=("data", "label"), **kwargs):
+    return dali().PrunedDALIIterator(d.pipe, output_map, pruner=d.pruner, source=d.source, **kwargs)
+
+
+def build(d: DaliParts, define_graph=None, **kwargs):
+    return dali().build_iterator(d.pruner, d.source, define_graph, **{"batch_size": 4, **kwargs})
+
+
+def position(**changes) -> dict:
+    """The mid-epoch iterator's position (``dali_iterator().state_dict()``) with some entries changed."""
+    return {"epoch": 1, "consumed": 4, "num_replicas": 1, "drop_last": False, **changes}
+
+
+def image_dir(tmp: Path) -> Path:
+    """A ``fn.readers.file``-style folder: one subfolder per class (the files are never read)."""
+    for cls, names in (("cat", ("a.png", "b.png")), ("dog", ("c.png",))):
+        (tmp / cls).mkdir()
+        for name in names:
+            (tmp / cls / name).write_bytes(b"\x89PNG not really")
+    return tmp
+
+
+def image_files(d: Path) -> list[str]:
+    return [str(d / "cat" / "a.png"), str(d / "cat" / "b.png"), str(d / "dog" / "c.png")]
+
+
 IDX = torch.tensor([0, 1, 2])
 LOSS = torch.tensor([1.0, 2.0, 3.0])
 P = "Pruner(...)"
@@ -281,6 +377,7 @@ CASES: list[Case] = [
     Case("PrunedSampler.state_dict", "`consumed=2.0`", lambda s: s.state_dict(consumed=2.0), TypeError, "consumed must be an int, got float 2.0", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "not a dict", lambda s: s.load_state_dict([2, 4]), TypeError, "state must be a dict from PrunedSampler.state_dict(), got list", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "entries missing", lambda s: s.load_state_dict({"epoch": 1}), ValueError, "state_dict is missing ['consumed', 'num_replicas', 'drop_last']", resumed_sampler),
+    Case("PrunedSampler.load_state_dict", "an unknown key (a state of another object)", lambda s: s.load_state_dict({"epoch": 1, "consumed": 0, "num_replicas": 1, "drop_last": False, "batch": 3}), ValueError, "state_dict has unknown keys ['batch']", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "`epoch=-1`", lambda s: s.load_state_dict({"epoch": -1, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be >= 0", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "an epoch beyond `num_epochs`", lambda s: s.load_state_dict({"epoch": 8, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be <= 5", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "a mid-epoch state from another world size", lambda s: s.load_state_dict({"epoch": 2, "consumed": 3, "num_replicas": 4, "drop_last": False}), ValueError, "a mid-epoch state saved with num_replicas=4, drop_last=False cannot resume with num_replicas=1", resumed_sampler),
@@ -346,6 +443,58 @@ CASES: list[Case] = [
 ]
 
 
+def DaliCase(*args, **kwargs) -> Case:
+    return Case(*args, **kwargs, dali=True)
+
+
+DI = "PrunedDALIIterator(...)"
+FILL_MESSAGE = "last_batch_policy=LastBatchPolicy.FILL (or fill_last_batch=True) would fill the last batch with samples the plan did not choose"
+CHECKPOINT_MESSAGE = "the pipeline has enable_checkpointing=True, which PrunedDALIIterator does not support"
+# DALI (gpuprune.dali): real CPU pipelines over tiny arrays; the source and the Pruner must stay as
+# they were, the iterator keeps its position (and its read-ahead)
+CASES += [
+    DaliCase(DI, "`last_batch_policy=LastBatchPolicy.FILL`", lambda d: iterator_of(d, last_batch_policy=dali().LastBatchPolicy.FILL), ValueError, FILL_MESSAGE, dali_parts),
+    DaliCase(DI, "a pipeline with `enable_checkpointing=True`", lambda d: iterator_of(d), ValueError, CHECKPOINT_MESSAGE, lambda: dali_parts(enable_checkpointing=True)),
+    DaliCase(DI, "`auto_reset=1` (not a bool)", lambda d: iterator_of(d, auto_reset=1), TypeError, "auto_reset must be a bool, 'yes' or 'no', got int 1", dali_parts),
+    DaliCase(DI, "`shard_id=2` with `num_shards=2`", lambda d: iterator_of(d, shard_id=2, num_shards=2), ValueError, "shard_id must be < num_shards=2 (the rank must be <= 1), got shard_id=2", dali_parts),
+    DaliCase(DI, "`num_shards=0`", lambda d: iterator_of(d, num_shards=0), ValueError, "num_shards must be >= 1, got num_shards=0", dali_parts),
+    DaliCase(DI, "`index_name=3`", lambda d: iterator_of(d, index_name=3), TypeError, "index_name must be a str, got int 3", dali_parts),
+    DaliCase(DI, "`output_map=\"xy\"` (a str, not a list of names)", lambda d: iterator_of(d, "xy"), TypeError, "output_map must be a sequence of names, one per pipeline output, got str 'xy'", dali_parts),
+    DaliCase(DI, "`output_map` naming 1 of 2 outputs", lambda d: iterator_of(d, ["data"]), ValueError, "the pipeline has 2 outputs but output_map names 1: ['data']", dali_parts),
+    DaliCase(DI, "a Pruner of 10 samples for a source of 20", lambda d: iterator_of(DaliParts(gp.Pruner(10, keep=0.5), d.source, d.pipe)), ValueError, "the pruner plans 10 samples but the source holds 20", dali_parts),
+    DaliCase("PrunedDALIIterator.set_epoch", "an epoch beyond `num_epochs`", lambda it: it.set_epoch(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", dali_iterator),
+    DaliCase("PrunedDALIIterator.set_epoch", "`epoch=\"2\"`", lambda it: it.set_epoch("2"), TypeError, "epoch must be an int, got str '2'", dali_iterator),
+    DaliCase("PrunedDALIIterator.set_epoch", "an epoch before the Pruner's current plan", lambda it: it.set_epoch(0), ValueError, "epoch must not go back: plan(0) after plan(1)", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "not a dict", lambda it: it.load_state_dict([1, 4]), TypeError, "state must be a dict from PrunedDALIIterator.state_dict(), got list", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "entries missing", lambda it: it.load_state_dict({"epoch": 1, "batch": 2}), ValueError, "state_dict is missing ['consumed', 'num_replicas', 'drop_last']", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "an unknown key (a state of another object)", lambda it: it.load_state_dict({**position(), "iteration": 2}), ValueError, "state_dict has unknown keys ['iteration']", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "an epoch beyond `num_epochs`", lambda it: it.load_state_dict(position(epoch=9)), ValueError, "state_dict['epoch'] must be <= 5 (the schedule has num_epochs=6), got state_dict['epoch']=9", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "`consumed` beyond this rank's share of the epoch", lambda it: it.load_state_dict(position(consumed=11)), ValueError, "state_dict['consumed']=11 is more than the 10 samples this rank's share of epoch 1 holds", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "a mid-epoch state from another world size", lambda it: it.load_state_dict(position(num_replicas=2)), ValueError, "a mid-epoch state saved with num_replicas=2, drop_last=False cannot resume with num_replicas=1, drop_last=False", dali_iterator),
+    DaliCase("build_iterator", "`batch_size=0`", lambda d: build(d, batch_size=0), ValueError, "batch_size must be >= 1, got batch_size=0", unbound_parts),
+    DaliCase("build_iterator", "`shuffle=\"no\"` (checked after the source joined the pipeline)", lambda d: build(d, shuffle="no"), TypeError, "shuffle must be a bool, got str 'no'", unbound_parts),
+    DaliCase("build_iterator", "`enable_checkpointing=True`", lambda d: build(d, enable_checkpointing=True), ValueError, CHECKPOINT_MESSAGE, unbound_parts),
+    DaliCase("build_iterator", "`device_id=\"cpu\"`", lambda d: build(d, device_id="cpu"), TypeError, "device_id must be an int (a GPU) or None (CPU only), got str 'cpu'", unbound_parts),
+    DaliCase("build_iterator", "a `define_graph` returning no DataNode", lambda d: build(d, lambda images, labels: 3), TypeError, "define_graph must return a DataNode or a tuple/list of DataNodes, got int", unbound_parts),
+    DaliCase("ArraySource(...)", "no arrays", lambda _: dali().ArraySource(), ValueError, "ArraySource needs at least one array"),
+    DaliCase("ArraySource(...)", "arrays of different lengths", lambda _: dali().ArraySource(DX, DY[:3]), ValueError, "arrays must share their first dimension, got lengths [3, 20]"),
+    DaliCase("ArraySource(...)", "a layout of the wrong rank", lambda _: dali().ArraySource(DX, DY, layouts=("HW", None)), ValueError, "layout 'HW' does not match samples of shape (2, 2, 1)"),
+    DaliCase("ArraySource(...)", "`parallel=\"yes\"`", lambda _: dali().ArraySource(DX, parallel="yes"), TypeError, "parallel must be a bool, got str 'yes'"),
+    DaliCase("ArraySource(...)", "`device=\"cuda\"`", lambda _: dali().ArraySource(DX, device="cuda"), ValueError, "device must be one of ['cpu', 'gpu'], got device='cuda'"),
+    DaliCase("FileSource(...)", "both `files` and `file_root`", lambda d: dali().FileSource(image_files(d), file_root=d), ValueError, "give files (and arrays) or file_root, not both", "images"),
+    DaliCase("FileSource(...)", "a `file_root` without class folders", lambda d: dali().FileSource(file_root=d / "cat"), ValueError, "in the subdirectories of file_root=", "images"),
+    DaliCase("FileSource(...)", "`file_filters=3`", lambda d: dali().FileSource(file_root=d, file_filters=3), TypeError, "file_filters must be a str or a list of str, got int 3", "images"),
+    DaliCase("FileSource(...)", "`None` among the files", lambda d: dali().FileSource([*image_files(d), None]), TypeError, "files must hold str paths, got NoneType None", "images"),
+    DaliCase("FileSource(...)", "2 labels for 3 files", lambda d: dali().FileSource(image_files(d), np.arange(2)), ValueError, "arrays[0] has 2 entries for 3 files", "images"),
+    DaliCase("FileSource(...)", "`on_error=\"skip\"` with `verify=False`", lambda d: dali().FileSource(image_files(d), on_error="skip", verify=False), ValueError, "on_error='skip' needs verify=True", "images"),
+    DaliCase("CallbackSource(...)", "`callback=3`", lambda _: dali().CallbackSource(3, N, dtype=np.uint8, ndim=3), TypeError, "callback must be callable, got int"),
+    DaliCase("CallbackSource(...)", "2 dtypes, 1 ndim", lambda _: dali().CallbackSource(lambda i, e: i, N, dtype=[np.uint8, np.int64], ndim=[3]), ValueError, "dtype and ndim must have one entry per output"),
+    DaliCase("CallbackSource(...)", "`ndim=1.5`", lambda _: dali().CallbackSource(lambda i, e: i, N, dtype=np.uint8, ndim=1.5), TypeError, "ndim must be an int, got float 1.5"),
+    DaliCase("CallbackSource(...)", "`dtype=\"pixels\"`", lambda _: dali().CallbackSource(lambda i, e: i, N, dtype="pixels", ndim=3), TypeError, "dtype must be a DALI type or a numpy dtype (one per output), got 'pixels'"),
+    DaliCase("CallbackSource(...)", "`layout=\"HW\"` with `ndim=3`", lambda _: dali().CallbackSource(lambda i, e: i, N, dtype=np.uint8, ndim=3, layout="HW"), ValueError, "layout 'HW' does not match ndim=3"),
+]
+
+
 # ---------------------------------------------------------------- state snapshots
 def snapshot(obj) -> Any:
     """Everything that could change, as plain values and cloned tensors."""
@@ -364,8 +513,26 @@ def snapshot(obj) -> Any:
     if isinstance(obj, torch.nn.Module):
         return {"training": obj.training, "params": {k: v.clone() for k, v in obj.state_dict().items()}}
     if isinstance(obj, Path):
-        return {p.name: (p.read_bytes() if p.is_file() else stat.S_IFMT(p.stat().st_mode))
-                for p in sorted(obj.iterdir())}
+        return {str(p.relative_to(obj)): (p.read_bytes() if p.is_file() else stat.S_IFMT(p.stat().st_mode))
+                for p in sorted(obj.rglob("*"))}
+    if isinstance(obj, DaliParts):
+        pipe = None if obj.pipe is None else (obj.pipe._built, obj.pipe._epoch_idx)
+        return {"pruner": snapshot(obj.pruner), "source": snapshot(obj.source), "pipe": pipe}
+    d = sys.modules.get("gpuprune.dali")     # imported if obj is one of its objects
+    if d is not None and isinstance(obj, d.PlanSource):
+        # bound to a pipeline or not, and the plans published to it
+        return {"batch_size": obj.batch_size,
+                "header": None if obj._header is None else obj._header.array.tolist(),
+                "plan": None if obj._plan is None else obj._plan.array.tolist()}
+    if d is not None and isinstance(obj, d.PrunedDALIIterator):
+        passes = [None if q is None else (q.epoch, q.start, q.end, q.num_batches, q.base, q.handed, q.done)
+                  for q in (obj._pass, obj._ahead)]          # the running pass and the read-ahead
+        pipe = obj._pipes[0]
+        return {"position": obj.state_dict(), "epoch": obj.epoch, "len": len(obj), "size": obj.size,
+                "passes": passes, "next": obj._next, "error": repr(obj._error),
+                "published": (obj._covered, obj._served, obj._final),
+                "dali": (pipe._epoch_idx, pipe._first_iter, pipe._last_iter),
+                "pruner": snapshot(obj.pruner), "source": snapshot(obj.source)}
     raise TypeError(type(obj))
 
 
@@ -388,9 +555,14 @@ def case_id(case: Case) -> str:
     return f"{case.entry}: {case.bad}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+TMP_SUBJECTS = {"dir": checkpoint_dir, "images": image_dir}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_dali) if c.dali else c for c in CASES],
+                         ids=[case_id(c) for c in CASES])
 def test_bad_input_raises_clearly_and_changes_nothing(case, tmp_path):
-    subject = checkpoint_dir(tmp_path) if case.subject == "dir" else case.subject()
+    subject = (TMP_SUBJECTS[case.subject](tmp_path) if isinstance(case.subject, str)
+               else case.subject())
     before = snapshot(subject)
     with pytest.raises(case.exc) as info:
         case.call(subject)
@@ -408,6 +580,40 @@ def test_subjects_still_work_after_the_errors():
     for q in (p, ref):
         q.observe(torch.arange(N), torch.linspace(0.0, 1.0, N))
     assert torch.equal(p.plan(3).indices, ref.plan(3).indices)
+
+
+def batches(it) -> list[dict]:
+    return [{k: v.clone() for k, v in b.items()} for (b,) in it]
+
+
+@needs_dali
+def test_dali_subjects_still_work_after_the_errors():
+    """After every rejected call the mid-epoch iterator serves exactly what an untouched twin
+    serves (the rest of epoch 1, then epoch 2, read ahead); parts whose iterator was refused, and
+    a source whose build_iterator failed, make a working iterator on the next, corrected call."""
+    it, twin = dali_iterator(), dali_iterator()
+    for case in CASES:
+        if case.subject is dali_iterator:
+            with pytest.raises(case.exc):
+                case.call(it)
+    for epoch in (1, 2):
+        it.set_epoch(epoch)
+        twin.set_epoch(epoch)
+        got, want = batches(it), batches(twin)
+        assert [len(b["index"]) for b in got] == ([4, 2] if epoch == 1 else [4, 4, 2])
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert np.array_equal(a["data"].numpy(), DX[a["index"].numpy()])
+    for case in CASES:
+        if case.subject in (dali_parts, unbound_parts):
+            parts = case.subject()
+            with pytest.raises(case.exc):
+                case.call(parts)
+            fixed = iterator_of(parts) if parts.pipe is not None else build(parts)
+            fixed.set_epoch(0)
+            ids = torch.cat([b["index"] for b in batches(fixed)])
+            assert torch.equal(ids, parts.pruner.plan(0).indices.long()), case_id(case)
 
 
 def test_nonfinite_losses_are_not_errors_but_are_counted():
@@ -430,7 +636,10 @@ def test_every_entry_point_has_a_case():
                  "Schedule.total_steps", "PrunedSampler", "PrunedSampler.set_epoch",
                  "PrunedSampler.state_dict", "PrunedSampler.load_state_dict", "IndexedDataset",
                  "Static", "EpsilonGreedy", "UCB", "InfoBatch", "plan.shard_indices", "el2n_scores",
-                 "ForgettingTracker.update", "save_checkpoint", "load_checkpoint"):
+                 "ForgettingTracker.update", "save_checkpoint", "load_checkpoint",
+                 "PrunedDALIIterator(...)", "PrunedDALIIterator.set_epoch",
+                 "PrunedDALIIterator.load_state_dict", "build_iterator", "ArraySource(...)",
+                 "FileSource(...)", "CallbackSource(...)"):
         assert name in entries, name
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 from nvidia.dali.data_node import DataNode
@@ -23,6 +25,24 @@ def _as_outputs(out) -> tuple:
         return tuple(out)
     raise TypeError(f"define_graph must return a DataNode or a tuple/list of DataNodes, got "
                     f"{type(out).__name__}")
+
+
+@contextmanager
+def _source_kept_on_error(source):
+    """A build that fails leaves ``source`` as it was, so a corrected retry can use it.
+
+    ``source.outputs()`` binds the source to the pipeline being defined; without this, an error
+    raised after that (by ``define_graph``, DALI's build or the iterator's checks) would leave it
+    bound to a dead pipeline, and the retry would fail with "already feeds a pipeline".
+    """
+    saved = dict(vars(source)) if isinstance(source, PlanSource) else None
+    try:
+        yield
+    except BaseException:
+        if saved is not None:
+            vars(source).clear()
+            vars(source).update(saved)
+        raise
 
 
 def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | None = None, *,
@@ -53,9 +73,13 @@ def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | Non
         raise TypeError(f"define_graph must be callable, got {type(define_graph).__name__}")
     batch_size = check_int("batch_size", batch_size, minimum=1)
     num_threads = check_int("num_threads", num_threads, minimum=1)
+    if device_id is not None and (isinstance(device_id, bool)
+                                  or not isinstance(device_id, numbers.Integral)):
+        raise TypeError(f"device_id must be an int (a GPU) or None (CPU only), got "
+                        f"{type(device_id).__name__} {device_id!r}")
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     **pipeline_kwargs)
-    with pipe:
+    with _source_kept_on_error(source), pipe:
         data = source.outputs()
         outputs = _as_outputs(define_graph(*data) if define_graph is not None else tuple(data))
         pipe.set_outputs(*outputs)
@@ -103,12 +127,13 @@ def build_iterator(pruner: Pruner, source: PlanSource,
         PrunedDALIIterator._check_stock_arguments(iterator_kwargs.get("size", -1),
                                                   iterator_kwargs.get("reader_name"),
                                                   iterator_kwargs.get("last_batch_padded", False))
-    output_map = list(output_map)
-    pipe = build_pipeline(source, define_graph, batch_size=batch_size, num_threads=num_threads,
-                          device_id=device_id, **pipeline_kwargs)
-    return PrunedDALIIterator(pipe, output_map, pruner=pruner, source=source,
-                              last_batch_policy=last_batch_policy, shard_id=shard_id,
-                              num_shards=num_shards, shuffle=shuffle,
-                              prepare_first_batch=prepare_first_batch, read_ahead=read_ahead,
-                              auto_reset=auto_reset,
-                              index_name=index_name, weight_name=weight_name, **iterator_kwargs)
+    with _source_kept_on_error(source):     # the iterator's checks run after the source is bound
+        pipe = build_pipeline(source, define_graph, batch_size=batch_size,
+                              num_threads=num_threads, device_id=device_id, **pipeline_kwargs)
+        return PrunedDALIIterator(pipe, output_map, pruner=pruner, source=source,
+                                  last_batch_policy=last_batch_policy, shard_id=shard_id,
+                                  num_shards=num_shards, shuffle=shuffle,
+                                  prepare_first_batch=prepare_first_batch, read_ahead=read_ahead,
+                                  auto_reset=auto_reset,
+                                  index_name=index_name, weight_name=weight_name,
+                                  **iterator_kwargs)

@@ -13,7 +13,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
-from .._checks import check_bool
+from .._checks import check_bool, check_int
 from ..plan import Plan, num_batches
 from ..pruner import Pruner
 from ..sampler import Position, shard_of
@@ -186,8 +186,14 @@ class PrunedDALIIterator(DALIGenericIterator):
             raise ValueError("last_batch_policy=LastBatchPolicy.FILL (or fill_last_batch=True) "
                              "would fill the last batch with samples the plan did not choose; use "
                              "LastBatchPolicy.PARTIAL (short last batch) or DROP")
-        if auto_reset not in (True, False, None, "yes", "no"):
-            raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got auto_reset={auto_reset!r}")
+        if isinstance(auto_reset, str):
+            if auto_reset not in ("yes", "no"):
+                raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got "
+                                 f"auto_reset={auto_reset!r}")
+        elif auto_reset is not None and type(auto_reset).__name__ not in ("bool", "bool_"):
+            # 1 or 0.0 are refused, as DALI's iterator does
+            raise TypeError(f"auto_reset must be a bool, 'yes' or 'no', got "
+                            f"{type(auto_reset).__name__} {auto_reset!r}")
         self._prepare = check_bool("prepare_first_batch", prepare_first_batch)
         self.shuffle = check_bool("shuffle", shuffle)
         self.read_ahead = check_bool("read_ahead", read_ahead)
@@ -205,24 +211,42 @@ class PrunedDALIIterator(DALIGenericIterator):
         if pruner.num_samples != source.num_samples:
             raise ValueError(f"the pruner plans {pruner.num_samples} samples but the source holds "
                              f"{source.num_samples}")
+        # named as given here (shard_of names the sampler's num_replicas and rank)
+        if num_shards is not None:
+            num_shards = check_int("num_shards", num_shards, minimum=1)
+        if shard_id is not None:
+            shard_id = check_int("shard_id", shard_id, minimum=0)
+            if num_shards is not None and pruner.world_size == 1 and shard_id >= num_shards:
+                raise ValueError(f"shard_id must be < num_shards={num_shards} (the rank must be <= "
+                                 f"{num_shards - 1}), got shard_id={shard_id}")
         self.shard_id, self.num_shards = shard_of(pruner, num_shards, shard_id, "PrunedDALIIterator")
+        if isinstance(output_map, str):
+            raise TypeError(f"output_map must be a sequence of names, one per pipeline output, got "
+                            f"str {output_map!r}")
         output_map = list(output_map)
         if len(set(output_map)) != len(output_map):
             raise ValueError(f"output_map names must be distinct, got {output_map}")
         for key, name in (("index_name", index_name), ("weight_name", weight_name)):
+            if not isinstance(name, str):
+                raise TypeError(f"{key} must be a str, got {type(name).__name__} {name!r}")
             if name in output_map:
                 raise ValueError(f"{key}={name!r} is added by the iterator; it must not be in "
                                  f"output_map {output_map}")
         if index_name == weight_name:
             raise ValueError(f"index_name and weight_name must differ, both are {index_name!r}")
-        if pipe.num_outputs != len(output_map):
-            raise ValueError(f"the pipeline has {pipe.num_outputs} outputs but output_map names "
+        # counted from the defined graph where there is one: pipe.num_outputs builds the pipeline
+        # (threads, parallel workers), which a refused iterator must not leave behind
+        graph = getattr(pipe, "_graph_outputs", None) or getattr(pipe, "_graph_out", None)
+        num_outputs = len(graph) if graph else pipe.num_outputs
+        if num_outputs != len(output_map):
+            raise ValueError(f"the pipeline has {num_outputs} outputs but output_map names "
                              f"{len(output_map)}: {output_map}")
         self.pruner = pruner
         self.source = source
         self.policy = last_batch_policy
         self.index_name, self.weight_name = index_name, weight_name
-        self._auto_reset_epochs = auto_reset in (True, "yes")
+        self._auto_reset_epochs = (auto_reset == "yes" if isinstance(auto_reset, str)
+                                   else bool(auto_reset))
         self._drop = last_batch_policy == LastBatchPolicy.DROP
         self._next = (0, 0)             # (epoch, first plan entry) of the next pass
         self._pass: _Pass | None = None

@@ -105,6 +105,17 @@ def _layouts(layouts, count: int) -> list[str | None]:
     return layouts
 
 
+def _dali_type(d) -> types.DALIDataType:
+    """``d`` as a DALI type (from a DALI type or anything ``np.dtype`` takes); TypeError if not."""
+    if isinstance(d, types.DALIDataType):
+        return d
+    try:
+        return types.to_dali_type(np.dtype(d))
+    except (TypeError, ValueError, KeyError) as e:
+        raise TypeError(f"dtype must be a DALI type or a numpy dtype (one per output), got "
+                        f"{d!r}") from e
+
+
 def _is_gpu_array(a) -> bool:
     if isinstance(a, torch.Tensor):
         return a.is_cuda
@@ -231,8 +242,7 @@ class PlanSource(ABC):
         Returns:
             The list of data nodes, one per output.
         """
-        dtypes = [types.to_dali_type(np.dtype(d)) if not isinstance(d, types.DALIDataType) else d
-                  for d in dtype]
+        dtypes = [_dali_type(d) for d in dtype]
         ndims = [check_int("ndim", d, minimum=0) for d in ndim]
         if len(ndims) != len(dtypes):
             raise ValueError(f"dtype and ndim must have one entry per output, got {len(dtypes)} "
@@ -448,11 +458,17 @@ class CallbackSource(PlanSource):
         super().__init__(num_samples, parallel=parallel, prefetch_queue_depth=prefetch_queue_depth)
         self.single = not isinstance(dtype, (list, tuple))
         self.dtypes = [dtype] if self.single else list(dtype)
-        self.ndims = [ndim] if isinstance(ndim, int) else list(ndim)
+        for d in self.dtypes:
+            _dali_type(d)                   # checked here, not when the pipeline is built
+        self.ndims = [check_int("ndim", d, minimum=0)
+                      for d in (list(ndim) if isinstance(ndim, (list, tuple)) else [ndim])]
         if len(self.ndims) != len(self.dtypes):
             raise ValueError(f"dtype and ndim must have one entry per output, got dtype={dtype!r}, "
                              f"ndim={ndim!r}")
         self.layouts = _layouts(layout, len(self.dtypes))
+        for lay, nd in zip(self.layouts, self.ndims):
+            if lay and len(lay) != nd:
+                raise ValueError(f"layout {lay!r} does not match ndim={nd}")
         self.callback = callback
         self.per_sample = check_bool("per_sample", per_sample)
 
@@ -592,6 +608,20 @@ class ArraySource(PlanSource):
         return tuple(a[ids] for a in self._arrays)
 
 
+def _globs(name: str, value) -> list[str]:
+    """A str or a sequence of str as a list, or TypeError naming ``name``."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        globs = list(value)
+    except TypeError:
+        globs = None
+    if globs is None or not all(isinstance(g, str) for g in globs):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__} "
+                        f"{value!r}")
+    return globs
+
+
 def discover_files(file_root: str | os.PathLike, *,
                    file_filters: Sequence[str] | str = READER_FILE_FILTERS,
                    case_sensitive_filter: bool = False,
@@ -609,10 +639,9 @@ def discover_files(file_root: str | os.PathLike, *,
         int32 array of labels.
     """
     root = os.fspath(file_root)
-    if isinstance(file_filters, str):
-        file_filters = [file_filters]
-    if isinstance(dir_filters, str):
-        dir_filters = [dir_filters]
+    file_filters = _globs("file_filters", file_filters)
+    if dir_filters is not None:
+        dir_filters = _globs("dir_filters", dir_filters)
     case_sensitive_filter = check_bool("case_sensitive_filter", case_sensitive_filter)
 
     def matches(name: str, globs) -> bool:
@@ -728,12 +757,13 @@ class FileSource(PlanSource):
             raise TypeError("FileSource needs files (a sequence of paths) or file_root")
         if isinstance(files, (str, bytes, os.PathLike)):
             raise TypeError("files must be a sequence of paths, got a single path")
-        files = [os.fspath(f) for f in files]
+        files = [os.fspath(f) if isinstance(f, os.PathLike) else f for f in files]
         if not files:
             raise ValueError("files must not be empty")
-        wrong = next((f for f in files if not isinstance(f, str)), None)
-        if wrong is not None:
-            raise TypeError(f"files must hold str paths, got {type(wrong).__name__} {wrong!r}")
+        wrong = [f for f in files if not isinstance(f, str)]     # (None is an entry too)
+        if wrong:
+            raise TypeError(f"files must hold str paths, got {type(wrong[0]).__name__} "
+                            f"{wrong[0]!r}")
         super().__init__(len(files), parallel=parallel, prefetch_queue_depth=prefetch_queue_depth)
         check_choice("decoder", decoder, ("image", "numpy", None))
         check_choice("on_error", on_error, ("raise", "skip"))
