@@ -1,6 +1,6 @@
 """Cost of feeding DALI through gpuprune: pruned iterator vs plain DALI, pruned vs full epochs.
 
-    python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~6 min
+    python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~3 min
     python benchmarks/pipeline.py --device-id 0        # GPU pipelines (augmentation on the GPU)
     python benchmarks/pipeline.py --files 0 --reps 6   # arrays only, fewer repeats
 
