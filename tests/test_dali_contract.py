@@ -16,10 +16,8 @@ in ``test_documented_differences``, each against the stock behaviour, so the lis
 
 from __future__ import annotations
 
-import gzip
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,17 +33,13 @@ import gpuprune as gp  # noqa: E402
 from gpuprune.dali import (ArraySource, CallbackSource, FileSource, LastBatchPolicy,  # noqa: E402
                            PrunedDALIIterator, build_pipeline)
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N, BS = 203, 16            # 12 full batches and a partial one of 11
 PARTIAL, DROP = LastBatchPolicy.PARTIAL, LastBatchPolicy.DROP
 
 
 @pytest.fixture(scope="module")
-def images():
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
-    with gzip.open(FMNIST / "train-images-idx3-ubyte.gz") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:N].copy()
+def images(fmnist_images):
+    return fmnist_images(N)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,6 @@ themselves`` (it shares that test's processes).
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +37,13 @@ from gpuprune.dali import (BadSampleError, CallbackSource, FileSource,  # noqa: 
                            LastBatchPolicy, build_iterator)
 from gpuprune.sampler import Position  # noqa: E402
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N = 600
 PARTIAL, DROP = LastBatchPolicy.PARTIAL, LastBatchPolicy.DROP
 
 
 @pytest.fixture(scope="module")
-def images():
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
-    with gzip.open(FMNIST / "train-images-idx3-ubyte.gz") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:N].copy()
+def images(fmnist_images):
+    return fmnist_images(N)
 
 
 class Recorder:
