@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import NoReturn, Sequence
 
+import numpy as np
 import torch
 from nvidia.dali import types
 from nvidia.dali.backend import TensorGPU
@@ -190,7 +191,7 @@ class PrunedDALIIterator(DALIGenericIterator):
             if auto_reset not in ("yes", "no"):
                 raise ValueError(f"auto_reset must be a bool, 'yes' or 'no', got "
                                  f"auto_reset={auto_reset!r}")
-        elif auto_reset is not None and type(auto_reset).__name__ not in ("bool", "bool_"):
+        elif auto_reset is not None and not isinstance(auto_reset, (bool, np.bool_)):
             # 1 or 0.0 are refused, as DALI's iterator does
             raise TypeError(f"auto_reset must be a bool, 'yes' or 'no', got "
                             f"{type(auto_reset).__name__} {auto_reset!r}")
