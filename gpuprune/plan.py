@@ -13,7 +13,7 @@ import torch
 
 from ._checks import check_bool, check_int
 
-__all__ = ["Plan", "index_dtype", "shard_size", "num_batches", "shard_indices", "pack_mask",
+__all__ = ["Plan", "index_dtype", "shard_size", "owned_size", "num_batches", "shard_indices", "pack_mask",
            "mask_lookup"]
 
 
@@ -27,6 +27,13 @@ def shard_size(n: int, world_size: int, drop_last: bool = False) -> int:
     padding, as ``DistributedSampler``), or ``floor(n / W)`` with ``drop_last``. Equal on every rank,
     so DDP step counts match."""
     return n // world_size if drop_last else -(-n // world_size)
+
+
+def owned_size(n: int, rank: int, world_size: int) -> int:
+    """How many of the first entries of rank ``rank``'s :func:`shard_indices` share of a list of
+    ``n`` are its own: positions ``rank, rank + W, ... < n``. The entries after them (at most one,
+    without ``drop_last``) are wrap-around padding that another rank holds as its own."""
+    return len(range(rank, n, world_size))
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:

@@ -46,8 +46,11 @@ Three ways to feed it, all giving each sample the same loss:
   ``[{"data", "label", "index"}]``) works too: samples not due are skipped before the forward.
 
 Under ``torch.distributed`` the feed Pruner shares the main Pruner's process group, so each rank
-refreshes its shard (in-memory tensors are sharded the same way); the observations are merged at
-the next plan like training ones.
+refreshes its shard (in-memory tensors are sharded the same way) without the wrap-around padding a
+loader's shard may end with (a padded sample is another rank's, and a second observation of it
+would weigh it twice); the observations are merged at the next plan like training ones, so the
+statistics equal those of one process refreshing every target (``tests/test_distributed.py``, 2 and
+4 gloo ranks, in-memory tensors and a DataLoader).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_float, check_int
+from .plan import owned_size
 from .policies import Policy, Selection
 from .pruner import Pruner
 from .rng import draw_seeds, epoch_generator
@@ -255,10 +259,9 @@ class Refresher:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
-                if tensors is not None:
-                    return self._run_tensors(model, tensors, epoch, loss_fn, transform, batch_size)
-                return self._run_batches(model, data, epoch, targets, loss_fn, transform)
+            if tensors is not None:
+                return self._run_tensors(model, tensors, epoch, loss_fn, transform, batch_size)
+            return self._run_batches(model, data, epoch, targets, loss_fn, transform)
         finally:
             model.train(was_training)
 
@@ -285,8 +288,11 @@ class Refresher:
         planner = _planner_of(data)
         if planner is not None and planner.pruner is self.feed:
             planner.set_epoch(epoch)             # the loader now plans exactly the targets
+        own = None
+        if planner is not None and planner.pruner is self.feed and p.world_size > 1:
+            own = _own_share(planner, epoch, targets.numel(), p.rank, p.world_size)
         due = torch.zeros(p.num_samples, dtype=torch.bool, device=p.device)
-        due[targets] = True
+        due[targets if own is None else own.to(p.device).long()] = True
         scored = 0
         for batch in data:
             x, y, idx = _unpack(batch)
@@ -298,7 +304,7 @@ class Refresher:
             if idx.numel():
                 due[idx] = False                 # one observation per sample and pass
                 scored += self._score(model, x, y, idx, loss_fn, transform)
-        requested = int(targets.numel())
+        requested = int(targets.numel() if own is None else own.numel())
         if p.world_size == 1 and scored < requested:
             warnings.warn(f"gpuprune refresh before epoch {epoch}: the data delivered {scored} of "
                           f"the {requested} samples due; the others keep their old losses",
@@ -307,10 +313,14 @@ class Refresher:
 
     def _score(self, model, x, y, idx, loss_fn, transform) -> int:
         dev = _device_of(model, x.device)
-        x = x.to(dev)
-        if transform is not None:
-            x = transform(x)
-        losses = loss_fn(model(x), y.to(dev))
+        # only the forward runs in inference mode: the observation is recorded outside it, since
+        # a distributed Pruner's log may grow here, and tensors allocated in inference mode cannot
+        # be written by the training steps that follow
+        with torch.inference_mode():
+            x = x.to(dev)
+            if transform is not None:
+                x = transform(x)
+            losses = loss_fn(model(x), y.to(dev))
         if not isinstance(losses, torch.Tensor) or losses.shape != idx.shape:
             raise ValueError(f"loss_fn must return one loss per sample (shape {tuple(idx.shape)}), "
                              f"got {getattr(losses, 'shape', type(losses).__name__)}")
@@ -358,6 +368,20 @@ def _planner_of(data):
         if isinstance(getattr(obj, "pruner", None), Pruner) and hasattr(obj, "set_epoch"):
             return obj
     return None
+
+
+def _own_share(planner, epoch: int, n: int, rank: int, world_size: int) -> torch.Tensor:
+    """The feed's samples this rank refreshes when ``planner`` (a PrunedSampler or DALI iterator
+    over the feed, already planned for ``epoch``) serves it a shard of the ``n`` targets.
+
+    A shard is positions ``rank, rank + W, ...`` of the plan padded by wrap-around
+    (:func:`gpuprune.plan.shard_indices`): its entries at positions ``>= n`` repeat samples that
+    another rank serves at their own position. Only the first
+    :func:`~gpuprune.plan.owned_size` entries are this rank's, so every target is refreshed once over all ranks, as with in-memory tensors;
+    a padded copy would be a second observation, merged with weight ``1 - decay**2``.
+    """
+    shard = planner._shard_for(epoch) if hasattr(planner, "_shard_for") else planner.plan()
+    return shard.indices[:owned_size(n, rank, world_size)]
 
 
 def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import gpuprune as gp
 from gpuprune.backend import TorchBackend
 from gpuprune.keys import composite_key, fmix32, hash32, orderable, split_seed
-from gpuprune.plan import shard_indices
+from gpuprune.plan import owned_size, shard_indices
 
 POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
 B = TorchBackend("cpu")
@@ -551,6 +551,12 @@ def test_shard_indices_equal_sizes_and_cover():
     assert shard_indices(torch.arange(0), 0, 2).numel() == 0
     with pytest.raises(ValueError, match="rank must be <= 2"):
         shard_indices(idx, 3, 3)
+    # owned_size: the leading entries of a shard that are not wrap-around padding (10 over 3 ranks:
+    # rank 0 owns positions 0, 3, 6, 9; ranks 1 and 2 own 3 and pad one)
+    assert [owned_size(10, r, 3) for r in range(3)] == [4, 3, 3]
+    assert [shards[r][owned_size(10, r, 3):].tolist() for r in range(3)] == [[], [0], [1]]
+    assert torch.cat([shards[r][:owned_size(10, r, 3)] for r in range(3)]).sort().values.tolist() \
+        == list(range(10))
 
 
 def test_sampler_len_matches_plan_and_yields_it():

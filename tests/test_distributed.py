@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,37 @@ def stats_state(pruner: gp.Pruner) -> dict:
     return pruner.stats.state_dict()
 
 
+# the re-score pass (gpuprune.refresh) under a process group
+RN = 203                # k = 102, so 101 samples are unselected: not a multiple of 2 or 4 ranks
+R_KEEP = 0.5
+R_EPOCHS = 4
+R_BATCH = 16            # the ranks score in batches of 16; the reference in one batch of 101
+R_FEEDS = ("tensors", "loader")
+
+
+def refresh_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs in {-3, ..., 3} and labels: with refresh_model's dyadic weights every logit is exact
+    in float32, so a sample's loss does not depend on the batch it is computed in."""
+    g = torch.Generator().manual_seed(21)
+    return (torch.randint(-3, 4, (RN, 4), generator=g).float(),
+            torch.randint(0, 3, (RN,), generator=g))
+
+
+def refresh_model(epoch: int) -> torch.nn.Module:
+    """The model the pass before ``epoch`` scores with (another one each epoch, as training would
+    leave it): weights multiples of 1/4, biases of 1/8, and a dropout that only eval() turns off."""
+    g = torch.Generator().manual_seed(100 + epoch)
+    lin = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randint(-4, 5, (3, 4), generator=g) / 4)
+        lin.bias.copy_(torch.randint(-4, 5, (3,), generator=g) / 8)
+    return torch.nn.Sequential(lin, torch.nn.Dropout(0.5)).train()
+
+
+def make_refresh_pruner(**kw) -> gp.Pruner:
+    return gp.Pruner(RN, keep=R_KEEP, policy="ucb", num_epochs=R_EPOCHS, seed=7, **kw)
+
+
 # ---------------------------------------------------------------- worker side
 def _train(pruner, sampler, epochs, rank, rec, ckpt=None):
     import torch.distributed as dist
@@ -86,6 +118,54 @@ def _train(pruner, sampler, epochs, rank, rec, ckpt=None):
             dist.barrier()
     pruner.synchronize()
     rec["state"] = stats_state(pruner)
+
+
+def _refresh_job(feed: str) -> dict:
+    """Train R_EPOCHS epochs with a Refresher(which="unselected") pass before each plan, fed the
+    in-memory tensors or a DataLoader over refresher.sampler(); record what each pass logged."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gpuprune.refresh import Refresher
+    x, y = refresh_data()
+    pruner = make_refresh_pruner()
+    refresher = Refresher(pruner, which="unselected")
+    data, rsampler = (x, y), None
+    if feed == "loader":
+        rsampler = refresher.sampler()
+        data = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=R_BATCH,
+                          sampler=rsampler)
+    sampler = pruner.sampler(drop_last=True)        # every trained sample once per epoch
+    log = pruner._sync
+    rec: dict = {key: [] for key in ("due", "results", "refreshed", "losses", "feed_shards",
+                                     "untouched", "plans", "shards")}
+    for e in range(R_EPOCHS):
+        due = refresher.due(e)
+        before = (pruner.rounds, pruner.stats.selected.clone(), pruner.history,
+                  pruner.current_plan, stats_state(pruner), log.pending)
+        model = refresh_model(e)
+        res = refresher.run(model, data, e, batch_size=R_BATCH)
+        rec["due"].append(due)
+        rec["results"].append((res.epoch, res.requested, res.scored))
+        # what this rank logged for the next merge: exactly the pass's observations
+        rec["refreshed"].append(log._ids[before[5]:log.pending].long().clone())
+        rec["losses"].append(log._losses[before[5]:log.pending].clone())
+        rec["feed_shards"].append(torch.tensor(list(rsampler), dtype=torch.long)
+                                  if rsampler is not None and due else None)
+        after = stats_state(pruner)
+        rec["untouched"].append(
+            before[0] == pruner.rounds and torch.equal(before[1], pruner.stats.selected)
+            and before[2] == pruner.history and before[3] is pruner.current_plan
+            and all(torch.equal(before[4][key], after[key]) for key in STATE_KEYS)
+            and model.training)
+        sampler.set_epoch(e)                        # plan(e): merges the pass's observations
+        shard = torch.tensor(list(sampler), dtype=torch.long)
+        rec["plans"].append(pruner.current_plan.indices.clone())
+        rec["shards"].append(shard)
+        observe_all(pruner, shard, e)
+    pruner.synchronize()
+    rec["state"] = stats_state(pruner)
+    rec["rounds"], rec["history"] = pruner.rounds, pruner.history
+    return rec
 
 
 def _worker(rank: int, world: int, store_path: str, out: str) -> None:
@@ -177,6 +257,13 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
                                   and before[2] == len(p.history))
     dist.barrier()
     res["len_barrier"] = "passed"
+
+    # a re-score pass before each selection, each rank refreshing its shard of the unselected
+    for feed in R_FEEDS:
+        try:
+            res[("refresh", feed)] = _refresh_job(feed)
+        except Exception:           # reported by the refresh test; the other checks still count
+            res[("refresh", feed)] = {"error": traceback.format_exc()}
 
     if world < 4:
         torch.save(res, out_dir / f"rank{rank}.pt")
@@ -393,6 +480,88 @@ def test_len_is_a_pure_read_on_one_rank(job):
     assert ranks[0]["len_next"] == gp.budget(KEEP, N) // world + (gp.budget(KEEP, N) % world > 0)
     for res in ranks:
         assert res["len_barrier"] == "passed" and res["len_changed_nothing"] is True
+
+
+def _eval_losses(epoch: int, ids: torch.Tensor) -> torch.Tensor:
+    """The losses of refresh_model(epoch) in eval mode (no dropout), all ``ids`` in one batch."""
+    x, y = refresh_data()
+    model = refresh_model(epoch).eval()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+
+
+def _counters(p: gp.Pruner) -> tuple:
+    return p.rounds, p.stats.selected.clone(), p.history, p.current_plan
+
+
+@pytest.mark.parametrize("feed", R_FEEDS)
+def test_refresh_shards_the_unselected_over_ranks_and_merges_like_one_process(job, feed):
+    """Refresher(which="unselected") under a process group, fed in-memory tensors or a DataLoader
+    over refresher.sampler(): before each selection the ranks refresh disjoint shards whose union
+    is the current plan's unselected samples, nothing counts as training, and after the merge every
+    rank plans and ends bit-identically to one process that refreshed all of them itself."""
+    from gpuprune.refresh import Refresher
+    world, ranks = job
+    recs = [res[("refresh", feed)] for res in ranks]
+    for r, rec in enumerate(recs):
+        assert "error" not in rec, f"rank {r}:\n{rec['error']}"
+    x, y = refresh_data()
+    ref = make_refresh_pruner(process_group=None)       # per-step updates, one whole pass
+    refresher = Refresher(ref, which="unselected")
+    bare = make_refresh_pruner(process_group=None)       # the same training without the pass
+    plans_differ = False
+    for e in range(R_EPOCHS):
+        expected = (set() if e == 0 else
+                    set(range(RN)) - set(recs[0]["plans"][e - 1].tolist()))
+        n = len(expected)
+        assert n == (0 if e == 0 else RN - gp.budget(R_KEEP, RN))
+        got = [rec["refreshed"][e] for rec in recs]
+        every = torch.cat(got)
+        assert every.unique().numel() == every.numel(), (feed, e)    # disjoint, once each
+        assert set(every.tolist()) == expected, (feed, e)            # = the unselected
+        # the single-process pass over all of them, and its feed plan (what the ranks shard)
+        c0 = _counters(ref)
+        out = refresher.run(refresh_model(e), (x, y), e)
+        assert (out.epoch, out.requested, out.scored) == (e, n, n)
+        c1 = _counters(ref)
+        assert c1[0] == c0[0] and torch.equal(c1[1], c0[1]) and c1[2] == c0[2] and c1[3] is c0[3]
+        feed_plan = None if e == 0 else refresher.feed.current_plan.indices.long()
+        assert feed_plan is None or (len(feed_plan) == n and set(feed_plan.tolist()) == expected)
+        for r, rec in enumerate(recs):
+            mine = len(range(r, n, world))               # an equal split, no padding
+            assert rec["due"][e] is (e > 0)
+            assert rec["results"][e] == (e, mine, mine), (feed, e, r)
+            assert rec["untouched"][e] is True, (feed, e, r)
+            if e == 0:
+                continue
+            # rank r refreshes positions r, r + W, ... of the feed's plan, in order: with a
+            # DataLoader, its sampler's shard (padded by wrap-around) without the padded entry
+            assert torch.equal(got[r], feed_plan[r::world]), (feed, e, r)
+            if feed == "loader":
+                served = feed_plan[(r + world * torch.arange(-(-n // world))) % n]
+                assert torch.equal(rec["feed_shards"][e], served), (e, r)
+            # each sample's logged loss is the eval-mode loss of that epoch's model
+            assert torch.equal(rec["losses"][e], _eval_losses(e, got[r])), (feed, e, r)
+        if feed == "loader" and e > 0:
+            # the samplers' shards overlap in the wrap-around padding only
+            shards = torch.cat([rec["feed_shards"][e] for rec in recs])
+            assert set(shards.tolist()) == expected
+            assert shards.numel() - n == -(-n // world) * world - n > 0
+        plan = ref.plan(e)
+        for rec in recs:
+            assert torch.equal(rec["plans"][e], plan.indices), (feed, e)
+        plans_differ |= not torch.equal(bare.plan(e).indices, plan.indices)
+        stream = torch.cat([rec["shards"][e] for rec in recs])
+        assert stream.unique().numel() == stream.numel()
+        observe_all(ref, stream, e)
+        observe_all(bare, stream, e)
+    want = ref.stats.state_dict()
+    for rec in recs:
+        for key in STATE_KEYS:
+            assert torch.equal(rec["state"][key], want[key]), (feed, key)
+        assert rec["rounds"] == ref.rounds == R_EPOCHS and rec["history"] == ref.history
+    # the passes mattered: without them the statistics and some selection differ
+    assert not torch.equal(bare.stats.mean, want["mean"]) and plans_differ
 
 
 def test_a_dead_or_stalled_rank_makes_the_others_fail_within_the_timeout(launched):
