@@ -137,15 +137,18 @@ def test_state_stays_finite_for_any_float32_losses(data, n, decay):
 def infobatch_expectation(bank: gp.LossStats, ratio: float):
     """The documented InfoBatch outcome: the below-mean set, the kept count and the scale.
 
-    The mean is the float64 mean of the seen samples' EMA losses, summed as the policy does.
+    The mean is the float64 mean of the seen samples' EMA losses, summed as the policy does. Of the
+    samples below it a share q = max(0.1, 1 - ratio) is kept (the official code's clamp above
+    ratio 0.9), weighted 1 / q.
     """
     s = bank.mean.double()
     seen = bank.seen
     mean = torch.where(seen, s, torch.zeros_like(s)).sum() / seen.sum().clamp(min=1)
     below = seen & (s < mean)
     n_below = int(below.sum())
-    kept = bank.num_samples - n_below + math.floor((1.0 - ratio) * n_below)
-    return below, n_below, kept, float(np.float32(1.0 / (1.0 - ratio)))
+    q = max(0.1, 1.0 - ratio)
+    kept = bank.num_samples - n_below + math.floor(q * n_below)
+    return below, n_below, kept, float(np.float32(1.0 / q))
 
 
 POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
@@ -198,7 +201,7 @@ def test_every_plan_keeps_the_documented_invariants(data, policy, n, keep, seed,
         assert w is not None and w.dtype == torch.float32 and w.shape == idx.shape
         rescaled = idx[w != 1.0]
         assert bool((w[w != 1.0] == scale).all())
-        assert rescaled.numel() == math.floor((1.0 - ratio) * n_below) or scale == 1.0
+        assert rescaled.numel() == math.floor(max(0.1, 1.0 - ratio) * n_below) or scale == 1.0
         assert bool(below[rescaled].all())                     # only well-learned ones rescaled
         in_plan = torch.zeros(n, dtype=torch.bool)
         in_plan[idx] = True
