@@ -116,13 +116,13 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
     # 4. a step-based LR schedule sized for the whole run: pruned epochs have fewer steps than
     #    full ones (warm-up, final), so len(it) of the first epoch times the epochs would be wrong.
-    #    the Schedule counts them per batch size, drop policy and rank (it.total_steps() is the
+    #    the Pruner counts them per batch size, drop policy and rank (it.total_steps() is the
     #    same call with the iterator's settings). InfoBatch's pruned epochs depend on the losses:
-    #    counting them full (k = n) gives an upper bound, so the schedule never runs out.
-    k = pruner.k if pruner.policy.exact_k else n
-    total_steps = pruner.schedule.total_steps(n, k, args.batch_size, world_size=it.num_shards,
-                                              drop_last=False)
-    assert total_steps == it.total_steps()
+    #    upper_bound=True counts them full, so the schedule never runs out.
+    bound = not pruner.policy.exact_k
+    total_steps = pruner.total_steps(args.batch_size, world_size=it.num_shards, drop_last=False,
+                                     upper_bound=bound)
+    assert total_steps == it.total_steps(upper_bound=bound)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total_steps)
     seen, steps_done = 0, 0
     start = time.perf_counter()

@@ -32,6 +32,7 @@ evaluation.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from typing import Any
@@ -42,6 +43,7 @@ import torch.distributed as dist
 from .keys import MASK32, fmix32, hash32
 from .plan import Plan, index_dtype
 from .stats import LossStats
+from .update import prepare_losses
 
 __all__ = [
     "DistributedError",
@@ -51,12 +53,24 @@ __all__ = [
     "rank_and_world",
     "plan_fingerprint",
     "config_digest",
+    "flatten_config",
+    "Op",
 ]
 
 _MAGIC = 0x67707275  # "gpru"
 _HEADER = 10
-_OPS = {1: "plan", 2: "plan check", 3: "synchronize"}
-_PLAN, _VERIFY, _SYNC = 1, 2, 3
+
+
+class Op(enum.IntEnum):
+    """The gpuprune collectives, as named in the header every one of them starts with."""
+
+    PLAN = 1          #: the merge before a new plan (:meth:`Pruner.plan`)
+    VERIFY = 2        #: the plan fingerprint check after it
+    SYNC = 3          #: :meth:`Pruner.synchronize`
+
+
+_OP_NAMES = {Op.PLAN: "plan", Op.VERIFY: "plan check", Op.SYNC: "synchronize"}
+
 # Constants of the plan fingerprint: a hash seed, an odd 32-bit Weyl step, a 32-bit weight key.
 _FP_INDEX, _FP_POSITION, _FP_WEIGHT = 0x6A09E667F3BCC908, 0x9E3779B1, 0x3C6EF372
 
@@ -203,20 +217,28 @@ class EpochSync:
             self._ids, self._losses = ids, losses
 
     def record(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
-        """Log a checked batch (no host synchronisation). On a GPU a batch with an out-of-range id is
-        logged as ignored entries and counted; the next plan raises on every rank."""
+        """Log a batch (no host synchronisation), under the single-process input rules.
+
+        The ids are range-checked as given, before they are narrowed to the log's dtype (an int64
+        id ``2**32 + 5`` must not wrap to sample 5): a batch with an out-of-range id is logged as
+        ignored entries and counted, and the next merge raises on every rank, as a single-process
+        GPU Pruner's next plan does. (:meth:`Pruner.observe` already refuses such a CPU batch; the
+        check here covers GPU batches, whose range is not read on the host.) The losses are
+        logged as :func:`gpuprune.update.prepare_losses` makes them for a single-process update:
+        float64 values beyond the float32 range saturate instead of becoming inf.
+        """
         b = ids.numel()
         if b == 0:
             return
         if self._len + b > self._ids.numel():
             self.reserve(max(2 * self._ids.numel(), self._len + b))
-        ids = ids.to(self._ids.dtype)
-        if ids.device.type != "cpu":
-            ok = (ids.min() >= 0) & (ids.max() < self.num_samples)
-            ids = torch.where(ok, ids, torch.full_like(ids, -1))
-            self._invalid += (~ok).long()
+        ok = (ids.min() >= 0) & (ids.max() < self.num_samples)
+        # narrowing is lossless when ok; else every entry becomes -1 (an uint8 -1 would be 255)
+        ids = torch.where(ok, ids.to(self._ids.dtype),
+                          torch.full((), -1, dtype=self._ids.dtype, device=ids.device))
+        self._invalid += (~ok).long()
         self._ids[self._len:self._len + b] = ids
-        self._losses[self._len:self._len + b] = losses.detach().to(torch.float32)
+        self._losses[self._len:self._len + b] = prepare_losses(losses)
         self._len += b
 
     def clear(self) -> None:
@@ -241,12 +263,12 @@ class EpochSync:
             raise self._fail(action, e) from e
         return out
 
-    def _headers(self, op: int, epoch: int, config: dict, extra: list[int]) -> list[list[int]]:
+    def _headers(self, op: Op, epoch: int, config: dict, extra: list[int]) -> list[list[int]]:
         """The fixed-size header exchange every collective starts with; raises on disagreement."""
         lo, hi = config_digest(config)
-        mine = [_MAGIC, op, epoch, lo, hi, *extra]
+        mine = [_MAGIC, int(op), epoch, lo, hi, *extra]
         mine += [0] * (_HEADER - len(mine))
-        action = f"the {_OPS[op]} exchange of epoch {epoch}"
+        action = f"the {_OP_NAMES[op]} exchange of epoch {epoch}"
         t = torch.tensor(mine, dtype=torch.int64, device=self.comm_device)
         rows = [r.tolist() for r in self._gather(action, t)]
         if any(r[0] != _MAGIC for r in rows):
@@ -254,7 +276,7 @@ class EpochSync:
                                     f" answered {action} with a collective that is not gpuprune's")
         calls = {(r[1], r[2]) for r in rows}
         if len(calls) > 1:
-            what = "; ".join(f"rank {i}: {_OPS.get(r[1], r[1])} of epoch {r[2]}"
+            what = "; ".join(f"rank {i}: {_OP_NAMES.get(r[1], r[1])} of epoch {r[2]}"
                              for i, r in enumerate(rows))
             raise PlanMismatchError(f"gpuprune: the ranks are in different gpuprune collectives "
                                     f"({what}). Every rank must call Pruner.plan() (or set_epoch) "
@@ -269,7 +291,7 @@ class EpochSync:
             dist.all_gather_object(configs, config, group=self.group)
         except RuntimeError as e:
             raise self._fail("comparing the ranks' configurations", e) from e
-        flat = [_flatten(c) for c in configs]
+        flat = [flatten_config(c) for c in configs]
         keys = sorted(set().union(*flat), key=str)
         diffs = [f"{key}: " + ", ".join(f"rank {i}: {f.get(key, '<missing>')!r}"
                                          for i, f in enumerate(flat))
@@ -279,7 +301,7 @@ class EpochSync:
                                 "Pruner with the same arguments on every rank and load the same "
                                 "checkpoint")
 
-    def merge(self, stats: LossStats, backend, decay: float, obs_epoch: int, *, op: int,
+    def merge(self, stats: LossStats, backend, decay: float, obs_epoch: int, *, op: Op,
               epoch: int, config: dict) -> LossStats:
         """All ranks' logged observations applied to a copy of ``stats`` (collective).
 
@@ -317,7 +339,7 @@ class EpochSync:
         if not self.verify_plans:
             return
         fp = plan_fingerprint(plan).tolist()
-        rows = self._headers(_VERIFY, plan.epoch, config, fp)
+        rows = self._headers(Op.VERIFY, plan.epoch, config, fp)
         prints = {tuple(r[5:9]) for r in rows}
         if len(prints) > 1:
             raise PlanMismatchError(
@@ -327,12 +349,14 @@ class EpochSync:
                 f"Pruner.observe(); a custom policy must be deterministic")
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """A nested configuration dict as one level, nested keys joined by dots (``"policy.c"``): the
+    names the cross-rank check and the checkpoint check report differences by."""
     out = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten_config(value, name + "."))
         else:
             out[name] = value
     return out

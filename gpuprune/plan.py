@@ -70,8 +70,15 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def mask_lookup(bits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The bools of :func:`pack_mask` at sample ids ``ids`` (any integer dtype, same device)."""
-    i = ids.long()
+    """The bools of :func:`pack_mask` at sample ids ``ids`` (any integer dtype, same device).
+
+    Ids outside the packed range are clamped into it (a negative id reads id 0's bit), so an
+    out-of-range id on a GPU cannot trigger a device-side assert and a negative one cannot wrap
+    to the end. Such ids are not the caller's data: the observe path flags their batch as invalid
+    (see :func:`gpuprune.update.observe_torch`) and the next plan raises; the bits read here are
+    then only used for that batch's returned loss.
+    """
+    i = ids.long().clamp(0, bits.numel() * 8 - 1)
     return ((bits[i >> 3] >> (i & 7).to(torch.uint8)) & 1).bool()
 
 
@@ -112,7 +119,8 @@ class Plan:
         if self.rescaled is None:
             return torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
         flag = mask_lookup(self.rescaled, ids.to(self.rescaled.device)).to(ids.device)
-        return torch.where(flag, torch.tensor(self.weight, dtype=torch.float32, device=ids.device),
+        # fills from a Python scalar, not torch.tensor(weight): no host-to-device copy per step
+        return torch.where(flag, torch.full((), self.weight, dtype=torch.float32, device=ids.device),
                            torch.ones((), dtype=torch.float32, device=ids.device))
 
     @property

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from typing import Any
 
 import torch
 
-from ._checks import check_batch, check_float, check_int, resolve_device
+from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
 from .backend import get_backend
-from .distributed import EpochSync, resolve_group
+from .distributed import EpochSync, Op, flatten_config, resolve_group
 from .plan import Plan, index_dtype, pack_mask, shard_size
-from .policies import Policy, make_policy
+from .policies import POLICIES, Policy, make_policy
 from .rng import draw_seeds, epoch_generator
 from .schedule import Schedule
 from .stats import LossStats
@@ -21,11 +22,25 @@ __all__ = ["Pruner", "budget"]
 
 _SHUFFLE_STREAM = 1
 _FORMAT = "gpuprune.Pruner/2"
-#: settings that belong to a policy object, for a helpful error when given to the Pruner
-_POLICY_SETTINGS = {"epsilon": "EpsilonGreedy", "c": "UCB", "uncertainty": "UCB", "drift": "UCB",
-                    "delta": "InfoBatch", "ratio": "InfoBatch", "min_keep": "InfoBatch",
-                    "static_scores": "Static",
-                    "scores": "Static"}
+#: Pruner keywords of gpuprune 0.1 that became policy settings under another name
+_LEGACY_SETTINGS = {"static_scores": [("Static", "scores")]}
+
+
+def _policy_settings() -> dict[str, list[tuple[str, str]]]:
+    """Setting name -> the ``(policy class, parameter)`` pairs it belongs to: every constructor
+    parameter of the registered policies, plus the 0.1 names. For the error a setting given to the
+    Pruner raises, so its hint always names a real parameter."""
+    table: dict[str, list[tuple[str, str]]] = {}
+    for cls in POLICIES.values():
+        for name, param in inspect.signature(cls).parameters.items():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                table.setdefault(name, []).append((cls.__name__, name))
+    for name, owners in _LEGACY_SETTINGS.items():
+        table.setdefault(name, []).extend(owners)
+    return table
+
+
+_POLICY_SETTINGS = _policy_settings()
 
 
 def budget(keep: float, num_samples: int) -> int:
@@ -95,9 +110,9 @@ class Pruner:
     ) -> None:
         if policy_settings:
             name = next(iter(policy_settings))
-            owner = _POLICY_SETTINGS.get(name)
-            hint = (f"; it is a setting of the policy: pass policy=gpuprune.{owner}({name}=...)"
-                    if owner else "")
+            owners = _POLICY_SETTINGS.get(name, [])
+            hint = ("; it is a setting of the policy: pass " + " or ".join(
+                f"policy=gpuprune.{cls}({param}=...)" for cls, param in owners) if owners else "")
             raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
         # the keyed tie-break hashes ids as uint32: unique keys, hence exact k, need N <= 2**32
         num_samples = check_int("num_samples", num_samples, minimum=1, maximum=2**32)
@@ -180,22 +195,39 @@ class Pruner:
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
         return None if n is None else shard_size(n, w, drop_last)
 
-    def total_steps(self, batch_size: int, *, drop_last: bool = False) -> int:
+    def total_steps(self, batch_size: int, *, drop_last: bool = False, world_size: int | None = None,
+                    upper_bound: bool = False) -> int:
         """Optimizer steps of the whole run on each rank, for step-based learning-rate schedules
         (``OneCycleLR(total_steps=pruner.total_steps(batch_size))``): the sum over the epochs of
-        this rank's batches, as the sampler and the DALI iterator deliver them.
+        one rank's batches, as the sampler and the DALI iterator deliver them
+        (:meth:`gpuprune.Schedule.total_steps`, the one formula). The DALI iterator's
+        ``total_steps`` calls this with its own shards and last-batch policy.
 
-        Raises ValueError without ``num_epochs``, or for a policy whose epoch sizes depend on the
-        losses (InfoBatch): use an epoch-based schedule there, or
-        ``pruner.schedule.total_steps(N, k=N, ...)`` for an upper bound.
+        Args:
+            batch_size: samples per batch on each rank.
+            drop_last: cut each rank's shard to an equal share and drop the last short batch (as
+                ``PrunedSampler(drop_last=True)`` with ``DataLoader(drop_last=True)``, or DALI's
+                ``LastBatchPolicy.DROP``). Default False.
+            world_size: ranks the epochs are sharded over; None (default) takes this Pruner's
+                :attr:`world_size`.
+            upper_bound: for InfoBatch, whose pruned epochs plan a loss-dependent number of
+                samples, return the bound that counts every pruned epoch with all N samples (the
+                schedule then never runs out; it ends somewhat early). Ignored by the exact-k
+                policies, whose count is exact either way. Default False.
+
+        Raises:
+            ValueError: without ``num_epochs``; for InfoBatch unless ``upper_bound=True``.
         """
-        if not self.policy.exact_k:
+        check_bool("upper_bound", upper_bound)
+        w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
+        if not self.policy.exact_k and not upper_bound:
             raise ValueError(f"policy {self.policy.name!r} plans a loss-dependent number of samples, "
-                             f"so the run's step count is not known in advance; use an epoch-based "
-                             f"schedule, or pruner.schedule.total_steps(N, k=N, ...) for an upper "
-                             f"bound")
-        return self.schedule.total_steps(self.num_samples, self.k, batch_size,
-                                         world_size=self.world_size, drop_last=drop_last)
+                             f"so the run's step count is not known in advance; pass "
+                             f"upper_bound=True for the bound that counts every pruned epoch with "
+                             f"all N samples, or use an epoch-based schedule")
+        k = self.k if self.policy.exact_k else self.num_samples
+        return self.schedule.total_steps(self.num_samples, k, batch_size, world_size=w,
+                                         drop_last=drop_last)
 
     # ------------------------------------------------------------------ plan
     def plan(self, epoch: int) -> Plan:
@@ -213,7 +245,7 @@ class Pruner:
         stats = self.stats
         check = self._read_invalid_later()
         if self._sync is not None:
-            stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=1,
+            stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=Op.PLAN,
                                      epoch=epoch, config=self.config())
         plan, reselect = ready if ready is not None else self._make_plan(epoch, stats, current)
         bad = check()
@@ -355,7 +387,8 @@ class Pruner:
             return None
         n, a, b = self.num_samples, len(previous), len(plan)
         if previous.full or plan.full:
-            inter = torch.tensor(float(min(a, b)), dtype=torch.float64, device=self.device)
+            # a fill, not a host-to-device copy: plan() keeps its one host synchronisation
+            inter = torch.full((), float(min(a, b)), dtype=torch.float64, device=self.device)
         else:
             mark = torch.zeros(n, dtype=torch.bool, device=self.device)
             mark[previous.indices.long()] = True
@@ -398,7 +431,7 @@ class Pruner:
         nothing without a process group."""
         if self._sync is None:
             return
-        merged = self._sync.merge(self.stats, self.backend, self.decay, self._epoch, op=3,
+        merged = self._sync.merge(self.stats, self.backend, self.decay, self._epoch, op=Op.SYNC,
                                   epoch=self._epoch, config=self.config())
         if merged is not self.stats:
             self.stats.assign(merged)
@@ -409,11 +442,15 @@ class Pruner:
     def history(self) -> list[dict]:
         """One record per plan made: ``epoch``, ``size`` (samples, all ranks), ``full``,
         ``reselected`` (a new selection was drawn) and ``overlap``: the Jaccard overlap of its
-        sample set with the previous plan's (None for the first plan). Reading it syncs once."""
+        sample set with the previous plan's (None for the first plan). Reading it syncs once:
+        the overlaps (device scalars) are stacked and copied to the host together."""
+        held = [r["overlap"] for r in self._history if isinstance(r["overlap"], torch.Tensor)]
+        values = iter(torch.stack(held).tolist() if held else ())
         out = []
         for r in self._history:
             ov = r["overlap"]
-            out.append({**r, "overlap": None if ov is None else float(ov)})
+            out.append({**r, "overlap": (next(values) if isinstance(ov, torch.Tensor) else
+                                         None if ov is None else float(ov))})
         return out
 
     def selection_stats(self, always: float = 0.9, never: float = 0.1) -> dict:
@@ -551,10 +588,7 @@ class Pruner:
             if p["indices"] is not None or p["rescaled"] is not None or p["weight"] != 1.0:
                 raise ValueError("state_dict['plan'] of a full epoch must have indices=None, "
                                  "rescaled=None and weight=1.0")
-            (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
-            ids = self.backend.shuffle(torch.arange(n, dtype=index_dtype(n), device=self.device),
-                                       shuffle_seed)
-            return Plan(epoch, ids, True, n)
+            return self._make_plan(epoch, self.stats, None)[0]   # its order comes from the seed
         ids = _checked_ids("state_dict['plan']['indices']", p["indices"], n)
         if self.policy.exact_k and ids.numel() != self.k:
             raise ValueError(f"state_dict['plan']['indices'] holds {ids.numel()} ids, the budget is "
@@ -613,14 +647,7 @@ def _check_config(saved, mine: dict) -> None:
     """Every setting equal, nested ones (the policy's) named by their dotted path."""
     if not isinstance(saved, dict):
         raise TypeError(f"state_dict['config'] must be a dict, got {type(saved).__name__}")
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in d.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
-                       else {f"{prefix}{key}": value})
-        return out
-    a, b = flat(saved), flat(mine)
+    a, b = flatten_config(saved), flatten_config(mine)
     for key in sorted(set(a) | set(b), key=str):
         if key not in a:
             raise ValueError(f"state_dict['config'] is missing {key!r} (this Pruner has "

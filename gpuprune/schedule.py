@@ -96,8 +96,10 @@ class Schedule:
                     drop_last: bool = False) -> int:
         """Optimizer steps of the whole run on each rank: the sum of :meth:`steps` over epochs.
 
-        Needs ``num_epochs``. Exact for policies that plan exactly k samples; InfoBatch plans a
-        data-dependent number (at most N), so use ``k=num_samples`` there for an upper bound.
+        Needs ``num_epochs``. The one step-count formula: :meth:`gpuprune.Pruner.total_steps` and
+        the DALI iterator's ``total_steps`` call it. Exact for policies that plan exactly k
+        samples; InfoBatch plans a data-dependent number (at most N), so ``k=num_samples`` gives an
+        upper bound (``Pruner.total_steps(..., upper_bound=True)``).
         """
         if self.num_epochs is None:
             raise ValueError("total_steps needs a schedule with num_epochs")

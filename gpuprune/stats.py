@@ -23,9 +23,7 @@ import torch
 
 from ._checks import check_int, resolve_device
 
-__all__ = ["LossStats", "StatsTensors", "tree_sum"]
-
-_F32_MAX = float(torch.finfo(torch.float32).max)
+__all__ = ["LossStats", "StatsTensors", "tree_sum", "masked_mean"]
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +37,20 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
     while x.numel() > 1:
         x = x[0::2] + x[1::2]
     return x.reshape(())
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The float64 mean of ``values`` where ``mask`` is True (0 when none is), as a 0-d tensor on
+    their device, without a host read.
+
+    Summed as a fixed pairwise tree (:func:`tree_sum`), so the bits are the same on every device
+    and backend: a mean that decides a selection (InfoBatch's below-mean rule, UCB's drift scale)
+    must not depend on a reduction's order, or CPU and GPU would plan differently when extreme
+    values make the sum's rounding matter. The one definition of "mean over the seen samples".
+    """
+    v = torch.where(mask, values.double(), torch.zeros((), dtype=torch.float64,
+                                                        device=values.device))
+    return tree_sum(v) / mask.sum().clamp(min=1).double()
 
 
 class StatsTensors(NamedTuple):
@@ -91,18 +103,9 @@ class LossStats:
         return self.last_epoch >= 0
 
     def seen_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """The float64 mean of ``values`` over the seen samples (0 when none is seen), as a 0-d
-        tensor on this device, without a host read.
-
-        Summed as a fixed pairwise tree (:func:`tree_sum`), so the bits are the same on every
-        device and backend: a mean that decides a selection (InfoBatch's below-mean rule, UCB's
-        drift scale) must not depend on a reduction's order, or CPU and GPU would plan
-        differently when extreme values make the sum's rounding matter.
-        """
-        seen = self.seen
-        v = torch.where(seen, values.double(), torch.zeros((), dtype=torch.float64,
-                                                            device=values.device))
-        return tree_sum(v) / seen.sum().clamp(min=1).double()
+        """The float64 mean of ``values`` over the seen samples (0 when none is seen):
+        :func:`masked_mean` with :attr:`seen`."""
+        return masked_mean(values, self.seen)
 
     def std(self) -> torch.Tensor:
         """Standard deviation of each sample's loss (float32)."""

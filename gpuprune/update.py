@@ -28,9 +28,10 @@ import torch
 
 from .stats import StatsTensors
 
-__all__ = ["merge_groups", "prepare_losses", "observe_torch"]
+__all__ = ["merge_groups", "prepare_losses", "observe_torch", "F32_MAX"]
 
-_F32_MAX = float(torch.finfo(torch.float32).max)
+#: the largest finite float32: where finite losses and variances saturate instead of becoming inf
+F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def prepare_losses(losses: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def prepare_losses(losses: torch.Tensor) -> torch.Tensor:
     1e300) saturate at +-3.4e38 like other huge losses; NaN and +-inf stay as they are (skipped)."""
     x = losses.detach()
     if x.dtype == torch.float64:
-        x = torch.where(torch.isfinite(x), x.clamp(-_F32_MAX, _F32_MAX), x)
+        x = torch.where(torch.isfinite(x), x.clamp(-F32_MAX, F32_MAX), x)
     return x.to(torch.float32)
 
 
@@ -84,7 +85,7 @@ def merge_groups(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, n_ne
     new_mean = mean.double() + a * dm
     new_var = (1.0 - a) * var.double() + a * within + a * (1.0 - a) * dm * dm
     # finite losses far apart (|x| ~ 1e19) give a variance beyond float32: saturate, never inf
-    new_var = new_var.clamp(max=_F32_MAX)
+    new_var = new_var.clamp(max=F32_MAX)
     return new_mean.to(mean.dtype), new_var.to(var.dtype)
 
 

@@ -6,8 +6,9 @@
 For each backend on the GPU (the CUDA kernels, and the torch backend):
 
 1. **observe() under** ``torch.cuda.set_sync_debug_mode("error")``: 50 batches of 128 ids (one id
-   twice, one NaN loss) at N = 1e6 must run without an error. The mode raises on every synchronising
-   torch operation; it cannot see a synchronisation inside CuPy, hence 2.
+   twice, one NaN loss) at N = 1e6 must run without an error, for UCB and for InfoBatch after a
+   pruned plan (its rescaled loss weights are looked up per batch). The mode raises on every
+   synchronising torch operation; it cannot see a synchronisation inside CuPy, hence 2.
 2. **the host returns at once**: the GPU is kept busy for about 0.25 s with ``torch.cuda._sleep``,
    then 20 observe() calls are made. They must come back in under 10% of the sleep with the GPU still
    busy afterwards (``stream.query()`` False): nothing in them waited for the GPU.
@@ -42,6 +43,8 @@ from gpuprune.doctor.environment import _short                    # noqa: E402
 __all__ = ["POLICIES", "make_pruner", "observe_epoch", "run", "main"]
 
 POLICIES = ("full", "uniform", "epsilon_greedy", "ucb", "infobatch", "static")
+#: policies whose observe() runs under sync debug mode "error" (InfoBatch weights the losses)
+OBSERVE_POLICIES = ("ucb", "infobatch")
 BATCH = 128
 
 
@@ -80,6 +83,18 @@ class _Sleeper:
 
     def sleep(self, seconds: float) -> None:
         torch.cuda._sleep(int(self.cycles_per_s * seconds))
+
+
+def _pruned_pruner(n: int, policy: str, device: torch.device, backend: str,
+                   g: torch.Generator) -> gp.Pruner:
+    """A Pruner of ``policy`` after one epoch of observations and a pruned plan (epoch 1)."""
+    p = make_pruner(n, policy, device, backend)
+    p.plan(0)
+    observe_epoch(p, g, 5)
+    plan = p.plan(1)
+    if plan.full or (policy == "infobatch" and plan.rescaled is None):
+        raise RuntimeError(f"{policy}: epoch 1 should be pruned with rescaled samples")
+    return p
 
 
 def _sync_mode_errors(pruner: gp.Pruner, g: torch.Generator, batches: int) -> str | None:
@@ -215,8 +230,19 @@ def run(device: torch.device, backends: list[str], n_sync: int = 1_000_000,
             r["backend"] = pruner.backend.name
             pruner.plan(0)
             observe_epoch(pruner, g, 5)
+            errors = []
+            for policy in OBSERVE_POLICIES:
+                p = pruner if policy == "ucb" else _pruned_pruner(n_sync, policy, device,
+                                                                  backend, g)
+                if not cuda:                   # --dry: the same calls, without the check
+                    observe_epoch(p, g, 5)
+                    continue
+                err = _sync_mode_errors(p, g, 50)
+                if err is not None:
+                    errors.append(f"{policy}: {err}")
             if cuda:
-                r["observe_sync_error"] = _sync_mode_errors(pruner, g, 50)
+                r["observe_sync_policies"] = list(OBSERVE_POLICIES)
+                r["observe_sync_error"] = "; ".join(errors) or None
                 r["observe_host_return"] = _host_return(pruner, g, sleeper)
                 ok &= r["observe_sync_error"] is None and r["observe_host_return"]["ok"]
             per_policy = {}

@@ -295,6 +295,27 @@ def test_static_subset_is_fixed_and_follows_scores():
         gp.Pruner(400, policy=gp.Static(scores))
 
 
+def test_static_scores_are_hashed_once_at_construction(monkeypatch):
+    """config() (read by every plan, checkpoint and cross-rank check) reports the scores by a
+    digest computed once, not by rehashing all N scores on each call."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from gpuprune.policies import static
+    scores = torch.arange(500, dtype=torch.float32)
+    digest = hashlib.sha256(scores.numpy().tobytes()).hexdigest()[:16]
+    policy = gp.Static(scores)
+    assert policy.config() == {"name": "static", "scores": f"sha256:{digest}:500"}
+    assert gp.Static().config() == {"name": "static", "scores": None}
+
+    def no_hash(*args):
+        raise AssertionError("settings() rehashed the scores")
+    monkeypatch.setattr(static, "hashlib", SimpleNamespace(sha256=no_hash))   # this module's only
+    p = gp.Pruner(500, keep=0.3, policy=policy, seed=1)
+    p.plan(0)
+    assert p.state_dict()["config"]["policy"]["scores"] == f"sha256:{digest}:500"
+
+
 def test_ucb_prefers_unseen_then_high_upper_bound():
     p = gp.Pruner(6, keep=0.5, policy=gp.UCB(c=1.0), seed=0)
     p.plan(0)
@@ -411,6 +432,42 @@ def test_schedule_steps_match_what_the_sampler_yields():
         gp.Schedule(final_full_epochs=2)
 
 
+def test_total_steps_is_one_answer_for_the_pruner_and_the_dali_iterator():
+    """Pruner.total_steps and PrunedDALIIterator.total_steps give the same count for every shard
+    count and drop policy, the Schedule's formula; for InfoBatch both raise unless upper_bound=True,
+    and then both give the bound that counts every pruned epoch full."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+
+    from gpuprune.dali import ArraySource, LastBatchPolicy, build_iterator
+    n, bs = 103, 8
+    x, y = np.zeros((n, 2, 2, 1), np.uint8), np.arange(n, dtype=np.int64)
+    hand = {("uniform", 1, False): 13 + 5 * 6,        # 1 warm-up epoch of 103, 5 pruned of k=41
+            ("infobatch", 1, False): 6 * 13}          # the bound: every epoch counted with 103
+    for policy in ("uniform", "infobatch"):
+        for world, drop in ((1, False), (2, False), (3, True)):
+            p = gp.Pruner(n, keep=0.4, policy=policy, num_epochs=6, warmup_epochs=1, seed=0)
+            it = build_iterator(p, ArraySource(x, y), batch_size=bs, shard_id=world - 1,
+                                num_shards=world,
+                                last_batch_policy=LastBatchPolicy.DROP if drop else
+                                LastBatchPolicy.PARTIAL)
+            k = p.k if p.policy.exact_k else n
+            want = p.schedule.total_steps(n, k, bs, world_size=world, drop_last=drop)
+            assert want == hand.get((policy, world, drop), want)
+            bound = p.total_steps(bs, world_size=world, drop_last=drop, upper_bound=True)
+            assert bound == it.total_steps(upper_bound=True) == want, (policy, world, drop)
+            if p.policy.exact_k:
+                assert p.total_steps(bs, world_size=world, drop_last=drop) == it.total_steps()
+                continue
+            for call in (lambda: p.total_steps(bs, world_size=world, drop_last=drop),
+                         it.total_steps):
+                with pytest.raises(ValueError, match="not known in advance; pass upper_bound=True"):
+                    call()
+    # world_size defaults to the Pruner's (1 without a process group)
+    p = gp.Pruner(n, keep=0.4, policy="uniform", num_epochs=6, warmup_epochs=1)
+    assert p.total_steps(bs) == p.total_steps(bs, world_size=1) == 43
+    assert p.total_steps(bs, world_size=2) == 7 + 5 * 3
+
 def test_plan_is_cached_and_cannot_go_back():
     p = make("ucb")
     assert p.plan(3) is p.plan(3)
@@ -431,6 +488,21 @@ def test_overlap_history_is_the_jaccard_index_of_consecutive_plans():
         assert hist[e]["overlap"] == pytest.approx(len(a & b) / len(a | b))
     assert hist[1]["overlap"] == pytest.approx(0.3)       # full -> pruned: 30 of 100
     assert [r["size"] for r in hist] == [100, 30, 30, 30, 30, 100]
+    # float64 Jaccard of whole counts: exactly Python's division, read as Python floats
+    for e in range(1, 6):
+        a, b = sets[e - 1], sets[e]
+        assert type(hist[e]["overlap"]) is float and hist[e]["overlap"] == len(a & b) / len(a | b)
+    # a restored history (floats) continued by new plans (device scalars) reads the same
+    q = gp.Pruner(100, keep=0.3, policy="uniform", num_epochs=6, warmup_epochs=1,
+                  final_full_epochs=1, seed=4)
+    r = gp.Pruner(100, keep=0.3, policy="uniform", num_epochs=6, warmup_epochs=1,
+                  final_full_epochs=1, seed=4)
+    for epoch in range(3):
+        q.plan(epoch)
+    r.load_state_dict(q.state_dict())
+    for epoch in range(3, 6):
+        r.plan(epoch)
+    assert r.history == hist
 
 
 @pytest.mark.parametrize("policy", ["ucb", "epsilon_greedy", "uniform", "infobatch", "static"])
@@ -778,3 +850,32 @@ def test_tree_sum_has_a_fixed_order_and_seen_mean_ignores_unseen():
     s.observe(torch.tensor([1, 3]), torch.tensor([2.0, 4.0]))
     assert s.seen_mean(torch.tensor([100.0, 2.0, 100.0, 4.0])).item() == 3.0
     assert Stats(3).seen_mean(torch.ones(3)).item() == 0.0
+
+
+def test_mask_lookup_keeps_out_of_range_ids_in_range():
+    """An out-of-range id (a GPU batch the observe path flags as invalid) must neither index out of
+    bounds (a device-side assert on a GPU) nor wrap: -1 read the last sample's bit."""
+    from gpuprune.plan import mask_lookup, pack_mask
+    bits = pack_mask(torch.arange(16) == 15)             # only id 15 marked, 2 bytes
+    assert mask_lookup(bits, torch.tensor([15, 14, 0])).tolist() == [True, False, False]
+    assert mask_lookup(bits, torch.tensor([-1, -9, -2**40])).tolist() == [False] * 3
+    assert mask_lookup(bits, torch.tensor([16, 10**6, 2**40])).tolist() == [True] * 3   # -> 15
+    plan = gp.Plan(1, torch.tensor([15, 3], dtype=torch.int32), False, 16, 4.0, bits)
+    assert plan.weights_of(torch.tensor([15, 3, -1], dtype=torch.int16)).tolist() == [4.0, 1.0, 1.0]
+    assert plan.weights_of(torch.tensor([15, 3])).dtype == torch.float32
+
+
+def test_masked_mean_sums_the_masked_values_in_the_fixed_tree_order():
+    """The one mean over seen samples (LossStats.seen_mean, UCB's drift scale, InfoBatch's
+    threshold): masked entries count as 0 in the tree and not in the count."""
+    from gpuprune.stats import masked_mean
+    x = torch.tensor([1e16, 100.0, -1e16, 1.0, 3.0], dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, True])
+    # tree over [1e16, 0, -1e16, 1, 3, 0, 0, 0]: ((1e16 + 0) + (-1e16 + 1)) + ((3 + 0) + 0) = 3
+    # (-1e16 + 1 rounds to -1e16), over 4 masked entries; a left-to-right sum would give 1.0
+    m = masked_mean(x, mask)
+    assert m.dtype == torch.float64 and m.shape == () and m.item() == 0.75
+    assert masked_mean(x, torch.zeros(5, dtype=torch.bool)).item() == 0.0
+    s = Stats(5)
+    s.observe(torch.tensor([0, 2, 3, 4]), torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    assert torch.equal(s.seen_mean(x), m)

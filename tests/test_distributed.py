@@ -43,6 +43,12 @@ def loss_of(idx: torch.Tensor, epoch: int) -> torch.Tensor:
     return torch.where(nan, torch.full_like(x, float("nan")), x)
 
 
+def extreme_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s batch of float64 losses: beyond the float32 range, finite and not."""
+    return (torch.arange(4 * rank, 4 * rank + 4),
+            torch.tensor([1e300, -1e300, 2.5, float("inf")], dtype=torch.float64))
+
+
 def make_pruner(policy: str, **kw) -> gp.Pruner:
     extra = {}
     if policy == "static":
@@ -257,6 +263,33 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
                                   and before[2] == len(p.history))
     dist.barrier()
     res["len_barrier"] = "passed"
+
+    # the single-process input rules hold under a process group: float64 losses beyond float32
+    # saturate (not inf, hence not dropped), and an int64 id out of range is refused, never
+    # narrowed to the log's int32 (2**32 + 5 would become sample 5)
+    p = make_pruner("uniform")
+    p.plan(0)
+    ids, losses = extreme_batch(rank)
+    p.observe(ids, losses)
+    pending = p._sync.pending
+    try:
+        p.observe(torch.tensor([3, 2**32 + 5]), torch.tensor([1.0, 2.0], dtype=torch.float64))
+        res["bad_id_observe"] = "no error"
+    except ValueError as err:
+        res["bad_id_observe"] = str(err)
+    res["bad_id_not_logged"] = p._sync.pending == pending
+    p.synchronize()
+    res["extreme_state"] = stats_state(p)
+    # a GPU batch's range is not read on the host: the log must flag it itself (on the CPU
+    # observe() refuses it first, so the log is called directly here)
+    p._sync.record(torch.tensor([2**32 + 5 if rank % 2 == 0 else -2**32 + 7, 1]),
+                   torch.tensor([1.0, 2.0]))
+    try:
+        p.synchronize()
+        res["bad_id_logged"] = "no error"
+    except ValueError as err:
+        res["bad_id_logged"] = str(err)
+    res["extreme_state_after"] = stats_state(p)
 
     # a re-score pass before each selection, each rank refreshing its shard of the unselected
     for feed in R_FEEDS:
@@ -480,6 +513,35 @@ def test_len_is_a_pure_read_on_one_rank(job):
     assert ranks[0]["len_next"] == gp.budget(KEEP, N) // world + (gp.budget(KEEP, N) % world > 0)
     for res in ranks:
         assert res["len_barrier"] == "passed" and res["len_changed_nothing"] is True
+
+
+def test_observe_under_a_process_group_follows_the_single_process_input_rules(job):
+    """Float64 losses of +-1e300 saturate at +-3.4e38 as in one process (they were cast to inf and
+    dropped), and a batch with an int64 id outside [0, N) is refused as in one process: by
+    observe() on the CPU, and when it reaches the log (a GPU batch) by the next merge, on every
+    rank, without recording anything (2**32 + 5 was narrowed to sample 5)."""
+    world, ranks = job
+    f32_max = float(torch.finfo(torch.float32).max)
+    ref = make_pruner("uniform", process_group=None)
+    ref.plan(0)
+    for r in range(world):
+        ref.observe(*extreme_batch(r))
+    with pytest.raises(ValueError) as single:
+        ref.observe(torch.tensor([3, 2**32 + 5]), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    want = ref.stats.state_dict()
+    assert want["mean"][:4].tolist() == [f32_max, -f32_max, 2.5, 0.0]
+    assert int(want["nonfinite"]) == world and want["last_epoch"][:4].tolist() == [0, 0, 0, -1]
+    for res in ranks:
+        assert res["bad_id_observe"] == str(single.value)
+        assert "indices must lie in [0, 997), got an index 4294967301" in res["bad_id_observe"]
+        assert res["bad_id_not_logged"] is True
+        for key in STATE_KEYS:
+            assert torch.equal(res["extreme_state"][key], want[key]), key
+        assert res["bad_id_logged"] == (
+            f"observe() received indices outside [0, 997) in {world} batch(es) (per rank: "
+            f"{dict.fromkeys(range(world), 1)}); those batches were not recorded")
+        for key in STATE_KEYS:
+            assert torch.equal(res["extreme_state_after"][key], want[key]), key
 
 
 def _eval_losses(epoch: int, ids: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-_F32_MAX = float(np.finfo(np.float32).max)
-_M32 = 0xFFFFFFFF
-
 
 def _short(e: BaseException, limit: int = 300) -> str:
     text = f"{type(e).__name__}: {e}".replace("\n", " ")

@@ -46,7 +46,7 @@ import torch
 
 from .._checks import check_float
 from ..rng import draw_seeds
-from ..stats import tree_sum
+from ..stats import masked_mean
 from .base import Policy, Selection
 
 __all__ = ["InfoBatch", "infobatch_select", "kept_share"]
@@ -77,7 +77,7 @@ def infobatch_select(score: torch.Tensor, seen: torch.Tensor, ratio: float, seed
     n = score.numel()
     s64 = score.double()
     # summed in a fixed order, so CPU and GPU agree on the below-mean set whatever the values
-    mean = tree_sum(torch.where(seen, s64, torch.zeros_like(s64))) / seen.sum().clamp(min=1)
+    mean = masked_mean(s64, seen)
     below = seen & (s64 < mean)
     n_below = int(below.sum())                       # the one host read of the plan
     q = kept_share(ratio, min_keep)

@@ -45,12 +45,13 @@ class Static(Policy):
                 raise ValueError(f"scores must be 1-D, got scores.shape={tuple(scores.shape)}")
             scores = scores.detach().to(torch.float32).clone()
         self.scores = scores
+        # hashed once: settings() is read by every config() (each plan, checkpoint and rank check)
+        self._scores_setting = None if scores is None else (
+            f"sha256:{hashlib.sha256(scores.cpu().numpy().tobytes()).hexdigest()[:16]}:"
+            f"{scores.numel()}")
 
     def settings(self) -> dict:
-        if self.scores is None:
-            return {"scores": None}
-        digest = hashlib.sha256(self.scores.cpu().numpy().tobytes()).hexdigest()[:16]
-        return {"scores": f"sha256:{digest}:{self.scores.numel()}"}
+        return {"scores": self._scores_setting}
 
     def resolve(self, keep, num_samples, num_epochs) -> "Static":
         if self.scores is not None and self.scores.numel() != num_samples:

@@ -33,12 +33,11 @@ import torch
 
 from .._checks import check_choice, check_float
 from ..rng import draw_seeds
-from ..stats import tree_sum
+from ..stats import masked_mean
+from ..update import F32_MAX
 from .base import Policy, Selection
 
 __all__ = ["UCB", "ucb_score"]
-
-_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def ucb_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: float,
@@ -56,10 +55,9 @@ def ucb_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: floa
     var = var.clamp(min=0)
     if drift > 0.0 and age is not None:
         v64 = var.double()
-        n_seen = seen.sum().clamp(min=1)
-        vbar = tree_sum(torch.where(seen, v64, torch.zeros_like(v64))) / n_seen   # fixed order
+        vbar = masked_mean(v64, seen)                                         # fixed order
         grown = v64 + (drift * vbar) * age.to(torch.float64).clamp(min=0)
-        var = grown.clamp(max=_F32_MAX).to(torch.float32)
+        var = grown.clamp(max=F32_MAX).to(torch.float32)
     spread = var.sqrt() if uncertainty == "std" else var
     score = mean + c * spread
     return torch.where(seen, score, torch.full_like(score, float("inf")))
