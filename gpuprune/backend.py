@@ -160,7 +160,7 @@ def get_backend(backend: str, device: torch.device, num_samples: int) -> Backend
     except kernels.KernelsUnavailable as e:
         if backend == "cuda":
             raise kernels.KernelsUnavailable(f"backend='cuda' was requested but {e}") from e
-        if "CuPy is not importable" not in str(e):
+        if not isinstance(e, kernels.CupyMissing):     # no CuPy is a setup, not a failure
             warnings.warn(f"gpuprune: using the torch backend on {device}: {e}", RuntimeWarning,
                           stacklevel=3)
         return TorchBackend(device)

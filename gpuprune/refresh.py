@@ -290,7 +290,7 @@ class Refresher:
             planner.set_epoch(epoch)             # the loader now plans exactly the targets
         own = None
         if planner is not None and planner.pruner is self.feed and p.world_size > 1:
-            own = _own_share(planner, epoch, targets.numel(), p.rank, p.world_size)
+            own = _own_share(planner, targets.numel(), p.rank, p.world_size)
         due = torch.zeros(p.num_samples, dtype=torch.bool, device=p.device)
         due[targets if own is None else own.to(p.device).long()] = True
         scored = 0
@@ -370,9 +370,10 @@ def _planner_of(data):
     return None
 
 
-def _own_share(planner, epoch: int, n: int, rank: int, world_size: int) -> torch.Tensor:
+def _own_share(planner, n: int, rank: int, world_size: int) -> torch.Tensor:
     """The feed's samples this rank refreshes when ``planner`` (a PrunedSampler or DALI iterator
-    over the feed, already planned for ``epoch``) serves it a shard of the ``n`` targets.
+    over the feed, whose ``set_epoch`` was just called with the refresh's epoch: its ``plan()`` is
+    that epoch's share) serves it a shard of the ``n`` targets.
 
     A shard is positions ``rank, rank + W, ...`` of the plan padded by wrap-around
     (:func:`gpuprune.plan.shard_indices`): its entries at positions ``>= n`` repeat samples that
@@ -380,8 +381,7 @@ def _own_share(planner, epoch: int, n: int, rank: int, world_size: int) -> torch
     :func:`~gpuprune.plan.owned_size` entries are this rank's, so every target is refreshed once over all ranks, as with in-memory tensors;
     a padded copy would be a second observation, merged with weight ``1 - decay**2``.
     """
-    shard = planner._shard_for(epoch) if hasattr(planner, "_shard_for") else planner.plan()
-    return shard.indices[:owned_size(n, rank, world_size)]
+    return planner.plan().indices[:owned_size(n, rank, world_size)]
 
 
 def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -78,12 +78,33 @@ class Position:
         return epoch, consumed
 
 
-def shard_of(pruner, num_replicas: int | None, rank: int | None, owner: str) -> tuple[int, int]:
+def shard_of(pruner, num_replicas: int | None, rank: int | None, owner: str, *,
+             names: tuple[str, str] = ("num_replicas", "rank")) -> tuple[int, int]:
     """``(rank, num_replicas)`` of a loader over ``pruner``: from the Pruner's process group unless
-    given; explicit values that disagree with a distributed Pruner raise."""
+    given; explicit values that disagree with a distributed Pruner raise.
+
+    Args:
+        pruner: the Pruner whose plans the loader shards.
+        num_replicas, rank: the caller's explicit values, or None to take them from the Pruner
+            (a local Pruner: 1 replica, rank 0).
+        owner: the caller's class name, which starts the process-group messages.
+        names: what the caller calls ``num_replicas`` and ``rank``, used in every message (the DALI
+            iterator passes ``("num_shards", "shard_id")``). Default ``("num_replicas", "rank")``.
+
+    Raises:
+        TypeError: a given value is not an int.
+        ValueError: a given value is out of range, or disagrees with the Pruner's process group;
+            or torch.distributed runs several ranks, the Pruner is local and no ``num_replicas``
+            was given.
+    """
+    world_name, rank_name = names
+    if num_replicas is not None:
+        num_replicas = check_int(world_name, num_replicas, minimum=1)
+    if rank is not None:
+        rank = check_int(rank_name, rank, minimum=0)
     p_rank, p_world = pruner.rank, pruner.world_size
     if p_world > 1:
-        for name, given, own in (("num_replicas", num_replicas, p_world), ("rank", rank, p_rank)):
+        for name, given, own in ((world_name, num_replicas, p_world), (rank_name, rank, p_rank)):
             if given is not None and given != own:
                 raise ValueError(f"{owner}: {name}={given}, but the pruner is synchronised over a "
                                  f"process group where {name}={own}; leave {name} unset")
@@ -95,9 +116,9 @@ def shard_of(pruner, num_replicas: int | None, rank: int | None, owner: str) -> 
         raise ValueError(f"{owner}: torch.distributed runs {g_world} ranks but the pruner is not "
                          f"synchronised across them (process_group=None, or it was created before "
                          f"init_process_group): create the Pruner after init_process_group, or "
-                         f"pass num_replicas and rank explicitly")
-    num_replicas = check_int("num_replicas", 1 if num_replicas is None else num_replicas, minimum=1)
-    rank = check_int("rank", 0 if rank is None else rank, minimum=0, maximum=num_replicas - 1)
+                         f"pass {world_name} and {rank_name} explicitly")
+    num_replicas = 1 if num_replicas is None else num_replicas
+    rank = check_int(rank_name, 0 if rank is None else rank, minimum=0, maximum=num_replicas - 1)
     return rank, num_replicas
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import re
 import stat
 import sys
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ CASES: list[Case] = [
     Case(P, "`policy=UCB` (the class)", lambda _: gp.Pruner(N, policy=UCB), TypeError, "got the class UCB; write policy=UCB()"),
     Case(P, "a policy setting (`epsilon=99.0`) given to the Pruner", lambda _: gp.Pruner(N, policy="uniform", epsilon=99.0), TypeError, "Pruner() got an unexpected keyword argument 'epsilon'; it is a setting of the policy: pass policy=gpuprune.EpsilonGreedy(epsilon=...)"),
     Case(P, "`c=-3.0`, `delta=5.0`, `drift=-1.0` given to the Pruner", lambda _: gp.Pruner(N, policy="uniform", c=-3.0, delta=5.0, drift=-1.0), TypeError, "unexpected keyword argument 'c'; it is a setting of the policy: pass policy=gpuprune.UCB(c=...)"),
-    Case(P, "`static_scores=` given to the Pruner", lambda _: gp.Pruner(N, policy="static", static_scores=torch.rand(N)), TypeError, "pass policy=gpuprune.Static(static_scores=...)"),
+    Case(P, "`static_scores=` given to the Pruner", lambda _: gp.Pruner(N, policy="static", static_scores=torch.rand(N)), TypeError, "pass policy=gpuprune.Static(scores=...)"),
     Case(P, "an unknown keyword", lambda _: gp.Pruner(N, batch_size=4), TypeError, "Pruner() got an unexpected keyword argument 'batch_size'"),
     Case(P, "`num_epochs=0`", lambda _: gp.Pruner(N, num_epochs=0), ValueError, "num_epochs must be >= 1, got num_epochs=0"),
     Case(P, "`num_epochs=2**31` (epochs are int32)", lambda _: gp.Pruner(N, num_epochs=2**31), ValueError, "num_epochs must be <= 2147483647, got num_epochs=2147483648"),
@@ -330,6 +331,11 @@ CASES: list[Case] = [
     Case("Pruner.observe", "losses on another device", lambda p: p.observe(IDX, LOSS.to("meta")), ValueError, "per_sample_loss must be on cpu, got per_sample_loss.device=meta", trained_pruner),
     Case("Pruner.is_full_epoch", "`epoch=-1`", lambda p: p.is_full_epoch(-1), ValueError, "epoch must be >= 0", trained_pruner),
     Case("Pruner.epoch_size", "an epoch beyond `num_epochs`", lambda p: p.epoch_size(9), ValueError, "epoch must be <= 5", trained_pruner),
+    Case("Pruner.total_steps", "InfoBatch (loss-dependent epoch sizes) without `upper_bound=True`", lambda p: p.total_steps(4), ValueError, "policy 'infobatch' plans a loss-dependent number of samples, so the run's step count is not known in advance; pass upper_bound=True", trained_pruner),
+    Case("Pruner.total_steps", "no `num_epochs`", lambda p: p.total_steps(4), ValueError, "total_steps needs a schedule with num_epochs", lambda: gp.Pruner(N, policy="uniform")),
+    Case("Pruner.total_steps", "`world_size=0`", lambda p: p.total_steps(4, world_size=0), ValueError, "world_size must be >= 1, got world_size=0", lambda: trained_pruner("uniform")),
+    Case("Pruner.total_steps", "`upper_bound=\"yes\"`", lambda p: p.total_steps(4, upper_bound="yes"), TypeError, "upper_bound must be a bool, got str 'yes'", trained_pruner),
+    Case("Pruner.total_steps", "`batch_size=0`", lambda p: p.total_steps(0), ValueError, "batch_size must be >= 1, got batch_size=0", lambda: trained_pruner("uniform")),
     Case("Pruner.selection_stats", "`always=2`", lambda p: p.selection_stats(always=2), ValueError, "always must be <= 1.0, got always=2.0", trained_pruner),
     Case("Pruner.load_state_dict", "not a dict", lambda p: p.load_state_dict([1, 2]), TypeError, "state must be a dict from Pruner.state_dict(), got list", trained_pruner),
     Case("Pruner.load_state_dict", "an entry missing", lambda p: p.load_state_dict(state_with(rounds=KeyError)), ValueError, "missing ['rounds']", trained_pruner),
@@ -456,7 +462,7 @@ CASES += [
     DaliCase(DI, "`last_batch_policy=LastBatchPolicy.FILL`", lambda d: iterator_of(d, last_batch_policy=dali().LastBatchPolicy.FILL), ValueError, FILL_MESSAGE, dali_parts),
     DaliCase(DI, "a pipeline with `enable_checkpointing=True`", lambda d: iterator_of(d), ValueError, CHECKPOINT_MESSAGE, lambda: dali_parts(enable_checkpointing=True)),
     DaliCase(DI, "`auto_reset=1` (not a bool)", lambda d: iterator_of(d, auto_reset=1), TypeError, "auto_reset must be a bool, 'yes' or 'no', got int 1", dali_parts),
-    DaliCase(DI, "`shard_id=2` with `num_shards=2`", lambda d: iterator_of(d, shard_id=2, num_shards=2), ValueError, "shard_id must be < num_shards=2 (the rank must be <= 1), got shard_id=2", dali_parts),
+    DaliCase(DI, "`shard_id=2` with `num_shards=2`", lambda d: iterator_of(d, shard_id=2, num_shards=2), ValueError, "shard_id must be <= 1, got shard_id=2", dali_parts),
     DaliCase(DI, "`num_shards=0`", lambda d: iterator_of(d, num_shards=0), ValueError, "num_shards must be >= 1, got num_shards=0", dali_parts),
     DaliCase(DI, "`index_name=3`", lambda d: iterator_of(d, index_name=3), TypeError, "index_name must be a str, got int 3", dali_parts),
     DaliCase(DI, "`output_map=\"xy\"` (a str, not a list of names)", lambda d: iterator_of(d, "xy"), TypeError, "output_map must be a sequence of names, one per pipeline output, got str 'xy'", dali_parts),
@@ -629,11 +635,29 @@ def test_nonfinite_losses_are_not_errors_but_are_counted():
     assert changed == [2]
 
 
+def test_policy_setting_hints_name_a_parameter_the_policy_takes():
+    """A policy setting given to the Pruner raises with a hint; following the hint must work: the
+    class it names takes the parameter it names (0.1's ``static_scores`` is ``Static(scores=)``)."""
+    from gpuprune.pruner import _POLICY_SETTINGS
+    values = {"epsilon": 0.2, "c": 2.0, "uncertainty": "var", "drift": 0.5, "ratio": 0.3,
+              "delta": 0.5, "min_keep": 0.2, "scores": torch.rand(N), "static_scores": torch.rand(N)}
+    assert set(_POLICY_SETTINGS) == set(values)      # every constructor parameter, and 0.1's name
+    for name, value in values.items():
+        with pytest.raises(TypeError) as err:
+            gp.Pruner(N, num_epochs=4, **{name: value})
+        hint = re.search(r"; it is a setting of the policy: pass policy=gpuprune\.(\w+)\((\w+)=\.\.\.\)$",
+                         str(err.value))
+        assert hint is not None, str(err.value)
+        cls, param = hint.groups()
+        policy = getattr(gp, cls)(**{param: value})
+        assert gp.Pruner(N, num_epochs=4, policy=policy).policy.config()[param] is not None
+
+
 def test_every_entry_point_has_a_case():
     entries = {c.entry for c in CASES}
     for name in ("Pruner(...)", "Pruner.plan", "Pruner.observe", "Pruner.load_state_dict",
                  "LossStats(...)", "LossStats.load_state_dict", "Schedule(...)",
-                 "Schedule.total_steps", "PrunedSampler", "PrunedSampler.set_epoch",
+                 "Schedule.total_steps", "Pruner.total_steps", "PrunedSampler", "PrunedSampler.set_epoch",
                  "PrunedSampler.state_dict", "PrunedSampler.load_state_dict", "IndexedDataset",
                  "Static", "EpsilonGreedy", "UCB", "InfoBatch", "plan.shard_indices", "el2n_scores",
                  "ForgettingTracker.update", "save_checkpoint", "load_checkpoint",

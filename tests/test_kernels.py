@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -382,6 +383,36 @@ def test_get_ops_memoises_failures_per_device(monkeypatch):
         with pytest.raises(kernels.KernelsUnavailable, match="backend='cuda' was requested but no "
                                                              "kernels on 0"):
             get_backend("cuda", torch.device("cuda", 0), 10)
+    finally:
+        kernels.clear_cache()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure paths; the GPU tests load")
+def test_auto_is_quiet_without_cupy_and_warns_when_the_kernels_fail_to_build(monkeypatch):
+    # the device index is the only fake: past it, _build runs for real (the import of CuPy, then
+    # load_module over the real fatbin/source candidates, which fail on a machine with no GPU)
+    monkeypatch.setattr(_loader, "_device_index", lambda device: 0)
+    cuda0 = torch.device("cuda", 0)
+    kernels.clear_cache()
+    try:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "cupy", None)            # makes `import cupy` fail
+            for _ in range(2):                              # the second answer is the memoised one
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    assert isinstance(get_backend("auto", cuda0, 10), TorchBackend)
+                assert [str(w.message) for w in caught] == []
+                with pytest.raises(kernels.CupyMissing, match="CuPy is not importable"):
+                    kernels.get_ops(cuda0)
+        kernels.clear_cache()
+        pytest.importorskip("cupy")
+        for _ in range(2):
+            with pytest.warns(RuntimeWarning, match="using the torch backend on cuda:0: could not "
+                                                    "load the gpuprune CUDA kernels"):
+                assert isinstance(get_backend("auto", cuda0, 10), TorchBackend)
+            with pytest.raises(kernels.KernelsUnavailable) as err:
+                kernels.get_ops(cuda0)
+            assert type(err.value) is kernels.KernelsUnavailable      # not CupyMissing
     finally:
         kernels.clear_cache()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass
 from typing import NoReturn, Sequence
@@ -14,7 +15,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
-from .._checks import check_bool, check_int
+from .._checks import check_bool
 from ..plan import Plan, num_batches
 from ..pruner import Pruner
 from ..sampler import Position, shard_of
@@ -100,6 +101,9 @@ class PrunedDALIIterator(DALIGenericIterator):
     * ``len(it)`` and ``it.size`` count the batches and samples of the running pass (from its start
       position), or of the pass the next ``iter()`` starts. They never plan: before
       :meth:`set_epoch` they give the size the schedule predicts (the same on every rank).
+    * :meth:`plan` is this rank's share of the epoch's plan, in the order its batches serve it
+      (the ids ``batch["index"]`` will hold), like :meth:`PrunedSampler.plan
+      <gpuprune.sampler.PrunedSampler.plan>`; e.g. for work over exactly this rank's samples.
     * **Read-ahead across epoch boundaries** (``read_ahead=True``): when the next epoch's plan is
       already determined before this epoch's last losses arrive (``Pruner.peek``: full-data
       epochs, the ``uniform``/``static``/``full`` policies, epochs reusing a selection), its first
@@ -212,15 +216,8 @@ class PrunedDALIIterator(DALIGenericIterator):
         if pruner.num_samples != source.num_samples:
             raise ValueError(f"the pruner plans {pruner.num_samples} samples but the source holds "
                              f"{source.num_samples}")
-        # named as given here (shard_of names the sampler's num_replicas and rank)
-        if num_shards is not None:
-            num_shards = check_int("num_shards", num_shards, minimum=1)
-        if shard_id is not None:
-            shard_id = check_int("shard_id", shard_id, minimum=0)
-            if num_shards is not None and pruner.world_size == 1 and shard_id >= num_shards:
-                raise ValueError(f"shard_id must be < num_shards={num_shards} (the rank must be <= "
-                                 f"{num_shards - 1}), got shard_id={shard_id}")
-        self.shard_id, self.num_shards = shard_of(pruner, num_shards, shard_id, "PrunedDALIIterator")
+        self.shard_id, self.num_shards = shard_of(pruner, num_shards, shard_id, "PrunedDALIIterator",
+                                                  names=("num_shards", "shard_id"))
         if isinstance(output_map, str):
             raise TypeError(f"output_map must be a sequence of names, one per pipeline output, got "
                             f"str {output_map!r}")
@@ -265,6 +262,12 @@ class PrunedDALIIterator(DALIGenericIterator):
         # published (prepare_first_batch=False here: DALI would call the source at once, before
         # any plan exists). size=-1: DALI runs until the source raises StopIteration; this class
         # drives the pipeline itself.
+        if source.parallel and getattr(pipe, "_py_start_method", "fork") == "fork":
+            # DALI forks its Python workers in this build. A forked child inherits every
+            # unreachable object still waiting for the cycle collector, DALI pipelines included,
+            # and if the collector runs in the child their finalisers shut down a pipeline the
+            # child does not own (a segfault in DALI 2.4). Collect them in the parent first.
+            gc.collect()
         super().__init__(pipe, output_map, size=-1, auto_reset=False, prepare_first_batch=False)
         self._ready = True
 
@@ -310,6 +313,20 @@ class PrunedDALIIterator(DALIGenericIterator):
         self._dali_size = value
 
     # ------------------------------------------------------------------ plans
+    def plan(self) -> Plan:
+        """This rank's share of the plan of :attr:`epoch`, in serving order (planned now if it was
+        not: under a process group that is a collective), as :meth:`PrunedSampler.plan
+        <gpuprune.sampler.PrunedSampler.plan>` gives it.
+
+        The whole share, from its first entry: a pass resumed mid-epoch serves it from the restored
+        position on, and with ``LastBatchPolicy.DROP`` a pass stops after its last whole batch
+        (``len(it) * batch_size`` entries of a pass from the start). After a finished pass
+        :attr:`epoch` stays that pass's epoch until the next one starts (:meth:`set_epoch` or the
+        next loop). Never changes the position.
+        """
+        p = self._pass
+        return p.plan if p is not None else self._shard_for(self._next[0])
+
     def _shard_for(self, epoch: int) -> Plan:
         """This rank's share of ``epoch``'s plan, in serving order (plans the epoch if needed)."""
         return self._shard_of(self.pruner.plan(epoch))
@@ -332,19 +349,18 @@ class PrunedDALIIterator(DALIGenericIterator):
     def _batches_from(self, n: int, start: int) -> int:
         return num_batches(max(0, n - start), self.batch_size, self._drop)
 
-    def total_steps(self) -> int:
+    def total_steps(self, *, upper_bound: bool = False) -> int:
         """Optimizer steps of the whole run on this rank (one per batch), for step-based learning
         rate schedules such as ``OneCycleLR(total_steps=it.total_steps())``.
 
-        :meth:`gpuprune.Schedule.total_steps` with this iterator's batch size, number of shards and
-        last-batch policy. Exact for policies that plan exactly k samples (all but InfoBatch); for
-        InfoBatch, whose pruned epochs are data-dependent, an upper bound (every epoch counted
-        full), so the schedule never runs out. Needs the Pruner's ``num_epochs``.
+        :meth:`gpuprune.Pruner.total_steps` with this iterator's batch size, number of shards and
+        last-batch policy (``DROP`` drops), so both answer the same. Exact for policies that plan
+        exactly k samples (all but InfoBatch); InfoBatch's pruned epochs depend on the losses, so
+        it raises ValueError unless ``upper_bound=True`` (every pruned epoch counted with all N
+        samples: the schedule never runs out). Needs the Pruner's ``num_epochs``.
         """
-        p = self.pruner
-        k = p.k if p.policy.exact_k else p.num_samples
-        return p.schedule.total_steps(p.num_samples, k, self.batch_size,
-                                      world_size=self.num_shards, drop_last=self._drop)
+        return self.pruner.total_steps(self.batch_size, drop_last=self._drop,
+                                       world_size=self.num_shards, upper_bound=upper_bound)
 
     # ------------------------------------------------------------------ epochs
     def _api(self):

@@ -46,6 +46,7 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from .._checks import check_bool, check_choice, check_int
+from ..plan import index_dtype
 from ._shared import SharedArray
 
 __all__ = ["PlanSource", "ArraySource", "FileSource", "CallbackSource", "BadSampleError",
@@ -272,9 +273,9 @@ class PlanSource(ABC):
         self._header = SharedArray((_HEADER,), np.int64, fill=0)
         _clear_header(self._header.array)
         # this rank's plans, one slot of N entries each (the file is sparse: only the entries
-        # written take memory); 4 bytes per id while ids fit int32
-        self._plan = SharedArray((_SLOTS * self.num_samples,),
-                                 np.int32 if self.num_samples <= 2**31 else np.int64)
+        # written take memory), in the plans' own id type (4 bytes per id while ids fit int32)
+        dtype = torch.empty(0, dtype=index_dtype(self.num_samples)).numpy().dtype
+        self._plan = SharedArray((_SLOTS * self.num_samples,), dtype)
         self._last_slot = 0
 
     # ------------------------------------------------------------------ data side
@@ -354,12 +355,11 @@ class PlanSource(ABC):
             raise RuntimeError(f"{type(self).__name__} is not part of a pipeline yet; build the "
                                "pipeline with source.outputs() first")
 
-    def _check_indices(self, indices) -> int:
+    def _check_indices(self, indices) -> None:
         n = len(indices)
         if n > self.num_samples:
             raise ValueError(f"a plan of {n} entries does not fit this source of "
                              f"{self.num_samples} samples")
-        return n
 
     def _store(self, slot: int, indices) -> None:
         if isinstance(indices, torch.Tensor):
@@ -594,17 +594,21 @@ class ArraySource(PlanSource):
 
     def __call__(self, info) -> tuple:
         if self.device == "cpu":
-            _, ids, _ = self._batch(info)
-            return tuple(a[ids] for a in self._arrays)   # a tuple even for one array
+            return super().__call__(info)                 # the host plan's ids -> gather
+        # GPU: the ids stay on the device (a view of the CUDA plan: no host copy, no sync), and
+        # the gather runs on the stream DALI was told about
         slot, lo, hi, _ = self._locate(info)
-        idx = self._dev_plans[slot][lo:hi]                # a view: no copy, no sync
+        idx = self._dev_plans[slot][lo:hi]
         with torch.cuda.stream(self._stream):
             return tuple(a.index_select(0, idx) for a in self._arrays)
 
     def gather(self, ids: np.ndarray, epoch: int) -> tuple:
-        if self.device == "gpu":
-            idx = torch.as_tensor(ids, device=self._arrays[0].device)
-            return tuple(a.index_select(0, idx) for a in self._arrays)
+        """The rows ``ids`` of every array (a tuple even for one array; ``epoch`` is not used).
+
+        The CPU source serves each batch through here (so a subclass may override it, e.g. for
+        per-epoch augmentation). The GPU source does not: it serves each batch from its CUDA copy
+        of the plan in ``__call__``, with no host ids.
+        """
         return tuple(a[ids] for a in self._arrays)
 
 
@@ -864,14 +868,6 @@ class FileSource(PlanSource):
         return (self._paths(ids), *(a[ids] for a in self._arrays))
 
     # ------------------------------------------------------------------ checks
-    def check_sample(self, i: int) -> tuple[int, str] | None:
-        """Read sample ``i``'s file and decode it on the CPU like the pipeline does.
-
-        Returns None when it loads, else ``(status, detail)``.
-        """
-        verdict, _ = self._probe(i)
-        return verdict
-
     def _probe(self, i: int) -> tuple[tuple[int, str] | None, tuple[int, int, int] | None]:
         """``(verdict, signature of the file that was checked)``."""
         try:

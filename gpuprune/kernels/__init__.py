@@ -15,6 +15,7 @@ from ._loader import (
     FATBIN_NAME,
     NVRTC_OPTIONS,
     SOURCE_NAME,
+    CupyMissing,
     KernelsUnavailable,
     available,
     clear_cache,
@@ -30,7 +31,7 @@ from ._spec import KERNEL_NAMES
 from .ops import MAX_SAMPLES, KernelOps
 
 __all__ = [
-    "KernelOps", "KernelsUnavailable", "get_ops", "available", "unavailable_reason", "clear_cache",
+    "KernelOps", "KernelsUnavailable", "CupyMissing", "get_ops", "available", "unavailable_reason", "clear_cache",
     "find_source", "fatbin_name", "find_fatbin", "module_candidates", "load_module", "KERNEL_NAMES", "SOURCE_NAME",
     "FATBIN_NAME", "NVRTC_OPTIONS", "MAX_SAMPLES",
 ]

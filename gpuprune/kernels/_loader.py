@@ -33,7 +33,7 @@ from ._spec import KERNEL_NAMES
 from .ops import KernelOps
 
 __all__ = [
-    "KernelsUnavailable", "SOURCE_NAME", "FATBIN_NAME", "NVRTC_OPTIONS", "find_source",
+    "KernelsUnavailable", "CupyMissing", "SOURCE_NAME", "FATBIN_NAME", "NVRTC_OPTIONS", "find_source",
     "fatbin_name", "find_fatbin", "module_candidates", "load_module", "get_ops", "available", "unavailable_reason",
     "clear_cache", "CupyRuntime",
 ]
@@ -52,6 +52,14 @@ _PKG_DIR = Path(__file__).resolve().parent
 
 class KernelsUnavailable(RuntimeError):
     """The CUDA kernels cannot run here (no CUDA device, no CuPy, or neither binary loads)."""
+
+
+class CupyMissing(KernelsUnavailable):
+    """CuPy cannot be imported, so the kernels cannot be launched.
+
+    Its own type because ``backend="auto"`` treats it as an expected setup (torch, no warning),
+    unlike a kernel build or load failure, which it reports.
+    """
 
 
 def _search_dirs() -> list[Path]:
@@ -193,7 +201,8 @@ class CupyRuntime:
 
 _LOCK = threading.Lock()
 _OPS: dict[int, KernelOps] = {}
-_FAILED: dict[int, str] = {}
+#: the failure of each device index, as (exception type, message): a re-raise keeps the type
+_FAILED: dict[int, tuple[type[KernelsUnavailable], str]] = {}
 
 
 def _device_index(device) -> int:
@@ -210,8 +219,8 @@ def _build(index: int) -> KernelOps:
     try:
         import cupy
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken CUDA library underneath
-        raise KernelsUnavailable(f"CuPy is not importable ({type(e).__name__}: {e}); install "
-                                 f"cupy-cuda12x or cupy-cuda13x to use the CUDA kernels") from e
+        raise CupyMissing(f"CuPy is not importable ({type(e).__name__}: {e}); install "
+                          f"cupy-cuda12x or cupy-cuda13x to use the CUDA kernels") from e
     functions, kind, path = load_module(cupy, index)
     sm = torch.cuda.get_device_properties(index).multi_processor_count
     return KernelOps(CupyRuntime(cupy, functions, index, kind, path), torch.device("cuda", index), sm)
@@ -221,7 +230,9 @@ def get_ops(device) -> KernelOps:
     """The kernel backend of a CUDA device (loaded on first use, then memoised).
 
     Raises:
-        KernelsUnavailable: with the reason (no CUDA, no CuPy, no loadable binary).
+        KernelsUnavailable: with the reason (no CUDA, no CuPy, no loadable binary); the subclass
+            :class:`CupyMissing` when CuPy cannot be imported. A remembered failure is raised
+            again with the same type and message.
     """
     index = _device_index(device)
     with _LOCK:
@@ -229,11 +240,12 @@ def get_ops(device) -> KernelOps:
         if ops is not None:
             return ops
         if index in _FAILED:
-            raise KernelsUnavailable(_FAILED[index])
+            kind, message = _FAILED[index]
+            raise kind(message)
         try:
             ops = _build(index)
         except KernelsUnavailable as e:
-            _FAILED[index] = str(e)
+            _FAILED[index] = (type(e), str(e))
             raise
         _OPS[index] = ops
         return ops
