@@ -24,7 +24,7 @@ import torch
 
 from ._checks import check_choice
 from .keys import composite_key, hash32
-from .plan import index_dtype
+from .sizes import index_dtype
 from .stats import StatsTensors
 from .update import observe_torch, prepare_losses
 

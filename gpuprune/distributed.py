@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 
 from .keys import MASK32, fmix32, hash32
-from .plan import Plan, index_dtype
+from .plan import Plan
+from .sizes import index_dtype
 from .stats import LossStats
 from .update import prepare_losses
 

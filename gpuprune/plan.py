@@ -1,8 +1,6 @@
-"""An epoch's plan, and the one place that decides sizes: ids dtype, shard sizes, batch counts.
+"""An epoch's plan: the sample ids in training order, their loss weights, a rank's share.
 
-Everything that needs to know how many samples or batches a rank gets (the sampler, the DALI
-iterator, the distributed merge, :class:`~gpuprune.Schedule` step counts) calls
-:func:`shard_size` and :func:`num_batches` here, so the answers cannot drift apart.
+Sizes (the id dtype, shard sizes, batch counts) live in the leaf :mod:`gpuprune.sizes`.
 """
 
 from __future__ import annotations
@@ -12,33 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_bool, check_int
+from .sizes import num_batches, shard_size
 
-__all__ = ["Plan", "index_dtype", "shard_size", "owned_size", "num_batches", "shard_indices", "pack_mask",
-           "mask_lookup"]
-
-
-def index_dtype(num_samples: int) -> torch.dtype:
-    """int32 while every id fits (N <= 2**31), else int64: 4 bytes per planned sample, not 8."""
-    return torch.int32 if num_samples <= 2**31 else torch.int64
-
-
-def shard_size(n: int, world_size: int, drop_last: bool = False) -> int:
-    """Entries each of ``world_size`` ranks gets from a list of ``n``: ``ceil(n / W)`` (wrap-around
-    padding, as ``DistributedSampler``), or ``floor(n / W)`` with ``drop_last``. Equal on every rank,
-    so DDP step counts match."""
-    return n // world_size if drop_last else -(-n // world_size)
-
-
-def owned_size(n: int, rank: int, world_size: int) -> int:
-    """How many of the first entries of rank ``rank``'s :func:`shard_indices` share of a list of
-    ``n`` are its own: positions ``rank, rank + W, ... < n``. The entries after them (at most one,
-    without ``drop_last``) are wrap-around padding that another rank holds as its own."""
-    return len(range(rank, n, world_size))
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Batches of ``batch_size`` in ``n`` samples (the last one short unless ``drop_last``)."""
-    return n // batch_size if drop_last else -(-n // batch_size)
+__all__ = ["Plan", "shard_indices", "pack_mask", "mask_lookup"]
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world_size: int, drop_last: bool = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import math
 from typing import Any
 
 import torch
@@ -12,7 +11,8 @@ import torch
 from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
 from .backend import get_backend
 from .distributed import EpochSync, Op, flatten_config, resolve_group
-from .plan import Plan, index_dtype, pack_mask, shard_size
+from .plan import Plan, pack_mask
+from .sizes import budget, index_dtype, shard_size
 from .policies import POLICIES, Policy, make_policy
 from .rng import draw_seeds, epoch_generator
 from .schedule import Schedule
@@ -43,11 +43,6 @@ def _policy_settings() -> dict[str, list[tuple[str, str]]]:
 _POLICY_SETTINGS = _policy_settings()
 
 
-def budget(keep: float, num_samples: int) -> int:
-    """k = round(keep * N), rounding half up, at least 1."""
-    keep = check_float("keep", keep, low=0.0, high=1.0, low_open=True)
-    num_samples = check_int("num_samples", num_samples, minimum=1)
-    return max(1, math.floor(keep * num_samples + 0.5))
 
 
 class Pruner:

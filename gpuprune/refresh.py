@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_float, check_int
-from .plan import owned_size
+from .sizes import owned_size
 from .policies import Policy, Selection
 from .pruner import Pruner
 from .rng import draw_seeds, epoch_generator

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ._checks import check_bool, check_int
-from .plan import num_batches, shard_size
+from .sizes import num_batches, shard_size
 
 __all__ = ["Schedule"]
 

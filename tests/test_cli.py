@@ -19,7 +19,7 @@ from gpuprune.bench.runner import lock_in_runs, selection_overlaps
 from gpuprune.cli import main
 from gpuprune.data import fashion_mnist as fm
 from gpuprune.data import find_fashion_mnist
-from gpuprune.pruner import budget
+from gpuprune.sizes import budget
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--dataset", "digits", "--train-subset", "400", "--test-subset", "200", "--epochs", "2",

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import gpuprune as gp
 from gpuprune.backend import TorchBackend
 from gpuprune.keys import composite_key, fmix32, hash32, orderable, split_seed
-from gpuprune.plan import owned_size, shard_indices
+from gpuprune.plan import shard_indices
+from gpuprune.sizes import owned_size
 
 POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
 B = TorchBackend("cpu")

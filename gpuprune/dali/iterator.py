@@ -16,7 +16,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 
 from .._checks import check_bool
-from ..plan import Plan, num_batches
+from ..plan import Plan
+from ..sizes import num_batches
 from ..pruner import Pruner
 from ..sampler import Position, shard_of
 from .sources import BadSampleError, PlanSource

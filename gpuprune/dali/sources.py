@@ -46,7 +46,7 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from .._checks import check_bool, check_choice, check_int
-from ..plan import index_dtype
+from ..sizes import index_dtype
 from ._shared import SharedArray
 
 __all__ = ["PlanSource", "ArraySource", "FileSource", "CallbackSource", "BadSampleError",

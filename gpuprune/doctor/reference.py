@@ -100,7 +100,7 @@ class BackendImplementation(Implementation):
         self.ignores_bad_batches = self.device.type == "cuda"
 
     def top_k(self, score, n, k, seed):
-        from ..plan import index_dtype
+        from ..sizes import index_dtype
         out = self.backend.top_k(None if score is None else score.to(self.device), n, k, seed)
         if out.dtype != index_dtype(n) or out.dim() != 1 or out.device != self.device:
             raise Disagreement(f"{self.name}: top_k(N={n}, k={k}) returned a {tuple(out.shape)} "
