@@ -151,7 +151,6 @@ def worker(out: Path, n: int) -> None:
     (out / f"wrapped{trainer.global_rank}.json").write_text(json.dumps(model.record(trainer)))
 
 
-@pytest.mark.slow
 def test_ddp_default_trainer_shards_a_plain_sampler_again(tmp_path):
     """Finding: under DDP with the default Trainer, a sampler that is not a DistributedSampler is
     wrapped in Lightning's DistributedSamplerWrapper and sharded again: each rank trains half its
@@ -195,7 +194,6 @@ def test_callback_refuses_a_sampler_lightning_sharded_again():
     assert model.received == {}
 
 
-@pytest.mark.slow
 def test_ddp_example_trains_every_shard_exactly(tmp_path):
     """examples/lightning_train.py under DDP (2 ranks, Lightning's launcher, default Trainer
     settings): every rank trains exactly its shard of each epoch's plan, the OneCycleLR scheduler
