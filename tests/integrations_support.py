@@ -32,7 +32,9 @@ def run_script(args: list[str], *, world_size: int = 1, timeout: float = 120.0,
     with the output of a process that failed or ran past ``timeout`` seconds."""
     base = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            # nothing may come from the Hugging Face hub: models are built from configs in code
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     envs = [base]
     if world_size > 1:
         port = str(free_port())

@@ -37,14 +37,15 @@ def require(module: str, package: str, minimum: str | None = None) -> ModuleType
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """``"2.6.6"`` -> ``(2, 6, 6)``; a pre-release or local suffix is ignored."""
+    """``"2.6.6"`` -> ``(2, 6, 6)``: the leading numbers; a pre-release or local suffix
+    (``"5.0.0rc1"``, ``"2.13.0+cpu"``) ends it."""
     parts = []
     for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        digits = piece[:len(piece) - len(piece.lstrip("0123456789"))]
         if not digits:
             break
         parts.append(int(digits))
-        if not piece.isdigit():
+        if digits != piece:
             break
     return tuple(parts)
 
