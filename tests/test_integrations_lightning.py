@@ -62,7 +62,7 @@ class Probe(L.LightningModule):
     """A LightningModule that records what training_step received, each epoch's plan, the
     validation passes and its scheduler; the knobs choose the glue or the path around it."""
 
-    def __init__(self, num_samples: int, *, epochs: int = 3, warmup: int = 0, final_full: int = 0,
+    def __init__(self, num_samples: int, *, epochs: int = 3, warmup: int = 0, final_full=None,
                  wrap: bool = False, size_with: str = "stepping_batches", validate: bool = False,
                  policy: str = "uniform") -> None:
         super().__init__()
@@ -80,6 +80,8 @@ class Probe(L.LightningModule):
         self.pruner = gpuprune.Pruner(len(self.data), keep=0.5, policy=c["policy"],
                                       num_epochs=c["epochs"], warmup_epochs=c["warmup"],
                                       final_full_epochs=c["final_full"], seed=3)
+        if not self.pruner.policy.exact_k:
+            self.pruner.plan(0)          # InfoBatch: epoch 0's length is known once planned
 
     def train_dataloader(self):
         sampler = self.pruner.sampler()
@@ -113,7 +115,8 @@ class Probe(L.LightningModule):
             self.estimate = self.trainer.estimated_stepping_batches
             total = self.estimate
         else:
-            total = stepping_batches(self.trainer, self.pruner, BATCH)
+            total = stepping_batches(self.trainer, self.pruner, BATCH,
+                                     upper_bound=not self.pruner.policy.exact_k)
         sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=total)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -151,6 +154,7 @@ def worker(out: Path, n: int) -> None:
     (out / f"wrapped{trainer.global_rank}.json").write_text(json.dumps(model.record(trainer)))
 
 
+@pytest.mark.slow
 def test_ddp_default_trainer_shards_a_plain_sampler_again(tmp_path):
     """Finding: under DDP with the default Trainer, a sampler that is not a DistributedSampler is
     wrapped in Lightning's DistributedSamplerWrapper and sharded again: each rank trains half its
@@ -194,6 +198,7 @@ def test_callback_refuses_a_sampler_lightning_sharded_again():
     assert model.received == {}
 
 
+@pytest.mark.slow
 def test_ddp_example_trains_every_shard_exactly(tmp_path):
     """examples/lightning_train.py under DDP (2 ranks, Lightning's launcher, default Trainer
     settings): every rank trains exactly its shard of each epoch's plan, the OneCycleLR scheduler
@@ -211,6 +216,7 @@ def test_ddp_example_trains_every_shard_exactly(tmp_path):
         assert rec["history_epochs"] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_single_device_estimate_and_validation_reproduced_then_fixed():
     """Finding: one device, warm-up epoch then pruned epochs: Lightning's estimate counts epoch 0's
     batches for every epoch (282 where 188 run, at N=6000), and validation, due at epoch 0's last
@@ -256,6 +262,20 @@ def test_epochs_longer_than_the_first_are_cut_without_the_callback():
     trainer = fit(model, callback=True)
     assert_trained_exact_shards([model.record(trainer)], epochs=3)
     assert trainer.global_step == 2 * pruned + -(-n // BATCH)
+
+
+def test_infobatch_epochs_of_every_size_are_trained_whole():
+    """InfoBatch (loss-dependent epoch sizes: epoch 0 keeps all, as no loss is below the mean yet;
+    epoch 1 pruned; full data from epoch 2 of 3) with the recipe's plan(0) in setup(): each epoch
+    trains exactly its plan."""
+    n = min(1000, num_samples())
+    model = Probe(n, policy="infobatch")
+    trainer = fit(model, callback=True)
+    rec = model.record(trainer)
+    assert_trained_exact_shards([rec], epochs=3)
+    sizes = [len(model.plans[e]) for e in range(3)]
+    assert sizes[0] == sizes[2] == n and sizes[1] < n
+    assert trainer.global_step == sum(-(-size // BATCH) for size in sizes)
 
 
 def test_max_epochs_must_fit_the_schedule():

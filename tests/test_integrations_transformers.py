@@ -98,6 +98,7 @@ def worker(out: Path, n: int, warmup: int, accumulate: int) -> None:
                              for e in range(EPOCHS))}))
 
 
+@pytest.mark.slow
 def test_two_processes_trainer_shards_gpuprunes_sampler_again(tmp_path):
     """Finding: with 2 processes the Trainer's accelerator.prepare shards the loader over
     pruner.sampler() again: each rank trains about half its shard (256 of 500 at N=2000)."""
@@ -135,11 +136,12 @@ def test_one_process_trainer_sizes_every_epoch_by_the_first():
         assert rec["received"][str(epoch)] == rec["plans"][str(epoch)]
 
 
+@pytest.mark.slow
 def test_two_processes_example_trains_every_shard_exactly(tmp_path):
     """examples/transformers_train.py (PruningTrainer), 2 processes: every rank trains exactly its
     shard of each epoch's plan (warm-up, then UCB), max_steps and the LR schedule are exactly the
     optimizer steps that run, and every epoch was planned from 0."""
-    n = num_samples()
+    n = min(1000, num_samples())
     run_script([str(EXAMPLES / "transformers_train.py"), "--limit", str(n), "--record",
                 str(tmp_path)], world_size=2, timeout=180)
     records = read_records(tmp_path, 2)
@@ -150,6 +152,7 @@ def test_two_processes_example_trains_every_shard_exactly(tmp_path):
         assert rec["history_epochs"] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_one_process_example_with_gradient_accumulation(tmp_path):
     """PruningTrainer with accumulation 3 after a full warm-up: every epoch trains its whole plan,
     each ends on an optimizer step, and max_steps is the real count (11 + 6 + 6 at N=2000)."""
