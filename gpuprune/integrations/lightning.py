@@ -153,12 +153,9 @@ class PruningCallback(L.Callback):
         real = optimizer_steps(sampler.pruner, batch_size, world_size=sampler.num_replicas,
                                shard_drop_last=sampler.drop_last, num_epochs=epochs,
                                accumulate=trainer.accumulate_grad_batches, drop_last=drop_last)
-        first = trainer.num_training_batches          # epoch 0's batches, as Lightning measured
-        if first == float("inf"):
-            return
-        estimate = math.ceil(first / trainer.accumulate_grad_batches) * max(epochs, 1)
         if trainer.max_steps not in (None, -1):
-            estimate, real = min(estimate, trainer.max_steps), min(real, trainer.max_steps)
+            real = min(real, trainer.max_steps)
+        estimate = trainer.estimated_stepping_batches   # from epoch 0's batches, as measured
         if estimate == real:
             return
         for config in trainer.lr_scheduler_configs:
@@ -168,8 +165,9 @@ class PruningCallback(L.Callback):
                 if getattr(config.scheduler, name, None) == estimate:
                     raise ValueError(
                         f"{type(config.scheduler).__name__}.{name}={estimate} is Lightning's "
-                        f"trainer.estimated_stepping_batches: epoch 0's {first} batches times "
-                        f"max_epochs={epochs}, but this pruned run takes {real} optimizer steps on "
+                        f"trainer.estimated_stepping_batches: epoch 0's "
+                        f"{trainer.num_training_batches} batches times max_epochs={epochs}, but "
+                        f"this pruned run takes {real} optimizer steps on "
                         f"each rank (its epochs differ in size). Size it with gpuprune.integrations."
                         f"lightning.stepping_batches(self.trainer, pruner, batch_size={batch_size})"
                         f" = {real}")
