@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
+def dataset_size(limit: int) -> int:
+    """``limit`` training images when Fashion-MNIST is installed (the issue's figures use 2000 and
+    6000), else as many as scikit-learn's digits has, if fewer."""
+    from gpuprune.data import load_dataset
+    return min(limit, len(load_dataset("auto").y_train))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,8 +30,8 @@ from gpuprune.data import load_dataset
 from gpuprune.integrations.lightning import PruningCallback, stepping_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from integrations_support import (EXAMPLES, assert_trained_exact_shards, read_records,  # noqa: E402
-                                  run_script, shard)
+from integrations_support import (EXAMPLES, assert_trained_exact_shards,  # noqa: E402
+                                  dataset_size, read_records, run_script, shard)
 
 BATCH = 64
 
@@ -141,8 +141,7 @@ def fit(model: Probe, *, callback: bool, devices: int = 1) -> L.Trainer:
 
 
 def num_samples() -> int:
-    """6000 when Fashion-MNIST is installed (the issue's numbers), else what digits has."""
-    return min(6000, len(load_dataset("auto").y_train))
+    return dataset_size(6000)
 
 
 # ------------------------------------------------------------------ DDP worker (this file as script)

@@ -19,20 +19,18 @@ import torch
 from torch.utils.data import Dataset
 
 import gpuprune
-from gpuprune.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from integrations_support import (EXAMPLES, assert_trained_exact_shards, read_records,  # noqa: E402
-                                  run_script, shard)
+from integrations_support import (EXAMPLES, assert_trained_exact_shards,  # noqa: E402
+                                  dataset_size, read_records, run_script, shard)
 
 BATCH = 64
 EPOCHS = 3
 
 
 def num_samples() -> int:
-    """2000 when Fashion-MNIST is installed, else what digits has."""
-    return min(2000, len(load_dataset("auto").y_train))
+    return dataset_size(2000)
 
 
 def batches(n: int) -> int:
