@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
 from ._checks import check_bool, check_int
 from .distributed import rank_and_world
@@ -122,8 +122,13 @@ def shard_of(pruner, num_replicas: int | None, rank: int | None, owner: str, *,
     return rank, num_replicas
 
 
-class PrunedSampler(Sampler[int]):
+class PrunedSampler(DistributedSampler[int]):
     """Yield this epoch's planned sample ids (this rank's shard under multi-process training).
+
+    A ``DistributedSampler`` by type, so frameworks that shard a loader again unless its sampler
+    is already distributed (PyTorch Lightning's ``use_distributed_sampler``, Lightning Fabric) leave
+    it alone; ``DistributedSampler.__init__`` is not called, and only the attributes listed here
+    (``num_replicas``, ``rank``, ``epoch``, ``drop_last``, ``shuffle``, ``seed``) are provided.
 
     Call :meth:`set_epoch` **before** creating the DataLoader iterator of each epoch, as with
     ``DistributedSampler``. It plans the epoch (under a process group that is a collective: every
@@ -164,6 +169,7 @@ class PrunedSampler(Sampler[int]):
             raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
         self.rank, self.num_replicas = shard_of(pruner, num_replicas, rank, "PrunedSampler")
         self.pruner = pruner
+        self.shuffle, self.seed = True, pruner.seed      # as DistributedSampler: plans are shuffled
         self.drop_last = check_bool("drop_last", drop_last)
         self.epoch = 0
         self._start = 0                     # samples of this epoch's shard already trained
