@@ -350,14 +350,12 @@ def _bench(args, parser, argv: list[str]) -> int:
         print(f"gpuprune bench: {data.describe()}", file=sys.stderr)
         try:
             res = run_bench(cfg, data, progress=not args.no_progress, timeline=timeline,
-                            time_limit_s=time_limit, rates=rates)
+                            time_limit_s=time_limit, rates=rates,
+                            log=lambda line: print(f"gpuprune bench: {line}", file=sys.stderr,
+                                                   flush=True))
         except BudgetExceeded as e:
             parser.exit(3, f"gpuprune bench: error: {e}; shrink it (--train-subset, --epochs, "
                            f"--methods, --seeds) or raise --time-limit-s\n")
-        proj = res.projection
-        print(f"gpuprune bench: projected {proj['seconds']:.0f} s "
-              f"({proj['full_run_equivalents']:.1f} full-run equivalents; {proj['source']})",
-              file=sys.stderr)
         for warning in res.warnings:
             print(f"gpuprune bench: WARNING: {warning}", file=sys.stderr)
         command = "gpuprune " + shlex.join(argv)

@@ -236,7 +236,7 @@ class BudgetExceeded(RuntimeError):
 
 def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True,
               timeline: Timeline | None = None, time_limit_s: float | None = None,
-              rates: dict | None = None) -> BenchResult:
+              rates: dict | None = None, log=None) -> BenchResult:
     """Run the sweep and return its rows (see the module docstring for what is charged).
 
     Args:
@@ -248,6 +248,7 @@ def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True,
             of the sweep (:func:`gpuprune.bench.budget.project`) is over this many seconds.
         rates: ``{"train_rate", "forward_rate"}`` (samples per second) to project with instead
             of the warm-up's measurement.
+        log: called with one line of text when the projection is known (before the sweep).
     """
     from .budget import planned_work, project
     tqdm = _tqdm_or_null(progress)
@@ -269,6 +270,10 @@ def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True,
         res.projection = {**project(planned_work(cfg, ddata.num_samples, len(data.x_test)),
                                     use["train_rate"], use["forward_rate"]),
                           "source": use["source"], "measured": measured}
+        if log is not None:
+            log(f"projected {res.projection['seconds']:.0f} s "
+                f"({res.projection['full_run_equivalents']:.1f} full-run equivalents; "
+                f"{use['source']})")
         if time_limit_s is not None and res.projection["seconds"] > time_limit_s:
             raise BudgetExceeded(
                 f"the sweep is projected to take {res.projection['seconds']:.0f} s "

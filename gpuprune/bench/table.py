@@ -143,9 +143,11 @@ def legend(cfg: BenchConfig) -> list[str]:
         "not charged); speed-up = full data's charged time / the method's, same clock, per seed.",
         "data ep.: samples trained / N (\"epochs of data\"); a re-score pass trains nothing.",
         f"{'wall s' if cfg.clock_name == 'cpu' else 'CPU s'}: the same charged time on the other "
-        "clock. train, select, refresh, score: its wall-time parts in seconds (mean): training "
-        "steps with bookkeeping, Pruner.plan, the +refresh methods' re-score pass, and the "
-        "static methods' scoring (EL2N's scoring runs; for forgetting, the full run it counts in).",
+        "clock.",
+        "train, select, refresh, score: the charged wall time's parts in seconds (mean): training "
+        "steps with the Pruner's bookkeeping, Pruner.plan, the +refresh methods' re-score pass, "
+        "and the static methods' scoring (EL2N's scoring runs; for forgetting, the full run it "
+        "counts in).",
         "to target: charged time at the end of the first evaluated epoch whose accuracy reaches "
         + (f"{cfg.target_acc:g} %" if cfg.target_acc is not None
            else f"full data's accuracy - {cfg.target_drop:g} pt (per seed)")

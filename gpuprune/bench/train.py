@@ -290,8 +290,10 @@ def current_losses(model: torch.nn.Module, data: DeviceData, batch_size: int, *,
     return out
 
 
-def exploitation_of(losses: torch.Tensor, plan: Plan) -> dict:
-    """How much ``plan`` exploits the current ``losses`` (one per sample).
+def exploitation_of(losses: torch.Tensor, indices: torch.Tensor, *, epoch: int,
+                    full: bool) -> dict:
+    """How much an epoch's plan (its sample ``indices``) exploits the current ``losses`` (one per
+    sample).
 
     Returns:
         dict with ``epoch``, ``full`` (a full-data plan), ``ratio``: the planned samples' mean loss
@@ -300,7 +302,7 @@ def exploitation_of(losses: torch.Tensor, plan: Plan) -> dict:
         ``len(plan)`` highest-loss samples (a uniform draw of k of N gives about k / N; 1 means
         the plan is exactly the top k).
     """
-    idx = plan.indices.long().to(losses.device)
+    idx = indices.long().to(losses.device)
     k, n = idx.numel(), losses.numel()
     mean_all = losses.double().mean()
     ratio = float(losses[idx].double().mean() / mean_all) if k else float("nan")
@@ -310,7 +312,7 @@ def exploitation_of(losses: torch.Tensor, plan: Plan) -> dict:
         in_top = torch.zeros(n, dtype=torch.bool, device=losses.device)
         in_top[torch.topk(losses, k, sorted=False).indices] = True
         top = float(in_top[idx].sum()) / k
-    return {"epoch": plan.epoch, "full": bool(plan.full), "ratio": ratio, "top": top}
+    return {"epoch": int(epoch), "full": bool(full), "ratio": ratio, "top": top}
 
 
 def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, init_seed: int,
@@ -398,7 +400,8 @@ def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, in
             ue, uc = time.perf_counter(), time.process_time()
             losses = current_losses(model, data, cfg.eval_batch_size,
                                     label_smoothing=cfg.label_smoothing, amp=cfg.amp)
-            st.exploit.append(exploitation_of(losses, plan))
+            st.exploit.append(exploitation_of(losses, plan.indices, epoch=plan.epoch,
+                                              full=plan.full))
             sync(dev)
             skip_s, skip_cpu_s = time.perf_counter() - ue, time.process_time() - uc
             st.exploit_s += skip_s
