@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from gpuprune.bench.budget import (Work, evaluations, planned_work, project,
+from gpuprune.bench.budget import (evaluations, planned_work, project,
                                    step_budget_samples)
 from gpuprune.bench.config import BenchConfig, base_method, charged_clock, uses_refresh
-from gpuprune.bench.equal_time import (Rung, accuracy_at_steps, equal_time, equivalent_steps,
-                                       fit_cost, grid_steps, rungs_to_add)
+from gpuprune.bench.equal_time import (Rung, accuracy_at_steps, cost_scatter, equal_time,
+                                       equivalent_steps, fit_cost, grid_steps, rungs_to_add)
 from gpuprune.bench.runner import step_budget
 from gpuprune.bench.train import exploitation_of, lr_factor, onecycle_factor, schedule_factor
 from gpuprune.pruner import Pruner
@@ -37,6 +37,16 @@ def test_fit_cost_is_the_least_squares_line():
         fit_cost([])
     with pytest.raises(ValueError, match="positive"):
         fit_cost([Rung(50, 9.0, 80.0), Rung(100, 5.0, 85.0)])     # longer but faster: no line
+
+
+def test_cost_scatter_is_the_rms_relative_residual():
+    assert cost_scatter(LADDER) == pytest.approx(0.0, abs=1e-12)          # exactly on the line
+    # line through (100, 10), (200, 20), (300, 36): b = 0.13, a = -4 -> 9, 22, 35
+    rungs = [Rung(100, 10.0, 0.0), Rung(200, 20.0, 0.0), Rung(300, 36.0, 0.0)]
+    assert fit_cost(rungs) == pytest.approx((-4.0, 0.13))
+    rms = math.sqrt(((1 / 9) ** 2 + (2 / 22) ** 2 + (1 / 35) ** 2) / 3)
+    assert cost_scatter(rungs) == pytest.approx(rms)
+    assert math.isnan(cost_scatter(LADDER[:2]))
 
 
 def test_equal_time_interpolates_on_hand_numbers():

@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

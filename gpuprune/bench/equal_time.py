@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Rung", "EqualTime", "fit_cost", "equivalent_steps", "accuracy_at_steps",
-           "equal_time", "grid_steps", "rungs_to_add", "COVER"]
+__all__ = ["Rung", "EqualTime", "fit_cost", "cost_scatter", "equivalent_steps",
+           "accuracy_at_steps", "equal_time", "grid_steps", "rungs_to_add", "COVER"]
 
 #: a run within this share of the full run's steps of a grid point covers it
 COVER = 0.02
@@ -100,6 +100,16 @@ def fit_cost(rungs: list[Rung]) -> tuple[float, float]:
         raise ValueError(f"the ladder's time per step must be positive, got {b!r} from "
                          f"{[(r.steps, r.seconds) for r in rungs]}")
     return a, b
+
+
+def cost_scatter(rungs: list[Rung]) -> float:
+    """Root-mean-square relative deviation of the rungs' times from their fitted cost line: the
+    timing noise of this seed's ladder (0 for a perfect line; nan with fewer than 3 rungs)."""
+    if len(rungs) < 3:
+        return float("nan")
+    a, b = fit_cost(rungs)
+    return math.sqrt(sum(((r.seconds - (a + b * r.steps)) / (a + b * r.steps)) ** 2
+                         for r in rungs) / len(rungs))
 
 
 def equivalent_steps(seconds: float, cost: tuple[float, float]) -> float:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import BenchConfig
+from .equal_time import Rung, cost_scatter, fit_cost
 from .report import summarize
 from .runner import LOCK_IN_EPOCHS, LOCK_IN_OVERLAP, BenchResult
 from .timeline import Timeline
@@ -189,6 +190,20 @@ def _ladder_lines(res: BenchResult) -> list[str]:
         accs, ts = [e["acc"] for e in es], [e[key] for e in es]
         out.append(f"{frac:>8.2f} {source:<20} {len(es):>5} {_pm_list(accs, 2):>13} "
                    f"{_pm_list(ts, 1):>13}")
+    fits = []
+    for seed, entries in res.ladder.items():
+        rungs = [Rung(e["steps"], e[key], e["acc"]) for e in entries]
+        try:
+            a, b = fit_cost(rungs)
+        except ValueError:
+            fits.append(f"seed {seed}: no line")
+            continue
+        scatter = cost_scatter(rungs)
+        fits.append(f"seed {seed}: {a:.2f} s + {1e3 * b:.3f} ms/step"
+                    + ("" if math.isnan(scatter) else f", runs off it by {scatter:.0%} rms"))
+    out += textwrap.wrap("cost line (" + unit + " = a + b * steps, fitted per seed over these runs; "
+                         "its scatter is the timing noise): " + "; ".join(fits), WIDTH,
+                         subsequent_indent="  ")
     return out
 
 
