@@ -200,6 +200,11 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
     g.add_argument("--clock", choices=list(CLOCKS), default=d.clock,
                    help="charged time compared at equal time: auto = process CPU time on the CPU, "
                         "wall time (device synchronised) on a GPU")
+    g.add_argument("--probe-steps", type=_int_at_least(0), default=d.probe_steps,
+                   help="steps of the reference training step timed before and after every run; "
+                        "speed-ups and the equal-time comparison then count charged time in "
+                        "reference steps, which a changing load on the machine moves much less "
+                        "than seconds (0: raw seconds)")
     g.add_argument("--exploitation", action="store_true",
                    help="measure each epoch's plan against every sample's current loss (an "
                         "uncharged forward pass over all N before every epoch)")
@@ -279,7 +284,8 @@ def _config_from_args(args, parser) -> BenchConfig:
         selection_interval=args.selection_interval, el2n_seeds=args.el2n_seeds,
         el2n_epochs=min(args.el2n_epochs, args.epochs), target_acc=args.target_acc,
         target_drop=args.target_drop, equal_time=args.equal_time, ladder=tuple(args.ladder),
-        clock=args.clock, exploitation=args.exploitation, eval_every=args.eval_every,
+        clock=args.clock, probe_steps=args.probe_steps, exploitation=args.exploitation,
+        eval_every=args.eval_every,
         device=args.device, amp=args.amp, channels_last=args.channels_last,
         pruner_backend=args.pruner_backend, loader=args.loader, workers=args.workers,
         eval_batch_size=args.eval_batch_size)
@@ -300,8 +306,9 @@ def _bench(args, parser, argv: list[str]) -> int:
     from .data import load_dataset
 
     timeline = Timeline()
-    before = process_age()
-    before = 0.0 if before is None else max(0.0, before - timeline.total())
+    # the interpreter's start and the imports, when this process is the command (not a caller's)
+    age = process_age() if args.standalone else None
+    before = 0.0 if age is None else max(0.0, age - timeline.total())
     cfg = _config_from_args(args, parser)
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
         parser.error("argument --device: cuda was requested but CUDA is not available "
@@ -392,9 +399,11 @@ def _describe_work(work, rates: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpuprune`` console script; returns the exit status."""
+    standalone = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = _parse_bench(parser, argv)
+    args.standalone = standalone
     return args.handler(args, args.subparser, argv)
 
 

@@ -117,6 +117,8 @@ def test_planned_work_counts_every_run_by_hand():
     assert work["full_short p=0.5"].train == 2 * e * k          # 20 steps of 100 = 2 epochs
     # the pass re-scores the N - k unselected samples before epochs 1, 2, 3
     assert work["ucb+refresh p=0.5"].forward == 2 * (evals + 3 * (n - k))
+    # 7 runs per seed (full, 5 methods, EL2N's scoring), each probed before and after
+    assert work["reference-step probes"].train == 2 * 7 * 2 * 10 * bs
     assert all(w.exact for w in work.values())
     p = project(list(work.values()), train_rate=1000.0, forward_rate=4000.0)
     train = sum(w.train for w in work.values())

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,14 @@ def test_results_have_paired_differences_and_the_ladder(sweep):
                 elif r["equal_time_status"] == "slower":
                     assert r["delta_time"] == pytest.approx(r["delta_full"])
     summary = (out / "ladder.csv").read_text().splitlines()
-    assert summary[0] == "seed,steps,fraction,source,time_s,cpu_s,acc"
+    assert summary[0] == "seed,steps,fraction,source,time_s,cpu_s,cmp_time,acc"
+    # times are compared in reference steps: each part of a run over the probe measured around it
+    for r in doc["runs"]:
+        assert r["probe_cpu_s"] > 0
+        if r["method"] in ("full", "uniform", "ucb+refresh"):
+            assert r["cmp_time"] == pytest.approx(r["cpu_s"] / r["probe_cpu_s"])
+        full = runs[("full", 0.0, r["seed"])]
+        assert r["cmp_speedup"] == pytest.approx(full["cmp_time"] / r["cmp_time"])
 
 
 def test_exploitation_is_recorded_and_uncharged(sweep, tmp_path):
@@ -123,15 +131,19 @@ def test_exploitation_is_recorded_and_uncharged(sweep, tmp_path):
     pruned = [e["ratio"] for e in ucb["exploitation"] if e["epoch"] > 0 and not e["full"]]
     assert ucb["exploit_ratio"] == pytest.approx(sum(pruned) / len(pruned))
     assert (out / "exploitation.csv").exists() and (out / "exploitation.png").exists()
-    # the measurement changes nothing the training reads: same accuracies without it
+    # neither the measurement nor the reference-step probes change anything the training reads:
+    # the same accuracies without them (and without probes, times are compared in seconds)
     assert main(["bench", *TINY, "--prune-ratios", "0.5", "--seeds", "0", "--methods", "ucb",
-                 "infobatch", "--no-plots", "--no-equal-time", "--out", str(tmp_path)]) == 0
+                 "infobatch", "--no-plots", "--no-equal-time", "--probe-steps", "0",
+                 "--out", str(tmp_path)]) == 0
     plain = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
     for m in ("full", "ucb", "infobatch"):
         key = (m, 0.0 if m == "full" else 0.5, 0)
         assert plain[m]["test_acc"] == runs[key]["test_acc"]
         assert plain[m]["samples_seen"] == runs[key]["samples_seen"]
         assert plain[m]["exploit_s"] == 0.0
+        assert plain[m]["probe_cpu_s"] is None                      # nan in the JSON
+        assert plain[m]["cmp_time"] == pytest.approx(plain[m]["cpu_s"])
 
 
 def test_time_account_leaves_nothing_out(sweep):
@@ -143,7 +155,20 @@ def test_time_account_leaves_nothing_out(sweep):
     for part in ("data: load", "warm-up (uncharged)", "runs: charged", "runs: test evaluation",
                  "runs: exploitation (uncharged)", "plots"):
         assert part in t["parts"], part
+    # called from this (long-lived) process, not as the command: no interpreter start-up counted
+    assert not any(p.startswith("start-up") for p in t["parts"])
     assert "time accounted (wall s)" in printed
+
+
+def test_the_command_accounts_its_start_up(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gpuprune", "bench", *TINY, "--epochs", "1",
+                        "--methods", "uniform", "--no-plots", "--no-equal-time",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((tmp_path / "results.json").read_text())["timeline"]
+    start = t["parts"]["start-up (interpreter, imports)"]
+    assert 0.0 < start < t["total_s"]
+    assert abs(t["not_accounted_s"]) <= 0.05 * t["total_s"] + 0.5
 
 
 def test_timeline_lines_wrap_and_process_age():

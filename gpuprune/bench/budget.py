@@ -3,7 +3,8 @@
 The work is counted in samples: *trained* (a forward and a backward pass, plus the Pruner's
 bookkeeping) and *forward-only* (test evaluation, the re-score pass, EL2N's scoring pass, the
 exploitation measurement). Sizes come from each method's :class:`gpuprune.Schedule` and budget,
-so they are exact for every policy that plans exactly k samples; InfoBatch plans a loss-dependent
+so they are exact for every policy that plans exactly k samples (the reference-step probes around
+every run are counted as training too); InfoBatch plans a loss-dependent
 number, estimated with :data:`INFOBATCH_BELOW_MEAN` of the samples below the mean loss (measured
 on Fashion-MNIST: 0.65 to 0.7), and the equal-time ladder is counted as every grid fraction
 between the smallest kept share and 1 that no ``full_short`` run covers (an upper estimate: only
@@ -115,6 +116,7 @@ def planned_work(cfg: BenchConfig, n: int, n_test: int) -> list[Work]:
             if uses_refresh(m):
                 fwd += sum(_refreshed(cfg, n, sizes, e_) for e_ in range(1, e))
             out.append(Work(f"{m} p={p:g}", seeds * sum(sizes), seeds * fwd, exact))
+    runs = 1 + len(cfg.prune_ratios) * (len(cfg.methods) - 1) + ("el2n" in cfg.methods)
     if cfg.equal_time:
         total_steps = e * num_batches(n, cfg.batch_size)
         lowest = 1.0 - max(cfg.prune_ratios)
@@ -124,6 +126,10 @@ def planned_work(cfg: BenchConfig, n: int, n_test: int) -> list[Work]:
                     for f in fractions)
         evs = sum(evaluations(max(1, math.ceil(f * e)), cfg.eval_every) for f in fractions)
         out.append(Work("ladder (upper estimate)", seeds * train, seeds * evs * n_test, False))
+        runs += len(fractions)
+    if cfg.probe_steps:
+        out.append(Work("reference-step probes", seeds * runs * 2 * cfg.probe_steps
+                        * min(cfg.batch_size, n), 0.0, cfg.equal_time is False))
     return out
 
 

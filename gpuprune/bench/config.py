@@ -104,8 +104,12 @@ class BenchConfig:
             times bracket each method's; see :mod:`gpuprune.bench.equal_time`). Default ``True``.
         ladder: the fractions of the full run's optimizer steps a ladder run may use. Default
             :data:`LADDER`. Only those that bracket some method's time are run.
-        clock: the charged time compared at equal time: ``"auto"`` (default: CPU time on a CPU,
-            wall time on a GPU), ``"cpu"`` or ``"wall"``.
+        clock: the clock charged time is read on: ``"auto"`` (default: CPU time on a CPU, wall
+            time on a GPU), ``"cpu"`` or ``"wall"``.
+        probe_steps: steps of the reference training step timed before and after every run
+            (:class:`gpuprune.bench.train.ReferenceStep`); the speed-ups and the equal-time
+            comparison then use charged time in reference steps, which the machine's load
+            changes much less than seconds. ``0`` compares raw seconds. Default ``10``.
         exploitation: before every epoch, an *uncharged* forward pass over all N training
             samples measures how much the plan exploits the loss (the planned samples' mean
             current loss over all samples' mean). Default ``False`` (it costs about a third of an
@@ -157,6 +161,7 @@ class BenchConfig:
     equal_time: bool = True
     ladder: tuple[float, ...] = LADDER
     clock: str = "auto"
+    probe_steps: int = 10
     exploitation: bool = False
     eval_every: int = 1
     device: str = "cpu"
@@ -186,6 +191,8 @@ class BenchConfig:
             raise ValueError(f"el2n_epochs must be <= epochs ({self.epochs}), got {self.el2n_epochs}")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.probe_steps < 0:
+            raise ValueError(f"probe_steps must be >= 0, got probe_steps={self.probe_steps}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got eval_every={self.eval_every}")
         if self.width is not None and self.width < 1:
@@ -227,7 +234,7 @@ PRESETS: dict[str, dict] = {
         "lr_schedule": "onecycle", "warmup_frac": 0.3, "lr": 0.2, "batch_size": 512,
         "label_smoothing": 0.1, "epochs": 30, "prune_ratios": [0.5], "seeds": [0, 1],
         "methods": ["all"], "eval_every": 5, "eval_batch_size": 2048, "device": "cuda",
-        "amp": "bf16", "channels_last": True, "time_limit_s": 450.0,
+        "amp": "bf16", "channels_last": True, "probe_steps": 5, "time_limit_s": 450.0,
     },
     "exploitation-30": {
         "_about": "30 epochs of the MLP at p = 0.5 with the exploitation measured every epoch, "

@@ -28,14 +28,15 @@ ROW_COLUMNS = ["dataset", "model", "device", "loader", "method", "kind", "prune_
                "time_to_target_s", "time_to_target_cpu_s", "rounds", "always", "sometimes", "never",
                "overlap_mean", "overlap_max", "lock_in_epochs", "delta_full", "delta_steps",
                "delta_time", "equal_time_acc", "equal_time_fraction", "equal_time_status",
-               "exploit_ratio", "exploit_top", "exploit_s", "setup_s"]
+               "exploit_ratio", "exploit_top", "exploit_s", "setup_s", "probe_cpu_s",
+               "probe_wall_s", "cmp_time", "cmp_speedup"]
 
 #: columns of overlap.csv, one row per planned epoch of every pruned run (the lock-in detector)
 OVERLAP_COLUMNS = ["method", "prune_ratio", "seed", "epoch", "size", "full", "reselected",
                    "overlap"]
 
 #: columns of ladder.csv, one row per run of the equal-time ladder (full and full_short included)
-LADDER_COLUMNS = ["seed", "steps", "fraction", "source", "time_s", "cpu_s", "acc"]
+LADDER_COLUMNS = ["seed", "steps", "fraction", "source", "time_s", "cpu_s", "cmp_time", "acc"]
 
 #: columns of exploitation.csv, one row per epoch of every run measured with --exploitation
 EXPLOITATION_COLUMNS = ["method", "prune_ratio", "seed", "epoch", "full", "ratio", "top"]
@@ -44,7 +45,8 @@ _STAT_FIELDS = ["test_acc", "total_s", "train_s", "select_s", "refresh_s", "scor
                 "cpu_s", "cpu_speedup", "time_to_target_s", "time_to_target_cpu_s", "samples_seen",
                 "epochs_of_data", "refresh_samples", "sometimes", "overlap_mean",
                 "lock_in_epochs", "delta_full", "delta_steps", "delta_time",
-                "equal_time_fraction", "exploit_ratio", "exploit_top"]
+                "equal_time_fraction", "exploit_ratio", "exploit_top", "cmp_time",
+                "cmp_speedup"]
 
 #: columns of summary.csv, one row per (method, prune ratio)
 SUMMARY_COLUMNS = (["method", "kind", "prune_ratio", "n_seeds", "reached_target",

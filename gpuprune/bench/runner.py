@@ -48,7 +48,7 @@ from .config import DYNAMIC, SCORED, STATIC, BenchConfig, base_method, uses_refr
 from .equal_time import Rung, equal_time, rungs_to_add
 from .scoring import ScoringCost, el2n_cost_and_scores, run_seed
 from .timeline import Timeline
-from .train import DeviceData, RunStats, make_batches, train_run
+from .train import DeviceData, ReferenceStep, RunStats, make_batches, train_run
 
 __all__ = ["BenchResult", "run_bench", "kind_of", "step_budget", "time_to_target",
            "selection_overlaps", "lock_in_runs", "LOCK_IN_OVERLAP", "LOCK_IN_EPOCHS",
@@ -280,15 +280,16 @@ def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True,
                 f"({res.projection['full_run_equivalents']:.1f} full-run equivalents at "
                 f"{use['train_rate']:.0f} trained and {use['forward_rate']:.0f} forward samples/s, "
                 f"{use['source']}), over the limit of {time_limit_s:.0f} s")
+        probe = ReferenceStep(ddata, cfg, cfg.probe_steps) if cfg.probe_steps else None
         for seed in cfg.seeds:
-            _run_seed(res, ddata, batches, seed, tqdm, runs_bar, progress)
+            _run_seed(res, ddata, batches, seed, tqdm, runs_bar, progress, probe)
     finally:
         runs_bar.close()
     return res
 
 
 def _run_seed(res: BenchResult, ddata: DeviceData, batches, seed: int, tqdm, runs_bar,
-              progress: bool) -> None:
+              progress: bool, probe: ReferenceStep | None) -> None:
     cfg, data, tl = res.config, res.data, res.timeline
     n, device = ddata.num_samples, ddata.device
     init_seed, aug_seed = run_seed(seed, 1), run_seed(seed, 2)
@@ -298,10 +299,27 @@ def _run_seed(res: BenchResult, ddata: DeviceData, batches, seed: int, tqdm, run
         return tqdm(total=total, desc=desc, unit="ep", leave=False, disable=not progress,
                     position=1, dynamic_ncols=True)
 
+    def measure_probe() -> tuple[float, float]:
+        if probe is None:
+            return float("nan"), float("nan")
+        with tl.phase("reference-step probes (uncharged)"):
+            return probe.measure()
+
+    def probed(fn):
+        """``fn()`` with the reference step measured before and after it: (result, (cpu, wall))."""
+        before = measure_probe()
+        out = fn()
+        after = measure_probe()
+        return out, ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
+
     def timed(group: str, **kwargs) -> tuple[torch.nn.Module, RunStats]:
+        before = measure_probe()
         t0 = time.perf_counter()
         model, st = train_run(**common, **kwargs)
         wall = time.perf_counter() - t0
+        after = measure_probe()
+        st.probe_cpu_s = (before[0] + after[0]) / 2
+        st.probe_wall_s = (before[1] + after[1]) / 2
         parts = {"charged": st.charged_s, "test evaluation": st.eval_s, "set-up": st.setup_s,
                  "exploitation (uncharged)": st.exploit_s, "forgetting tracker": st.tracker_s}
         for name, value in parts.items():
@@ -319,7 +337,8 @@ def _run_seed(res: BenchResult, ddata: DeviceData, batches, seed: int, tqdm, run
     bar.close()
     full_total = full.charged_s
     target = cfg.target_acc if cfg.target_acc is not None else full.final_acc - cfg.target_drop
-    ref = {"full_total_s": full_total, "full_cpu_s": full.cpu_s, "target": target}
+    ref = {"full_total_s": full_total, "full_cpu_s": full.cpu_s, "target": target,
+           "full_cmp": _compared_time(cfg, full, ScoringCost(0.0, 0.0, 0))}
     rows = [_row(cfg, data, "full", 0.0, seed, full, ScoringCost(0.0, 0.0, 0), ref, None, n)]
     res.curves[("full", 0.0, seed)] = full.curve
     if full.exploit:
@@ -329,13 +348,16 @@ def _run_seed(res: BenchResult, ddata: DeviceData, batches, seed: int, tqdm, run
     if tracker is not None:
         forgetting = (tracker.counts(),
                       ScoringCost(full_total + full.tracker_s, full.cpu_s + full.tracker_cpu_s,
-                                  full.samples))
+                                  full.samples, full.probe_cpu_s, full.probe_wall_s))
     # 2. EL2N scores, once per seed
     el2n = None
     if "el2n" in cfg.methods:
         bar = epochs_bar(f"seed {seed} el2n scoring", cfg.el2n_seeds * cfg.el2n_epochs)
         with tl.phase("EL2N scoring (charged to el2n)"):
-            el2n = el2n_cost_and_scores(ddata, cfg, seed, batches, progress=bar)
+            (scores, cost), (pc, pw) = probed(
+                lambda: el2n_cost_and_scores(ddata, cfg, seed, batches, progress=bar))
+        cost.probe_cpu_s, cost.probe_wall_s = pc, pw
+        el2n = (scores, cost)
         bar.close()
     # 3. every other method at every ratio
     for p in cfg.prune_ratios:
@@ -388,33 +410,45 @@ def _run_seed(res: BenchResult, ddata: DeviceData, batches, seed: int, tqdm, run
     res.rows.extend(rows)
 
 
-def _clock_key(cfg: BenchConfig) -> str:
-    """The row field of the compared clock: ``cpu_s`` or the charged wall ``total_s``."""
-    return "cpu_s" if cfg.clock_name == "cpu" else "total_s"
+def _compared_time(cfg: BenchConfig, st: RunStats, cost: ScoringCost) -> float:
+    """A run's charged time as compared at equal time and in the speed-ups: on the clock
+    ``cfg.clock_name``, in reference steps (each part divided by the reference step measured
+    around it) when ``cfg.probe_steps``, else in seconds."""
+    cpu = cfg.clock_name == "cpu"
+    parts = [(cost.cpu_seconds if cpu else cost.seconds,
+              cost.probe_cpu_s if cpu else cost.probe_wall_s),
+             (st.cpu_s if cpu else st.charged_s, st.probe_cpu_s if cpu else st.probe_wall_s)]
+    if not cfg.probe_steps:
+        return sum(t for t, _ in parts)
+    return sum(t / unit for t, unit in parts if t)
+
+
+#: the row (and ladder entry) field compared at equal time (see :func:`_compared_time`)
+CMP = "cmp_time"
 
 
 def _ladder_from_rows(rows: list[dict], full_steps: int) -> list[dict]:
     """The seed's full and full_short rows as ladder entries."""
     return [{"steps": r["steps"], "fraction": r["steps"] / full_steps,
              "source": r["method"] if r["method"] == "full" else f"full_short p={r['prune_ratio']:g}",
-             "time_s": r["total_s"], "cpu_s": r["cpu_s"], "acc": r["test_acc"]}
+             "time_s": r["total_s"], "cpu_s": r["cpu_s"], "cmp_time": r["cmp_time"],
+             "acc": r["test_acc"]}
             for r in rows if r["method"] in ("full", "full_short")]
 
 
-def _rungs(cfg: BenchConfig, ladder: list[dict]) -> list[Rung]:
-    key = "cpu_s" if cfg.clock_name == "cpu" else "time_s"
-    return [Rung(e["steps"], e[key], e["acc"]) for e in ladder]
+def _rungs(ladder: list[dict]) -> list[Rung]:
+    return [Rung(e["steps"], e[CMP], e["acc"]) for e in ladder]
 
 
 def _extend_ladder(res: BenchResult, rows: list[dict], ladder: list[dict], full_steps: int,
                    seed: int, train) -> None:
     """Run the ladder's missing rungs for this seed's methods (up to :data:`LADDER_ROUNDS`
     rounds: the cost line is refitted after each)."""
-    cfg, key = res.config, _clock_key(res.config)
-    times = [r[key] for r in rows if r["method"] not in ("full", "full_short")]
+    cfg = res.config
+    times = [r[CMP] for r in rows if r["method"] not in ("full", "full_short")]
     for _ in range(LADDER_ROUNDS):
         try:
-            need = rungs_to_add(_rungs(cfg, ladder), times, full_steps, cfg.ladder)
+            need = rungs_to_add(_rungs(ladder), times, full_steps, cfg.ladder)
         except ValueError as e:
             res.warnings.append(f"equal-time ladder, seed {seed}: {e}")
             return
@@ -424,6 +458,7 @@ def _extend_ladder(res: BenchResult, rows: list[dict], ladder: list[dict], full_
             st = train(steps)
             ladder.append({"steps": st.steps, "fraction": st.steps / full_steps,
                            "source": "ladder", "time_s": st.charged_s, "cpu_s": st.cpu_s,
+                           "cmp_time": _compared_time(cfg, st, ScoringCost(0.0, 0.0, 0)),
                            "acc": st.final_acc})
 
 
@@ -433,8 +468,7 @@ def _paired_differences(cfg: BenchConfig, rows: list[dict], ladder: list[dict],
     ratio (``delta_steps``) and the ladder at its charged time (``delta_time``)."""
     full_acc = next(r["test_acc"] for r in rows if r["method"] == "full")
     short = {r["prune_ratio"]: r["test_acc"] for r in rows if r["method"] == "full_short"}
-    key = _clock_key(cfg)
-    rungs = _rungs(cfg, ladder)
+    rungs = _rungs(ladder)
     for r in rows:
         nan = float("nan")
         r.update(delta_full=nan, delta_steps=nan, delta_time=nan, equal_time_acc=nan,
@@ -447,7 +481,7 @@ def _paired_differences(cfg: BenchConfig, rows: list[dict], ladder: list[dict],
         if not cfg.equal_time:
             continue
         try:
-            et = equal_time(rungs, r[key], full_steps)
+            et = equal_time(rungs, r[CMP], full_steps)
         except ValueError:
             r["equal_time_status"] = "unfit"
             continue
@@ -478,6 +512,7 @@ def _row(cfg: BenchConfig, data: ImageData, method: str, p: float, seed: int, st
          history: list[dict] | None = None) -> dict:
     total = cost.seconds + st.charged_s
     cpu = cost.cpu_seconds + st.cpu_s
+    cmp = _compared_time(cfg, st, cost)
     pruned = [e for e in st.exploit if not e["full"] and e["epoch"] > 0]
     return {
         "dataset": data.name,
@@ -507,6 +542,10 @@ def _row(cfg: BenchConfig, data: ImageData, method: str, p: float, seed: int, st
         "speedup": ref["full_total_s"] / total if total > 0 else float("nan"),
         "cpu_s": cpu,
         "cpu_speedup": ref["full_cpu_s"] / cpu if cpu > 0 else float("nan"),
+        "probe_cpu_s": st.probe_cpu_s,
+        "probe_wall_s": st.probe_wall_s,
+        "cmp_time": cmp,
+        "cmp_speedup": ref["full_cmp"] / cmp if cmp > 0 else float("nan"),
         "target_acc": ref["target"],
         "time_to_target_s": time_to_target(st.curve, ref["target"]),
         "time_to_target_cpu_s": time_to_target(st.curve, ref["target"], "cpu_s"),

@@ -35,11 +35,14 @@ def run_seed(seed: int, *stream: int) -> int:
 @dataclass
 class ScoringCost:
     """Charged cost of a static scoring method: wall seconds, process CPU seconds and samples
-    processed (trained on, plus one forward pass over all N per scoring model)."""
+    processed (trained on, plus one forward pass over all N per scoring model), and the reference
+    step's CPU and wall seconds measured around the scoring (nan: not measured)."""
 
     seconds: float
     cpu_seconds: float
     samples: int
+    probe_cpu_s: float = float("nan")
+    probe_wall_s: float = float("nan")
 
 
 def _ordered_batches(data: DeviceData, batch_size: int):

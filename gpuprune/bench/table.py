@@ -70,8 +70,7 @@ def _to_target(s: dict, clock: str) -> str:
 
 def _columns(cfg: BenchConfig, n_train: int) -> tuple[list[_Col], list[_Col]]:
     clock = cfg.clock_name
-    time_field, speed_field = (("cpu_s", "cpu_speedup") if clock == "cpu"
-                               else ("total_s", "speedup"))
+    time_field = "cpu_s" if clock == "cpu" else "total_s"
     other_field, other_name = (("total_s", "wall s") if clock == "cpu" else ("cpu_s", "CPU s"))
     name = _Col("method", _NAME, lambda s: s["method"])
     work = [
@@ -82,7 +81,7 @@ def _columns(cfg: BenchConfig, n_train: int) -> tuple[list[_Col], list[_Col]]:
         _Col("Δ same time", 14, _delta_time),
         _Col(f"{clock.upper() if clock == 'cpu' else clock} s", 13,
              lambda s: _pm(s, time_field, 1)),
-        _Col("speed-up", 12, lambda s: _pm(s, speed_field, 2) + "x"),
+        _Col("speed-up", 12, lambda s: _pm(s, "cmp_speedup", 2) + "x"),
         _Col("data ep.", 8, lambda s: _mean(s, "epochs_of_data", "{:.2f}")),
     ]
     costs = [
@@ -139,9 +138,14 @@ def legend(cfg: BenchConfig) -> list[str]:
         "the same charged time (the equal-time ladder below, interpolated at the method's "
         "charged time). * = slower than full data in some seed: there it is compared with full "
         "data itself, which costs less.",
-        f"{'CPU' if cfg.clock_name == 'cpu' else 'wall'} s, speed-up: charged {clock} time = "
-        "train + select + refresh + score (test evaluation and the exploitation measurement are "
-        "not charged); speed-up = full data's charged time / the method's, same clock, per seed.",
+        f"{'CPU' if cfg.clock_name == 'cpu' else 'wall'} s: charged {clock} time = train + select "
+        "+ refresh + score (test evaluation, the exploitation measurement and the probes are not "
+        "charged).",
+        "speed-up: full data's charged time / the method's, per seed, "
+        + ("both in reference steps (each run's charged time divided by one reference training "
+           "step timed just before and after it, so that a change of the machine's load between "
+           "runs cancels out); Δ same time compares the same unit."
+           if cfg.probe_steps else "both in seconds on the same clock."),
         "data ep.: samples trained / N (\"epochs of data\"); a re-score pass trains nothing.",
         f"{'wall s' if cfg.clock_name == 'cpu' else 'CPU s'}: the same charged time on the other "
         "clock.",
@@ -177,19 +181,25 @@ def _ladder_lines(res: BenchResult) -> list[str]:
     cfg = res.config
     if not res.ladder:
         return []
-    key = "cpu_s" if cfg.clock_name == "cpu" else "time_s"
+    raw = "cpu_s" if cfg.clock_name == "cpu" else "time_s"
     groups: dict[tuple[float, str], list[dict]] = {}
     for entries in res.ladder.values():
         for e in entries:
             groups.setdefault((round(e["fraction"], 2), e["source"]), []).append(e)
-    unit = "CPU s" if cfg.clock_name == "cpu" else "wall s"
+    clock = "CPU s" if cfg.clock_name == "cpu" else "wall s"
+    unit = "ref steps" if cfg.probe_steps else clock
     out = ["", "equal-time ladder: full data with the schedule compressed onto a fraction of the "
            "full run's optimizer steps",
-           f"{'fraction':>8} {'source':<20} {'seeds':>5} {'acc %':>13} {unit:>13}"]
+           f"{'fraction':>8} {'source':<20} {'seeds':>5} {'acc %':>13} {clock:>13} "
+           + (f"{unit:>15}" if cfg.probe_steps else "")]
     for (frac, source), es in sorted(groups.items()):
-        accs, ts = [e["acc"] for e in es], [e[key] for e in es]
-        out.append(f"{frac:>8.2f} {source:<20} {len(es):>5} {_pm_list(accs, 2):>13} "
-                   f"{_pm_list(ts, 1):>13}")
+        accs = [e["acc"] for e in es]
+        line = (f"{frac:>8.2f} {source:<20} {len(es):>5} {_pm_list(accs, 2):>13} "
+                f"{_pm_list([e[raw] for e in es], 1):>13}")
+        if cfg.probe_steps:
+            line += f" {_pm_list([e['cmp_time'] for e in es], 0):>15}"
+        out.append(line)
+    key = "cmp_time"
     fits = []
     for seed, entries in res.ladder.items():
         rungs = [Rung(e["steps"], e[key], e["acc"]) for e in entries]
@@ -199,7 +209,9 @@ def _ladder_lines(res: BenchResult) -> list[str]:
             fits.append(f"seed {seed}: no line")
             continue
         scatter = cost_scatter(rungs)
-        fits.append(f"seed {seed}: {a:.2f} s + {1e3 * b:.3f} ms/step"
+        line = (f"{a:.0f} + {b:.3f} ref steps per step" if cfg.probe_steps
+                else f"{a:.2f} s + {1e3 * b:.3f} ms/step")
+        fits.append(f"seed {seed}: {line}"
                     + ("" if math.isnan(scatter) else f", runs off it by {scatter:.0%} rms"))
     out += textwrap.wrap("cost line (" + unit + " = a + b * steps, fitted per seed over these runs; "
                          "its scatter is the timing noise): " + "; ".join(fits), WIDTH,

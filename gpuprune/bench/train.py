@@ -40,7 +40,7 @@ from .config import BenchConfig
 
 __all__ = ["lr_factor", "onecycle_factor", "schedule_factor", "DeviceData", "TensorBatches",
            "TorchBatches", "make_batches", "make_refresh_source", "RunStats", "train_run",
-           "evaluate", "current_losses", "exploitation_of", "sync"]
+           "evaluate", "current_losses", "exploitation_of", "sync", "ReferenceStep"]
 
 
 def sync(device: torch.device) -> None:
@@ -235,6 +235,9 @@ class RunStats:
     refresh_cpu_s: float = 0.0
     tracker_cpu_s: float = 0.0
     refresh_samples: int = 0
+    #: the reference step's CPU and wall seconds measured around the run (nan: not measured)
+    probe_cpu_s: float = float("nan")
+    probe_wall_s: float = float("nan")
     steps: int = 0
     samples: int = 0
     epochs: int = 0
@@ -313,6 +316,49 @@ def exploitation_of(losses: torch.Tensor, indices: torch.Tensor, *, epoch: int,
         in_top[torch.topk(losses, k, sorted=False).indices] = True
         top = float(in_top[idx].sum()) / k
     return {"epoch": int(epoch), "full": bool(full), "ratio": ratio, "top": top}
+
+
+class ReferenceStep:
+    """A fixed piece of work timed just before and just after every run: ``steps`` training steps
+    (forward, backward, SGD step) of the benchmark's own model on one fixed batch.
+
+    Dividing a run's charged time by the reference step's time measured around it expresses the run
+    in *reference steps*: a unit that moves with the machine's speed at that moment (other
+    processes on the cores, clock changes), so runs made minutes apart under a different load stay
+    comparable. For full-data training a run's reference steps are about its optimizer steps.
+
+    Args:
+        data: the dataset on the device (the first ``cfg.batch_size`` samples are the batch).
+        cfg: the model, batch size and precision.
+        steps: steps per measurement. Default ``10``.
+    """
+
+    def __init__(self, data: DeviceData, cfg: BenchConfig, steps: int = 10) -> None:
+        c, h, w = data.data.image_shape
+        self.data, self.cfg, self.steps = data, cfg, steps
+        self.model = build_model(cfg.model, (c, h, w), data.data.num_classes,
+                                 torch.Generator().manual_seed(0), data.device, width=cfg.width)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # a tiny rate: the weights barely move, so every measurement does the same work
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-6, momentum=cfg.momentum)
+        b = min(cfg.batch_size, data.num_samples)
+        self.x, self.y = data.x_train[:b], data.y_train[:b]
+
+    def measure(self) -> tuple[float, float]:
+        """(process CPU seconds, wall seconds) of one reference step, the mean of ``steps``."""
+        dev = self.data.device
+        sync(dev)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(self.steps):
+            with autocast(dev, self.cfg.amp):
+                logits = self.model(self.data.normalize(self.x))
+            loss = F.cross_entropy(logits.float(), self.y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        sync(dev)
+        return ((time.process_time() - c0) / self.steps, (time.perf_counter() - t0) / self.steps)
 
 
 def train_run(*, data: DeviceData, cfg: BenchConfig, pruner: Pruner, batches, init_seed: int,
