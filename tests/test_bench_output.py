@@ -64,7 +64,7 @@ def _explained(cfg: BenchConfig) -> set[str]:
 @pytest.mark.parametrize("cfg", [BenchConfig(), BenchConfig(device="cuda")])
 def test_every_column_is_explained(sweep, cfg):
     _, printed = sweep
-    work, costs = _columns(cfg, 100)
+    work, costs = _columns(cfg)
     headers = {c.header for c in work + costs} - {"method"}
     assert headers <= _explained(cfg), headers - _explained(cfg)
     if cfg.device == "cpu":                 # the sweep ran on the CPU: these are its headers

@@ -313,13 +313,13 @@ def _run_seed(res: BenchResult, ddata: DeviceData, batches, seed: int, tqdm, run
         return out, ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
 
     def timed(group: str, **kwargs) -> tuple[torch.nn.Module, RunStats]:
-        before = measure_probe()
-        t0 = time.perf_counter()
-        model, st = train_run(**common, **kwargs)
-        wall = time.perf_counter() - t0
-        after = measure_probe()
-        st.probe_cpu_s = (before[0] + after[0]) / 2
-        st.probe_wall_s = (before[1] + after[1]) / 2
+        """A probed training run; its wall time goes into the timeline's ``group`` parts."""
+        def run():
+            t0 = time.perf_counter()
+            model, st = train_run(**common, **kwargs)
+            return model, st, time.perf_counter() - t0
+        (model, st, wall), (st_probe_cpu, st_probe_wall) = probed(run)
+        st.probe_cpu_s, st.probe_wall_s = st_probe_cpu, st_probe_wall
         parts = {"charged": st.charged_s, "test evaluation": st.eval_s, "set-up": st.setup_s,
                  "exploitation (uncharged)": st.exploit_s, "forgetting tracker": st.tracker_s}
         for name, value in parts.items():

@@ -68,7 +68,7 @@ def _to_target(s: dict, clock: str) -> str:
     return text if count == s["n_seeds"] else f"{text} ({count}/{s['n_seeds']})"
 
 
-def _columns(cfg: BenchConfig, n_train: int) -> tuple[list[_Col], list[_Col]]:
+def _columns(cfg: BenchConfig) -> tuple[list[_Col], list[_Col]]:
     clock = cfg.clock_name
     time_field = "cpu_s" if clock == "cpu" else "total_s"
     other_field, other_name = (("total_s", "wall s") if clock == "cpu" else ("cpu_s", "CPU s"))
@@ -252,7 +252,7 @@ def format_table(res: BenchResult, timeline: dict | None = None) -> str:
     lines = []
     for line in head:
         lines += textwrap.wrap(line, WIDTH, subsequent_indent="  ")
-    work, costs = _columns(cfg, len(d.x_train))
+    work, costs = _columns(cfg)
     for p in cfg.prune_ratios:
         rows = full + [s for s in summary if s["prune_ratio"] == p and s["method"] != "full"]
         lines += ["", f"prune ratio {p:g} (keep {1 - p:g}): accuracy and equal work"]
