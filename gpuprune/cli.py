@@ -198,8 +198,9 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
                    help="fractions of the full run's optimizer steps the ladder may train full "
                         "data for (only those bracketing a method's time run; 1 is the full run)")
     g.add_argument("--clock", choices=list(CLOCKS), default=d.clock,
-                   help="charged time compared at equal time: auto = process CPU time on the CPU, "
-                        "wall time (device synchronised) on a GPU")
+                   help="the clock charged time is read on (then divided by the reference step "
+                        "unless --probe-steps 0): auto = process CPU time on the CPU, wall time "
+                        "(device synchronised) on a GPU")
     g.add_argument("--probe-steps", type=_int_at_least(0), default=d.probe_steps,
                    help="steps of the reference training step timed before and after every run; "
                         "speed-ups and the equal-time comparison then count charged time in "

@@ -35,7 +35,7 @@ REFRESH = ("unselected", "all")
 LR_SCHEDULES = ("linear", "onecycle")
 #: mixed precision of the forward pass
 AMP = ("none", "bf16")
-#: the clock the equal-time baseline compares: process CPU time, or wall time with device syncs
+#: the clock charged time is read on: process CPU time, or wall time with device syncs
 CLOCKS = ("auto", "cpu", "wall")
 #: fractions of the full run's optimizer steps the equal-time ladder may train full data for
 LADDER = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
@@ -205,7 +205,7 @@ class BenchConfig:
 
     @property
     def clock_name(self) -> str:
-        """The clock compared at equal time: ``"cpu"`` or ``"wall"`` (see :func:`charged_clock`)."""
+        """The clock charged time is read on: ``"cpu"`` or ``"wall"`` (see :func:`charged_clock`)."""
         return charged_clock(self.clock, self.device)
 
     def to_dict(self) -> dict:
