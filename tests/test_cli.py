@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpuprune.bench import METHODS, lr_factor, step_budget
+from gpuprune.bench import BASELINES, METHODS, lr_factor, step_budget
 from gpuprune.bench.config import BenchConfig
 from gpuprune.bench.report import OVERLAP_COLUMNS, ROW_COLUMNS, SUMMARY_COLUMNS
 from gpuprune.bench.runner import lock_in_runs, selection_overlaps
@@ -62,7 +62,7 @@ def test_files_and_columns(full_sweep):
     assert doc["command"].startswith("gpuprune bench --dataset digits")
     assert len(doc["runs"]) == len(rows)
     hists = doc["selection_frequency_histograms"]
-    assert len(hists) == 2 * 7                                        # seed 0, pruned methods
+    assert len(hists) == 2 * len([m for m in METHODS if m not in BASELINES])   # seed 0, pruned
     for h in hists:
         assert h["seed"] == 0 and len(h["samples_by_times_selected"]) == h["rounds"] + 1
         assert sum(h["samples_by_times_selected"]) == 400
@@ -80,18 +80,22 @@ def test_accounting_invariants(full_sweep):
         assert full["target_acc"] == pytest.approx(full["test_acc"] - 1.0)
         for p in (0.5, 0.75):
             k = budget(1 - p, n)
-            for m in ("uniform", "epsilon_greedy", "ucb", "static_random", "el2n", "forgetting"):
+            for m in ("uniform", "epsilon_greedy", "epsilon_greedy+refresh", "ucb", "ucb+refresh",
+                      "static_random", "el2n", "forgetting"):
                 r = runs[(m, p, seed)]
                 assert r["samples_seen"] == epochs * k, m
                 assert r["steps"] == epochs * math.ceil(k / bs), m
             short = runs[("full_short", p, seed)]
             assert short["steps"] == runs[("uniform", p, seed)]["steps"]   # same optimizer steps
             assert short["samples_seen"] < n * epochs
-            ib = runs[("infobatch", p, seed)]
-            assert k * epochs <= ib["samples_seen"] <= n * epochs
+            for m in ("infobatch", "infobatch+refresh"):
+                assert k * epochs <= runs[(m, p, seed)]["samples_seen"] <= n * epochs
             for m in METHODS[1:]:
                 r = runs[(m, p, seed)]
-                assert r["total_s"] == pytest.approx(r["train_s"] + r["select_s"] + r["score_s"])
+                assert r["total_s"] == pytest.approx(r["train_s"] + r["select_s"] + r["refresh_s"]
+                                                     + r["score_s"])
+                # (at 2 epochs InfoBatch plans all samples, then anneals: nothing to re-score)
+                assert (r["refresh_s"] > 0) == (m in ("epsilon_greedy+refresh", "ucb+refresh")), m
                 assert r["speedup"] == pytest.approx(full["total_s"] / r["total_s"])
                 curve = r["curve"]
                 assert [c["epoch"] for c in curve] == list(range(1, len(curve) + 1))
@@ -162,33 +166,40 @@ def test_lock_in_warning_on_a_known_bad_setting(tmp_path, capsys):
     locked = lock_in_runs(runs["ucb"]["history"])
     assert locked and runs["ucb"]["lock_in_epochs"] == sum(b - a + 1 for a, b in locked) >= 3
     assert runs["uniform"]["lock_in_epochs"] == 0
-    assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("ucb p=0.5 seed 0")
+    assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("lock-in: ucb p=0.5 seed 0")
     assert "scores are frozen" in doc["warnings"][0]
     assert "WARNING: lock-in: ucb p=0.5 seed 0" in err and "WARNING: lock-in: ucb" in out
     assert "uniform p=" not in err
 
 
 def test_refresh_is_charged_and_counts_the_unselected(tmp_path):
+    """The +refresh methods run in the same sweep as the plain ones (same reference); their pass
+    is charged and covers exactly the samples the last plan did not train."""
     n, epochs = 400, 3
-    args = [*TINY, "--epochs", str(epochs), "--methods", "ucb", "infobatch", "uniform",
-            "--refresh", "unselected", "--no-plots"]
+    args = [*TINY, "--epochs", str(epochs), "--methods", "ucb", "ucb+refresh", "infobatch+refresh",
+            "uniform", "--refresh", "unselected", "--no-plots", "--no-equal-time"]
     assert main(["bench", *args, "--out", str(tmp_path / "t")]) == 0
     doc = json.loads((tmp_path / "t" / "results.json").read_text())
     assert doc["config"]["refresh"] == "unselected"
     runs = {r["method"]: r for r in doc["runs"]}
+    assert [r["method"] for r in doc["runs"]].count("full") == 1      # one reference for all
     k = budget(0.5, n)
     # ucb reselects before epochs 1 and 2: each time the N - k samples of the last plan are scored
-    assert runs["ucb"]["refresh_samples"] == (epochs - 1) * (n - k)
-    ib = runs["infobatch"]["history"]                 # epochs 0, 1 pruned; 2 full (floor 2.625)
+    assert runs["ucb+refresh"]["refresh_samples"] == (epochs - 1) * (n - k)
+    ib = runs["infobatch+refresh"]["history"]         # epochs 0, 1 pruned; 2 full (floor 2.625)
     assert [r["full"] for r in ib] == [False, False, True]
-    assert runs["infobatch"]["refresh_samples"] == n - ib[0]["size"]   # before epoch 1 only
-    assert runs["uniform"]["refresh_samples"] == 0 and runs["uniform"]["refresh_s"] == 0.0
-    for m in ("ucb", "infobatch"):
+    assert runs["infobatch+refresh"]["refresh_samples"] == n - ib[0]["size"]   # before epoch 1
+    for m in ("uniform", "ucb"):
+        assert runs[m]["refresh_samples"] == 0 and runs[m]["refresh_s"] == 0.0
+    for m in ("ucb+refresh", "infobatch+refresh"):
         r = runs[m]
         assert r["refresh_s"] > 0
         assert r["total_s"] == pytest.approx(r["train_s"] + r["select_s"] + r["refresh_s"]
                                              + r["score_s"])
         assert r["curve"][-1]["time_s"] == pytest.approx(r["total_s"])
+        assert r["speedup"] == pytest.approx(runs["full"]["total_s"] / r["total_s"])
+    # the fresh losses changed ucb's selections
+    assert runs["ucb"]["overlap_mean"] != runs["ucb+refresh"]["overlap_mean"]
     # the DataLoader path feeds the same samples in the same batches: identical training
     assert main(["bench", *args, "--loader", "torch", "--out", str(tmp_path / "d")]) == 0
     a = read_csv(tmp_path / "t" / "results.csv")
@@ -202,12 +213,6 @@ def test_refresh_is_charged_and_counts_the_unselected(tmp_path):
         assert [(r["method"], r["test_acc"], r["refresh_samples"], r["overlap_mean"])
                 for r in a] == \
             [(r["method"], r["test_acc"], r["refresh_samples"], r["overlap_mean"]) for r in d]
-    # without the pass, ucb trains differently (the fresh losses changed its selections)
-    assert main(["bench", *TINY, "--epochs", str(epochs), "--methods", "ucb", "--no-plots",
-                 "--out", str(tmp_path / "n")]) == 0
-    c = {r["method"]: r for r in read_csv(tmp_path / "n" / "results.csv")}
-    assert c["ucb"]["refresh_samples"] == "0" and c["ucb"]["refresh_s"] == "0"
-    assert c["ucb"]["overlap_mean"] != {r["method"]: r for r in a}["ucb"]["overlap_mean"]
 
 
 def test_same_seed_same_results_whatever_the_global_rng(tmp_path):
@@ -264,6 +269,16 @@ def test_printed_table(tmp_path, capsys):
     (["--loader", "ffcv"], "--loader"),
     (["--ucb-drift", "-1"], "--ucb-drift"),
     (["--refresh", "some"], "--refresh"),
+    (["--refresh", "none"], "--refresh"),
+    (["--methods", "ucb+pass"], "--methods"),
+    (["--width", "8"], "--width"),                       # the MLP has no width
+    (["--eval-every", "0"], "--eval-every"),
+    (["--ladder", "1.5"], "--ladder"),
+    (["--clock", "sundial"], "--clock"),
+    (["--amp", "fp8"], "--amp"),
+    (["--time-limit-s", "0"], "--time-limit-s"),
+    (["--assume-rates", "100"], "--assume-rates"),
+    (["--preset", "nope"], "--preset"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(args, named, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

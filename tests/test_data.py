@@ -233,3 +233,50 @@ def test_build_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="model must be one of"):
         build_model("vgg", (1, 8, 8), 10, torch.Generator())
     assert set(MODELS) == {"mlp", "cnn", "resnet18"}
+
+
+def test_resnet18_width_keeps_the_architecture():
+    n_params = {w: sum(p.numel() for p in build_model("resnet18", (3, 32, 32), 10,
+                                                       torch.Generator().manual_seed(0),
+                                                       width=w).parameters())
+                for w in (8, 64)}
+    assert 11_100_000 < n_params[64] < 11_300_000                    # the standard ResNet-18
+    assert n_params[8] < n_params[64] / 50                           # about (8 / 64) ** 2
+    small = build_model("resnet18", (3, 32, 32), 10, torch.Generator().manual_seed(0), width=8)
+    assert small.head.in_features == 64 and len(small.blocks) == 8
+    cnn = build_model("cnn", (1, 8, 8), 10, torch.Generator().manual_seed(0), width=4)
+    assert cnn.head.in_features == 16
+    with pytest.raises(ValueError, match="width applies to"):
+        build_model("mlp", (1, 8, 8), 10, torch.Generator(), width=4)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        build_model("resnet18", (3, 8, 8), 10, torch.Generator(), width=0)
+
+
+# ------------------------------------------------------------------------------ CIFAR shape
+def test_cifar_shaped_pads_and_repeats_channels(tmp_path):
+    tiny_fashion_folder(tmp_path)
+    d = load_fashion_mnist(tmp_path)
+    c = d.cifar_shaped()
+    assert c.image_shape == (3, 32, 32) and len(c.x_train) == len(d.x_train)
+    assert c.x_train.dtype == torch.uint8 and c.x_train.is_contiguous()
+    for ch in range(3):                                  # the image, centred, in every channel
+        assert torch.equal(c.x_train[:, ch, 2:30, 2:30], d.x_train[:, 0])
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert int(c.x_train[:, :, border].max()) == 0 and int(c.x_test[:, :, border].max()) == 0
+    assert torch.equal(c.y_train, d.y_train) and c.classes == d.classes
+    assert any("CIFAR-shaped" in n for n in c.notes)
+    # odd margins: the extra pixel at the bottom/right; 3 channels are kept as they are
+    rgb = ImageData("rgb", torch.full((2, 3, 29, 31), 7, dtype=torch.uint8),
+                    torch.tensor([0, 1]), torch.full((1, 3, 29, 31), 7, dtype=torch.uint8),
+                    torch.tensor([1]), ["a", "b"], "test")
+    r = rgb.cifar_shaped()
+    assert r.image_shape == (3, 32, 32)
+    assert int(r.x_train[0, 0, 1, 0]) == 7 and int(r.x_train[0, 0, 0, 0]) == 0      # top 1 row
+    assert int(r.x_train[0, 0, 30, 31]) == 0 and int(r.x_train[0, 0, 29, 30]) == 7  # bottom 2
+    with pytest.raises(ValueError, match="larger"):
+        rgb.cifar_shaped(size=16)
+    two = ImageData("two", torch.zeros(1, 2, 8, 8, dtype=torch.uint8), torch.tensor([0]),
+                    torch.zeros(1, 2, 8, 8, dtype=torch.uint8), torch.tensor([0]), ["a"], "t")
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        two.cifar_shaped()

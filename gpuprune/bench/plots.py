@@ -1,16 +1,35 @@
-"""PNG plots: accuracy against charged wall time, and the "sometimes samples" histograms."""
+"""PNG plots: accuracy against charged time, the "sometimes samples" histograms with the selection
+overlap, and (when measured) the exploitation of the loss per epoch. Axis limits come from the
+data plotted, so no point is cut off."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .config import METHODS, STATIC
+from .config import METHODS, STATIC, base_method, uses_refresh
 from .report import summarize
 from .runner import BenchResult
 
-__all__ = ["plot_accuracy_vs_time", "plot_selection_frequency", "write_plots"]
+__all__ = ["accuracy_figure", "plot_accuracy_vs_time", "plot_selection_frequency",
+           "plot_exploitation", "write_plots", "data_limits"]
 
-_COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
+#: one colour per policy; a policy's +refresh variant shares it, dashed
+_COLORS = {m: f"C{i}" for i, m in enumerate(m for m in METHODS if not uses_refresh(m))}
+
+
+def _style(method: str) -> dict:
+    return {"color": _COLORS[base_method(method)], "ls": "--" if uses_refresh(method) else "-"}
+
+
+def data_limits(values: list[float], margin: float = 0.04) -> tuple[float, float]:
+    """Axis limits holding every finite value of ``values``, with ``margin`` of their range
+    (at least 0.5 units) on each side."""
+    vals = [v for v in values if v == v and abs(v) != float("inf")]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(vals), max(vals)
+    pad = max((hi - lo) * margin, 0.5)
+    return lo - pad, hi + pad
 
 
 def _pyplot():
@@ -20,47 +39,92 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy_vs_time(res: BenchResult, path: str | Path, dpi: int = 80,
-                          clock: str = "time_s") -> Path:
-    """One panel per prune ratio: each seed's test-accuracy curve against charged seconds (thin
-    lines; static methods start after their scoring time), and each method's mean final point
-    with +-1 std bars over seeds. ``clock``: ``"time_s"`` (wall) or ``"cpu_s"`` (process CPU time,
-    which other processes sharing the cores disturb much less)."""
+def accuracy_figure(res: BenchResult, clock: str = "time_s"):
+    """The accuracy-against-time figure (see :func:`plot_accuracy_vs_time`), not yet saved."""
     total = "total_s" if clock == "time_s" else "cpu_s"
     plt = _pyplot()
     ratios = list(res.config.prune_ratios)
     cols = min(len(ratios), 2)
     rows = -(-len(ratios) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
     summary = summarize(res.rows)
-    accs = [p["acc"] for c in res.curves.values() for p in c]
-    best = max(accs) if accs else 100.0
     for ax, p in zip(axes.flat, ratios):
+        xs, ys = [0.0], []
         for method in res.config.methods:
             key_p = 0.0 if method == "full" else p
-            color = _COLORS[method]
+            style = _style(method)
             for seed in res.config.seeds:
                 curve = res.curves.get((method, key_p, seed), [])
                 if curve:
-                    ax.plot([q[clock] for q in curve], [q["acc"] for q in curve], color=color,
-                            lw=0.8, alpha=0.45)
+                    x, y = [q[clock] for q in curve], [q["acc"] for q in curve]
+                    ax.plot(x, y, lw=0.8, alpha=0.45, **style)
+                    xs += x
+                    ys += y
             s = next((s for s in summary if s["method"] == method and s["prune_ratio"] == key_p),
                      None)
-            if s is not None:
-                ax.errorbar(s[f"{total}_mean"], s["test_acc_mean"], xerr=s[f"{total}_std"],
-                            yerr=s["test_acc_std"], fmt="o", ms=5, color=color, label=method,
-                            capsize=2)
+            if s is not None and s[f"{total}_mean"] == s[f"{total}_mean"]:
+                xe, ye = s[f"{total}_std"], s["test_acc_std"]
+                ax.errorbar(s[f"{total}_mean"], s["test_acc_mean"], xerr=xe, yerr=ye,
+                            fmt="s" if uses_refresh(method) else "o", ms=5, color=style["color"],
+                            label=method, capsize=2)
+                xs += [s[f"{total}_mean"] - xe, s[f"{total}_mean"] + xe]
+                ys += [s["test_acc_mean"] - ye, s["test_acc_mean"] + ye]
+        ax.set_xlim(*data_limits(xs, 0.03))
+        ax.set_ylim(*data_limits(ys, 0.04))
         ax.set_title(f"prune ratio {p:g}")
         ax.set_xlabel(f"charged {'wall' if clock == 'time_s' else 'CPU'} time, s "
                       f"(train + select + refresh + score)")
         ax.set_ylabel("test accuracy, %")
-        ax.set_ylim(max(0.0, best - 12.0), best + 1.0)   # the interesting band near the top
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(ratios):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{res.data.name}, {res.config.model}, {res.config.epochs} epochs, "
                  f"seeds {list(res.config.seeds)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_time(res: BenchResult, path: str | Path, dpi: int = 80,
+                          clock: str = "time_s") -> Path:
+    """One panel per prune ratio: each seed's test-accuracy curve against charged seconds (thin
+    lines; static methods start after their scoring time; +refresh variants dashed), and each
+    method's mean final point with +-1 std bars over seeds. ``clock``: ``"time_s"`` (wall) or
+    ``"cpu_s"`` (process CPU time, which other processes sharing the cores disturb much less).
+    The axes hold every point (the first epochs' lower accuracies included)."""
+    plt = _pyplot()
+    fig = accuracy_figure(res, clock)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_exploitation(res: BenchResult, path: str | Path, dpi: int = 80) -> Path | None:
+    """Per prune ratio, each method's exploitation ratio per epoch (the planned samples' mean
+    current loss over all samples' mean; first seed), with 1 (no preference) dashed. None
+    when exploitation was not measured."""
+    if not res.exploitation:
+        return None
+    plt = _pyplot()
+    ratios = list(res.config.prune_ratios)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 3.8), squeeze=False)
+    seed0 = res.config.seeds[0]
+    for ax, p in zip(axes.flat, ratios):
+        ys = [1.0]
+        for method in res.config.methods:
+            recs = res.exploitation.get((method, p, seed0), [])
+            pts = [(r["epoch"], r["ratio"]) for r in recs if not r["full"]]
+            if pts:
+                ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o", ms=2.5, lw=1.0,
+                        label=method, **_style(method))
+                ys += [v for _, v in pts]
+        ax.axhline(1.0, color="0.4", ls=":", lw=0.8)
+        ax.set_ylim(*data_limits(ys, 0.05))
+        ax.set_title(f"exploitation, p={p:g} (seed {seed0})", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("planned mean loss / mean loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -98,8 +162,8 @@ def plot_selection_frequency(res: BenchResult, path: str | Path, dpi: int = 80) 
             r = max(rounds, 1)
             counts = selection_histogram(freq, rounds)
             ax.axvspan(0.1, 0.9, color="0.88", zorder=0)
-            ax.bar([t / r for t in range(r + 1)], counts, width=0.7 / r, color=_COLORS[m],
-                   zorder=2)
+            ax.bar([t / r for t in range(r + 1)], counts, width=0.7 / r, zorder=2,
+                   color=_style(m)["color"], hatch="//" if uses_refresh(m) else None)
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlim(-0.08, 1.08)
@@ -118,7 +182,7 @@ def plot_selection_frequency(res: BenchResult, path: str | Path, dpi: int = 80) 
             pts = selection_overlaps(res.histories.get((m, p, seed0), []))
             if pts:
                 ax.plot([e for e, _ in pts], [o for _, o in pts], marker="o", ms=2.5, lw=1.0,
-                        color=_COLORS[m], label=m)
+                        label=m, **_style(m))
         ax.axhline(LOCK_IN_OVERLAP, color="0.4", ls="--", lw=0.8)
         ax.set_ylim(0.0, 1.05)
         ax.set_title(f"selection overlap, p={p:g}\n(Jaccard with the previous epoch)", fontsize=7)
@@ -146,4 +210,7 @@ def write_plots(res: BenchResult, out_dir: str | Path, dpi: int = 80) -> dict[st
     hist = plot_selection_frequency(res, out / "selection_frequency.png", dpi)
     if hist is not None:
         paths["selection_png"] = hist
+    expl = plot_exploitation(res, out / "exploitation.png", dpi)
+    if expl is not None:
+        paths["exploitation_png"] = expl
     return paths

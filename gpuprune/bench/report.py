@@ -1,4 +1,4 @@
-"""Results on disk (CSV, JSON) and on screen (a table of mean +- std over seeds)."""
+"""Results on disk (CSV, JSON) and their summary over seeds (the printed tables: ``table.py``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 from .config import METHODS
 from .runner import BenchResult
 
-__all__ = ["ROW_COLUMNS", "SUMMARY_COLUMNS", "OVERLAP_COLUMNS", "summarize", "machine_info",
-           "write_results", "format_table", "selection_histogram"]
+__all__ = ["ROW_COLUMNS", "SUMMARY_COLUMNS", "OVERLAP_COLUMNS", "LADDER_COLUMNS",
+           "EXPLOITATION_COLUMNS", "summarize", "machine_info", "write_results", "selection_histogram"]
 
 #: columns of results.csv, one row per run
 ROW_COLUMNS = ["dataset", "model", "device", "loader", "method", "kind", "prune_ratio", "seed",
@@ -26,18 +26,31 @@ ROW_COLUMNS = ["dataset", "model", "device", "loader", "method", "kind", "prune_
                "best_acc", "train_s", "select_s", "refresh_s", "refresh_samples", "score_s",
                "total_s", "eval_s", "speedup", "cpu_s", "cpu_speedup", "target_acc",
                "time_to_target_s", "time_to_target_cpu_s", "rounds", "always", "sometimes", "never",
-               "overlap_mean", "overlap_max", "lock_in_epochs"]
+               "overlap_mean", "overlap_max", "lock_in_epochs", "delta_full", "delta_steps",
+               "delta_time", "equal_time_acc", "equal_time_fraction", "equal_time_status",
+               "exploit_ratio", "exploit_top", "exploit_s", "setup_s", "probe_cpu_s",
+               "probe_wall_s", "cmp_time", "cmp_speedup"]
 
 #: columns of overlap.csv, one row per planned epoch of every pruned run (the lock-in detector)
 OVERLAP_COLUMNS = ["method", "prune_ratio", "seed", "epoch", "size", "full", "reselected",
                    "overlap"]
 
+#: columns of ladder.csv, one row per run of the equal-time ladder (full and full_short included)
+LADDER_COLUMNS = ["seed", "steps", "fraction", "source", "time_s", "cpu_s", "cmp_time", "acc"]
+
+#: columns of exploitation.csv, one row per epoch of every run measured with --exploitation
+EXPLOITATION_COLUMNS = ["method", "prune_ratio", "seed", "epoch", "full", "ratio", "top"]
+
 _STAT_FIELDS = ["test_acc", "total_s", "train_s", "select_s", "refresh_s", "score_s", "speedup",
                 "cpu_s", "cpu_speedup", "time_to_target_s", "time_to_target_cpu_s", "samples_seen",
-                "sometimes", "overlap_mean", "lock_in_epochs"]
+                "epochs_of_data", "refresh_samples", "sometimes", "overlap_mean",
+                "lock_in_epochs", "delta_full", "delta_steps", "delta_time",
+                "equal_time_fraction", "exploit_ratio", "exploit_top", "cmp_time",
+                "cmp_speedup"]
 
 #: columns of summary.csv, one row per (method, prune ratio)
-SUMMARY_COLUMNS = (["method", "kind", "prune_ratio", "n_seeds", "reached_target"]
+SUMMARY_COLUMNS = (["method", "kind", "prune_ratio", "n_seeds", "reached_target",
+                    "reached_target_cpu", "locked_in_runs", "slower_than_full"]
                    + [f"{f}_{s}" for f in _STAT_FIELDS for s in ("mean", "std")])
 
 
@@ -57,9 +70,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (method, p), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
         s = {"method": method, "kind": rs[0]["kind"], "prune_ratio": p, "n_seeds": len(rs),
-             "reached_target": sum(not math.isnan(r["time_to_target_s"]) for r in rs)}
+             "reached_target": sum(not math.isnan(r["time_to_target_s"]) for r in rs),
+             "reached_target_cpu": sum(not math.isnan(r["time_to_target_cpu_s"]) for r in rs),
+             "locked_in_runs": sum(bool(r.get("lock_in_epochs")) for r in rs),
+             "slower_than_full": sum(r.get("equal_time_status") == "slower" for r in rs)}
         for f in _STAT_FIELDS:
-            s[f"{f}_mean"], s[f"{f}_std"] = _mean_std([float(r[f]) for r in rs])
+            s[f"{f}_mean"], s[f"{f}_std"] = _mean_std([float(r.get(f, float("nan"))) for r in rs])
         out.append(s)
     return out
 
@@ -124,22 +140,27 @@ def selection_histogram(freq: torch.Tensor, rounds: int) -> list[int]:
     return torch.bincount(times, minlength=max(rounds, 1) + 1).tolist()
 
 
+def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
-                  command: str | None = None) -> dict[str, Path]:
-    """Write results.csv, summary.csv, overlap.csv and results.json into ``out_dir``; return their
-    paths."""
+                  command: str | None = None, timeline: dict | None = None) -> dict[str, Path]:
+    """Write results.csv, summary.csv, overlap.csv, ladder.csv, results.json (and, with
+    exploitation measured, exploitation.csv) into ``out_dir``; return their paths. ``timeline``
+    is the wall-time account to record (:meth:`gpuprune.bench.timeline.Timeline.summary`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results_csv": out / "results.csv", "summary_csv": out / "summary.csv",
-             "overlap_csv": out / "overlap.csv", "json": out / "results.json"}
+             "overlap_csv": out / "overlap.csv", "ladder_csv": out / "ladder.csv",
+             "json": out / "results.json"}
     summary = summarize(res.rows)
-    for path, cols, rows in ((paths["results_csv"], ROW_COLUMNS, res.rows),
-                             (paths["summary_csv"], SUMMARY_COLUMNS, summary)):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_csv(paths["results_csv"], ROW_COLUMNS, res.rows)
+    _write_csv(paths["summary_csv"], SUMMARY_COLUMNS, summary)
     with open(paths["overlap_csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=OVERLAP_COLUMNS)
         w.writeheader()
@@ -150,11 +171,19 @@ def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
                             "size": rec["size"], "full": rec["full"],
                             "reselected": rec["reselected"],
                             "overlap": "" if ov is None else f"{ov:.6g}"})
+    _write_csv(paths["ladder_csv"], LADDER_COLUMNS,
+               [{"seed": seed, **e} for seed, entries in res.ladder.items() for e in entries])
+    if res.exploitation:
+        paths["exploitation_csv"] = out / "exploitation.csv"
+        _write_csv(paths["exploitation_csv"], EXPLOITATION_COLUMNS,
+                   [{"method": m, "prune_ratio": p, "seed": seed, **e}
+                    for (m, p, seed), recs in res.exploitation.items() for e in recs])
     runs = []
     for r in res.rows:
         key = (r["method"], r["prune_ratio"], r["seed"])
         runs.append({**r, "curve": res.curves.get(key, []),
-                     "history": res.histories.get(key, [])})
+                     "history": res.histories.get(key, []),
+                     "exploitation": res.exploitation.get(key, [])})
     d = res.data
     doc = {
         "command": command,
@@ -164,6 +193,9 @@ def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
                     "classes": d.classes, "notes": d.notes},
         "machine": machine,
         "warnings": list(res.warnings),
+        "projection": res.projection,
+        "timeline": timeline,
+        "ladder": {str(seed): entries for seed, entries in res.ladder.items()},
         "runs": runs,
         "summary": summary,
         # samples_by_times_selected[j]: samples planned in exactly j of the `rounds` pruned epochs
@@ -175,57 +207,3 @@ def write_results(res: BenchResult, out_dir: str | Path, machine: dict,
     with open(paths["json"], "w") as f:
         json.dump(_clean(doc), f, indent=1)
     return paths
-
-
-def _pm(mean: float, std: float, fmt: str, n: int) -> str:
-    if math.isnan(mean):
-        return "-"
-    return (fmt.format(mean) + " ± " + fmt.format(std)) if n > 1 else fmt.format(mean)
-
-
-def format_table(res: BenchResult) -> str:
-    """A plain-text table per prune ratio (``full`` repeated in each as the reference)."""
-    cfg, d = res.config, res.data
-    summary = summarize(res.rows)
-    full = [s for s in summary if s["method"] == "full"]
-    lines = [f"{d.describe()}",
-             f"model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, device {cfg.device}, "
-             f"loader {cfg.loader}, seeds {list(cfg.seeds)}; times in seconds, charged = train + "
-             f"select + refresh + score (test evaluation not charged); CPU = process CPU time of "
-             f"the same"]
-    for note in d.notes:
-        lines.append(f"NOTE: {note}")
-    target = (f"target accuracy {cfg.target_acc:g}%" if cfg.target_acc is not None
-              else f"target accuracy = full-data accuracy - {cfg.target_drop:g} pt (per seed)")
-    lines.append(target)
-    header = (f"{'method':<15}{'test acc %':>15}{'total s':>14}{'train s':>9}{'select s':>10}"
-              f"{'refresh s':>10}{'score s':>9}{'speed-up':>10}{'CPU s':>8}{'CPU sp-up':>11}"
-              f"{'time to target s':>19}{'epochs of data':>16}{'sometimes':>11}{'overlap':>9}")
-    for p in cfg.prune_ratios:
-        rows = full + [s for s in summary if s["prune_ratio"] == p and s["method"] != "full"]
-        lines += ["", f"prune ratio {p:g} (keep {1 - p:g})", header, "-" * len(header)]
-        for s in rows:
-            k = s["n_seeds"]
-            ttt = _pm(s["time_to_target_s_mean"], s["time_to_target_s_std"], "{:.1f}",
-                      s["reached_target"])
-            if s["reached_target"] < k:
-                ttt = f"{ttt} ({s['reached_target']}/{k})" if s["reached_target"] else "not reached"
-            some, ov = s["sometimes_mean"], s["overlap_mean_mean"]
-            lines.append(
-                f"{s['method']:<15}"
-                f"{_pm(s['test_acc_mean'], s['test_acc_std'], '{:.2f}', k):>15}"
-                f"{_pm(s['total_s_mean'], s['total_s_std'], '{:.1f}', k):>14}"
-                f"{s['train_s_mean']:>9.1f}{s['select_s_mean']:>10.2f}{s['refresh_s_mean']:>10.1f}"
-                f"{s['score_s_mean']:>9.1f}"
-                f"{s['speedup_mean']:>9.2f}x{s['cpu_s_mean']:>8.1f}{s['cpu_speedup_mean']:>10.2f}x"
-                f"{ttt:>19}{s['samples_seen_mean'] / len(d.x_train):>16.2f}"
-                f"{'-' if math.isnan(some) else f'{100 * some:.0f}%':>11}"
-                f"{'-' if math.isnan(ov) else f'{ov:.2f}':>9}")
-    lines += ["", "overlap: mean Jaccard overlap of each new selection with the previous epoch's "
-              "plan (uniform at keep q: about q / (2 - q))"]
-    if cfg.refresh != "none":
-        lines.append(f"refresh: a forward-only re-score pass over the {cfg.refresh} samples before "
-                     f"each selection of epsilon_greedy, ucb and infobatch (charged)")
-    for w in res.warnings:
-        lines.append(f"WARNING: lock-in: {w}")
-    return "\n".join(lines)

@@ -20,7 +20,7 @@ from ..pruner import Pruner
 from ..rng import mix_seed
 from ..static_scores import el2n_scores
 from .config import BenchConfig
-from .train import DeviceData, sync, train_run
+from .train import DeviceData, autocast, sync, train_run
 
 __all__ = ["ScoringCost", "el2n_cost_and_scores", "run_seed"]
 
@@ -35,11 +35,14 @@ def run_seed(seed: int, *stream: int) -> int:
 @dataclass
 class ScoringCost:
     """Charged cost of a static scoring method: wall seconds, process CPU seconds and samples
-    processed (trained on, plus one forward pass over all N per scoring model)."""
+    processed (trained on, plus one forward pass over all N per scoring model), and the reference
+    step's CPU and wall seconds measured around the scoring (nan: not measured)."""
 
     seconds: float
     cpu_seconds: float
     samples: int
+    probe_cpu_s: float = float("nan")
+    probe_wall_s: float = float("nan")
 
 
 def _ordered_batches(data: DeviceData, batch_size: int):
@@ -64,7 +67,8 @@ def el2n_cost_and_scores(data: DeviceData, cfg: BenchConfig, seed: int, batches,
                               progress=progress)
         sync(data.device)
         t0, c0 = time.perf_counter(), time.process_time()
-        scores = el2n_scores(model, _ordered_batches(data, cfg.eval_batch_size), n, data.device)
+        with autocast(data.device, cfg.amp):
+            scores = el2n_scores(model, _ordered_batches(data, cfg.eval_batch_size), n, data.device)
         sync(data.device)
         seconds += st.train_s + st.select_s + time.perf_counter() - t0
         cpu_seconds += st.cpu_s + time.process_time() - c0

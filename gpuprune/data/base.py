@@ -89,6 +89,31 @@ class ImageData:
             notes.append(f"test subset of {test} of {len(self.x_test)} images")
         return ImageData(self.name, xtr, ytr, xte, yte, list(self.classes), self.source, notes)
 
+    def cifar_shaped(self, size: int = 32) -> "ImageData":
+        """The same images in CIFAR's shape: zero-padded to ``size`` x ``size`` (centred; an odd
+        margin puts the extra pixel at the bottom/right) and, when grey, repeated to 3 channels.
+        Fashion-MNIST's 1x28x28 becomes 3x32x32 (a 2-pixel border), so CIFAR models and
+        augmentation run unchanged. The padding is part of every image, so the per-channel
+        statistics change (the border is 0).
+
+        Raises:
+            ValueError: an image larger than ``size``, or neither 1 nor 3 channels.
+        """
+        c, h, w = self.image_shape
+        if h > size or w > size:
+            raise ValueError(f"cifar_shaped pads to {size}x{size}; the images are larger ({h}x{w})")
+        if c not in (1, 3):
+            raise ValueError(f"cifar_shaped needs 1 or 3 channels, got {c}")
+        top, left = (size - h) // 2, (size - w) // 2
+        pad = (left, size - w - left, top, size - h - top)
+
+        def reshape(x: torch.Tensor) -> torch.Tensor:
+            x = torch.nn.functional.pad(x, pad)
+            return x.expand(-1, 3, -1, -1).contiguous() if c == 1 else x
+        notes = list(self.notes) + [f"CIFAR-shaped: {c}x{h}x{w} zero-padded to 3x{size}x{size}"]
+        return ImageData(self.name, reshape(self.x_train), self.y_train, reshape(self.x_test),
+                         self.y_test, list(self.classes), self.source, notes)
+
     def describe(self) -> str:
         c, h, w = self.image_shape
         return (f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, "
