@@ -3,6 +3,8 @@
     python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~3 min
     python benchmarks/pipeline.py --device-id 0        # GPU pipelines (augmentation on the GPU)
     python benchmarks/pipeline.py --files 0 --reps 6   # arrays only, fewer repeats
+    python benchmarks/pipeline.py --sections 5         # does read-ahead pay? (~1 min)
+    python benchmarks/pipeline.py --smoke              # every section on tiny data, seconds (CI)
 
 Data: Fashion-MNIST training images made CIFAR-shaped (32x32x3 uint8), plus ``--files`` of them
 written as PNG files. Graph: random flip + normalise to float CHW (``crop_mirror_normalize``), the
@@ -40,6 +42,15 @@ InfoBatch's pruned epochs) depend on the epoch's last losses, so each epoch refi
    same first-batch figures from section 1's tight loop (no step: the pipeline is the
    bottleneck, so every batch, the first included, waits about one pipeline batch).
    Target: first batch within 2 ms.
+5. **Does read-ahead pay?** (arrays, N = ``--samples``, keep=0.5, uniform plans): a training loop
+   whose step takes ``--train-step-ms`` (default 5 ms: a sleep, the host waiting for the device,
+   then ``pruner.observe`` of a loss read from the batch) over the same iterator settings with and
+   without ``read_ahead``, epochs timed from ``set_epoch`` (which plans) to the loop's end and
+   interleaved in blocks. Reported: the median epoch times, the paired saving (median over rounds
+   of 1 - t(read-ahead) / t(none)) and the first-batch waits. Target: read-ahead saves >= 1 % of a
+   pruned epoch (else it is not worth its code).
+
+``--smoke`` runs every section on tiny data in a few seconds (CI); its figures mean nothing.
 
 Fairness: every configuration runs in blocks of consecutive epochs (as in training), each block
 after a pause that lets any background work of the previous block finish (``fn.readers.file``
@@ -255,6 +266,36 @@ class Pruned(Config):
         return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
 
 
+class Trained(Pruned):
+    """A training loop over a PrunedDALIIterator: ``set_epoch`` (which plans: timed), then per batch
+    a step of ``step_s`` seconds (a sleep: the host waits for the device while DALI works on the
+    CPU) and ``pruner.observe`` of a loss read from the batch's data."""
+
+    name = "trained"
+
+    def __init__(self, pruner, source, args, step_s: float, **kwargs) -> None:
+        super().__init__(pruner, source, args, plan_timed=True, **kwargs)
+        self.step_s = step_s
+        self.waits: list[float] = []          # per epoch: seconds not spent in training steps
+
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        self.it.set_epoch(self.epoch)
+        self.epoch += 1
+        count, in_steps = 0, 0.0
+        for (b,) in self.it:
+            t = time.perf_counter()
+            if not count:
+                self.first.append(t - t0)
+            time.sleep(self.step_s)
+            loss = b["data"].float().mean(dim=tuple(range(1, b["data"].dim())))
+            self.pruner.observe(b["index"], loss)
+            count += len(b["index"])
+            in_steps += time.perf_counter() - t
+        self.waits.append(time.perf_counter() - t0 - in_steps)
+        return count
+
+
 def reader_pipeline(files, labels, args, mmap: bool = True) -> Pipeline:
     pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
                     device_id=args.device_id, seed=0)
@@ -374,10 +415,15 @@ def timed(cfg: Config) -> tuple[float, int, float]:
     return time.perf_counter() - t, n, cpu_seconds() - c
 
 
-def in_blocks(configs: dict, rounds: int, per_block: int, pause: float = 0.5) -> dict[str, list]:
+PAUSE = 0.5     # seconds between blocks (0 with --smoke)
+
+
+def in_blocks(configs: dict, rounds: int, per_block: int, pause: float | None = None
+              ) -> dict[str, list]:
     """``rounds`` rounds over the configurations (order alternating); in each, a block of one
     untimed and ``per_block`` timed consecutive epochs, after ``pause`` seconds in which any
     background prefetch of the previous block finishes."""
+    pause = PAUSE if pause is None else pause
     out = {name: [] for name in configs}
     names = list(configs)
     for r in range(rounds):
@@ -439,10 +485,20 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=10.0,
                     help="simulated training step per batch in section 4 (sleep), ms")
     ap.add_argument("--turnover-epochs", type=int, default=6, help="timed epochs in section 4")
-    ap.add_argument("--sections", default="1234", help="sections to run, e.g. 2 or 14")
+    ap.add_argument("--train-step-ms", type=float, default=5.0,
+                    help="training step per batch in section 5 (sleep + observe), ms")
+    ap.add_argument("--sections", default="12345", help="sections to run, e.g. 2 or 14")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every section on tiny data in seconds (for CI: the figures mean nothing)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch CPU threads (selection runs in torch; DALI has its own threads)")
     args = ap.parse_args()
+    if args.smoke:
+        global PAUSE
+        PAUSE = 0.0
+        args.samples, args.files, args.batch_size = min(args.samples, 1024), min(args.files, 96), 64
+        args.reps, args.rounds, args.turnover_epochs = 1, 1, 1
+        args.step_ms, args.train_step_ms = 1.0, 1.0
     torch.set_num_threads(args.torch_threads)
     print(describe(args), flush=True)
     x, y = load_images(args.samples)
@@ -461,6 +517,8 @@ def main() -> None:
         epoch_time(x, y, args, per_block)
     if "4" in args.sections:
         turnover_table(x, y, args, tight, steady)
+    if "5" in args.sections:
+        read_ahead_pays(x, y, args)
     print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
 
 
@@ -659,6 +717,35 @@ def turnover(x, y, args) -> dict[str, tuple[float, float]]:
     out[f"step {args.step_ms:g} ms, plain DALI reset()"] = (statistics.median(firsts),
                                                            statistics.median(steadies))
     return out
+
+
+def read_ahead_pays(x, y, args) -> None:
+    """5. the same training loop with and without read-ahead, interleaved in blocks."""
+    n, per_block = len(x), max(1, args.reps // args.rounds)
+    configs = {}
+    batches = -(-gp.Pruner(n, keep=0.5).k // args.batch_size)
+    for name, read_ahead in (("read-ahead", True), ("none", False)):
+        p = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)
+        configs[name] = Trained(p, ArraySource(x, y, layouts=("HWC", None)), args,
+                                args.train_step_ms / 1e3, read_ahead=read_ahead)
+        check(configs[name], y[p.plan(0).indices.numpy()], f"section 5, {name}")
+    res = in_blocks(configs, args.rounds, per_block)
+    ra, none = ([t for t, _, _ in res[k]] for k in ("read-ahead", "none"))
+    saving = statistics.median(1 - a / b for a, b in zip(ra, none))
+    # the time outside the training steps (planning, waiting for batches) is all read-ahead can
+    # shorten; the steps' own jitter (sleep) does not enter this estimate
+    waits = {k: statistics.median(cfg.waits[-len(res[k]):]) for k, cfg in configs.items()}
+    print(f"\n5. does read-ahead pay? arrays, N={n}, keep=0.5 (uniform plans), {batches} batches "
+          f"per epoch, training step {args.train_step_ms:g} ms (sleep) + observe; {args.rounds} "
+          f"blocks of {per_block} epochs each, timed from set_epoch to the loop's end")
+    print(f"{'':<14} {'epoch s':>9} {'first batch ms':>15} {'outside steps ms':>17}")
+    for name, times in (("read-ahead", ra), ("none", none)):
+        first = 1e3 * statistics.median(configs[name].first[1:] or configs[name].first)
+        print(f"{name:<14} {statistics.median(times):>9.4f} {first:>15.2f} "
+              f"{1e3 * waits[name]:>17.2f}")
+    print(f"saving, % of a pruned epoch (target >= 1 %): paired {100 * saving:.2f}, of the "
+          f"medians {100 * (1 - statistics.median(ra) / statistics.median(none)):.2f}, of the "
+          f"time outside steps {100 * (waits['none'] - waits['read-ahead']) / statistics.median(none):.2f}")
 
 
 if __name__ == "__main__":
