@@ -3,27 +3,25 @@
     python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~3 min
     python benchmarks/pipeline.py --device-id 0        # GPU pipelines (augmentation on the GPU)
     python benchmarks/pipeline.py --files 0 --reps 6   # arrays only, fewer repeats
-    python benchmarks/pipeline.py --sections 5         # does read-ahead pay? (~1 min)
+    python benchmarks/pipeline.py --sections 5         # the epoch boundary's cost (~1 min)
     python benchmarks/pipeline.py --smoke              # every section on tiny data, seconds (CI)
 
 Data: Fashion-MNIST training images made CIFAR-shaped (32x32x3 uint8), plus ``--files`` of them
 written as PNG files. Graph: random flip + normalise to float CHW (``crop_mirror_normalize``), the
 same in every pipeline. Batch 256.
 
-Two kinds of pruned runs are measured, because the iterator reads ahead across epoch boundaries
-only when the next epoch's plan is known before the current epoch's last losses
-(``Pruner.peek``): **uniform/static** plans (also full-data epochs and reused selections) are
-read ahead, so the pipeline never drains between epochs; **UCB** plans (also epsilon-greedy and
-InfoBatch's pruned epochs) depend on the epoch's last losses, so each epoch refills the pipeline.
+Pruned runs use **uniform/static** plans (cheap to make) and **UCB** plans (a selection over the
+loss statistics); either way each epoch is one DALI epoch, so the pipeline refills at every epoch
+boundary.
 
 1. **Arrays** (samples/s; keep=0.5 of ``--samples``): ``ArraySource`` + ``PrunedDALIIterator``
-   with uniform plans (read ahead) and with UCB plans (refilled) vs a plain batch-mode
+   with uniform plans and with UCB plans vs a plain batch-mode
    ``external_source`` callable + ``DALIGenericIterator`` over the uniform plans (the minimal
    hand-written version, ``reset()`` between epochs). Target >= 0.97.
 2. **Files** (samples/s over a random half of the files: policy "static", so a reader over a
-   fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (static: read ahead,
-   and with ``read_ahead=False``; ``parallel=True`` with 2 workers; and UCB: a new half each
-   epoch, refilled) vs ``fn.readers.file(files=<the planned files>)`` +
+   fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (static;
+   ``parallel=True`` with 2 workers; and UCB: a new half each epoch) vs
+   ``fn.readers.file(files=<the planned files>)`` +
    ``DALIGenericIterator(reader_name=...)`` (it reads ahead across epochs), with its default
    (memory-mapped files) and with ``dont_use_mmap=True`` (plain reads, FileSource's default), vs
    a reader rebuilt every epoch with that epoch's planned list (build included), and vs a plain
@@ -32,29 +30,29 @@ InfoBatch's pruned epochs) depend on the epoch's last losses, so each epoch refi
    Target: pruned >= 0.95 x reader, >= 0.97 x plain source.
 3. **Epoch time vs keep** (arrays): wall time of an epoch of the pruned iterator at keep = 0.3,
    0.5, 0.7 (uniform) against a full-data epoch of the same iterator (policy "full"), each timed
-   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included; with
-   read-ahead the next plan is made, by ``peek``, inside the previous epoch's loop).
+   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included).
    Target: time(keep) <= 1.02 x keep x time(full).
 4. **Turnover** (arrays, N = ``--samples``, keep=0.5): the wait for the first batch after
    ``set_epoch`` (the plan made beforehand) vs a steady batch's wait, in a training loop whose
    step takes ``--step-ms`` (a sleep: the host waits for the device, the CPU is free), for uniform
-   plans (read ahead), UCB plans (refilled) and plain DALI's first batch after ``reset()``; and the
+   plans, UCB plans and plain DALI's first batch after ``reset()``; and the
    same first-batch figures from section 1's tight loop (no step: the pipeline is the
    bottleneck, so every batch, the first included, waits about one pipeline batch).
    Target: first batch within 2 ms.
-5. **Does read-ahead pay?** (arrays, N = ``--samples``, keep=0.5, uniform plans): a training loop
-   whose step takes ``--train-step-ms`` (default 5 ms: a sleep, the host waiting for the device,
-   then ``pruner.observe`` of a loss read from the batch) over the same iterator settings with and
-   without ``read_ahead``, epochs timed from ``set_epoch`` (which plans) to the loop's end and
-   interleaved in blocks. Reported: the median epoch times, the paired saving (median over rounds
-   of 1 - t(read-ahead) / t(none)) and the first-batch waits. Target: read-ahead saves >= 1 % of a
-   pruned epoch (else it is not worth its code).
+5. **The epoch boundary's cost** (arrays, N = ``--samples``, keep=0.5, uniform plans): a training
+   loop whose step takes ``--train-step-ms`` (default 5 ms: a sleep, the host waiting for the
+   device, then ``pruner.observe`` of a loss read from the batch), epochs timed from ``set_epoch``
+   (which plans) to the loop's end. Reported: the epoch time, the first-batch wait after
+   ``set_epoch`` (plan and pipeline refill), a steady batch's wait, and the boundary's share of a
+   pruned epoch, (first - steady) / epoch: the most that reading the next epoch's first batches
+   ahead, across the boundary, could save. Read-ahead was removed in 0.3 because, measured side by
+   side in this section (commit fbc5d1d), it saved less than the 1 % it had to save.
 
 ``--smoke`` runs every section on tiny data in a few seconds (CI); its figures mean nothing.
 
 Fairness: every configuration runs in blocks of consecutive epochs (as in training), each block
 after a pause that lets any background work of the previous block finish (``fn.readers.file``
-and a read-ahead keep working after an epoch's last batch) and one untimed epoch; blocks of the
+keeps reading after an epoch's last batch) and one untimed epoch; blocks of the
 configurations are interleaved over rounds. Ratios are given four ways: paired (the ratio within
 each round, whose epochs ran close together in time, then the median over rounds: slow drifts of
 the machine's load cancel out), of the median wall-time rates, of the best epochs, and of the
@@ -276,23 +274,24 @@ class Trained(Pruned):
     def __init__(self, pruner, source, args, step_s: float, **kwargs) -> None:
         super().__init__(pruner, source, args, plan_timed=True, **kwargs)
         self.step_s = step_s
-        self.waits: list[float] = []          # per epoch: seconds not spent in training steps
+        self.steady: list[float] = []         # waits for every batch but the first, seconds
 
     def run(self) -> int:
         t0 = time.perf_counter()
         self.it.set_epoch(self.epoch)
         self.epoch += 1
-        count, in_steps = 0, 0.0
+        count, last = 0, t0
         for (b,) in self.it:
             t = time.perf_counter()
             if not count:
                 self.first.append(t - t0)
+            else:
+                self.steady.append(t - last)
             time.sleep(self.step_s)
             loss = b["data"].float().mean(dim=tuple(range(1, b["data"].dim())))
             self.pruner.observe(b["index"], loss)
             count += len(b["index"])
-            in_steps += time.perf_counter() - t
-        self.waits.append(time.perf_counter() - t0 - in_steps)
+            last = time.perf_counter()
         return count
 
 
@@ -518,7 +517,7 @@ def main() -> None:
     if "4" in args.sections:
         turnover_table(x, y, args, tight, steady)
     if "5" in args.sections:
-        read_ahead_pays(x, y, args)
+        boundary_cost(x, y, args)
     print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
 
 
@@ -566,9 +565,6 @@ def files(x, y, args, header, per_block) -> None:
             "pruned": Pruned(fpruner, FileSource(paths, y[:nf], reader_labels=False), args),
             "pruned ucb": Pruned(gp.Pruner(nf, keep=0.5, policy="ucb", seed=0),
                                  FileSource(paths, y[:nf], reader_labels=False), args),
-            "pruned no read-ahead": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
-                                           FileSource(paths, y[:nf], reader_labels=False), args,
-                                           read_ahead=False),
             "pruned parallel": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
                                       FileSource(paths, y[:nf], reader_labels=False,
                                                  parallel=True), args, py_num_workers=2),
@@ -592,20 +588,16 @@ def files(x, y, args, header, per_block) -> None:
               "as in 1., paired by round (target: pruned >= 0.95 x reader, >= 0.97 x plain ES)")
         print(header)
         for base in ("reader", "reader no mmap", "plain ES paths"):
-            for name in ("pruned", "pruned no read-ahead", "pruned ucb", "pruned parallel",
-                         "rebuilt"):
+            for name in ("pruned", "pruned ucb", "pruned parallel", "rebuilt"):
                 if name in ("rebuilt", "pruned parallel") and base != "reader":
                     continue
-                label = {"pruned": "pruned static",
-                         "pruned no read-ahead": "pruned static, no read-ahead"}.get(name, name)
+                label = {"pruned": "pruned static"}.get(name, name)
                 print(ratio_row(f"{label} / {base}", len(fsel), res_f[base], res_f[name],
                                 per_block))
         print(ratio_row("plain ES paths / reader", len(fsel), res_f["reader"],
                         res_f["plain ES paths"], per_block))
         print(ratio_row("reader no mmap / reader", len(fsel), res_f["reader"],
                         res_f["reader no mmap"], per_block))
-        print(ratio_row("pruned static: read-ahead / none", len(fsel),
-                        res_f["pruned no read-ahead"], res_f["pruned"], per_block))
 
 
 def epoch_time(x, y, args, per_block) -> None:
@@ -623,7 +615,7 @@ def epoch_time(x, y, args, per_block) -> None:
 
     def med(s, i=0):
         return statistics.median(v[i] for v in s)
-    print("\n3. epoch time vs keep (arrays, uniform plans: read ahead), selection included; ratio "
+    print("\n3. epoch time vs keep (arrays, uniform plans), selection included; ratio "
           "= time(keep) / (keep x time(full)): paired (median over epochs), of the median wall "
           "times, of the best wall times and of the CPU times (target <= 1.02)")
     print(f"{'keep':>5} {'samples':>8} {'epoch s':>9} {'plan ms':>8} {'keep*full':>10} "
@@ -636,8 +628,7 @@ def epoch_time(x, y, args, per_block) -> None:
               f"{keep * med(full):>10.3f} {pair:>7.3f} {med(r) / (keep * med(full)):>7.3f} "
               f"{min(v[0] for v in r) / (keep * min(v[0] for v in full)):>7.3f} "
               f"{med(r, 2) / (keep * med(full, 2)):>7.3f}")
-    print("   (plan ms: pruner.plan() at the epoch's start; with read-ahead the selection was "
-          "already made, by peek, during the previous epoch, whose time includes it)")
+    print("   (plan ms: pruner.plan() at the epoch's start)")
 
 
 def turnover_table(x, y, args, tight, steady) -> None:
@@ -687,7 +678,7 @@ def turnover(x, y, args) -> dict[str, tuple[float, float]]:
         it = build_iterator(p, ArraySource(x, y, layouts=("HWC", None)), augment,
                             batch_size=args.batch_size, num_threads=args.threads,
                             device_id=args.device_id, seed=0)
-        label = "uniform (read ahead)" if policy == "uniform" else "ucb (refilled)"
+        label = "uniform" if policy == "uniform" else "ucb"
         cases[f"step {args.step_ms:g} ms, {label}"] = (p, it)
     for name, (p, it) in cases.items():
         time.sleep(0.5)
@@ -719,34 +710,22 @@ def turnover(x, y, args) -> dict[str, tuple[float, float]]:
     return out
 
 
-def read_ahead_pays(x, y, args) -> None:
-    """5. the same training loop with and without read-ahead, interleaved in blocks."""
+def boundary_cost(x, y, args) -> None:
+    """5. a training loop over pruned epochs: what the epoch boundary costs."""
     n, per_block = len(x), max(1, args.reps // args.rounds)
-    configs = {}
-    batches = -(-gp.Pruner(n, keep=0.5).k // args.batch_size)
-    for name, read_ahead in (("read-ahead", True), ("none", False)):
-        p = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)
-        configs[name] = Trained(p, ArraySource(x, y, layouts=("HWC", None)), args,
-                                args.train_step_ms / 1e3, read_ahead=read_ahead)
-        check(configs[name], y[p.plan(0).indices.numpy()], f"section 5, {name}")
-    res = in_blocks(configs, args.rounds, per_block)
-    ra, none = ([t for t, _, _ in res[k]] for k in ("read-ahead", "none"))
-    saving = statistics.median(1 - a / b for a, b in zip(ra, none))
-    # the time outside the training steps (planning, waiting for batches) is all read-ahead can
-    # shorten; the steps' own jitter (sleep) does not enter this estimate
-    waits = {k: statistics.median(cfg.waits[-len(res[k]):]) for k, cfg in configs.items()}
-    print(f"\n5. does read-ahead pay? arrays, N={n}, keep=0.5 (uniform plans), {batches} batches "
-          f"per epoch, training step {args.train_step_ms:g} ms (sleep) + observe; {args.rounds} "
-          f"blocks of {per_block} epochs each, timed from set_epoch to the loop's end")
-    print(f"{'':<14} {'epoch s':>9} {'first batch ms':>15} {'outside steps ms':>17}")
-    for name, times in (("read-ahead", ra), ("none", none)):
-        first = 1e3 * statistics.median(configs[name].first[1:] or configs[name].first)
-        print(f"{name:<14} {statistics.median(times):>9.4f} {first:>15.2f} "
-              f"{1e3 * waits[name]:>17.2f}")
-    print(f"saving, % of a pruned epoch (target >= 1 %): paired {100 * saving:.2f}, of the "
-          f"medians {100 * (1 - statistics.median(ra) / statistics.median(none)):.2f}, of the "
-          f"time outside steps {100 * (waits['none'] - waits['read-ahead']) / statistics.median(none):.2f}")
-
+    p = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)
+    cfg = Trained(p, ArraySource(x, y, layouts=("HWC", None)), args, args.train_step_ms / 1e3)
+    check(cfg, y[p.plan(0).indices.numpy()], "section 5")
+    res = in_blocks({"trained": cfg}, args.rounds, per_block)["trained"]
+    epoch = statistics.median(t for t, _, _ in res)
+    first = statistics.median(cfg.first[-len(res):])
+    steady = statistics.median(cfg.steady)
+    print(f"\n5. the epoch boundary: arrays, N={n}, keep=0.5 (uniform plans), "
+          f"{-(-p.k // args.batch_size)} batches per epoch, training step {args.train_step_ms:g} ms "
+          f"(sleep) + observe; {len(res)} epochs timed from set_epoch to the loop's end")
+    print(f"epoch {epoch:.4f} s, first batch {1e3 * first:.2f} ms (plan + pipeline refill), steady "
+          f"batch {1e3 * steady:.3f} ms: the boundary is {100 * (first - steady) / epoch:.2f} % of "
+          f"a pruned epoch (what reading ahead across it could save; 1 % was the bar)")
 
 if __name__ == "__main__":
     main()
