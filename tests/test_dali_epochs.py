@@ -434,3 +434,20 @@ def test_a_window_reader_notices_a_rewrite_during_its_read():
     with pytest.raises(StopIteration):                     # the new window: iteration 2 is past it
         w.locate(info, "test")
     assert w.locate(Info(iteration=0, epoch_idx=1), "test") == (0, 8, 5)
+
+
+def test_the_first_epoch_of_a_parallel_source_serves_its_own_batches(images, png_files):
+    """A stock DALI iterator whose first epoch is started by reset() schedules one run more than
+    its prefetch queue when first read; with a parallel source that overwrote a batch still held in
+    the workers' shared-memory ring: wrong labels or garbage paths in the first epoch of every
+    pipeline but the first (an iterator built before this was fixed failed each trial after the
+    first). The iterator runs an empty DALI epoch first, so every epoch starts alike."""
+    labels = np.arange(200, dtype=np.int64)
+    for trial in range(4):
+        pruner = gp.Pruner(200, policy="full", seed=trial)
+        source = FileSource(png_files, labels, output_type=types.GRAY, parallel=True)
+        it = build_iterator(pruner, source, batch_size=16, py_num_workers=2)
+        for (b,) in it:
+            idx = b["index"].numpy()
+            assert np.array_equal(b["label"].numpy().reshape(-1), idx), f"trial {trial}"
+            assert np.array_equal(b["data"].numpy()[..., 0], images[idx, :, :, 0])

@@ -74,6 +74,25 @@ def check_dali_arguments(size=-1, reader_name=None, auto_reset=False, fill_last_
     return policy, auto
 
 
+def _output_names(output_map, index_name, weight_name) -> list[str]:
+    """``output_map`` as a list, checked against the two keys the iterator adds."""
+    if isinstance(output_map, str):
+        raise TypeError(f"output_map must be a sequence of names, one per pipeline output, got "
+                        f"str {output_map!r}")
+    output_map = list(output_map)
+    if len(set(output_map)) != len(output_map):
+        raise ValueError(f"output_map names must be distinct, got {output_map}")
+    for key, name in (("index_name", index_name), ("weight_name", weight_name)):
+        if not isinstance(name, str):
+            raise TypeError(f"{key} must be a str, got {type(name).__name__} {name!r}")
+        if name in output_map:
+            raise ValueError(f"{key}={name!r} is added by the iterator; it must not be in "
+                             f"output_map {output_map}")
+    if index_name == weight_name:
+        raise ValueError(f"index_name and weight_name must differ, both are {index_name!r}")
+    return output_map
+
+
 @dataclass
 class _Pass:
     """One run over (the rest of) one epoch's share for this rank: one DALI epoch."""
@@ -208,20 +227,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         self._shard = EpochShard(pruner, num_shards, shard_id, drop_last=self._drop,
                                  shuffle=shuffle, owner="PrunedDALIIterator",
                                  names=("num_shards", "shard_id"))
-        if isinstance(output_map, str):
-            raise TypeError(f"output_map must be a sequence of names, one per pipeline output, got "
-                            f"str {output_map!r}")
-        output_map = list(output_map)
-        if len(set(output_map)) != len(output_map):
-            raise ValueError(f"output_map names must be distinct, got {output_map}")
-        for key, name in (("index_name", index_name), ("weight_name", weight_name)):
-            if not isinstance(name, str):
-                raise TypeError(f"{key} must be a str, got {type(name).__name__} {name!r}")
-            if name in output_map:
-                raise ValueError(f"{key}={name!r} is added by the iterator; it must not be in "
-                                 f"output_map {output_map}")
-        if index_name == weight_name:
-            raise ValueError(f"index_name and weight_name must differ, both are {index_name!r}")
+        output_map = _output_names(output_map, index_name, weight_name)
         dev, gpu = pruner.device, pipe.device_id
         if gpu is not None and dev.type == "cuda" and dev.index != gpu:
             raise ValueError(f"the pipeline's device_id={gpu} puts its GPU outputs on cuda:{gpu}, "
@@ -234,7 +240,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         self.batch_size = int(pipe.max_batch_size)
         self._pass: _Pass | None = None
         self._error: BaseException | None = None
-        self._feed = Feed(pipe, source, output_map)    # builds the pipeline; nothing runs yet
+        self._feed = Feed(pipe, source, output_map)    # builds it, runs its empty DALI epoch 0
         if self._feed.checkpointing:
             which = ("was restored from a DALI checkpoint (checkpoint=...)"
                      if pipe.is_restored_from_checkpoint else "has enable_checkpointing=True")
