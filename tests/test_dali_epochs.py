@@ -451,3 +451,22 @@ def test_the_first_epoch_of_a_parallel_source_serves_its_own_batches(images, png
             idx = b["index"].numpy()
             assert np.array_equal(b["label"].numpy().reshape(-1), idx), f"trial {trial}"
             assert np.array_equal(b["data"].numpy()[..., 0], images[idx, :, :, 0])
+
+
+def test_a_checkpoint_saved_after_the_last_batch_restores(images):
+    """After the run's last batch the position is (num_epochs, 0); it restores (0.2 refused it:
+    "epoch must be <= ..."), and the usual epoch loop then runs nothing."""
+    pruner = gp.Pruner(N, keep=0.1, policy="uniform", num_epochs=2, seed=3)
+    _, it = make(images, pruner)
+    for epoch in range(2):
+        it.set_epoch(epoch)
+        take(it, images, epoch)
+    state = {"pruner": pruner.state_dict(), "it": it.state_dict()}
+    assert state["it"] == Position.make(2, 0, 1, False)
+    twin = gp.Pruner(N, keep=0.1, policy="uniform", num_epochs=2, seed=3)
+    twin.load_state_dict(state["pruner"])
+    _, fresh = make(images, twin)
+    fresh.load_state_dict(state["it"])
+    assert fresh.epoch == 2 and list(range(fresh.epoch, 2)) == []
+    with pytest.raises(ValueError, match=r"state_dict\['epoch'\] must be <= 1"):
+        fresh.load_state_dict(Position.make(2, 5, 1, False))     # mid-"epoch" 2: there is none

@@ -159,23 +159,27 @@ def test_a_pipeline_on_gpu_1_without_set_device(data):
 def _jpeg(img) -> bytes:
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    Image.fromarray(np.repeat(img, 3, axis=-1)).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def write_jpegs(x, folder, n=64) -> list[str]:
+    pytest.importorskip("PIL")
+    paths = [str(folder / f"{i}.jpg") for i in range(n)]
+    for i, path in enumerate(paths):
+        open(path, "wb").write(_jpeg(x[i]))
+    return paths
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_mixed_decoding_checks_files_with_the_gpu_decoder(data, tmp_path, monkeypatch, on_error):
     """With "mixed" decoding, verify decodes each file with the GPU decoder (0.2: the CPU one,
     so a file nvJPEG rejects passed the check); a truncated JPEG is named or skipped."""
-    pytest.importorskip("PIL")
     import nvidia.dali.experimental.dynamic as ndd
     x, y = data
-    paths = []
-    for i in range(64):
-        paths.append(str(tmp_path / f"{i}.jpg"))
-        (tmp_path / f"{i}.jpg").write_bytes(_jpeg(np.repeat(x[i], 3, axis=-1)))
+    paths = write_jpegs(x, tmp_path)
     bad = 37
-    (tmp_path / f"{bad}.jpg").write_bytes(_jpeg(np.repeat(x[bad], 3, axis=-1))[:300])
+    (tmp_path / f"{bad}.jpg").write_bytes(_jpeg(x[bad])[:300])
     devices = []
     real = ndd.decoders.image
 
@@ -199,12 +203,8 @@ def test_mixed_decoding_checks_files_with_the_gpu_decoder(data, tmp_path, monkey
 
 def test_mixed_decoding_finds_the_bad_file_after_a_dali_error(data, tmp_path):
     """Without verify, the search after DALI's decoder error decodes on the GPU too."""
-    pytest.importorskip("PIL")
     x, y = data
-    paths = []
-    for i in range(64):
-        paths.append(str(tmp_path / f"{i}.jpg"))
-        (tmp_path / f"{i}.jpg").write_bytes(_jpeg(np.repeat(x[i], 3, axis=-1)))
+    paths = write_jpegs(x, tmp_path)
     (tmp_path / "20.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
     it = build_iterator(gp.Pruner(64, policy="full", seed=0, device="cuda"),
                         FileSource(paths, y[:64]), batch_size=16, device_id=0,
