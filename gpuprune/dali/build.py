@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -122,9 +123,12 @@ def build_iterator(pruner: Pruner, source: PlanSource,
         >>> it = build_iterator(pruner, source, graph, batch_size=256)       # doctest: +SKIP
     """
     iterator_kwargs = {k: pipeline_kwargs.pop(k) for k in _ITERATOR_ARGS if k in pipeline_kwargs}
-    # checked before the pipeline is defined, so the error names the iterator's argument
-    check_dali_arguments(auto_reset=auto_reset, last_batch_policy=last_batch_policy,
-                         **{k: v for k, v in iterator_kwargs.items() if k != "dynamic_shape"})
+    # checked before the pipeline is defined, so the error names the iterator's argument (the
+    # iterator checks them again, and gives DALI's deprecation warning then)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_dali_arguments(auto_reset=auto_reset, last_batch_policy=last_batch_policy,
+                             **{k: v for k, v in iterator_kwargs.items() if k != "dynamic_shape"})
     with _source_kept_on_error(source):     # the iterator's checks run after the source is bound
         pipe = build_pipeline(source, define_graph, batch_size=batch_size,
                               num_threads=num_threads, device_id=device_id, **pipeline_kwargs)
