@@ -3,25 +3,25 @@
     python benchmarks/pipeline.py                      # CPU pipelines (device_id=None), ~3 min
     python benchmarks/pipeline.py --device-id 0        # GPU pipelines (augmentation on the GPU)
     python benchmarks/pipeline.py --files 0 --reps 6   # arrays only, fewer repeats
+    python benchmarks/pipeline.py --sections 5         # the epoch boundary's cost (~1 min)
+    python benchmarks/pipeline.py --smoke              # every section on tiny data, seconds (CI)
 
 Data: Fashion-MNIST training images made CIFAR-shaped (32x32x3 uint8), plus ``--files`` of them
 written as PNG files. Graph: random flip + normalise to float CHW (``crop_mirror_normalize``), the
 same in every pipeline. Batch 256.
 
-Two kinds of pruned runs are measured, because the iterator reads ahead across epoch boundaries
-only when the next epoch's plan is known before the current epoch's last losses
-(``Pruner.peek``): **uniform/static** plans (also full-data epochs and reused selections) are
-read ahead, so the pipeline never drains between epochs; **UCB** plans (also epsilon-greedy and
-InfoBatch's pruned epochs) depend on the epoch's last losses, so each epoch refills the pipeline.
+Pruned runs use **uniform/static** plans (cheap to make) and **UCB** plans (a selection over the
+loss statistics); either way each epoch is one DALI epoch, so the pipeline refills at every epoch
+boundary.
 
 1. **Arrays** (samples/s; keep=0.5 of ``--samples``): ``ArraySource`` + ``PrunedDALIIterator``
-   with uniform plans (read ahead) and with UCB plans (refilled) vs a plain batch-mode
+   with uniform plans and with UCB plans vs a plain batch-mode
    ``external_source`` callable + ``DALIGenericIterator`` over the uniform plans (the minimal
    hand-written version, ``reset()`` between epochs). Target >= 0.97.
 2. **Files** (samples/s over a random half of the files: policy "static", so a reader over a
-   fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (static: read ahead,
-   and with ``read_ahead=False``; ``parallel=True`` with 2 workers; and UCB: a new half each
-   epoch, refilled) vs ``fn.readers.file(files=<the planned files>)`` +
+   fixed list is a fair baseline): ``FileSource`` + ``PrunedDALIIterator`` (static;
+   ``parallel=True`` with 2 workers; and UCB: a new half each epoch) vs
+   ``fn.readers.file(files=<the planned files>)`` +
    ``DALIGenericIterator(reader_name=...)`` (it reads ahead across epochs), with its default
    (memory-mapped files) and with ``dont_use_mmap=True`` (plain reads, FileSource's default), vs
    a reader rebuilt every epoch with that epoch's planned list (build included), and vs a plain
@@ -30,20 +30,29 @@ InfoBatch's pruned epochs) depend on the epoch's last losses, so each epoch refi
    Target: pruned >= 0.95 x reader, >= 0.97 x plain source.
 3. **Epoch time vs keep** (arrays): wall time of an epoch of the pruned iterator at keep = 0.3,
    0.5, 0.7 (uniform) against a full-data epoch of the same iterator (policy "full"), each timed
-   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included; with
-   read-ahead the next plan is made, by ``peek``, inside the previous epoch's loop).
+   from ``pruner.plan`` to the end of the loop (selection, publishing, turnover included).
    Target: time(keep) <= 1.02 x keep x time(full).
 4. **Turnover** (arrays, N = ``--samples``, keep=0.5): the wait for the first batch after
    ``set_epoch`` (the plan made beforehand) vs a steady batch's wait, in a training loop whose
    step takes ``--step-ms`` (a sleep: the host waits for the device, the CPU is free), for uniform
-   plans (read ahead), UCB plans (refilled) and plain DALI's first batch after ``reset()``; and the
+   plans, UCB plans and plain DALI's first batch after ``reset()``; and the
    same first-batch figures from section 1's tight loop (no step: the pipeline is the
    bottleneck, so every batch, the first included, waits about one pipeline batch).
    Target: first batch within 2 ms.
+5. **The epoch boundary's cost** (arrays, N = ``--samples``, keep=0.5, uniform plans): a training
+   loop whose step takes ``--train-step-ms`` (default 5 ms: a sleep, the host waiting for the
+   device, then ``pruner.observe`` of a loss read from the batch), epochs timed from ``set_epoch``
+   (which plans) to the loop's end. Reported: the epoch time, the first-batch wait after
+   ``set_epoch`` (plan and pipeline refill), a steady batch's wait, and the boundary's share of a
+   pruned epoch, (first - steady) / epoch: the most that reading the next epoch's first batches
+   ahead, across the boundary, could save. Read-ahead was removed in 0.3 because, measured side by
+   side in this section (commit fbc5d1d), it saved less than the 1 % it had to save.
+
+``--smoke`` runs every section on tiny data in a few seconds (CI); its figures mean nothing.
 
 Fairness: every configuration runs in blocks of consecutive epochs (as in training), each block
 after a pause that lets any background work of the previous block finish (``fn.readers.file``
-and a read-ahead keep working after an epoch's last batch) and one untimed epoch; blocks of the
+keeps reading after an epoch's last batch) and one untimed epoch; blocks of the
 configurations are interleaved over rounds. Ratios are given four ways: paired (the ratio within
 each round, whose epochs ran close together in time, then the median over rounds: slow drifts of
 the machine's load cancel out), of the median wall-time rates, of the best epochs, and of the
@@ -255,6 +264,37 @@ class Pruned(Config):
         return np.concatenate([b["label"].cpu().numpy().reshape(-1) for (b,) in self.it])
 
 
+class Trained(Pruned):
+    """A training loop over a PrunedDALIIterator: ``set_epoch`` (which plans: timed), then per batch
+    a step of ``step_s`` seconds (a sleep: the host waits for the device while DALI works on the
+    CPU) and ``pruner.observe`` of a loss read from the batch's data."""
+
+    name = "trained"
+
+    def __init__(self, pruner, source, args, step_s: float, **kwargs) -> None:
+        super().__init__(pruner, source, args, plan_timed=True, **kwargs)
+        self.step_s = step_s
+        self.steady: list[float] = []         # waits for every batch but the first, seconds
+
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        self.it.set_epoch(self.epoch)
+        self.epoch += 1
+        count, last = 0, t0
+        for (b,) in self.it:
+            t = time.perf_counter()
+            if not count:
+                self.first.append(t - t0)
+            else:
+                self.steady.append(t - last)
+            time.sleep(self.step_s)
+            loss = b["data"].float().mean(dim=tuple(range(1, b["data"].dim())))
+            self.pruner.observe(b["index"], loss)
+            count += len(b["index"])
+            last = time.perf_counter()
+        return count
+
+
 def reader_pipeline(files, labels, args, mmap: bool = True) -> Pipeline:
     pipe = Pipeline(batch_size=args.batch_size, num_threads=args.threads,
                     device_id=args.device_id, seed=0)
@@ -374,10 +414,15 @@ def timed(cfg: Config) -> tuple[float, int, float]:
     return time.perf_counter() - t, n, cpu_seconds() - c
 
 
-def in_blocks(configs: dict, rounds: int, per_block: int, pause: float = 0.5) -> dict[str, list]:
+PAUSE = 0.5     # seconds between blocks (0 with --smoke)
+
+
+def in_blocks(configs: dict, rounds: int, per_block: int, pause: float | None = None
+              ) -> dict[str, list]:
     """``rounds`` rounds over the configurations (order alternating); in each, a block of one
     untimed and ``per_block`` timed consecutive epochs, after ``pause`` seconds in which any
     background prefetch of the previous block finishes."""
+    pause = PAUSE if pause is None else pause
     out = {name: [] for name in configs}
     names = list(configs)
     for r in range(rounds):
@@ -439,10 +484,20 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=10.0,
                     help="simulated training step per batch in section 4 (sleep), ms")
     ap.add_argument("--turnover-epochs", type=int, default=6, help="timed epochs in section 4")
-    ap.add_argument("--sections", default="1234", help="sections to run, e.g. 2 or 14")
+    ap.add_argument("--train-step-ms", type=float, default=5.0,
+                    help="training step per batch in section 5 (sleep + observe), ms")
+    ap.add_argument("--sections", default="12345", help="sections to run, e.g. 2 or 14")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every section on tiny data in seconds (for CI: the figures mean nothing)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch CPU threads (selection runs in torch; DALI has its own threads)")
     args = ap.parse_args()
+    if args.smoke:
+        global PAUSE
+        PAUSE = 0.0
+        args.samples, args.files, args.batch_size = min(args.samples, 1024), min(args.files, 96), 64
+        args.reps, args.rounds, args.turnover_epochs = 1, 1, 1
+        args.step_ms, args.train_step_ms = 1.0, 1.0
     torch.set_num_threads(args.torch_threads)
     print(describe(args), flush=True)
     x, y = load_images(args.samples)
@@ -461,6 +516,8 @@ def main() -> None:
         epoch_time(x, y, args, per_block)
     if "4" in args.sections:
         turnover_table(x, y, args, tight, steady)
+    if "5" in args.sections:
+        boundary_cost(x, y, args)
     print("\nload average at the end: %.1f %.1f %.1f" % os.getloadavg())
 
 
@@ -508,9 +565,6 @@ def files(x, y, args, header, per_block) -> None:
             "pruned": Pruned(fpruner, FileSource(paths, y[:nf], reader_labels=False), args),
             "pruned ucb": Pruned(gp.Pruner(nf, keep=0.5, policy="ucb", seed=0),
                                  FileSource(paths, y[:nf], reader_labels=False), args),
-            "pruned no read-ahead": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
-                                           FileSource(paths, y[:nf], reader_labels=False), args,
-                                           read_ahead=False),
             "pruned parallel": Pruned(gp.Pruner(nf, keep=0.5, policy="static", seed=0),
                                       FileSource(paths, y[:nf], reader_labels=False,
                                                  parallel=True), args, py_num_workers=2),
@@ -534,20 +588,16 @@ def files(x, y, args, header, per_block) -> None:
               "as in 1., paired by round (target: pruned >= 0.95 x reader, >= 0.97 x plain ES)")
         print(header)
         for base in ("reader", "reader no mmap", "plain ES paths"):
-            for name in ("pruned", "pruned no read-ahead", "pruned ucb", "pruned parallel",
-                         "rebuilt"):
+            for name in ("pruned", "pruned ucb", "pruned parallel", "rebuilt"):
                 if name in ("rebuilt", "pruned parallel") and base != "reader":
                     continue
-                label = {"pruned": "pruned static",
-                         "pruned no read-ahead": "pruned static, no read-ahead"}.get(name, name)
+                label = {"pruned": "pruned static"}.get(name, name)
                 print(ratio_row(f"{label} / {base}", len(fsel), res_f[base], res_f[name],
                                 per_block))
         print(ratio_row("plain ES paths / reader", len(fsel), res_f["reader"],
                         res_f["plain ES paths"], per_block))
         print(ratio_row("reader no mmap / reader", len(fsel), res_f["reader"],
                         res_f["reader no mmap"], per_block))
-        print(ratio_row("pruned static: read-ahead / none", len(fsel),
-                        res_f["pruned no read-ahead"], res_f["pruned"], per_block))
 
 
 def epoch_time(x, y, args, per_block) -> None:
@@ -565,7 +615,7 @@ def epoch_time(x, y, args, per_block) -> None:
 
     def med(s, i=0):
         return statistics.median(v[i] for v in s)
-    print("\n3. epoch time vs keep (arrays, uniform plans: read ahead), selection included; ratio "
+    print("\n3. epoch time vs keep (arrays, uniform plans), selection included; ratio "
           "= time(keep) / (keep x time(full)): paired (median over epochs), of the median wall "
           "times, of the best wall times and of the CPU times (target <= 1.02)")
     print(f"{'keep':>5} {'samples':>8} {'epoch s':>9} {'plan ms':>8} {'keep*full':>10} "
@@ -578,8 +628,7 @@ def epoch_time(x, y, args, per_block) -> None:
               f"{keep * med(full):>10.3f} {pair:>7.3f} {med(r) / (keep * med(full)):>7.3f} "
               f"{min(v[0] for v in r) / (keep * min(v[0] for v in full)):>7.3f} "
               f"{med(r, 2) / (keep * med(full, 2)):>7.3f}")
-    print("   (plan ms: pruner.plan() at the epoch's start; with read-ahead the selection was "
-          "already made, by peek, during the previous epoch, whose time includes it)")
+    print("   (plan ms: pruner.plan() at the epoch's start)")
 
 
 def turnover_table(x, y, args, tight, steady) -> None:
@@ -629,7 +678,7 @@ def turnover(x, y, args) -> dict[str, tuple[float, float]]:
         it = build_iterator(p, ArraySource(x, y, layouts=("HWC", None)), augment,
                             batch_size=args.batch_size, num_threads=args.threads,
                             device_id=args.device_id, seed=0)
-        label = "uniform (read ahead)" if policy == "uniform" else "ucb (refilled)"
+        label = "uniform" if policy == "uniform" else "ucb"
         cases[f"step {args.step_ms:g} ms, {label}"] = (p, it)
     for name, (p, it) in cases.items():
         time.sleep(0.5)
@@ -660,6 +709,23 @@ def turnover(x, y, args) -> dict[str, tuple[float, float]]:
                                                            statistics.median(steadies))
     return out
 
+
+def boundary_cost(x, y, args) -> None:
+    """5. a training loop over pruned epochs: what the epoch boundary costs."""
+    n, per_block = len(x), max(1, args.reps // args.rounds)
+    p = gp.Pruner(n, keep=0.5, policy="uniform", seed=0)
+    cfg = Trained(p, ArraySource(x, y, layouts=("HWC", None)), args, args.train_step_ms / 1e3)
+    check(cfg, y[p.plan(0).indices.numpy()], "section 5")
+    res = in_blocks({"trained": cfg}, args.rounds, per_block)["trained"]
+    epoch = statistics.median(t for t, _, _ in res)
+    first = statistics.median(cfg.first[-len(res):])
+    steady = statistics.median(cfg.steady)
+    print(f"\n5. the epoch boundary: arrays, N={n}, keep=0.5 (uniform plans), "
+          f"{-(-p.k // args.batch_size)} batches per epoch, training step {args.train_step_ms:g} ms "
+          f"(sleep) + observe; {len(res)} epochs timed from set_epoch to the loop's end")
+    print(f"epoch {epoch:.4f} s, first batch {1e3 * first:.2f} ms (plan + pipeline refill), steady "
+          f"batch {1e3 * steady:.3f} ms: the boundary is {100 * (first - steady) / epoch:.2f} % of "
+          f"a pruned epoch (what reading ahead across it could save; 1 % was the bar)")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from nvidia.dali import fn, types
 
 import gpuprune as gp
-from gpuprune.dali import ArraySource, build_iterator
+from gpuprune.dali import ArraySource, GpuArraySource, build_iterator
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 72.94, 90.0           # training-set pixel mean and (rounded) standard deviation
@@ -102,8 +102,8 @@ def main() -> None:
                        device=device)
     # 2. a source at the start of the DALI graph; on a GPU the arrays are gathered there
     if device.type == "cuda":
-        source = ArraySource(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                             layouts=("HWC", None))
+        source = GpuArraySource(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
+                                layouts=("HWC", None))
         dali_device = device.index if device.index is not None else torch.cuda.current_device()
     else:
         source = ArraySource(x, y, layouts=("HWC", None))

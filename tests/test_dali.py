@@ -4,7 +4,8 @@ Every test runs actual DALI pipelines: in-memory arrays and PNG files written fr
 serial and parallel external sources, PARTIAL and DROP, early exits, shards (in one process and
 in a real 2-rank gloo group), restarts, bad files. The issue-14 findings are tested one by one
 (``test_finding_N_...``); DALI's own iterator contract is checked against the stock iterator in
-``test_dali_contract.py``. GPU variants are marked ``gpu`` and skip without CUDA.
+``test_dali_contract.py``, epoch boundaries in ``test_dali_epochs.py``, the GPU paths (marked
+``gpu``, skipped without CUDA) in ``test_dali_gpu.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
-from nvidia.dali.pipeline import Pipeline  # noqa: E402
 
 import gpuprune as gp  # noqa: E402
 from gpuprune.dali import (ArraySource, BadSampleError, CallbackSource, FileSource,  # noqa: E402
@@ -40,7 +40,6 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N = 3000          # samples used from the training set
 N_FILES = 600     # of which this many are written as PNG files
 PARTIAL, DROP = LastBatchPolicy.PARTIAL, LastBatchPolicy.DROP
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 # ---------------------------------------------------------------- data
@@ -186,7 +185,7 @@ def test_len_and_size_never_plan(fmnist):
     it = build_iterator(ib, ArraySource(x, y), batch_size=128)
     for (b,) in it:
         ib.observe(b["index"], _loss_of(b["index"], 0))
-    with pytest.raises(RuntimeError, match=r"call it.set_epoch\(1\) first"):
+    with pytest.raises(RuntimeError, match=r"call set_epoch\(1\) first"):
         len(it)
     assert it.size == -1 and it._size == -1 and ib.current_plan.epoch == 0
     it.set_epoch(1)
@@ -430,20 +429,7 @@ for epoch in range(3):
             got.append(b["index"].tolist())
         ep[name] = {"steps": steps, "batches": got}
     ep["plan"] = pruner.plan(epoch).indices.tolist()
-    ep["dali_epoch"] = its["partial"]._pipes[0]._epoch_idx
     record["epochs"].append(ep)
-# read-ahead: a uniform plan (301 of 1001: PARTIAL pads one sample) is read across the boundaries
-ahead = gp.Pruner(len(x), keep=0.301, policy="uniform", num_epochs=3, seed=8)
-it = build_iterator(ahead, ArraySource(x, y), batch_size=32)
-record["ahead"] = []
-for epoch in range(3):
-    it.set_epoch(epoch)
-    got = []
-    for (b,) in it:
-        assert np.array_equal(b["label"].numpy(), y[b["index"].numpy()])
-        got.append(b["index"].tolist())
-    record["ahead"].append({"batches": got, "plan": ahead.plan(epoch).indices.tolist(),
-                            "dali_epoch": it._pipes[0]._epoch_idx})
 json.dump(record, open(out, "w"))
 dist.barrier()
 dist.destroy_process_group()
@@ -453,9 +439,7 @@ dist.destroy_process_group()
 def test_ranks_of_a_gloo_group_shard_by_themselves(fmnist, tmp_path):
     """Issue 10: under a real 2-rank gloo group the iterator finds its shard from the Pruner (no
     shard arguments): equal-size, disjoint shards covering the plan; every rank plans alike;
-    disagreeing explicit shard arguments raise; a one-sided len() does not hang the group. With
-    read-ahead (uniform plans, peeked locally on each rank) the shards are the same and the
-    pipeline never refills; UCB plans (loss-dependent) refill every epoch."""
+    disagreeing explicit shard arguments raise; a one-sided len() does not hang the group."""
     import socket
     x, y = fmnist[0][:1001], fmnist[1][:1001]
     np.save(tmp_path / "d_x.npy", x)
@@ -498,22 +482,6 @@ def test_ranks_of_a_gloo_group_shard_by_themselves(fmnist, tmp_path):
                 assert len(shards[0]) == len(shards[1]) == 150           # equal sizes
                 assert not set(shards[0]) & set(shards[1])               # disjoint
                 assert set(shards[0]) | set(shards[1]) == set(plan)      # covering the plan
-    # UCB plans depend on the losses: each epoch refills the pipeline (its DALI epoch counter
-    # moves); uniform plans are read ahead on every rank: one DALI epoch for the three epochs
-    assert [e["dali_epoch"] for e in ranks[0]["epochs"]] == [0, 1, 2]
-    for epoch in range(3):
-        plan = ranks[0]["ahead"][epoch]["plan"]
-        assert ranks[1]["ahead"][epoch]["plan"] == plan and len(plan) == 301
-        shards = []
-        for r in range(2):
-            rec = ranks[r]["ahead"][epoch]
-            assert rec["dali_epoch"] == 0
-            shards.append([i for batch in rec["batches"] for i in batch])
-            want = gp.Plan(epoch, torch.tensor(plan, dtype=torch.int32), False, 1001).shard(r, 2)
-            assert rec["batches"] == expected_batches_list(want.indices.tolist(), 32)
-        assert len(shards[0]) == len(shards[1]) == 151                   # one sample padded
-        assert set(shards[0]) | set(shards[1]) == set(plan)
-        assert len(set(shards[0]) & set(shards[1])) == 1
 
 
 @pytest.mark.parametrize("policy", [PARTIAL, DROP], ids=["partial", "drop"])
@@ -598,14 +566,11 @@ def test_finding_1_dali_checkpoints_are_refused_pointing_at_state_dict(fmnist):
     pruner = gp.Pruner(N, keep=0.1, policy="uniform")
     with pytest.raises(ValueError, match=r"enable_checkpointing=True.*it\.state_dict\(\)"):
         build_iterator(pruner, ArraySource(x, y), batch_size=32, enable_checkpointing=True)
-    # a pipeline restored from a DALI checkpoint is refused too
+    # a pipeline restored from a DALI checkpoint (of the same graph) is refused too
+    saved = build_pipeline(ArraySource(x, y), batch_size=32, enable_checkpointing=True)
+    saved.build()
     src = ArraySource(x, y)
-    plain = Pipeline(batch_size=32, num_threads=1, device_id=None, enable_checkpointing=True)
-    with plain:
-        plain.set_outputs(fn.random.uniform(range=(0, 1)))
-    plain.build()
-    plain.run()
-    restored = build_pipeline(src, batch_size=32, checkpoint=plain.checkpoint(),
+    restored = build_pipeline(src, batch_size=32, checkpoint=saved.checkpoint(),
                               enable_checkpointing=True)
     with pytest.raises(ValueError, match=r"restored from a DALI checkpoint.*pruner\.state_dict"):
         PrunedDALIIterator(restored, ["data", "label"], pruner=pruner, source=src)
@@ -627,7 +592,8 @@ def test_finding_2_stock_constructor_arguments(fmnist):
 
     want = expected_batches(pruner.plan(0).indices, 64, False)
     ok = [make(-1), make(size=-1), make(reader_name=None), make(dynamic_shape=True),
-          make(last_batch_padded=False), make(prepare_first_batch=False),
+          make(last_batch_padded=False), make(last_batch_padded=True),   # PARTIAL trims it
+          make(prepare_first_batch=False),
           make(-1, None, False, None, False, False, PARTIAL, True)]   # stock positional order
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -639,8 +605,7 @@ def test_finding_2_stock_constructor_arguments(fmnist):
     for kwargs, match in [({"size": 150}, "size=150 does not apply.*leave size=-1"),
                           ({"size": 0}, "size=0 does not apply"),
                           ({"reader_name": "Reader"}, "reader_name='Reader'.*FileSource"),
-                          ({"last_batch_policy": LastBatchPolicy.FILL}, "FILL.*did not choose"),
-                          ({"last_batch_padded": True}, "last_batch_padded=True.*never padded")]:
+                          ({"last_batch_policy": LastBatchPolicy.FILL}, "FILL.*did not choose")]:
         with pytest.raises(ValueError, match=match):
             make(**kwargs)
     with pytest.raises(ValueError, match="FILL.*PARTIAL"), pytest.warns(Warning,
@@ -804,12 +769,12 @@ def test_plan_storage_takes_the_plans_id_type(fmnist, monkeypatch):
     x, y = fmnist
     source = ArraySource(x, y)
     build_pipeline(source, batch_size=8)
-    assert source._plan.array.dtype == np.int32
+    assert source._ids.array.dtype == np.int32
     monkeypatch.setattr(sources, "index_dtype", lambda n: torch.int64)
     pruner = gp.Pruner(N, keep=0.05, policy="uniform", seed=2)
     source = ArraySource(x, y)
     it = build_iterator(pruner, source, batch_size=64)
-    assert source._plan.array.dtype == np.int64
+    assert source._ids.array.dtype == np.int64
     it.set_epoch(0)
     got = run_epoch(it, x, y, check_chw=False)
     assert_same_batches(got, expected_batches(pruner.plan(0).indices, 64, False))
@@ -1105,11 +1070,7 @@ def test_issue_11_finding_10_skip_means_skip_in_every_epoch(fmnist, png_files, t
     gone, broken = 17, 130
     pruner = gp.Pruner(200, policy="full")
     source = FileSource(paths, y, output_type=types.GRAY, on_error="skip", parallel=parallel)
-    # read_ahead=False: every file of an epoch is checked after the previous epoch ended (with
-    # read-ahead the next epoch's first batches are read, and checked, before that; see
-    # test_dali_readahead.py)
-    it = build_iterator(pruner, source, normalize_graph, batch_size=32, py_num_workers=2,
-                        read_ahead=False)
+    it = build_iterator(pruner, source, normalize_graph, batch_size=32, py_num_workers=2)
     it.set_epoch(0)
     assert sum(len(b) for b in run_epoch(it, x, y)) == 200 and it.bad_samples == {}
     good_bytes = Path(paths[broken]).read_bytes()
@@ -1223,53 +1184,12 @@ def test_pipeline_run_directly_without_the_iterator_explains_itself(fmnist):
         pipe.run()
 
 
-# ---------------------------------------------------------------- GPU (not run on CPU machines)
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("kind", ["torch", "cupy"])
-@pytest.mark.parametrize("policy", ["ucb", "uniform"])       # uniform: read ahead on the GPU
-def test_gpu_array_source_gathers_on_the_device(fmnist, kind, policy):
-    x, y = fmnist
-    if kind == "cupy":
-        cp = pytest.importorskip("cupy")
-        xs, ys = cp.asarray(x), cp.asarray(y)
-    else:
-        xs, ys = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
-    pruner = gp.Pruner(N, keep=0.3, policy=policy, seed=0, device="cuda")
-    source = ArraySource(xs, ys, layouts=("HWC", None))
-    assert source.device == "gpu"
-    it = build_iterator(pruner, source, normalize_graph, batch_size=64, device_id=0,
-                        last_batch_policy=PARTIAL)
-    for epoch in range(3):
-        it.set_epoch(epoch)
-        got = []
-        for (b,) in it:
-            assert b["data"].is_cuda and b["index"].is_cuda and b["weight"].is_cuda
-            assert b["data"].device.index == 0
-            idx = b["index"].cpu().numpy()
-            assert np.array_equal(b["label"].cpu().numpy(), y[idx])
-            assert np.array_equal(b["data"].cpu().numpy(), x[idx].transpose(0, 3, 1, 2).astype(np.float32))
-            pruner.observe(b["index"], _loss_of(b["index"], epoch).cuda())
-            got.append(idx)
-            if epoch == 1 and len(got) == 2:
-                break
-        want = expected_batches(pruner.plan(epoch).indices.cpu(), 64, False)
-        assert_same_batches(got, want[:2] if epoch == 1 else want)
-
-
-@pytest.mark.gpu
-@cuda
-def test_gpu_file_source_decodes_with_mixed_backend(fmnist, png_files):
-    x, y = fmnist[0][:N_FILES], fmnist[1][:N_FILES]
-    pruner = gp.Pruner(N_FILES, keep=0.5, policy="uniform", seed=0, device="cuda")
-    source = FileSource(png_files, y, output_type=types.GRAY)
-    it = build_iterator(pruner, source, batch_size=32, device_id=0)
-    for epoch in range(2):
-        it.set_epoch(epoch)
-        got = []
-        for (b,) in it:
-            assert b["data"].is_cuda and b["index"].is_cuda       # ids on the pruner's device
-            idx = b["index"].cpu().numpy()
-            assert np.array_equal(b["data"].cpu().numpy(), x[idx])
-            got.append(idx)
-        assert_same_batches(got, expected_batches(pruner.plan(epoch).indices.cpu(), 32, False))
+def test_verify_with_mixed_decoding_in_parallel_workers_is_refused(png_files):
+    """verify decodes with the pipeline's decoder on its device; DALI's parallel workers cannot use
+    the GPU decoder, so the combination is refused when the graph is defined (the GPU paths
+    themselves are in test_dali_gpu.py)."""
+    source = FileSource(png_files, verify=True, parallel=True, decoder_device="mixed")
+    with pytest.raises(ValueError, match="verify with decoder_device='mixed'.*parallel=False"):
+        build_pipeline(source, batch_size=8)
+    cpu = FileSource(png_files, verify=True, parallel=True, decoder_device="cpu")
+    assert build_pipeline(cpu, batch_size=8).max_batch_size == 8       # the CPU decoder is fine

@@ -10,14 +10,23 @@ tests (``test_fw_iterators.py``: stop iteration with and without ``auto_reset``,
 constructions). ``fn.readers.file`` is compared with ``FileSource(file_root=...)`` the same way,
 and a per-sample external source with its ``CallbackSource`` port.
 
+DALI's own iterator tests are ported (our versions) and run on both iterators: its
+``check_autoreset_iter`` (``itr = iter(it); for i in range(len(itr)): next(itr)``, epoch after
+epoch, never seeing ``StopIteration``, over a reader with ``pad_last_batch=True`` vs ``FileSource``)
+for every last-batch policy and ``auto_reset``; the epoch ended by ``next()`` alone; and the error
+types of bad ``auto_reset`` and ``last_batch_policy`` values (issue 22, items 5 and 6).
+
 The deliberate differences (docs/dali.md, "Differences from DALIGenericIterator") are asserted
-in ``test_documented_differences``, each against the stock behaviour, so the list cannot go stale.
+in ``test_documented_differences``, each against the stock behaviour; the table's rows and the
+checks are matched one to one, so neither can go stale.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +39,8 @@ from nvidia.dali.pipeline import Pipeline  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator, DALIGenericIterator  # noqa: E402
 
 import gpuprune as gp  # noqa: E402
-from gpuprune.dali import (ArraySource, CallbackSource, FileSource, LastBatchPolicy,  # noqa: E402
-                           PrunedDALIIterator, build_pipeline)
+from gpuprune.dali import (ArraySource, BadSampleError, CallbackSource, FileSource,  # noqa: E402
+                           LastBatchPolicy, PrunedDALIIterator, build_pipeline)
 
 N, BS = 203, 16            # 12 full batches and a partial one of 11
 PARTIAL, DROP = LastBatchPolicy.PARTIAL, LastBatchPolicy.DROP
@@ -175,6 +184,26 @@ def next_before_any_loop(it, t):
     t.loop(it)
 
 
+def all_by_next_then_loop(it, t):             # the epoch ends without StopIteration
+    for _ in range(len(in_order())):
+        t.next(it)
+    t.loop(it)                                # stock: iter() resets: the next epoch
+    t.loop(it)
+
+
+def break_on_the_last_batch_then_loop(it, t):
+    t.loop(it, limit=len(in_order()))
+    t.loop(it)                                # a whole epoch, not an empty one
+    t.next(it)                                # ended: StopIteration again
+
+
+def all_by_next_then_iter_next(it, t):
+    for _ in range(len(in_order())):
+        t.next(it)
+    t.next(it.__iter__())                     # iter() then next(): the next epoch's first batch
+    t.loop(it)
+
+
 SCENARIOS = {
     "loops_with_reset": ({}, loops_with_reset),
     "loops_with_reset_no_prepare": ({"prepare_first_batch": False}, loops_with_reset),
@@ -185,6 +214,10 @@ SCENARIOS = {
     "peek_then_loop": ({}, peek_then_loop),
     "break_then_loop": ({}, break_then_loop),
     "next_before_any_loop": ({"prepare_first_batch": False}, next_before_any_loop),
+    "all_by_next_then_loop": ({}, all_by_next_then_loop),
+    "all_by_next_then_loop_auto_reset": ({"auto_reset": True}, all_by_next_then_loop),
+    "break_on_the_last_batch_then_loop": ({}, break_on_the_last_batch_then_loop),
+    "all_by_next_then_iter_next": ({}, all_by_next_then_iter_next),
 }
 
 
@@ -388,33 +421,140 @@ def test_a_per_sample_external_source_ports_to_callback_source(images):
     assert_same(ts, tp)
 
 
+# ---------------------------------------------------------------- ported: check_autoreset_iter
+def _labels_pipeline(bs):
+    return Pipeline(batch_size=bs, num_threads=1, device_id=None)
+
+
+def reader_labels(path, n, bs, **kwargs):
+    """DALI's check_autoreset_iter shape: fn.readers.file over one file n times, labels 0..n-1,
+    pad_last_batch=True, and DALIGenericIterator(reader_name=...)."""
+    pipe = _labels_pipeline(bs)
+    with pipe:
+        _, labels = fn.readers.file(files=[str(path)] * n, labels=list(range(n)),
+                                    stick_to_shard=True, pad_last_batch=True, name="reader")
+        pipe.set_outputs(labels)
+    return DALIGenericIterator(pipe, ["label"], reader_name="reader", **kwargs)
+
+
+def file_source_labels(path, n, bs, **kwargs):
+    """The same with FileSource and PrunedDALIIterator (policy "full", unshuffled); the reader's
+    pad_last_batch=True is last_batch_padded=True."""
+    source = FileSource([str(path)] * n, np.arange(n), decoder=None)
+    pipe = _labels_pipeline(bs)
+    with pipe:
+        _, labels = source.outputs()
+        pipe.set_outputs(labels)
+    return PrunedDALIIterator(pipe, ["label"], pruner=gp.Pruner(n, policy="full"), source=source,
+                              shuffle=False, last_batch_padded=True, **kwargs)
+
+
+def autoreset_pattern(it, epochs=3) -> list:
+    """``itr = iter(it); for i in range(len(itr)): next(itr)``, epoch after epoch."""
+    out = []
+    for _ in range(epochs):
+        itr = iter(it)
+        out.append([next(itr)[0]["label"].reshape(-1).tolist() for _ in range(len(itr))])
+    return out
+
+
+@pytest.mark.parametrize("policy", [PARTIAL, DROP, LastBatchPolicy.FILL],
+                         ids=["partial", "drop", "fill"])
+@pytest.mark.parametrize("auto_reset", ["yes", "no"])
+def test_check_autoreset_iter_on_both(tmp_path, auto_reset, policy):
+    """DALI's check_autoreset_iter, ported: 11 samples at batch 2 (the last batch: [10], dropped,
+    or padded [10, 10]), three epochs, each ended by next() alone. 0.2 diverged from the second
+    epoch on (it continued the first epoch, with 0 batches)."""
+    path = tmp_path / "sample.bin"
+    path.write_bytes(b"x" * 16)
+    stock = autoreset_pattern(reader_labels(path, 11, 2, auto_reset=auto_reset,
+                                            last_batch_policy=policy))
+    pruned = autoreset_pattern(file_source_labels(path, 11, 2, auto_reset=auto_reset,
+                                                  last_batch_policy=policy))
+    one = [[2 * i, 2 * i + 1] for i in range(5)] + {PARTIAL: [[10]], DROP: []}.get(policy,
+                                                                                [[10, 10]])
+    assert stock == pruned == [one] * 3
+
+
+# ---------------------------------------------------------------- ported: error types
+BAD_VALUES = [("last_batch_policy", "FILL"), ("last_batch_policy", 2), ("last_batch_policy", None),
+              ("auto_reset", 1), ("auto_reset", 0), ("auto_reset", np.bool_(True)),
+              ("auto_reset", "True"), ("auto_reset", 1.0)]
+
+
+@pytest.mark.parametrize("name, value", BAD_VALUES,
+                         ids=[f"{n}={v!r}" for n, v in BAD_VALUES])
+def test_bad_values_raise_what_dali_raises(images, name, value):
+    """DALI's iterator refuses an enum given as a string, and any auto_reset but True, False,
+    None, "yes", "no" (numpy.bool_ included) with ValueError; so does this one, naming the
+    argument (0.2: TypeError, and numpy.bool_ accepted)."""
+    with pytest.raises(ValueError):
+        stock_iterator(images, **{name: value})
+    with pytest.raises(ValueError, match=name):
+        pruned_iterator(images, **{name: value})
+
+
+@pytest.mark.parametrize("value", [True, False, None, "yes", "no"])
+def test_auto_reset_values_dali_accepts(images, value):
+    stock, pruned = Transcript(), Transcript()
+    auto_reset_next(stock_iterator(images, auto_reset=value), stock)
+    auto_reset_next(pruned_iterator(images, auto_reset=value), pruned)
+    assert_same(stock, pruned)
+
+
 # ---------------------------------------------------------------- documented differences
-def test_documented_differences(images, tmp_path):
-    """Each deliberate difference (docs/dali.md), asserted against the stock behaviour."""
+def _differences_table() -> list[list[str]]:
+    """docs/dali.md's "Differences from DALIGenericIterator" table: its rows' cells."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dali.md").read_text()
+    section = text.split("## Differences from `DALIGenericIterator`")[1].split("\n### ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def diff_len_and_size(images):
     stock, pruned = stock_iterator(images), pruned_iterator(images)
-    # 1. length and size: stock knows nothing with size=-1; the plan gives both
     assert len(stock) == 0 and stock.size == -1 and stock._size == -1
     assert len(pruned) == 13 and pruned.size == pruned._size == N
-    # 2. two extra keys per batch
-    (s,), (p,) = next(stock), next(pruned)
+
+
+def diff_batch_dict(images):
+    (s,), (p,) = next(stock_iterator(images)), next(pruned_iterator(images))
     assert set(s) == {"data", "label"} and set(p) == {"data", "label", "index", "weight"}
     assert torch.equal(p["index"], p["label"]) and torch.equal(p["weight"], torch.ones(BS))
-    # 3. reset() mid-epoch: ignored by DALI (the epoch goes on), ends the epoch here
+
+
+def diff_reset_mid_epoch(images):
+    stock, pruned = stock_iterator(images), pruned_iterator(images)
+    next(stock), next(pruned)
     stock.reset()
     pruned.reset()
     assert next(stock)[0]["label"][0] == BS                   # batch 1 of the same epoch
-    assert next(pruned)[0]["label"][0] == 0                   # batch 0 of the next epoch
-    assert pruned.epoch == 1
-    # 4. DROP: ignored by DALI with size=-1 (the source decides), honoured here
+    assert next(pruned)[0]["label"][0] == 0 and pruned.epoch == 1   # the next epoch
+
+
+def diff_last_batch_policy(images):
     ts, tp = Transcript(), Transcript()
-    ts.loop(stock_iterator(images, last_batch_policy=DROP))
+    ts.loop(stock_iterator(images, last_batch_policy=DROP))   # ignored: the source decides
     tp.loop(pruned_iterator(images, last_batch_policy=DROP))
     assert len(ts.events) == 14 and len(tp.events) == 13 and ts.events[:12] == tp.events[:12]
-    # 5. FILL (DALI's default policy) is refused: it would train on unplanned samples
-    with pytest.raises(ValueError, match="FILL"):
+    stock_default = stock_iterator(images)
+    assert stock_default._last_batch_policy == LastBatchPolicy.FILL    # DALI's default
+    assert pruned_iterator(images).last_batch_policy == PARTIAL
+    with pytest.raises(ValueError, match="FILL"):              # FILL alone would wrap around
         pruned_iterator(images, last_batch_policy=LastBatchPolicy.FILL)
-    # 6. prepare_first_batch: DALI runs the pipeline in the constructor; here in set_epoch
-    calls = []
+
+
+def diff_last_batch_padded(images):
+    ts, tp = Transcript(), Transcript()
+    ts.loop(stock_iterator(images, last_batch_padded=True,
+                           last_batch_policy=LastBatchPolicy.FILL))    # ignored with size=-1
+    tp.loop(pruned_iterator(images, last_batch_padded=True, last_batch_policy=LastBatchPolicy.FILL))
+    assert ts.events[-2][1] == list(range(192, 203))          # a short batch: the source's
+    assert tp.events[-2][1] == list(range(192, 203)) + [202] * 5    # full: the last sample repeated
+
+
+def diff_prepare_first_batch(images):
+    calls, stock_calls = [], []
     ids = np.arange(N, dtype=np.int64)
 
     def counting(lo_ids, epoch):
@@ -423,10 +563,9 @@ def test_documented_differences(images, tmp_path):
     source = CallbackSource(counting, N, dtype=[np.uint8, np.int64], ndim=[3, 0])
     it = PrunedDALIIterator(build_pipeline(source, batch_size=BS), ["data", "label"],
                             pruner=gp.Pruner(N, policy="full"), source=source)
-    assert calls == []
+    assert calls == []                                        # nothing gathered yet
     it.set_epoch(0)
-    assert calls == [0, 0]
-    stock_calls = []
+    assert calls == [0, 0]                                    # DALI's prefetch queue
 
     class Counting(InOrder):
         def __call__(self, info):
@@ -437,23 +576,142 @@ def test_documented_differences(images, tmp_path):
         pipe.set_outputs(*fn.external_source(Counting(images, ids), num_outputs=2, batch=True,
                                              batch_info=True))
     DALIGenericIterator(pipe, ["data", "label"], size=-1)
-    assert len(stock_calls) >= 2
-    # 7. DALI checkpoints: the stock iterator offers them; here they are refused (state_dict)
+    assert len(stock_calls) >= 2                              # run by the constructor
+
+
+def diff_dali_checkpoints(images):
     with pytest.raises(ValueError, match="checkpointing disabled"):
         stock_iterator(images).checkpoints()
     with pytest.raises(ValueError, match="state_dict"):
         pruned_iterator(images).checkpoints()
-    # 8. an empty epoch: DALI's constructor fails on an empty first epoch; an empty plan is fine
+
+
+def diff_empty_epoch(images):
+    ids = np.arange(N, dtype=np.int64)
     empty = Pipeline(batch_size=BS, num_threads=1, device_id=None)
     with empty:
         empty.set_outputs(*fn.external_source(InOrder(images[:0], ids[:0]), num_outputs=2,
                                               batch=True, batch_info=True))
     with pytest.raises(RuntimeError, match="no data in the pipeline"):
         DALIGenericIterator(empty, ["data", "label"], size=-1)
-    # 9. a for loop after a finished empty epoch: the stock loop stays empty; here it moves on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert [e[0] for e in _two_loops_after_empty_epoch(images)] == ["stop", "batch"]
+
+
+def diff_pipelines(images):
+    ids = np.arange(N, dtype=np.int64)
+    pipes = []
+    for _ in range(2):
+        pipe = Pipeline(batch_size=BS, num_threads=1, device_id=None)
+        with pipe:
+            pipe.set_outputs(*fn.external_source(InOrder(images, ids), num_outputs=2, batch=True,
+                                                 batch_info=True))
+        pipes.append(pipe)
+    DALIGenericIterator(pipes, ["data", "label"], size=2 * N)    # a list, with a size
+    source = ArraySource(images, ids)
+    with pytest.raises(ValueError, match="takes one pipeline"):
+        PrunedDALIIterator([build_pipeline(source, batch_size=BS)] * 2, ["data", "label"],
+                           pruner=gp.Pruner(N), source=source)
+
+
+def diff_size_and_reader_name(images):
+    with pytest.raises(ValueError, match="size=150 does not apply"):
+        pruned_iterator(images, size=150)
+    with pytest.raises(ValueError, match="reader_name='Reader' does not apply"):
+        pruned_iterator(images, reader_name="Reader")
+    ids = np.arange(N, dtype=np.int64)
+    pipe = Pipeline(batch_size=BS, num_threads=1, device_id=None)
+    with pipe:
+        pipe.set_outputs(*fn.external_source(InOrder(images, ids), num_outputs=2, batch=True,
+                                             batch_info=True))
+    assert len(DALIGenericIterator(pipe, ["data", "label"], size=150)) == -(-150 // BS)
+
+
+def diff_bad_constructions(images):
+    test_failing_constructions_fail_on_both(images)
+
+
+def diff_non_bool_flags(images):
+    for name in ("prepare_first_batch", "fill_last_batch", "last_batch_padded"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stock_iterator(images, **{name: "no"})                   # truthy: accepted
+            with pytest.raises(TypeError, match=f"{name} must be a bool"):
+                pruned_iterator(images, **{name: "no"})
+
+
+def diff_unreadable_file(images, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(images[i, :, :, 0]).save(paths[-1])
+    paths[5] = tmp_path / "missing.png"
+    pipe = Pipeline(batch_size=4, num_threads=1, device_id=None)
+    with pipe:
+        raw, _ = fn.readers.file(files=[str(p) for p in paths], labels=list(range(8)), name="r")
+        pipe.set_outputs(raw)
+    with pytest.raises(RuntimeError) as stock:
+        for _ in DALIGenericIterator(pipe, ["data"], reader_name="r"):
+            pass
+    assert not isinstance(stock.value, BadSampleError)
+    source = FileSource([str(p) for p in paths], decoder=None)
+    it = PrunedDALIIterator(build_pipeline(source, batch_size=4), ["data"],
+                            pruner=gp.Pruner(8, policy="full"), source=source, shuffle=False)
+    with pytest.raises(BadSampleError, match="missing.png.*sample index 5, epoch 0"):
+        for _ in it:
+            pass
+    with pytest.raises(RuntimeError, match="stopped after an error"):
+        iter(it)
+
+
+def diff_pipeline_run_directly(images):
+    pipe = build_pipeline(ArraySource(images, np.arange(N)), batch_size=BS)
+    with pytest.raises(RuntimeError, match="drive the pipeline with PrunedDALIIterator"):
+        pipe.run()
+
+
+#: docs/dali.md's differences table, row by row (first column) -> the check of that row
+DIFFERENCES = {
+    "`len(it)`, `it.size`, `it._size`": diff_len_and_size,
+    "batch dict": diff_batch_dict,
+    "`reset()` mid-epoch": diff_reset_mid_epoch,
+    "`last_batch_policy`": diff_last_batch_policy,
+    "`last_batch_padded=True`": diff_last_batch_padded,
+    "`prepare_first_batch=True`": diff_prepare_first_batch,
+    "DALI checkpoints": diff_dali_checkpoints,
+    "empty epoch": diff_empty_epoch,
+    "pipelines": diff_pipelines,
+    "`size`, `reader_name`": diff_size_and_reader_name,
+    "`size=0`, two pipelines with `size=-1`": diff_bad_constructions,
+    "non-bool `prepare_first_batch`, `fill_last_batch`, `last_batch_padded`": diff_non_bool_flags,
+    "a file that cannot be read": diff_unreadable_file,
+    "`pipe.run()` without the iterator": diff_pipeline_run_directly,
+}
+
+
+def test_the_differences_table_is_the_checked_list():
+    """docs/dali.md lists exactly the differences checked below, in this order."""
+    assert [row[0] for row in _differences_table()] == list(DIFFERENCES)
+
+
+@pytest.mark.parametrize("row", list(DIFFERENCES))
+def test_documented_differences(images, tmp_path, row):
+    """Each deliberate difference (docs/dali.md), asserted against the stock behaviour."""
+    check = DIFFERENCES[row]
+    check(images, tmp_path) if "tmp_path" in check.__code__.co_varnames else check(images)
+
+
+def test_the_same_behaviour_table_names_tests_of_this_file():
+    """docs/dali.md's "Same as DALIGenericIterator" table: every behaviour names the tests of this
+    file that run it on both iterators, and they exist."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dali.md").read_text()
+    section = text.split("### Same as `DALIGenericIterator`")[1].split("\n## ")[0]
+    named = re.findall(r"`(test_\w+)`", section)
+    assert len(named) >= 8
+    for name in named:
+        assert callable(globals().get(name)), name
 
 
 def _two_loops_after_empty_epoch(images):

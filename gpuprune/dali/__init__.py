@@ -1,7 +1,8 @@
 """NVIDIA DALI integration: feed a DALI pipeline only the samples the Pruner plans.
 
-Swap ``DALIGenericIterator`` / ``DALIClassificationIterator`` for :class:`PrunedDALIIterator` and
-start the graph from a plan-driven source; the decoding and augmentation graph stays yours::
+Swap ``DALIGenericIterator`` / ``DALIClassificationIterator`` for :class:`PrunedDALIIterator` /
+:class:`PrunedDALIClassificationIterator` and start the graph from a plan-driven source; the
+decoding and augmentation graph stays yours::
 
     from gpuprune.dali import ArraySource, build_iterator
 
@@ -20,11 +21,14 @@ See ``docs/dali.md``.
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
 from .build import build_iterator, build_pipeline
-from .iterator import PrunedDALIIterator
-from .sources import (ArraySource, BadSampleError, CallbackSource, FileSource, PlanSource,
-                      discover_files)
+from .discover import READER_FILE_FILTERS, discover_files
+from .files import FileSource
+from .gpu import GpuArraySource
+from .iterator import PrunedDALIClassificationIterator, PrunedDALIIterator
+from .sources import ArraySource, BadSampleError, CallbackSource, PlanSource
 
 __all__ = [
-    "PrunedDALIIterator", "ArraySource", "FileSource", "CallbackSource", "PlanSource",
-    "BadSampleError", "discover_files", "build_pipeline", "build_iterator", "LastBatchPolicy",
+    "PrunedDALIIterator", "PrunedDALIClassificationIterator", "ArraySource", "GpuArraySource",
+    "FileSource", "CallbackSource", "PlanSource", "BadSampleError", "discover_files",
+    "READER_FILE_FILTERS", "build_pipeline", "build_iterator", "LastBatchPolicy",
 ]

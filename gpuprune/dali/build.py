@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -12,7 +13,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
 from .._checks import check_int
 from ..pruner import Pruner
-from .iterator import PrunedDALIIterator
+from .iterator import PrunedDALIIterator, check_dali_arguments
 from .sources import PlanSource
 
 __all__ = ["build_pipeline", "build_iterator"]
@@ -52,7 +53,7 @@ def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | Non
 
     Args:
         source: where the samples come from (:class:`~gpuprune.dali.ArraySource`,
-            :class:`~gpuprune.dali.FileSource`).
+            :class:`~gpuprune.dali.GpuArraySource`, :class:`~gpuprune.dali.FileSource`, ...).
         define_graph: the user's part of the graph. It gets the source's data nodes (e.g.
             ``(images, labels)``) and returns the outputs (a DataNode or a tuple of them). Default:
             the data nodes unchanged.
@@ -96,7 +97,7 @@ def build_iterator(pruner: Pruner, source: PlanSource,
                    last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
                    shard_id: int | None = None, num_shards: int | None = None,
                    shuffle: bool = True, prepare_first_batch: bool = True,
-                   read_ahead: bool = True, num_threads: int = 2, device_id: int | None = None,
+                   num_threads: int = 2, device_id: int | None = None,
                    auto_reset: bool | str = False,
                    index_name: str = "index", weight_name: str = "weight",
                    **pipeline_kwargs) -> PrunedDALIIterator:
@@ -107,8 +108,8 @@ def build_iterator(pruner: Pruner, source: PlanSource,
         source, define_graph, batch_size, num_threads, device_id: see :func:`build_pipeline`.
         output_map: names of ``define_graph``'s outputs. Default ``("data", "label")``, as
             ``DALIClassificationIterator``.
-        last_batch_policy, shard_id, num_shards, shuffle, prepare_first_batch, read_ahead,
-            auto_reset, index_name, weight_name: see :class:`~gpuprune.dali.PrunedDALIIterator`.
+        last_batch_policy, shard_id, num_shards, shuffle, prepare_first_batch, auto_reset,
+            index_name, weight_name: see :class:`~gpuprune.dali.PrunedDALIIterator`.
         **pipeline_kwargs: more ``nvidia.dali.Pipeline`` arguments (``seed``,
             ``prefetch_queue_depth``, ``py_num_workers``, ...). ``DALIGenericIterator``'s own
             arguments (``size``, ``reader_name``, ``fill_last_batch``, ``dynamic_shape``,
@@ -122,18 +123,18 @@ def build_iterator(pruner: Pruner, source: PlanSource,
         >>> it = build_iterator(pruner, source, graph, batch_size=256)       # doctest: +SKIP
     """
     iterator_kwargs = {k: pipeline_kwargs.pop(k) for k in _ITERATOR_ARGS if k in pipeline_kwargs}
-    if iterator_kwargs:
-        # check them before the pipeline is built, so the error names the iterator's argument
-        PrunedDALIIterator._check_stock_arguments(iterator_kwargs.get("size", -1),
-                                                  iterator_kwargs.get("reader_name"),
-                                                  iterator_kwargs.get("last_batch_padded", False))
+    # checked before the pipeline is defined, so the error names the iterator's argument (the
+    # iterator checks them again, and gives DALI's deprecation warning then)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_dali_arguments(auto_reset=auto_reset, last_batch_policy=last_batch_policy,
+                             **{k: v for k, v in iterator_kwargs.items() if k != "dynamic_shape"})
     with _source_kept_on_error(source):     # the iterator's checks run after the source is bound
         pipe = build_pipeline(source, define_graph, batch_size=batch_size,
                               num_threads=num_threads, device_id=device_id, **pipeline_kwargs)
         return PrunedDALIIterator(pipe, output_map, pruner=pruner, source=source,
                                   last_batch_policy=last_batch_policy, shard_id=shard_id,
                                   num_shards=num_shards, shuffle=shuffle,
-                                  prepare_first_batch=prepare_first_batch, read_ahead=read_ahead,
-                                  auto_reset=auto_reset,
+                                  prepare_first_batch=prepare_first_batch, auto_reset=auto_reset,
                                   index_name=index_name, weight_name=weight_name,
                                   **iterator_kwargs)
