@@ -166,6 +166,10 @@ class Pruner:
         """The last plan made (or restored), or None."""
         return self._plan
 
+    def check_epoch(self, epoch: int, name: str = "epoch") -> int:
+        """``epoch`` as an int, or raise naming ``name`` (see :meth:`Schedule.check_epoch`)."""
+        return self.schedule.check_epoch(epoch, name)
+
     def is_full_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` trains on full data (warm-up, final epochs, or the ``full`` policy)."""
         full = self.schedule.is_full(epoch)

@@ -87,13 +87,6 @@ def resumed_sampler() -> gp.PrunedSampler:
     return s
 
 
-def overrun_sampler() -> gp.PrunedSampler:
-    """A state claiming more trained samples than the plan has (checked when the plan is known)."""
-    s = sampler()
-    s.load_state_dict({"epoch": 2, "consumed": 50, "num_replicas": 1, "drop_last": False})
-    return s
-
-
 def tracker() -> gp.ForgettingTracker:
     t = gp.ForgettingTracker(N)
     t.update(torch.tensor([0, 1, 2]), torch.tensor([True, False, True]))
@@ -372,7 +365,7 @@ CASES: list[Case] = [
     Case("Schedule.total_steps", "`k` > `num_samples`", lambda _: gp.Schedule(3).total_steps(10, 11, 2), ValueError, "k must be <= 10, got k=11"),
     Case("Schedule.steps", "`batch_size=0`", lambda _: gp.Schedule(3).steps(0, 10, 5, 0), ValueError, "batch_size must be >= 1, got batch_size=0"),
     # sampler and dataset
-    Case("PrunedSampler", "`pruner=None`", lambda _: gp.PrunedSampler(None), TypeError, "pruner must be a gpuprune.Pruner, got NoneType"),
+    Case("PrunedSampler", "`pruner=None`", lambda _: gp.PrunedSampler(None), TypeError, "pruner must be a gpuprune.Pruner or another Planner (num_samples, rank, world_size, check_epoch, epoch_size, plan, peek), got NoneType"),
     Case("PrunedSampler", "`num_replicas=0`", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=0), ValueError, "num_replicas must be >= 1, got num_replicas=0"),
     Case("PrunedSampler", "`rank=2` of 2", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=2, rank=2), ValueError, "rank must be <= 1, got rank=2"),
     Case("PrunedSampler", "`drop_last=\"yes\"`", lambda _: gp.PrunedSampler(trained_pruner(), drop_last="yes"), TypeError, "drop_last must be a bool, got str 'yes'"),
@@ -387,7 +380,7 @@ CASES: list[Case] = [
     Case("PrunedSampler.load_state_dict", "`epoch=-1`", lambda s: s.load_state_dict({"epoch": -1, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be >= 0", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "an epoch beyond `num_epochs`", lambda s: s.load_state_dict({"epoch": 8, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be <= 5", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "a mid-epoch state from another world size", lambda s: s.load_state_dict({"epoch": 2, "consumed": 3, "num_replicas": 4, "drop_last": False}), ValueError, "a mid-epoch state saved with num_replicas=4, drop_last=False cannot resume with num_replicas=1", resumed_sampler),
-    Case("PrunedSampler.__iter__ / __len__", "a loaded `consumed` beyond the epoch's plan", lambda s: len(s), ValueError, "the sampler state says 50 samples of epoch 2 were trained, but this rank's plan has only 10", overrun_sampler),
+    Case("PrunedSampler.load_state_dict", "`consumed` beyond this rank's share of the epoch", lambda s: s.load_state_dict({"epoch": 2, "consumed": 50, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['consumed']=50 is more than the 10 samples this rank's share of epoch 2 holds", resumed_sampler),
     Case("IndexedDataset", "not a dataset (`5`)", lambda _: gp.IndexedDataset(5), TypeError, "dataset must be a map-style dataset with __getitem__ and __len__, got int"),
     Case("IndexedDataset", "an IterableDataset", lambda _: gp.IndexedDataset(Stream()), TypeError, "dataset must be a map-style dataset with __getitem__ and __len__, got Stream"),
     # policies
@@ -512,8 +505,15 @@ def snapshot(obj) -> Any:
     if isinstance(obj, gp.LossStats):
         return {"state": obj.state_dict()}
     if isinstance(obj, gp.PrunedSampler):
-        return {"pos": (obj.epoch, obj._start, obj.num_replicas, obj.rank, obj.drop_last),
-                "pruner": snapshot(obj.pruner)}
+        # the position (epoch, consumed, world size, drop_last), the shard, the order and what the
+        # next pass yields, all through the public API (len raises for an overrun position:
+        # one loaded while the epoch's size was unknown)
+        try:
+            remaining = len(obj)
+        except ValueError as e:
+            remaining = str(e)
+        return {"position": obj.state_dict(consumed=0), "rank": obj.rank, "shuffle": obj.shuffle,
+                "len": remaining, "pruner": snapshot(obj.pruner)}
     if isinstance(obj, gp.ForgettingTracker):
         return [obj.prev.clone(), obj.learned.clone(), obj.forgotten.clone()]
     if isinstance(obj, torch.nn.Module):

@@ -19,7 +19,7 @@ from .._checks import check_bool
 from ..plan import Plan
 from ..sizes import num_batches
 from ..pruner import Pruner
-from ..sampler import Position, shard_of
+from ..shard import Position, shard_of
 from .sources import BadSampleError, PlanSource
 
 __all__ = ["PrunedDALIIterator"]
