@@ -67,7 +67,7 @@ def run_size(n: int, reps: int, policy: str, device: torch.device, rank: int, wo
     t_merge, t_verify = [], []
     sync.merge = _timed(sync.merge, device, t_merge)
     sync.verify = _timed(sync.verify, device, t_verify)
-    sampler = pruner.sampler()
+    sampler = gp.PrunedSampler(pruner)
     single = gp.Pruner(n, keep=0.5, policy=policy, num_epochs=reps + 2, warmup_epochs=1, seed=1,
                        device=device, process_group=None)
     per_rank = -(-gp.budget(0.5, n) // world)          # this rank's log: 8 B per observed sample

@@ -6,7 +6,7 @@ device (Raju, Daruwalla & Lipasti, "Accelerating Deep Learning with Dynamic Data
 Three changed lines in a plain PyTorch loop::
 
     pruner = gpuprune.Pruner(len(train_set), keep=0.5, policy="ucb", device=device)
-    loader = DataLoader(gpuprune.IndexedDataset(train_set), batch_size=128, sampler=pruner.sampler())
+    loader = DataLoader(gpuprune.IndexedDataset(train_set), batch_size=128, sampler=gpuprune.PrunedSampler(pruner))
     ...
         loss = pruner.observe(idx.to(device), F.cross_entropy(model(x), y, reduction="none"))
 

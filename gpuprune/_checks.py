@@ -17,6 +17,9 @@ __all__ = [
     "check_bool",
     "check_batch",
     "resolve_device",
+    "flatten_config",
+    "config_differences",
+    "MISSING",
 ]
 
 
@@ -142,3 +145,41 @@ def check_batch(indices, losses, device: torch.device, num_samples: int,
         if lo < 0 or hi >= num_samples:
             bad = lo if lo < 0 else hi
             raise ValueError(f"indices must lie in [0, {num_samples}), got an index {bad}")
+
+
+class _Missing:
+    """Stands for a setting one configuration has and another lacks."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+#: the value :func:`config_differences` reports for a setting a configuration lacks
+MISSING = _Missing()
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """A nested configuration dict as one level, nested keys joined by dots (``"policy.c"``): the
+    names configuration differences are reported by."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(*configs: dict) -> dict[str, list]:
+    """The settings (dotted names, sorted) whose values are not all equal across ``configs``, each
+    with its value in every configuration (:data:`MISSING` where absent). The one comparison
+    behind the checkpoint check (:mod:`gpuprune.state`) and the cross-rank check
+    (:mod:`gpuprune.distributed`)."""
+    flat = [flatten_config(c) for c in configs]
+    out = {}
+    for key in sorted(set().union(*flat), key=str):
+        values = [f.get(key, MISSING) for f in flat]
+        if any(v is MISSING for v in values) or any(v != values[0] for v in values[1:]):
+            out[key] = values
+    return out

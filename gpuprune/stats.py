@@ -79,6 +79,10 @@ class LossStats:
     PER_SAMPLE = {"mean": torch.float32, "var": torch.float32, "last_epoch": torch.int32,
                   "selected": torch.int32}
     COUNTERS = ("nonfinite", "invalid_batches")
+    #: the most a counter can hold in a saved state: 2**53 (9.0e15) events is 104 days at 10**9
+    #: per second, so a larger count was not counted but written; an int64 counter loaded below it
+    #: cannot overflow in any run
+    MAX_COUNT = 2**53
 
     def __init__(self, num_samples: int, device: torch.device | str = "cpu") -> None:
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
@@ -148,7 +152,7 @@ class LossStats:
 
         Checks every entry's presence, shape and dtype, and the values: finite means, finite
         non-negative variances, ``-1 <= last_epoch <= max_epoch``, ``0 <= selected <= max_selected``,
-        non-negative counters. Changes nothing.
+        counters in ``[0, MAX_COUNT]``. Changes nothing.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state_dict[{key!r}] must be a dict from LossStats.state_dict(), got "
@@ -182,8 +186,10 @@ class LossStats:
             raise ValueError(f"state_dict[{key!r}]['selected'] must lie in [0, {max_selected}], got "
                              f"[{int(sel.min())}, {int(sel.max())}]")
         for name in self.COUNTERS:
-            if int(state[name]) < 0:
-                raise ValueError(f"state_dict[{key!r}][{name!r}] must be >= 0, got {int(state[name])}")
+            count = int(state[name])
+            if not 0 <= count <= self.MAX_COUNT:
+                raise ValueError(f"state_dict[{key!r}][{name!r}] must lie in [0, 2**53], got "
+                                 f"{count}")
 
     def load_state_dict(self, state: dict, *, max_epoch: int | None = None,
                         max_selected: int | None = None) -> None:

@@ -404,7 +404,8 @@ def test_warmup_and_final_full_epochs_and_selection_interval():
     assert stats["rounds"] == 5
     assert stats["always"] + stats["never"] + stats["sometimes"] == pytest.approx(1.0)
     assert float(stats["frequency"].sum()) == pytest.approx(50 * 5 / 5)
-    with pytest.raises(ValueError, match=r"epoch must be <= 9 \(the schedule has num_epochs=10\)"):
+    with pytest.raises(ValueError, match=r"epoch must be <= 9 \(epochs count from 0; the schedule "
+                                         r"has num_epochs=10\), got epoch=10"):
         p.plan(10)
 
 
@@ -413,7 +414,7 @@ def test_schedule_steps_match_what_the_sampler_yields():
     for world, drop in ((1, False), (2, False), (3, True)):
         p = gp.Pruner(103, keep=0.4, policy="uniform", num_epochs=6, warmup_epochs=1,
                       final_full_epochs=1, seed=0)
-        assert p.schedule == s
+        assert p.schedule.config() == s.config()
         samplers = [gp.PrunedSampler(p, num_replicas=world, rank=r, drop_last=drop)
                     for r in range(world)]
         steps = 0
@@ -452,12 +453,12 @@ def test_total_steps_is_one_answer_for_the_pruner_and_the_dali_iterator():
                                 num_shards=world,
                                 last_batch_policy=LastBatchPolicy.DROP if drop else
                                 LastBatchPolicy.PARTIAL)
-            k = p.k if p.policy.exact_k else n
-            want = p.schedule.total_steps(n, k, bs, world_size=world, drop_last=drop)
+            want = p.schedule.total_steps(n, p.k, bs, world_size=world, drop_last=drop,
+                                          upper_bound=True)
             assert want == hand.get((policy, world, drop), want)
             bound = p.total_steps(bs, world_size=world, drop_last=drop, upper_bound=True)
             assert bound == it.total_steps(upper_bound=True) == want, (policy, world, drop)
-            if p.policy.exact_k:
+            if p.schedule.exact_size:
                 assert p.total_steps(bs, world_size=world, drop_last=drop) == it.total_steps()
                 continue
             for call in (lambda: p.total_steps(bs, world_size=world, drop_last=drop),
@@ -634,7 +635,7 @@ def test_shard_indices_equal_sizes_and_cover():
 
 def test_sampler_len_matches_plan_and_yields_it():
     p = make("ucb")
-    s = p.sampler()
+    s = gp.PrunedSampler(p)
     for epoch in range(3):
         s.set_epoch(epoch)
         plan = p.plan(epoch)
@@ -664,7 +665,7 @@ def test_indexed_dataset_and_three_line_loop_on_digits():
             param.uniform_(-0.1, 0.1, generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     pruner = gp.Pruner(len(ds), keep=0.5, policy="ucb", seed=0)
-    loader = DataLoader(gp.IndexedDataset(ds), batch_size=64, sampler=pruner.sampler())
+    loader = DataLoader(gp.IndexedDataset(ds), batch_size=64, sampler=gp.PrunedSampler(pruner))
     seen = 0
     for epoch in range(6):
         loader.sampler.set_epoch(epoch)
@@ -781,7 +782,7 @@ def test_an_interrupted_plan_changes_nothing_and_a_retry_counts_once(policy, err
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_len_only_reads(policy):
     p = make(policy)
-    s = p.sampler()
+    s = gp.PrunedSampler(p)
     s.set_epoch(0)
     feed(p, p.plan(0))
     before = p.state_dict()

@@ -140,7 +140,7 @@ def _refresh_job(feed: str) -> dict:
         rsampler = refresher.sampler()
         data = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=R_BATCH,
                           sampler=rsampler)
-    sampler = pruner.sampler(drop_last=True)        # every trained sample once per epoch
+    sampler = gp.PrunedSampler(pruner, drop_last=True)        # every trained sample once per epoch
     log = pruner._sync
     rec: dict = {key: [] for key in ("due", "results", "refreshed", "losses", "feed_shards",
                                      "untouched", "plans", "shards")}
@@ -239,7 +239,7 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
     # the same Pruner everywhere, but the ranks call different collectives: one synchronize()s
     # while the others plan the next epoch
     p = make_pruner("uniform")
-    sampler = p.sampler()
+    sampler = gp.PrunedSampler(p)
     sampler.set_epoch(0)
     observe_all(p, torch.tensor(list(sampler), dtype=torch.long), 0)
     try:
@@ -253,7 +253,7 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
     # len() only reads: rank 0 asks for the next epoch's size while the others go on; then all
     # meet in a barrier (with 0.1 planning here, the ranks deadlocked)
     p = make_pruner("ucb")
-    sampler = p.sampler()
+    sampler = gp.PrunedSampler(p)
     sampler.set_epoch(0)
     before = (p.rounds, p.stats.selected.clone(), len(p.history))
     sampler.epoch = 1                               # what a fresh loop's bookkeeping would do
@@ -312,7 +312,7 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
     last = world - 1
     for name, group in (("stall", stall_g), ("dead", dead_g)):
         p = gp.Pruner(N, keep=KEEP, policy="ucb", process_group=group, seed=3)
-        sampler = p.sampler()
+        sampler = gp.PrunedSampler(p)
         sampler.set_epoch(0)
         observe_all(p, torch.tensor(list(sampler), dtype=torch.long), 0)
         if rank == last:
@@ -587,7 +587,7 @@ def test_refresh_shards_the_unselected_over_ranks_and_merges_like_one_process(jo
         assert (out.epoch, out.requested, out.scored) == (e, n, n)
         c1 = _counters(ref)
         assert c1[0] == c0[0] and torch.equal(c1[1], c0[1]) and c1[2] == c0[2] and c1[3] is c0[3]
-        feed_plan = None if e == 0 else refresher.feed.current_plan.indices.long()
+        feed_plan = None if e == 0 else refresher.feed.plan(e).indices.long()
         assert feed_plan is None or (len(feed_plan) == n and set(feed_plan.tolist()) == expected)
         for r, rec in enumerate(recs):
             mine = len(range(r, n, world))               # an equal split, no padding
@@ -649,13 +649,17 @@ def test_process_group_argument_is_checked_without_an_initialised_group():
     assert gdist.rank_and_world() == (0, 1) and gdist.rank_and_world(None) == (0, 1)
 
 
+def plan_fingerprint(plan: gp.Plan) -> torch.Tensor:
+    return plan.fingerprint()
+
+
 def test_plan_fingerprint_sees_order_ids_weights_and_epoch():
     from gpuprune.plan import pack_mask
     idx = torch.tensor([4, 1, 7, 3], dtype=torch.int32)
     bits = pack_mask(torch.arange(10) % 2 == 1)          # ids 1, 3, 7 rescaled
-    base = gdist.plan_fingerprint(gp.Plan(3, idx, False, 10, 2.0, bits))
+    base = plan_fingerprint(gp.Plan(3, idx, False, 10, 2.0, bits))
     assert base.dtype == torch.int64 and base[1:].tolist() == [4, 3, 0]
-    assert torch.equal(base, gdist.plan_fingerprint(gp.Plan(3, idx.clone(), False, 10, 2.0,
+    assert torch.equal(base, plan_fingerprint(gp.Plan(3, idx.clone(), False, 10, 2.0,
                                                             bits.clone())))
     variants = [gp.Plan(3, idx[[1, 0, 2, 3]], False, 10, 2.0, bits),      # order
                 gp.Plan(3, torch.tensor([4, 1, 7, 5]), False, 10, 2.0, bits),  # one id
@@ -664,7 +668,7 @@ def test_plan_fingerprint_sees_order_ids_weights_and_epoch():
                 gp.Plan(3, idx, False, 10),
                 gp.Plan(4, idx, False, 10, 2.0, bits)]                    # epoch
     for v in variants:
-        assert not torch.equal(gdist.plan_fingerprint(v), base)
+        assert not torch.equal(plan_fingerprint(v), base)
 
 
 def test_synchronize_on_single_process_pruners_does_nothing():

@@ -31,7 +31,7 @@ import gpuprune as gp
 from gpuprune.backend import TorchBackend
 from gpuprune.plan import shard_indices
 from gpuprune.policies import EpsilonGreedy, InfoBatch, Policy, Selection, Static, UCB
-from gpuprune.pruner import state_checksum
+from gpuprune.state import state_checksum
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 N = 20
@@ -76,7 +76,7 @@ def stats() -> gp.LossStats:
 
 
 def sampler() -> gp.PrunedSampler:
-    s = trained_pruner("uniform").sampler()
+    s = gp.PrunedSampler(trained_pruner("uniform"))
     s.set_epoch(2)
     return s
 
@@ -307,9 +307,9 @@ CASES: list[Case] = [
     Case("Pruner.plan", "`epoch=-1`", lambda p: p.plan(-1), ValueError, "epoch must be >= 0, got epoch=-1", trained_pruner),
     Case("Pruner.plan", "`epoch=\"3\"`", lambda p: p.plan("3"), TypeError, "epoch must be an int, got str '3'", trained_pruner),
     Case("Pruner.plan", "an epoch before the current plan's", lambda p: p.plan(1), ValueError, "epoch must not go back: plan(1) after plan(2)", trained_pruner),
-    Case("Pruner.plan", "an epoch beyond `num_epochs`", lambda p: p.plan(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", trained_pruner),
+    Case("Pruner.plan", "an epoch beyond `num_epochs`", lambda p: p.plan(6), ValueError, "epoch must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got epoch=6", trained_pruner),
     Case("Pruner.plan", "`epoch=2**31` (the state stores int32 epochs)", lambda p: p.plan(2**31), ValueError, "epoch must be <= 2147483647 (epochs are stored as int32), got epoch=2147483648", lambda: gp.Pruner(N, policy="uniform")),
-    Case("Pruner.plan", "a custom policy returning the wrong count", lambda p: p.plan(1), ValueError, "returned 3 ids, expected k=10", lambda: gp.Pruner(N, keep=0.5, policy=WrongCount())),
+    Case("Pruner.plan", "a custom policy returning the wrong count", lambda p: p.plan(1), ValueError, "WrongCount() returned 3 ids, expected k=10", lambda: gp.Pruner(N, keep=0.5, policy=WrongCount())),
     Case("Pruner.observe", "`indices` a list", lambda p: p.observe([0, 1, 2], LOSS), TypeError, "indices must be a torch.Tensor, got list", trained_pruner),
     Case("Pruner.observe", "float `indices`", lambda p: p.observe(IDX.float(), LOSS), TypeError, "indices must have an integer dtype, got indices.dtype=torch.float32", trained_pruner),
     Case("Pruner.observe", "bool `indices`", lambda p: p.observe(IDX > 0, LOSS), TypeError, "indices must have an integer dtype, got indices.dtype=torch.bool", trained_pruner),
@@ -324,7 +324,7 @@ CASES: list[Case] = [
     Case("Pruner.observe", "losses on another device", lambda p: p.observe(IDX, LOSS.to("meta")), ValueError, "per_sample_loss must be on cpu, got per_sample_loss.device=meta", trained_pruner),
     Case("Pruner.is_full_epoch", "`epoch=-1`", lambda p: p.is_full_epoch(-1), ValueError, "epoch must be >= 0", trained_pruner),
     Case("Pruner.epoch_size", "an epoch beyond `num_epochs`", lambda p: p.epoch_size(9), ValueError, "epoch must be <= 5", trained_pruner),
-    Case("Pruner.total_steps", "InfoBatch (loss-dependent epoch sizes) without `upper_bound=True`", lambda p: p.total_steps(4), ValueError, "policy 'infobatch' plans a loss-dependent number of samples, so the run's step count is not known in advance; pass upper_bound=True", trained_pruner),
+    Case("Pruner.total_steps", "InfoBatch (loss-dependent epoch sizes) without `upper_bound=True`", lambda p: p.total_steps(4), ValueError, "plans a loss-dependent number of samples, so the run's step count is not known in advance; pass upper_bound=True", trained_pruner),
     Case("Pruner.total_steps", "no `num_epochs`", lambda p: p.total_steps(4), ValueError, "total_steps needs a schedule with num_epochs", lambda: gp.Pruner(N, policy="uniform")),
     Case("Pruner.total_steps", "`world_size=0`", lambda p: p.total_steps(4, world_size=0), ValueError, "world_size must be >= 1, got world_size=0", lambda: trained_pruner("uniform")),
     Case("Pruner.total_steps", "`upper_bound=\"yes\"`", lambda p: p.total_steps(4, upper_bound="yes"), TypeError, "upper_bound must be a bool, got str 'yes'", trained_pruner),
@@ -338,7 +338,7 @@ CASES: list[Case] = [
     Case("Pruner.load_state_dict", "another policy setting (InfoBatch `delta`)", lambda p: p.load_state_dict(state_with(config__policy=lambda c: {**c, "delta": 0.5})), ValueError, "checkpoint was made with policy.delta=0.5, this Pruner has policy.delta=0.875", trained_pruner),
     Case("Pruner.load_state_dict", "another configuration (k)", lambda p: p.load_state_dict(state_with(config__k=7)), ValueError, "checkpoint was made with k=7, this Pruner has k=10", trained_pruner),
     Case("Pruner.load_state_dict", "an emptied `config`", lambda p: p.load_state_dict(state_with(config={})), ValueError, "state_dict['config'] is missing 'decay'", trained_pruner),
-    Case("Pruner.load_state_dict", "a plan of 3 ids where k = 10", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: t[:3])), ValueError, "state_dict['plan']['indices'] holds 3 ids, the budget is k=10", lambda: trained_pruner("uniform")),
+    Case("Pruner.load_state_dict", "a plan of 3 ids where k = 10", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: t[:3])), ValueError, "state_dict['plan']['indices'] holds 3 ids, its history record says 10", lambda: trained_pruner("uniform")),
     Case("Pruner.load_state_dict", "duplicate plan ids", lambda p: p.load_state_dict(state_with("uniform", plan__indices=set_at(1, -1))), ValueError, "state_dict['plan']['indices'] holds ids outside [0, 20)", lambda: trained_pruner("uniform")),
     Case("Pruner.load_state_dict", "a plan id >= N", lambda p: p.load_state_dict(state_with("uniform", plan__indices=set_at(0, 25))), ValueError, "state_dict['plan']['indices'] holds ids outside [0, 20): [", lambda: trained_pruner("uniform")),
     Case("Pruner.load_state_dict", "a repeated plan id", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: torch.cat([t[:1], t[:-1]]))), ValueError, "state_dict['plan']['indices'] holds duplicate ids", lambda: trained_pruner("uniform")),
@@ -370,7 +370,7 @@ CASES: list[Case] = [
     Case("PrunedSampler", "`rank=2` of 2", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=2, rank=2), ValueError, "rank must be <= 1, got rank=2"),
     Case("PrunedSampler", "`drop_last=\"yes\"`", lambda _: gp.PrunedSampler(trained_pruner(), drop_last="yes"), TypeError, "drop_last must be a bool, got str 'yes'"),
     Case("PrunedSampler.set_epoch", "`epoch=-1`", lambda s: s.set_epoch(-1), ValueError, "epoch must be >= 0, got epoch=-1", resumed_sampler),
-    Case("PrunedSampler.set_epoch", "an epoch beyond `num_epochs`", lambda s: s.set_epoch(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", resumed_sampler),
+    Case("PrunedSampler.set_epoch", "an epoch beyond `num_epochs`", lambda s: s.set_epoch(6), ValueError, "epoch must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got epoch=6", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed` beyond this pass", lambda s: s.state_dict(consumed=7), ValueError, "consumed=7 is more than the 6 samples this pass of epoch 2 yields", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed=-1`", lambda s: s.state_dict(consumed=-1), ValueError, "consumed must be >= 0, got consumed=-1", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed=2.0`", lambda s: s.state_dict(consumed=2.0), TypeError, "consumed must be an int, got float 2.0", resumed_sampler),
@@ -461,13 +461,13 @@ CASES += [
     DaliCase(DI, "`output_map=\"xy\"` (a str, not a list of names)", lambda d: iterator_of(d, "xy"), TypeError, "output_map must be a sequence of names, one per pipeline output, got str 'xy'", dali_parts),
     DaliCase(DI, "`output_map` naming 1 of 2 outputs", lambda d: iterator_of(d, ["data"]), ValueError, "the pipeline has 2 outputs but output_map names 1: ['data']", dali_parts),
     DaliCase(DI, "a Pruner of 10 samples for a source of 20", lambda d: iterator_of(DaliParts(gp.Pruner(10, keep=0.5), d.source, d.pipe)), ValueError, "the pruner plans 10 samples but the source holds 20", dali_parts),
-    DaliCase("PrunedDALIIterator.set_epoch", "an epoch beyond `num_epochs`", lambda it: it.set_epoch(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", dali_iterator),
+    DaliCase("PrunedDALIIterator.set_epoch", "an epoch beyond `num_epochs`", lambda it: it.set_epoch(6), ValueError, "epoch must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got epoch=6", dali_iterator),
     DaliCase("PrunedDALIIterator.set_epoch", "`epoch=\"2\"`", lambda it: it.set_epoch("2"), TypeError, "epoch must be an int, got str '2'", dali_iterator),
     DaliCase("PrunedDALIIterator.set_epoch", "an epoch before the Pruner's current plan", lambda it: it.set_epoch(0), ValueError, "epoch must not go back: plan(0) after plan(1)", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "not a dict", lambda it: it.load_state_dict([1, 4]), TypeError, "state must be a dict from PrunedDALIIterator.state_dict(), got list", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "entries missing", lambda it: it.load_state_dict({"epoch": 1, "batch": 2}), ValueError, "state_dict is missing ['consumed', 'num_replicas', 'drop_last']", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "an unknown key (a state of another object)", lambda it: it.load_state_dict({**position(), "iteration": 2}), ValueError, "state_dict has unknown keys ['iteration']", dali_iterator),
-    DaliCase("PrunedDALIIterator.load_state_dict", "an epoch beyond `num_epochs`", lambda it: it.load_state_dict(position(epoch=9)), ValueError, "state_dict['epoch'] must be <= 5 (the schedule has num_epochs=6), got state_dict['epoch']=9", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "an epoch beyond `num_epochs`", lambda it: it.load_state_dict(position(epoch=9)), ValueError, "state_dict['epoch'] must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got state_dict['epoch']=9", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "`consumed` beyond this rank's share of the epoch", lambda it: it.load_state_dict(position(consumed=11)), ValueError, "state_dict['consumed']=11 is more than the 10 samples this rank's share of epoch 1 holds", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "a mid-epoch state from another world size", lambda it: it.load_state_dict(position(num_replicas=2)), ValueError, "a mid-epoch state saved with num_replicas=2, drop_last=False cannot resume with num_replicas=1, drop_last=False", dali_iterator),
     DaliCase("build_iterator", "`batch_size=0`", lambda d: build(d, batch_size=0), ValueError, "batch_size must be >= 1, got batch_size=0", unbound_parts),

@@ -148,7 +148,7 @@ def fed_pruner(n: int = 50, policy: str = "uniform") -> gp.Pruner:
 
 def test_sampler_state_skips_trained_samples_until_the_epoch_changes():
     p = fed_pruner()
-    s = p.sampler()
+    s = gp.PrunedSampler(p)
     s.set_epoch(1)
     full = list(s)
     assert len(full) == 30
@@ -169,7 +169,7 @@ def test_sampler_state_skips_trained_samples_until_the_epoch_changes():
 
 def test_sampler_state_at_epoch_end_and_len_of_loader():
     p = fed_pruner()
-    s = p.sampler()
+    s = gp.PrunedSampler(p)
     s.set_epoch(0)
     n = len(s)
     t = gp.PrunedSampler(p)
@@ -201,7 +201,7 @@ def test_sharded_samplers_resume_from_one_ranks_state():
 
 def test_sampler_state_errors_leave_it_unchanged():
     p = fed_pruner()
-    s = p.sampler()
+    s = gp.PrunedSampler(p)
     s.set_epoch(0)
     list(s)
     with pytest.raises(ValueError, match="consumed=31 is more than the 30 samples"):

@@ -18,8 +18,7 @@ from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_type
 from .._checks import check_bool
 from ..plan import Plan
 from ..sizes import num_batches
-from ..pruner import Pruner
-from ..shard import Position, shard_of
+from ..shard import EpochShard, Planner, Position
 from .sources import BadSampleError, PlanSource
 
 __all__ = ["PrunedDALIIterator"]
@@ -165,7 +164,7 @@ class PrunedDALIIterator(DALIGenericIterator):
                  fill_last_batch: bool | None = None, dynamic_shape: bool | None = False,
                  last_batch_padded: bool = False,
                  last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,
-                 prepare_first_batch: bool = True, *, pruner: Pruner, source: PlanSource,
+                 prepare_first_batch: bool = True, *, pruner: Planner, source: PlanSource,
                  shard_id: int | None = None, num_shards: int | None = None, shuffle: bool = True,
                  read_ahead: bool = True, index_name: str = "index",
                  weight_name: str = "weight") -> None:
@@ -174,8 +173,9 @@ class PrunedDALIIterator(DALIGenericIterator):
             raise ValueError(f"PrunedDALIIterator takes one pipeline, got {len(pipes)}; run one "
                              "process per GPU instead (each rank gets its shard of the plan)")
         pipe = pipes[0]
-        if not isinstance(pruner, Pruner):
-            raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
+        if not isinstance(pruner, Planner):
+            raise TypeError(f"pruner must be a gpuprune.Pruner or another Planner, got "
+                            f"{type(pruner).__name__}")
         if not isinstance(source, PlanSource):
             raise TypeError(f"source must be a gpuprune.dali PlanSource, got {type(source).__name__}")
         self._check_stock_arguments(size, reader_name, last_batch_padded)
@@ -217,8 +217,12 @@ class PrunedDALIIterator(DALIGenericIterator):
         if pruner.num_samples != source.num_samples:
             raise ValueError(f"the pruner plans {pruner.num_samples} samples but the source holds "
                              f"{source.num_samples}")
-        self.shard_id, self.num_shards = shard_of(pruner, num_shards, shard_id, "PrunedDALIIterator",
-                                                  names=("num_shards", "shard_id"))
+        # the per-rank view (share, sizes); the position and passes are still kept here
+        self._view = EpochShard(pruner, num_shards, shard_id,
+                                drop_last=last_batch_policy == LastBatchPolicy.DROP,
+                                shuffle=check_bool("shuffle", shuffle),
+                                owner="PrunedDALIIterator", names=("num_shards", "shard_id"))
+        self.shard_id, self.num_shards = self._view.rank, self._view.num_replicas
         if isinstance(output_map, str):
             raise TypeError(f"output_map must be a sequence of names, one per pipeline output, got "
                             f"str {output_map!r}")
@@ -300,7 +304,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         if p is not None and not p.done:
             return len(p.plan) - p.start
         epoch, start = self._next
-        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        n = self._view.shard_size(epoch)
         return -1 if n is None else max(0, n - start)
 
     @property
@@ -336,14 +340,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         """This rank's share of ``plan``, in serving order."""
         if self._shard_cache[0] is plan:
             return self._shard_cache[1]
-        shard = plan
-        if not self.shuffle:
-            ids = plan.indices
-            ids = (torch.arange(len(ids), dtype=ids.dtype, device=ids.device)
-                   if plan.full and len(ids) == plan.num_samples else torch.sort(ids).values)
-            shard = Plan(plan.epoch, ids, plan.full, plan.num_samples, plan.weight, plan.rescaled)
-        if self.num_shards > 1:
-            shard = shard.shard(self.shard_id, self.num_shards, self._drop)
+        shard = self._view.share(plan)
         self._shard_cache = (plan, shard)
         return shard
 
@@ -440,12 +437,10 @@ class PrunedDALIIterator(DALIGenericIterator):
         if not self.read_ahead or self._ahead is not None or p is None or p.done:
             return
         epoch = p.epoch + 1
-        num_epochs = self.pruner.schedule.num_epochs
-        current = self.pruner.current_plan
-        if (num_epochs is not None and epoch >= num_epochs) or current is None \
-                or current.epoch != p.epoch:
+        try:                                           # local: no collective, changes nothing
+            source_plan = self.pruner.peek(self.pruner.check_epoch(epoch))
+        except ValueError:              # past the last epoch, or the planner moved past this one
             return
-        source_plan = self.pruner.peek(epoch)          # local: no collective, changes nothing
         if source_plan is None:
             return
         plan = self._shard_of(source_plan)
@@ -526,7 +521,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         (then this only plans and checks that the plan is the one read ahead). Optional: without
         it the iterator runs epochs 0, 1, 2, ..., planning each when its pass starts.
         """
-        epoch = self.pruner.schedule.check_epoch(epoch)
+        epoch = self.pruner.check_epoch(epoch)
         self._check_usable()
         p = self._pass
         if p is not None and not p.done and p.epoch == epoch:
@@ -651,11 +646,11 @@ class PrunedDALIIterator(DALIGenericIterator):
         if p is not None and not p.done:
             return p.num_batches
         epoch, start = self._next
-        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        n = self._view.shard_size(epoch)
         if n is None:
-            raise RuntimeError(f"the length of epoch {epoch} is known once it is planned (policy "
-                               f"{self.pruner.policy.name!r} plans a loss-dependent number of "
-                               f"samples): call it.set_epoch({epoch}) first")
+            raise RuntimeError(f"the length of epoch {epoch} is known once it is planned (its "
+                               f"size depends on the losses observed until then): call "
+                               f"it.set_epoch({epoch}) first")
         return self._batches_from(n, start)
 
     # ------------------------------------------------------------------ checkpoints
@@ -684,8 +679,8 @@ class PrunedDALIIterator(DALIGenericIterator):
         changing anything if ``state`` does not fit.
         """
         epoch, consumed = Position.check(state, self.num_shards, self._drop, "PrunedDALIIterator")
-        self.pruner.schedule.check_epoch(epoch, "state_dict['epoch']")
-        n = self.pruner.shard_size(epoch, self.num_shards, self._drop)
+        self.pruner.check_epoch(epoch, "state_dict['epoch']")
+        n = self._view.shard_size(epoch)
         if n is not None and consumed > n:
             raise ValueError(f"state_dict['consumed']={consumed} is more than the {n} samples this "
                              f"rank's share of epoch {epoch} holds")

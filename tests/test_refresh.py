@@ -1,0 +1,331 @@
+"""gpuprune.refresh: the re-score pass (fresh losses for unselected samples before a selection),
+its feed (a Planner over the samples due), and its all-or-nothing rule. The pass under a process
+group (2 and 4 gloo ranks) is tested in tests/test_distributed.py's launched job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpuprune as gp
+from gpuprune.refresh import Refresher, refresh_due, refresh_scores, refresh_targets
+from gpuprune.shard import Planner
+
+
+def plan_set(plan) -> set[int]:
+    return set(plan.indices.tolist())
+
+
+class Net(torch.nn.Module):
+    """Linear model with dropout, so eval-mode losses differ from train-mode ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.lin = torch.nn.Linear(6, 3)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(3, 6, generator=g))
+            self.lin.bias.zero_()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.lin(self.drop(x))
+
+
+def dataset(n=40):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def eval_losses(model, x, y, which):
+    model.eval()
+    with torch.no_grad():
+        out = F.cross_entropy(model(x[which]), y[which], reduction="none")
+    model.train()
+    return out
+
+
+def trained_pruner(n=40, keep=0.5, policy=None, **kw) -> gp.Pruner:
+    p = gp.Pruner(n, keep=keep, policy=policy if policy is not None else gp.UCB(), seed=4, **kw)
+    plan = p.plan(0)
+    p.observe(plan.indices.long(), torch.linspace(0.5, 1.5, len(plan)))
+    return p
+
+
+def counters(p: gp.Pruner):
+    return (p.rounds, p.stats.selected.clone(), p.history, p.current_plan,
+            int(p.stats.nonfinite), int(p.stats.invalid_batches))
+
+
+def assert_counters_equal(a, b):
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] is b[3]
+    assert a[4:] == b[4:]
+
+
+def test_refresh_updates_exactly_the_unselected_and_no_training_counter():
+    x, y = dataset()
+    model = Net().train()
+    p = trained_pruner()
+    before = (p.stats.mean.clone(), p.stats.var.clone(), p.stats.last_epoch.clone())
+    c0 = counters(p)
+    planned = plan_set(p.current_plan)
+    res = refresh_scores(model, (x, y), p, 1)
+    unselected = sorted(set(range(40)) - planned)
+    assert res.requested == res.scored == 20
+    changed = ((p.stats.mean != before[0]) | (p.stats.last_epoch != before[2])).nonzero()
+    assert sorted(changed.flatten().tolist()) == unselected
+    u = torch.tensor(unselected)
+    # never-trained samples take the eval-mode loss as is (first observation), stamped epoch 0
+    assert torch.allclose(p.stats.mean[u], eval_losses(model, x, y, u))
+    assert p.stats.last_epoch[u].tolist() == [0] * 20
+    t = torch.tensor(sorted(planned))
+    assert torch.equal(p.stats.mean[t], before[0][t]) and torch.equal(p.stats.var[t], before[1][t])
+    assert_counters_equal(counters(p), c0)
+    assert model.training                                             # training flag restored
+
+
+def test_refresh_all_updates_every_sample_once_with_the_ema():
+    x, y = dataset()
+    model = Net()
+    p = trained_pruner()
+    old = p.stats.mean.clone()
+    planned = torch.tensor(sorted(plan_set(p.current_plan)))
+    res = refresh_scores(model, (x, y), p, 1, which="all")
+    assert res.scored == 40
+    fresh = eval_losses(model, x, y, planned)
+    # seen samples: mean += (1 - 0.9) * (loss - mean), once
+    assert torch.allclose(p.stats.mean[planned], old[planned] + 0.1 * (fresh - old[planned]))
+
+
+def test_refresh_random_share_is_seeded_and_inside_the_unselected():
+    p = trained_pruner()
+    unselected = set(range(40)) - plan_set(p.current_plan)
+    a = refresh_targets(p, 1, share=0.25)
+    assert a.numel() == 5 and set(a.tolist()) <= unselected           # floor(0.25 * 20 + 0.5)
+    assert torch.equal(a, refresh_targets(p, 1, share=0.25))
+    other = [refresh_targets(p, 1, share=0.25, seed=s) for s in range(1, 6)]
+    assert any(set(o.tolist()) != set(a.tolist()) for o in other)
+    b = refresh_targets(p, 1, which="all", share=0.1)
+    assert b.numel() == 4 and len(set(b.tolist())) == 4
+    assert refresh_targets(p, 1, share=0.001).numel() == 1            # at least one
+    state = torch.random.get_rng_state()
+    refresh_targets(p, 2, share=0.5)
+    assert torch.equal(torch.random.get_rng_state(), state)           # no global RNG
+    x, y = dataset()
+    before = p.stats.mean.clone()
+    res = Refresher(p, share=0.25).run(Net(), (x, y), 1)
+    assert res.scored == 5
+    assert sorted((p.stats.mean != before).nonzero().flatten().tolist()) == sorted(a.tolist())
+
+
+def test_refresh_due_only_before_a_loss_based_selection():
+    x, y = dataset()
+    fresh = gp.Pruner(40, keep=0.5, policy=gp.UCB(), seed=0)
+    assert not refresh_due(fresh, 0)                                  # nothing trained yet
+    p = trained_pruner(num_epochs=6, final_full_epochs=1, selection_interval=2)
+    assert refresh_due(p, 2) and not refresh_due(p, 1)                # epoch 1 reuses the subset
+    assert not refresh_due(p, 0)                                      # already planned
+    assert not refresh_due(p, 5)                                      # full data: no selection
+    before = p.stats.mean.clone()
+    assert refresh_scores(Net(), (x, y), p, 1).scored == 0
+    assert torch.equal(p.stats.mean, before)
+    assert refresh_scores(Net(), (x, y), p, 1, force=True).scored == 20
+    u = trained_pruner(policy="uniform")
+    assert not refresh_due(u, 1)                                      # the losses are not read
+    w = gp.Pruner(40, keep=0.5, policy=gp.UCB(), warmup_epochs=1, seed=0)
+    w.plan(0)
+    assert refresh_due(w, 1) and refresh_targets(w, 1).numel() == 0   # after a full epoch: none
+
+
+def test_refresh_through_a_dataloader_equals_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = dataset()
+    model = Net()
+    a, b, c = trained_pruner(), trained_pruner(), trained_pruner()
+    ra = Refresher(a).run(model, (x, y), 1, batch_size=8)
+    rb = Refresher(b)
+    loader = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=8, sampler=rb.sampler())
+    res = rb.run(model, loader, 1)
+    assert res.scored == ra.scored == 20
+    assert torch.equal(a.stats.mean, b.stats.mean) and torch.equal(a.stats.var, b.stats.var)
+    # any loader over all samples: the samples not due are skipped before the forward
+    everything = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=16)
+    assert Refresher(c).run(model, everything, 1).scored == 20
+    assert torch.allclose(c.stats.mean, a.stats.mean)
+    assert torch.equal(c.stats.last_epoch, a.stats.last_epoch)
+
+
+def test_refresh_refuses_the_training_loader_and_warns_about_missing_samples():
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = dataset()
+    p = trained_pruner()
+    train_loader = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=8,
+                              sampler=gp.PrunedSampler(p))
+    before = p.stats.mean.clone()
+    with pytest.raises(ValueError, match="training Pruner's own plans"):
+        refresh_scores(Net(), train_loader, p, 1)
+    assert torch.equal(p.stats.mean, before) and p.current_plan.epoch == 0
+    part = [(x[:10], y[:10], torch.arange(10))]                       # only ids 0..9
+    due_there = len(set(range(10)) - plan_set(p.current_plan))
+    with pytest.warns(RuntimeWarning, match=f"delivered {due_there} of the 20 samples due"):
+        res = refresh_scores(Net(), part, p, 1)
+    assert res.scored == due_there
+
+
+def test_refresh_bad_arguments():
+    x, y = dataset()
+    p = trained_pruner()
+    with pytest.raises(ValueError, match="which must be one of"):
+        Refresher(p, which="some")
+    with pytest.raises(ValueError, match="share must be > 0.0, got share=0.0"):
+        Refresher(p, share=0.0)
+    with pytest.raises(TypeError, match="pruner must be a gpuprune.Pruner"):
+        Refresher("p")
+    with pytest.raises(TypeError, match="data must be a pair"):
+        refresh_scores(Net(), 3, p, 1)
+    with pytest.raises(ValueError, match="data tensors must hold all num_samples=40"):
+        refresh_scores(Net(), (x[:5], y[:5]), p, 1)
+    with pytest.raises(ValueError, match="one loss per sample"):
+        refresh_scores(Net(), (x, y), p, 1, loss_fn=lambda o, t: F.cross_entropy(o, t))
+    assert p.stats.last_epoch.tolist().count(-1) == 20                # nothing recorded
+
+
+def test_refresh_through_dali_equals_tensors():
+    pytest.importorskip("nvidia.dali")
+    from gpuprune.dali import ArraySource, build_iterator
+    x, y = dataset()
+    model = Net()
+    a, b = trained_pruner(), trained_pruner()
+    Refresher(a).run(model, (x, y), 1, batch_size=8)
+    rb = Refresher(b)
+    it = build_iterator(rb.feed, ArraySource(x.numpy(), y.numpy()), batch_size=8,
+                        output_map=("data", "label"), num_threads=1, device_id=None)
+    res = rb.run(model, it, 1)
+    assert res.scored == 20
+    assert torch.equal(a.stats.mean, b.stats.mean) and torch.equal(a.stats.var, b.stats.var)
+
+
+# ---------------------------------------------------------------- all or nothing (issue 22, item 2)
+def state_of(p: gp.Pruner) -> dict:
+    """Everything a pass could record: the statistics and the counters, by value."""
+    return {**{k: v.clone() for k, v in p.stats.state_dict().items()}, "rounds": p.rounds,
+            "history": p.history}
+
+
+def assert_state(p: gp.Pruner, before: dict) -> None:
+    after = state_of(p)
+    for key, value in before.items():
+        same = torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else \
+            value == after[key]
+        assert same, key
+
+
+def unselected_batches(p: gp.Pruner, x, y, size: int = 5) -> list:
+    ids = torch.tensor(sorted(set(range(40)) - plan_set(p.current_plan)))
+    return [(x[b], y[b], b) for b in ids.split(size)]
+
+
+class SecondBatchScalar:
+    """A loss_fn that reduces on its second call: a bug the first batch does not show."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, out, target):
+        self.calls += 1
+        return F.cross_entropy(out, target, reduction="none" if self.calls == 1 else "mean")
+
+
+@pytest.mark.parametrize("feed", ["tensors", "batches"])
+def test_a_bad_loss_fn_output_on_the_second_batch_records_nothing(feed):
+    x, y = dataset()
+    p = trained_pruner()
+    before = state_of(p)
+    data = (x, y) if feed == "tensors" else unselected_batches(p, x, y)
+    loss_fn = SecondBatchScalar()
+    with pytest.raises(ValueError, match=r"loss_fn must return one loss per sample \(shape \(5,\)\), "
+                                         r"got torch.Size\(\[\]\)"):
+        Refresher(p).run(Net(), data, 1, loss_fn=loss_fn, batch_size=5)
+    assert loss_fn.calls == 2
+    assert_state(p, before)
+
+
+@pytest.mark.parametrize("bad, shown", [(40, 40), (-1, -1), (2**40, 2**40)])
+def test_an_id_outside_the_dataset_in_a_later_batch_is_named_and_records_nothing(bad, shown):
+    x, y = dataset()
+    p = trained_pruner()
+    before = state_of(p)
+    batches = unselected_batches(p, x, y)
+    xs, ys, ids = batches[2]
+    batches[2] = (xs, ys, torch.cat([ids[:-1], torch.tensor([bad])]))
+    with pytest.raises(ValueError, match=rf"data yielded sample id {shown} in batch 2, outside "
+                                         rf"\[0, 40\); nothing was recorded"):
+        Refresher(p).run(Net(), batches, 1)
+    assert_state(p, before)
+
+
+@pytest.mark.parametrize("ids, exc, msg", [
+    (torch.tensor([1.0, 2.0]), TypeError, "data must yield 1-D integer sample ids, got a "
+                                          "torch.float32 tensor of shape (2,) in batch 1"),
+    ([3, 5], TypeError, "got a list in batch 1"),
+    (torch.tensor([[3, 5]]), TypeError, "of shape (1, 2) in batch 1"),
+])
+def test_ids_that_are_not_integer_tensors_are_refused_and_record_nothing(ids, exc, msg):
+    x, y = dataset()
+    p = trained_pruner()
+    before = state_of(p)
+    batches = unselected_batches(p, x, y)
+    batches[1] = (x[:2], y[:2], ids)
+    with pytest.raises(exc) as info:
+        Refresher(p).run(Net(), batches, 1)
+    assert msg in str(info.value)
+    assert_state(p, before)
+
+
+def test_an_exception_in_a_later_forward_records_nothing():
+    x, y = dataset()
+    p = trained_pruner()
+    before = state_of(p)
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return F.cross_entropy(out, target, reduction="none")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Refresher(p).run(Net(), (x, y), 1, loss_fn=loss_fn, batch_size=5)
+    assert_state(p, before)
+    assert Refresher(p).run(Net(), (x, y), 1, batch_size=5).scored == 20    # then a clean pass
+
+
+def test_nonfinite_losses_of_a_pass_are_counted_not_errors():
+    x, y = dataset()
+    p = trained_pruner()
+    nan_first = lambda out, t: torch.where(torch.arange(len(t)) == 0, float("nan"),  # noqa: E731
+                                           F.cross_entropy(out, t, reduction="none"))
+    res = Refresher(p).run(Net(), (x, y), 1, loss_fn=nan_first, batch_size=5)
+    assert res.scored == 20 and int(p.stats.nonfinite) == 4              # one per batch of 5
+
+
+# ---------------------------------------------------------------- the feed: a Planner
+def test_the_feed_is_a_planner_of_exactly_the_targets_in_the_pruners_order():
+    p = trained_pruner(num_epochs=6)
+    r = Refresher(p)
+    assert isinstance(r.feed, Planner) and (r.feed.rank, r.feed.world_size) == (0, 1)
+    targets = r.targets(1)
+    assert r.feed.epoch_size(1) == targets.numel() == 20             # a read: no plan made
+    plan = r.feed.plan(1)
+    assert plan is r.feed.plan(1) and sorted(plan.indices.tolist()) == targets.tolist()
+    assert plan.indices.dtype == torch.int32 and not plan.full and r.feed.peek(1) is None
+    # the order is the seed's shuffle of the set (gpuprune.rng.shuffle_seed), as for a plan
+    from gpuprune.rng import shuffle_seed
+    assert torch.equal(plan.indices, p.backend.shuffle(targets.int(), shuffle_seed(p.seed, 1)))
+    with pytest.raises(ValueError, match="epoch must be <= 5"):
+        r.feed.plan(6)
+    # no second Pruner: no statistics of its own
+    assert not any(isinstance(v, (gp.Pruner, gp.LossStats)) for v in vars(r.feed).values())
+    s = r.sampler(shuffle=False)
+    assert len(s) == 20 and list(s) == targets.tolist()
