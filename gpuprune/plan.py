@@ -112,6 +112,19 @@ class Plan:
         return Plan(self.epoch, shard_indices(self.indices, rank, world_size, drop_last), self.full,
                     self.num_samples, self.weight, self.rescaled)
 
+    def overlap(self, previous: "Plan") -> torch.Tensor:
+        """Jaccard overlap of this plan's sample set with ``previous``'s, as a float64 device
+        scalar (no host read: a full plan's is a fill, not a host-to-device copy). Both plans'
+        ids are unique."""
+        a, b, dev = len(previous), len(self), self.indices.device
+        if previous.full or self.full:
+            inter = torch.full((), float(min(a, b)), dtype=torch.float64, device=dev)
+        else:
+            mark = torch.zeros(self.num_samples, dtype=torch.bool, device=dev)
+            mark[previous.indices.long()] = True
+            inter = mark[self.indices.long()].sum().double()
+        return inter / (a + b - inter)
+
     def fingerprint(self) -> torch.Tensor:
         """Four int64 values identifying the plan: a hash-sum of (position, id, weight), the length,
         the epoch, the full flag (the ranks compare them, see :mod:`gpuprune.distributed`).

@@ -16,11 +16,12 @@ import torch
 from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
 from .backend import get_backend
 from .distributed import DistributedError, EpochSync, Op, resolve_group
-from .plan import Plan, pack_mask
-from .policies import FULL_DATA, POLICIES, Policy, make_policy
-from .rng import epoch_generator, shuffle_seed
+from .plan import Plan
+from .planning import make_plan
+from .policies import POLICIES, Policy, make_policy
+from .sampler import PrunedSampler
 from .schedule import Schedule
-from .sizes import budget, index_dtype, shard_size
+from .sizes import budget, shard_size
 from .state import FORMAT, Progress, check_state, make_state
 from .stats import LossStats
 
@@ -45,6 +46,26 @@ def _policy_settings() -> dict[str, list[tuple[str, str]]]:
 
 
 _POLICY_SETTINGS = _policy_settings()
+
+
+def _refuse_policy_settings(settings: dict) -> None:
+    """A policy setting given to the Pruner raises TypeError naming the policy it belongs to."""
+    if settings:
+        name = next(iter(settings))
+        owners = _POLICY_SETTINGS.get(name, [])
+        hint = ("; it is a setting of the policy: pass " + " or ".join(
+            f"policy=gpuprune.{cls}({param}=...)" for cls, param in owners) if owners else "")
+        raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _keep_of(keep: float | None, prune_ratio: float | None) -> float:
+    """The kept fraction from ``keep`` or ``prune_ratio`` (at most one given; default 0.5)."""
+    if keep is not None and prune_ratio is not None:
+        raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
+                         f"prune_ratio={prune_ratio})")
+    if prune_ratio is not None:
+        return 1.0 - check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
+    return 0.5 if keep is None else check_float("keep", keep, low=0.0, high=1.0, low_open=True)
 
 
 class Pruner:
@@ -105,20 +126,10 @@ class Pruner:
         backend: str = "auto",
         **policy_settings: Any,
     ) -> None:
-        if policy_settings:
-            name = next(iter(policy_settings))
-            owners = _POLICY_SETTINGS.get(name, [])
-            hint = ("; it is a setting of the policy: pass " + " or ".join(
-                f"policy=gpuprune.{cls}({param}=...)" for cls, param in owners) if owners else "")
-            raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
+        _refuse_policy_settings(policy_settings)
         # the keyed tie-break hashes ids as uint32: unique keys, hence exact k, need N <= 2**32
         num_samples = check_int("num_samples", num_samples, minimum=1, maximum=2**32)
-        if keep is not None and prune_ratio is not None:
-            raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
-                             f"prune_ratio={prune_ratio})")
-        if prune_ratio is not None:
-            keep = 1.0 - check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
-        keep = 0.5 if keep is None else check_float("keep", keep, low=0.0, high=1.0, low_open=True)
+        keep = _keep_of(keep, prune_ratio)
         if decay is not None:
             decay = check_float("decay", decay, low=0.0, high=1.0, high_open=True)
         asked = Schedule(num_epochs, warmup_epochs, final_full_epochs, selection_interval)
@@ -192,36 +203,32 @@ class Pruner:
 
     def shard_size(self, epoch: int, world_size: int | None = None, drop_last: bool = False
                    ) -> int | None:
-        """Deprecated: one rank's share length lives in :meth:`gpuprune.shard.EpochShard.shard_size`
-        (``EpochShard(pruner, world_size, drop_last=...).shard_size(epoch)``)."""
+        """Deprecated: ``gpuprune.shard.EpochShard(pruner, world_size, drop_last=...)
+        .shard_size(epoch)``, the one home of a rank's share length."""
         warnings.warn("Pruner.shard_size is deprecated; use gpuprune.shard.EpochShard(pruner, ...)"
                       ".shard_size(epoch)", DeprecationWarning, stacklevel=2)
-        n = self.epoch_size(epoch)
+        from_epoch = self.epoch_size(epoch)
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
-        return None if n is None else shard_size(n, w, check_bool("drop_last", drop_last))
+        return None if from_epoch is None else shard_size(from_epoch, w, check_bool("drop_last",
+                                                                                     drop_last))
 
     def total_steps(self, batch_size: int, *, drop_last: bool = False, world_size: int | None = None,
                     upper_bound: bool = False) -> int:
         """Optimizer steps of the whole run on each rank, for step-based learning-rate schedules
-        (``OneCycleLR(total_steps=pruner.total_steps(batch_size))``): the sum over the epochs of
-        one rank's batches, as the sampler and the DALI iterator deliver them
-        (:meth:`gpuprune.Schedule.total_steps`, the one formula). The DALI iterator's
-        ``total_steps`` calls this with its own shards and last-batch policy.
+        (``OneCycleLR(total_steps=pruner.total_steps(batch_size))``): one rank's batches summed
+        over the epochs, as the sampler and the DALI iterator deliver them
+        (:meth:`gpuprune.Schedule.total_steps`, the one formula).
 
         Args:
             batch_size: samples per batch on each rank.
             drop_last: cut each rank's shard to an equal share and drop the last short batch (as
                 ``PrunedSampler(drop_last=True)`` with ``DataLoader(drop_last=True)``, or DALI's
                 ``LastBatchPolicy.DROP``). Default False.
-            world_size: ranks the epochs are sharded over; None (default) takes this Pruner's
-                :attr:`world_size`.
-            upper_bound: for InfoBatch, whose pruned epochs plan a loss-dependent number of
-                samples, return the bound that counts every pruned epoch with all N samples (the
-                schedule then never runs out; it ends somewhat early). Ignored by the exact-k
-                policies, whose count is exact either way. Default False.
-
-        Raises:
-            ValueError: without ``num_epochs``; for InfoBatch unless ``upper_bound=True``.
+            world_size: ranks sharing each epoch; None (default) takes :attr:`world_size`.
+            upper_bound: where pruned epochs plan a loss-dependent number of samples (InfoBatch),
+                the bound that counts each of them with all N samples; ignored where sizes are
+                exact. Default False: such a schedule raises ValueError, as one without
+                ``num_epochs`` does.
         """
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
         return self.schedule.total_steps(self.num_samples, self.k, batch_size, world_size=w,
@@ -241,7 +248,8 @@ class Pruner:
         if ready is not None and ready[0] is current:
             return current
         stats = self.stats
-        check = self._read_invalid_later()
+        # a distributed log counts invalid batches itself (the merge raises on every rank)
+        check = (lambda: 0) if self._sync is not None else self.stats.read_invalid_later()
         if self._sync is not None:
             stats = self._sync.merge(stats, self.backend, self.decay, self._run.epoch, op=Op.PLAN,
                                      epoch=epoch, config=self.config())
@@ -253,7 +261,7 @@ class Pruner:
                              f"batch(es); those batches were not recorded")
         selected = stats.selected if plan.full else stats.selected.index_add(
             0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
-        overlap = self._overlap(current, plan)
+        overlap = None if current is None else plan.overlap(current)
         if self._sync is not None:
             self._sync.verify(plan.fingerprint(), epoch, self.config())
             self._sync.reserve(shard_size(len(plan), self.world_size))
@@ -306,24 +314,8 @@ class Pruner:
         return self.schedule.selects(epoch, previous)
 
     def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> tuple[Plan, bool]:
-        """Select (or reuse the current selection) and shuffle; changes nothing."""
-        s = self.schedule
-        full, reselect = s.is_full(epoch), False
-        weight, rescaled = 1.0, None
-        if s.reuses(epoch, None if current is None else current.epoch):
-            ids, weight, rescaled = current.indices, current.weight, current.rescaled
-        else:                                 # a full epoch is FullData's selection
-            policy, k = (FULL_DATA, self.num_samples) if full else (self.policy, self.k)
-            choice = policy.select(stats, k, epoch=epoch, backend=self.backend,
-                                   generator=epoch_generator(self.seed, s.draw_epoch(epoch)))
-            ids = self._checked_selection(policy, choice.indices,
-                                          s.epoch_size(epoch, self.num_samples, self.k))
-            if choice.rescaled is not None:
-                weight, rescaled = float(choice.weight), pack_mask(choice.rescaled)
-            reselect = not full
-        order = self.backend.shuffle(ids, shuffle_seed(self.seed, epoch))
-        return Plan(epoch, order, full, self.num_samples,
-                    weight, rescaled), reselect
+        return make_plan(epoch, current, schedule=self.schedule, policy=self.policy, k=self.k,
+                         stats=stats, seed=self.seed, backend=self.backend)
 
     def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
                 record: dict) -> None:
@@ -338,49 +330,6 @@ class Pruner:
         self._peeked = None
         if self._sync is not None:
             self._sync.clear()
-
-    def _read_invalid_later(self):
-        """Start reading the invalid-batch counter without waiting; return a function giving it.
-
-        On a GPU the counter is copied into pinned memory behind the work queued so far, so the
-        wait at the end of :meth:`plan` is for that copy only, not for the plan's own work.
-        """
-        counter = self.stats.invalid_batches
-        if counter.device.type != "cuda" or self._sync is not None:
-            return lambda: 0 if self._sync is not None else int(counter)
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        host.copy_(counter, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-
-        def result() -> int:
-            done.synchronize()
-            return int(host)
-        return result
-
-    def _checked_selection(self, policy: Policy, idx: torch.Tensor, count: int | None
-                           ) -> torch.Tensor:
-        """A fresh selection's ids in the id dtype, after checking their form and, when the
-        schedule knows it (``count``), their number; no host read."""
-        if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.device != self.device
-                or idx.dtype not in (torch.int32, torch.int64)):
-            raise TypeError(f"{policy!r}.select must return 1-D int32/int64 ids on {self.device}")
-        if count is not None and idx.numel() != count:
-            raise ValueError(f"{policy!r} returned {idx.numel()} ids, expected k={count}")
-        return idx.to(index_dtype(self.num_samples))
-    def _overlap(self, previous: Plan | None, plan: Plan) -> torch.Tensor | None:
-        """Jaccard overlap of this plan's sample set with the previous plan's (a device scalar)."""
-        if previous is None:
-            return None
-        n, a, b = self.num_samples, len(previous), len(plan)
-        if previous.full or plan.full:
-            # a fill, not a host-to-device copy: plan() keeps its one host synchronisation
-            inter = torch.full((), float(min(a, b)), dtype=torch.float64, device=self.device)
-        else:
-            mark = torch.zeros(n, dtype=torch.bool, device=self.device)
-            mark[previous.indices.long()] = True
-            inter = mark[plan.indices.long()].sum().double()
-        return inter / (a + b - inter)
 
     # ------------------------------------------------------------------ observe
     def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor) -> torch.Tensor:
@@ -439,21 +388,9 @@ class Pruner:
                  else r["overlap"]} for r in records]
 
     def selection_stats(self, always: float = 0.9, never: float = 0.1) -> dict:
-        """The paper's "sometimes" samples: how often each sample was planned in pruned epochs.
-
-        Returns:
-            dict with ``frequency`` (float32 tensor of N, on the CPU), ``rounds`` (pruned epochs),
-            and the fractions of samples planned in more than ``always``, fewer than ``never``, and
-            in between (``sometimes``) of the rounds.
-        """
-        always = check_float("always", always, low=0.0, high=1.0)
-        never = check_float("never", never, low=0.0, high=1.0)
-        freq = self.stats.frequency(self.rounds).cpu()
-        n = freq.numel()
-        hi = int((freq > always).sum())
-        lo = int((freq < never).sum())
-        return {"frequency": freq, "rounds": self.rounds, "always": hi / n, "never": lo / n,
-                "sometimes": (n - hi - lo) / n}
+        """The paper's "sometimes" samples over the pruned epochs so far
+        (:meth:`LossStats.selection_stats`)."""
+        return self.stats.selection_stats(self.rounds, always, never)
 
     def nbytes(self) -> int:
         """Bytes of device state this Pruner holds: statistics, current plan, the per-epoch overlap
@@ -470,12 +407,9 @@ class Pruner:
             total += self._sync.nbytes()
         return total
 
-    def sampler(self, **kwargs):
-        """Deprecated: write ``gpuprune.PrunedSampler(pruner, ...)``, as
-        ``DistributedSampler(dataset, ...)``. (The planning layer does not import the loaders.)"""
-        warnings.warn("Pruner.sampler() is deprecated; use gpuprune.PrunedSampler(pruner, ...)",
-                      DeprecationWarning, stacklevel=2)
-        from .sampler import PrunedSampler      # the one upward import: this deprecated shim
+    def sampler(self, **kwargs) -> PrunedSampler:
+        """A :class:`~gpuprune.PrunedSampler` over this Pruner (keyword arguments pass through):
+        the same as ``gpuprune.PrunedSampler(pruner, **kwargs)``."""
         return PrunedSampler(self, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_int, resolve_device
+from ._checks import check_float, check_int, resolve_device
 
 __all__ = ["LossStats", "StatsTensors", "tree_sum", "masked_mean"]
 
@@ -119,6 +119,43 @@ class LossStats:
         """Fraction of ``rounds`` pruned epochs in which each sample was planned (float32)."""
         rounds = check_int("rounds", rounds, minimum=0)
         return self.selected.float() / max(rounds, 1)
+
+    def read_invalid_later(self):
+        """Start reading :attr:`invalid_batches` without waiting; return a function giving it.
+
+        On a GPU the counter is copied into pinned memory behind the work queued so far, so a wait
+        at the end of a plan is for that copy only, not for the plan's own work.
+        """
+        counter = self.invalid_batches
+        if counter.device.type != "cuda":
+            return lambda: int(counter)
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(counter, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result() -> int:
+            done.synchronize()
+            return int(host)
+        return result
+
+    def selection_stats(self, rounds: int, always: float = 0.9, never: float = 0.1) -> dict:
+        """The paper's "sometimes" samples: how often each sample was planned in ``rounds`` pruned
+        epochs.
+
+        Returns:
+            dict with ``frequency`` (float32 tensor of N, on the CPU), ``rounds``, and the
+            fractions of samples planned in more than ``always``, fewer than ``never``, and in
+            between (``sometimes``) of the rounds.
+        """
+        always = check_float("always", always, low=0.0, high=1.0)
+        never = check_float("never", never, low=0.0, high=1.0)
+        freq = self.frequency(rounds).cpu()
+        n = freq.numel()
+        hi = int((freq > always).sum())
+        lo = int((freq < never).sum())
+        return {"frequency": freq, "rounds": rounds, "always": hi / n, "never": lo / n,
+                "sometimes": (n - hi - lo) / n}
 
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
