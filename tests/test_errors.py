@@ -31,7 +31,8 @@ import gpuprune as gp
 from gpuprune.backend import TorchBackend
 from gpuprune.plan import shard_indices
 from gpuprune.policies import EpsilonGreedy, InfoBatch, Policy, Selection, Static, UCB
-from gpuprune.state import state_checksum
+
+from conftest import edited, set_at
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 N = 20
@@ -138,37 +139,12 @@ class Stream(IterableDataset):
 
 
 def state_with(policy: str = "infobatch", reseal: bool = True, **changes) -> dict:
-    """A valid Pruner state dict with some entries replaced (``a__b`` is ``state["a"]["b"]``), its
-    checksum recomputed unless ``reseal=False``: the checks behind the checksum must hold alone.
-
-    It comes from a pruner trained further than the subjects, so a half-applied load would show.
-    """
+    """A valid Pruner state dict with some entries replaced (conftest's :func:`edited`), from a
+    pruner trained further than the subjects, so a half-applied load would show."""
     other = trained_pruner(policy)
     other.observe(torch.arange(N), torch.full((N,), 5.0))
     other.plan(3)
-    s = other.state_dict()
-    for path, value in changes.items():
-        d = s
-        keys = path.split("__")
-        for key in keys[:-1]:
-            d = d[key]
-        if value is KeyError:
-            del d[keys[-1]]
-        elif callable(value):
-            d[keys[-1]] = value(d[keys[-1]])
-        else:
-            d[keys[-1]] = value
-    if reseal and "checksum" in s:
-        s["checksum"] = state_checksum(s)
-    return s
-
-
-def set_at(i: int, value):
-    def change(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        t[i] = value
-        return t
-    return change
+    return edited(other.state_dict(), reseal, **changes)
 
 
 # ---------------------------------------------------------------- DALI subjects

@@ -12,9 +12,10 @@ import gpuprune as gp
 from gpuprune.refresh import Refresher, refresh_due, refresh_scores, refresh_targets
 from gpuprune.shard import Planner
 
+from dist_jobs import (R_EPOCHS, R_FEEDS, R_KEEP, RN, STATE_KEYS, make_refresh_pruner,
+                       observe_all, refresh_data, refresh_model)
 
-def plan_set(plan) -> set[int]:
-    return set(plan.indices.tolist())
+from conftest import plan_set
 
 
 class Net(torch.nn.Module):
@@ -244,8 +245,8 @@ def test_a_bad_loss_fn_output_on_the_second_batch_records_nothing(feed):
     before = state_of(p)
     data = (x, y) if feed == "tensors" else unselected_batches(p, x, y)
     loss_fn = SecondBatchScalar()
-    with pytest.raises(ValueError, match=r"loss_fn must return one loss per sample \(shape \(5,\)\), "
-                                         r"got torch.Size\(\[\]\)"):
+    with pytest.raises(ValueError, match=r"loss_fn must return one loss per sample "
+                                         r"\(shape \(5,\)\), got torch.Size\(\[\]\)"):
         Refresher(p).run(Net(), data, 1, loss_fn=loss_fn, batch_size=5)
     assert loss_fn.calls == 2
     assert_state(p, before)
@@ -329,3 +330,86 @@ def test_the_feed_is_a_planner_of_exactly_the_targets_in_the_pruners_order():
     assert not any(isinstance(v, (gp.Pruner, gp.LossStats)) for v in vars(r.feed).values())
     s = r.sampler(shuffle=False)
     assert len(s) == 20 and list(s) == targets.tolist()
+
+
+# ---------------------------------------------------------------- under a process group
+def _eval_losses(epoch: int, ids: torch.Tensor) -> torch.Tensor:
+    """The losses of refresh_model(epoch) in eval mode (no dropout), all ``ids`` in one batch."""
+    x, y = refresh_data()
+    model = refresh_model(epoch).eval()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+
+
+def _counters(p: gp.Pruner) -> tuple:
+    return p.rounds, p.stats.selected.clone(), p.history, p.current_plan
+
+
+@pytest.mark.parametrize("feed", R_FEEDS)
+def test_refresh_shards_the_unselected_over_ranks_and_merges_like_one_process(job, feed):
+    """Refresher(which="unselected") under a process group, fed in-memory tensors or a DataLoader
+    over refresher.sampler(): before each selection the ranks refresh disjoint shards whose union
+    is the current plan's unselected samples, nothing counts as training, and after the merge every
+    rank plans and ends bit-identically to one process that refreshed all of them itself."""
+    from gpuprune.refresh import Refresher
+    world, ranks = job
+    recs = [res[("refresh", feed)] for res in ranks]
+    for r, rec in enumerate(recs):
+        assert "error" not in rec, f"rank {r}:\n{rec['error']}"
+    x, y = refresh_data()
+    ref = make_refresh_pruner(process_group=None)       # per-step updates, one whole pass
+    refresher = Refresher(ref, which="unselected")
+    bare = make_refresh_pruner(process_group=None)       # the same training without the pass
+    plans_differ = False
+    for e in range(R_EPOCHS):
+        expected = (set() if e == 0 else
+                    set(range(RN)) - set(recs[0]["plans"][e - 1].tolist()))
+        n = len(expected)
+        assert n == (0 if e == 0 else RN - gp.budget(R_KEEP, RN))
+        got = [rec["refreshed"][e] for rec in recs]
+        every = torch.cat(got)
+        assert every.unique().numel() == every.numel(), (feed, e)    # disjoint, once each
+        assert set(every.tolist()) == expected, (feed, e)            # = the unselected
+        # the single-process pass over all of them, and its feed plan (what the ranks shard)
+        c0 = _counters(ref)
+        out = refresher.run(refresh_model(e), (x, y), e)
+        assert (out.epoch, out.requested, out.scored) == (e, n, n)
+        c1 = _counters(ref)
+        assert c1[0] == c0[0] and torch.equal(c1[1], c0[1]) and c1[2] == c0[2] and c1[3] is c0[3]
+        feed_plan = None if e == 0 else refresher.feed.plan(e).indices.long()
+        assert feed_plan is None or (len(feed_plan) == n and set(feed_plan.tolist()) == expected)
+        for r, rec in enumerate(recs):
+            mine = len(range(r, n, world))               # an equal split, no padding
+            assert rec["due"][e] is (e > 0)
+            assert rec["results"][e] == (e, mine, mine), (feed, e, r)
+            assert rec["untouched"][e] is True, (feed, e, r)
+            if e == 0:
+                continue
+            # rank r refreshes positions r, r + W, ... of the feed's plan, in order: with a
+            # DataLoader, its sampler's shard (padded by wrap-around) without the padded entry
+            assert torch.equal(got[r], feed_plan[r::world]), (feed, e, r)
+            if feed == "loader":
+                served = feed_plan[(r + world * torch.arange(-(-n // world))) % n]
+                assert torch.equal(rec["feed_shards"][e], served), (e, r)
+            # each sample's logged loss is the eval-mode loss of that epoch's model
+            assert torch.equal(rec["losses"][e], _eval_losses(e, got[r])), (feed, e, r)
+        if feed == "loader" and e > 0:
+            # the samplers' shards overlap in the wrap-around padding only
+            shards = torch.cat([rec["feed_shards"][e] for rec in recs])
+            assert set(shards.tolist()) == expected
+            assert shards.numel() - n == -(-n // world) * world - n > 0
+        plan = ref.plan(e)
+        for rec in recs:
+            assert torch.equal(rec["plans"][e], plan.indices), (feed, e)
+        plans_differ |= not torch.equal(bare.plan(e).indices, plan.indices)
+        stream = torch.cat([rec["shards"][e] for rec in recs])
+        assert stream.unique().numel() == stream.numel()
+        observe_all(ref, stream, e)
+        observe_all(bare, stream, e)
+    want = ref.stats.state_dict()
+    for rec in recs:
+        for key in STATE_KEYS:
+            assert torch.equal(rec["state"][key], want[key]), (feed, key)
+        assert rec["rounds"] == ref.rounds == R_EPOCHS and rec["history"] == ref.history
+    # the passes mattered: without them the statistics and some selection differ
+    assert not torch.equal(bare.stats.mean, want["mean"]) and plans_differ

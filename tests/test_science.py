@@ -1,4 +1,5 @@
-"""Science: InfoBatch's official semantics, UCB lock-in, the overlap metric, the re-score pass.
+"""Science: InfoBatch's official semantics, UCB lock-in, the overlap metric (the re-score pass:
+tests/test_refresh.py).
 
 Expectations are hand-computed on small loss streams (the numbers are in the comments), or checked
 against a line-by-line transcription of the official InfoBatch rule (NUS-HPC-AI-Lab/InfoBatch,
@@ -11,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gpuprune as gp
 from gpuprune.bench.runner import lock_in_runs, selection_overlaps
@@ -19,13 +19,11 @@ from gpuprune.plan import mask_lookup
 from gpuprune.policies import Policy, Selection
 from gpuprune.policies.infobatch import kept_share
 
+from conftest import plan_set
+
 
 def ids(*xs) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.int64)
-
-
-def plan_set(plan) -> set[int]:
-    return set(plan.indices.tolist())
 
 
 def rescaled_set(plan) -> set[int]:

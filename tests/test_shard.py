@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import gpuprune as gp
+from gpuprune.plan import shard_indices
 from gpuprune.shard import EpochShard, Planner, Position
+from gpuprune.sizes import owned_size
 
 
 class ListPlanner:
@@ -176,3 +178,24 @@ def test_the_pruner_world_and_explicit_values_are_checked():
     assert (named.rank, named.num_replicas) == (3, 4)
     with pytest.raises(ValueError, match="shard_id must be <= 1, got shard_id=2"):
         EpochShard(p, 2, 2, names=("num_shards", "shard_id"))
+
+
+# ---------------------------------------------------------------- (from test_core.py)
+def test_shard_indices_equal_sizes_and_cover():
+    idx = torch.arange(10)
+    shards = [shard_indices(idx, r, 3) for r in range(3)]
+    assert [s.numel() for s in shards] == [4, 4, 4]
+    allv = torch.cat(shards).tolist()
+    assert set(allv) == set(range(10)) and len(allv) - 10 == 2   # 2 padded duplicates
+    dropped = [shard_indices(idx, r, 3, drop_last=True) for r in range(3)]
+    assert [s.numel() for s in dropped] == [3, 3, 3]
+    assert sorted(torch.cat(dropped).tolist()) == list(range(9))
+    assert shard_indices(torch.arange(0), 0, 2).numel() == 0
+    with pytest.raises(ValueError, match="rank must be <= 2"):
+        shard_indices(idx, 3, 3)
+    # owned_size: the leading entries of a shard that are not wrap-around padding (10 over 3 ranks:
+    # rank 0 owns positions 0, 3, 6, 9; ranks 1 and 2 own 3 and pad one)
+    assert [owned_size(10, r, 3) for r in range(3)] == [4, 3, 3]
+    assert [shards[r][owned_size(10, r, 3):].tolist() for r in range(3)] == [[], [0], [1]]
+    assert torch.cat([shards[r][:owned_size(10, r, 3)] for r in range(3)]).sort().values.tolist() \
+        == list(range(10))

@@ -14,7 +14,8 @@ import torch
 
 import gpuprune as gp
 from gpuprune.plan import mask_lookup, pack_mask
-from gpuprune.state import state_checksum
+
+from conftest import edited, feed, make
 
 N = 20
 
@@ -26,18 +27,6 @@ def trained(policy: str = "infobatch", epochs: int = 4, **kw) -> gp.Pruner:
         plan = p.plan(epoch)
         p.observe(plan.indices, torch.linspace(0.1, 2.0, len(plan)) * (epoch + 1))
     return p
-
-
-def resealed(state: dict, **changes) -> dict:
-    """``state`` with entries replaced (``a__b`` is ``state["a"]["b"]``; a callable maps the old
-    value) and its checksum recomputed, as an attacker or a buggy script would."""
-    for path, value in changes.items():
-        d, keys = state, path.split("__")
-        for key in keys[:-1]:
-            d = d[key]
-        d[keys[-1]] = value(d[keys[-1]]) if callable(value) else value
-    state["checksum"] = state_checksum(state)
-    return state
 
 
 def set_record(i: int, **fields):
@@ -66,8 +55,10 @@ def refused(policy: str, state: dict, match: str) -> None:
     (dict(stats__nonfinite=torch.tensor(2**62)),
      "state_dict['stats']['nonfinite'] must lie in [0, 2**53], got 4611686018427387904"),
 ], ids=["rounds=10**9", "overlap='x'", "a record {}", "1002 records for 2 epochs", "nonfinite=2**62"])
+
+
 def test_edited_and_resealed_states_of_issue_22_are_refused(changes, match):
-    refused("infobatch", resealed(trained("infobatch", epochs=2).state_dict(), **changes), match)
+    refused("infobatch", edited(trained("infobatch", epochs=2).state_dict(), **changes), match)
 
 
 def test_an_infobatch_plan_of_one_id_is_refused_even_when_everything_else_agrees():
@@ -79,7 +70,7 @@ def test_an_infobatch_plan_of_one_id_is_refused_even_when_everything_else_agrees
     selected = state["stats"]["selected"].clone()
     selected[ids.long()] -= 1
     selected[keep.long()] += 1
-    resealed(state, plan__indices=keep, history=set_record(1, size=1), stats__selected=selected)
+    edited(state, plan__indices=keep, history=set_record(1, size=1), stats__selected=selected)
     refused("infobatch", state, "state_dict['plan']['indices'] holds 1 ids (")
 
 
@@ -91,12 +82,12 @@ def test_an_infobatch_plan_must_keep_the_count_and_weight_of_its_below_mean_mask
     below = mask_lookup(plan.rescaled, torch.arange(N))
     n_below = int(below.sum())
     assert len(plan) == N - n_below + math.floor(q * n_below)        # what the check requires
-    refused("infobatch", resealed(p.state_dict(), plan__weight=plan.weight * 2),
+    refused("infobatch", edited(p.state_dict(), plan__weight=plan.weight * 2),
             "an InfoBatch plan rescales its kept below-mean samples by 1/q")
     # one more sample marked below the mean: the plan should have kept fewer
     more = below.clone()
     more[plan.indices[~below[plan.indices.long()]][0].long()] = True
-    refused("infobatch", resealed(state, plan__rescaled=pack_mask(more)), "InfoBatch keeps all")
+    refused("infobatch", edited(state, plan__rescaled=pack_mask(more)), "InfoBatch keeps all")
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -122,8 +113,10 @@ def test_an_infobatch_plan_must_keep_the_count_and_weight_of_its_below_mean_mask
     (dict(plan__rescaled=torch.ones(3, dtype=torch.uint8)),
      "Uniform() does not rescale losses, but the plan marks rescaled samples"),
 ], ids=lambda v: v if isinstance(v, str) else None)
+
+
 def test_every_field_and_every_tie_between_fields_is_checked(changes, match):
-    refused("uniform", resealed(trained("uniform", epochs=2).state_dict(), **changes), match)
+    refused("uniform", edited(trained("uniform", epochs=2).state_dict(), **changes), match)
 
 
 def test_rescaled_bits_past_the_last_sample_are_refused():
@@ -135,13 +128,17 @@ def test_rescaled_bits_past_the_last_sample_are_refused():
     bits[-1] |= 0x80                                          # sample 23 of 19
     q = gp.Pruner(19, keep=0.5, policy="infobatch", num_epochs=6, seed=1)
     with pytest.raises(ValueError, match="marks samples past num_samples=19"):
-        q.load_state_dict(resealed(state, plan__rescaled=bits))
+        q.load_state_dict(edited(state, plan__rescaled=bits))
 
 
 @pytest.mark.parametrize("policy", ["ucb", "epsilon_greedy", "uniform", "infobatch", "static",
                                     "full"])
+
+
 @pytest.mark.parametrize("kw", [{}, dict(warmup_epochs=1, selection_interval=2)],
                          ids=["plain", "warmup-interval"])
+
+
 def test_every_state_a_run_saves_loads_at_every_epoch(policy, kw):
     """The checks refuse nothing a real run saves: every epoch of every policy and schedule."""
     p = gp.Pruner(N, keep=0.4, policy=policy, num_epochs=6, seed=3, **kw)
@@ -154,3 +151,32 @@ def test_every_state_a_run_saves_loads_at_every_epoch(policy, kw):
         assert q.history == p.history and q.rounds == p.rounds
         assert torch.equal(q.current_plan.indices, plan.indices)
 
+
+# ---------------------------------------------------------------- (from test_core.py)
+@pytest.mark.parametrize("policy", ["ucb", "epsilon_greedy", "uniform", "infobatch", "static"])
+def test_resume_gives_bit_identical_future_plans(policy, tmp_path):
+    ref = make(policy, warmup_epochs=1, selection_interval=2)
+    for epoch in range(3):
+        feed(ref, ref.plan(epoch))
+    path = tmp_path / "ckpt.pt"
+    gp.save_checkpoint(ref.state_dict(), path)
+    resumed = make(policy, warmup_epochs=1, selection_interval=2)
+    resumed.load_state_dict(gp.load_checkpoint(path))
+    for epoch in range(3, 8):
+        a, b = ref.plan(epoch), resumed.plan(epoch)
+        assert torch.equal(a.indices, b.indices)
+        assert (a.weights is None) == (b.weights is None)
+        if a.weights is not None:
+            assert torch.equal(a.weights, b.weights)
+        feed(ref, a)
+        feed(resumed, b)
+    for key, value in ref.state_dict()["stats"].items():
+        assert torch.equal(value, resumed.state_dict()["stats"][key]), key
+    assert ref.history == resumed.history
+
+
+def test_load_state_dict_rejects_other_config():
+    a = make("ucb")
+    b = gp.Pruner(500, keep=0.4, policy="ucb", num_epochs=8, seed=11)
+    with pytest.raises(ValueError, match="checkpoint was made with k=150, this Pruner has k=200"):
+        b.load_state_dict(a.state_dict())
