@@ -326,6 +326,13 @@ CASES: list[Case] = [
     Case("Pruner.load_state_dict", "a sample selected more often than there were rounds", lambda p: p.load_state_dict(state_with(stats__selected=set_at(0, 99))), ValueError, "state_dict['stats']['selected'] must lie in [0, 4], got [", trained_pruner),
     Case("Pruner.load_state_dict", "`rounds=-1`", lambda p: p.load_state_dict(state_with(rounds=-1)), ValueError, "state_dict['rounds'] must be >= 0", trained_pruner),
     Case("Pruner.load_state_dict", "a plan epoch that is full in this schedule", lambda p: p.load_state_dict(state_with(plan__full=True)), ValueError, "state_dict['plan']['full']=True, but epoch 3 is pruned in this schedule", trained_pruner),
+    # whole-state validation (issue 22, item 3): each state below is edited *and re-checksummed*
+    Case("Pruner.load_state_dict", "`rounds=10**9`", lambda p: p.load_state_dict(state_with(rounds=10**9)), ValueError, "state_dict['rounds']=1000000000, but the history holds 4 pruned plans", trained_pruner),
+    Case("Pruner.load_state_dict", "a history record with `overlap=\"x\"`", lambda p: p.load_state_dict(state_with(history=lambda h: [h[0], {**h[1], "overlap": "x"}, *h[2:]])), ValueError, "state_dict['history'][1]['overlap'] must be a float in [0, 1], got 'x'", trained_pruner),
+    Case("Pruner.load_state_dict", "a history record `{}`", lambda p: p.load_state_dict(state_with(history=lambda h: [h[0], {}, *h[2:]])), ValueError, "state_dict['history'][1] must be a dict with exactly the keys ['epoch', 'size', 'full', 'reselected', 'overlap'], got {}", trained_pruner),
+    Case("Pruner.load_state_dict", "1,002 history records for 4 epochs", lambda p: p.load_state_dict(state_with(history=lambda h: h + [h[-1]] * 998)), ValueError, "state_dict['history'][4]['epoch']=3 does not follow the previous record's epoch 3", trained_pruner),
+    Case("Pruner.load_state_dict", "`nonfinite=2**62`", lambda p: p.load_state_dict(state_with(stats__nonfinite=torch.tensor(2**62))), ValueError, "state_dict['stats']['nonfinite'] must lie in [0, 2**53], got 4611686018427387904", trained_pruner),
+    Case("Pruner.load_state_dict", "an InfoBatch plan of 1 id", lambda p: p.load_state_dict(state_with(plan__indices=lambda t: t[:1])), ValueError, "state_dict['plan']['indices'] holds 1 ids, its history record says", trained_pruner),
     # LossStats
     Case(LS, "`num_samples=0`", lambda _: gp.LossStats(0), ValueError, "num_samples must be >= 1, got num_samples=0"),
     Case(LS, "`device=\"meta\"`", lambda _: gp.LossStats(N, device="meta"), ValueError, "device must be a cpu or cuda device"),

@@ -167,3 +167,40 @@ def test_sampler_state_errors_leave_it_unchanged():
                                          r"this rank's share of epoch 0 holds"):
         t.load_state_dict({"epoch": 0, "consumed": 99, "num_replicas": 1, "drop_last": False})
     assert (t.epoch, len(t)) == (0, 26)
+
+
+# ---------------------------------------------------------------- the DistributedSampler counterpart
+@pytest.mark.parametrize("n, world", [(10, 3), (12, 4), (2, 5), (7, 1)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_padding_and_drop_last_follow_distributed_sampler(n, world, drop_last):
+    """Over a full plan in id order the shares are DistributedSampler's, padding (several wraps
+    when n < W) and drop_last included: the documented "same rule"."""
+    from torch.utils.data import DistributedSampler
+    p = gp.Pruner(n, policy="full")
+    for rank in range(world):
+        ours = gp.PrunedSampler(p, world, rank, drop_last=drop_last, shuffle=False)
+        ours.set_epoch(0)
+        theirs = DistributedSampler(range(n), world, rank, shuffle=False, drop_last=drop_last)
+        assert list(ours) == list(theirs) and len(ours) == len(theirs), rank
+
+
+def test_the_pruner_s_factory_and_the_arguments_of_the_counterpart():
+    p = gp.Pruner(50, keep=0.4, policy="uniform", seed=3)
+    s = p.sampler(num_replicas=2, rank=1, drop_last=True, shuffle=False)
+    assert isinstance(s, gp.PrunedSampler) and s.pruner is p
+    assert (s.num_replicas, s.rank, s.drop_last, s.shuffle, s.epoch) == (2, 1, True, False, 0)
+    t = gp.PrunedSampler(p, 2, 1, True, False)                     # the positional order
+    s.set_epoch(0)
+    t.set_epoch(0)
+    assert list(s) == list(t) == sorted(p.plan(0).indices.tolist())[1::2]
+
+
+def test_assigning_epoch_moves_without_planning_and_set_epoch_plans():
+    p = gp.Pruner(50, keep=0.4, policy="uniform", num_epochs=4, seed=3)
+    s = gp.PrunedSampler(p)
+    s.epoch = 2                                    # as DistributedSampler.epoch: a plain move
+    assert p.current_plan is None and s.epoch == 2 and len(s) == 20
+    with pytest.raises(ValueError, match=r"epoch must be <= 3 \(epochs count from 0"):
+        s.epoch = 4
+    s.set_epoch(2)
+    assert p.current_plan.epoch == 2 and list(s) == p.plan(2).indices.tolist()

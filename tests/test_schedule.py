@@ -95,3 +95,17 @@ def test_total_steps_is_one_answer_for_the_pruner_and_the_dali_iterator():
     p = gp.Pruner(n, keep=0.4, policy="uniform", num_epochs=6, warmup_epochs=1)
     assert p.total_steps(bs) == p.total_steps(bs, world_size=1) == 43
     assert p.total_steps(bs, world_size=2) == 7 + 5 * 3
+
+
+def test_a_one_based_loop_is_told_that_epochs_count_from_0():
+    """``for epoch in range(1, num_epochs + 1)`` (pytorch/examples' habit) fails at its last epoch;
+    the message says why, as issue 19 asks, wherever an epoch is checked."""
+    p = gp.Pruner(20, keep=0.5, policy="uniform", num_epochs=3)
+    want = "epoch must be <= 2 (epochs count from 0; the schedule has num_epochs=3), got epoch=3"
+    for call in (p.plan, p.check_epoch, p.epoch_size, p.is_full_epoch,
+                 gp.PrunedSampler(p).set_epoch, gp.Schedule(3).is_full):
+        with pytest.raises(ValueError) as info:
+            call(3)
+        assert str(info.value) == want
+    with pytest.raises(ValueError, match=r"epoch must be >= 0, got epoch=-1"):
+        p.plan(-1)

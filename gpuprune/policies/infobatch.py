@@ -4,7 +4,7 @@ The rule, as in the official code (NUS-HPC-AI-Lab/InfoBatch, ``infobatch/infobat
 default here:
 
 * **Score**: the sample's latest training loss. The Pruner's ``decay`` defaults to ``0.0`` for this
-  policy (:attr:`InfoBatch.default_decay`), so the statistics' mean *is* the last finite loss.
+  policy (its :meth:`InfoBatch.rule`), so the statistics' mean *is* the last finite loss.
   ``Pruner(..., decay=0.9)`` scores by an exponential moving average instead (an option: with it
   the below-mean set changes slowly, because a sample's score moves by a tenth of each change).
 * **Well learned**: score strictly below the mean score.
@@ -14,7 +14,8 @@ default here:
   unchanged; every other sample is kept with weight 1. A pruned epoch therefore plans
   ``N - n_below + floor(q * n_below)`` samples, a number that depends on the losses.
 * **Annealing**: epochs ``>= floor(delta * num_epochs)`` train on full data with every weight 1
-  (:meth:`InfoBatch.final_full_epochs`; at ``num_epochs = 10``, ``delta = 0.875``: epochs 8 and 9).
+  (the final full epochs of :meth:`InfoBatch.rule`; at ``num_epochs = 10``, ``delta = 0.875``:
+  epochs 8 and 9).
 
 Where gpuprune deliberately differs from the official code, and why:
 
@@ -100,7 +101,7 @@ class InfoBatch(Policy):
             weight is at most ``1 / min_keep``. Default ``0.1`` (the official clamp: a ratio above
             0.9 keeps 10% at weight 10).
 
-    The Pruner scores this policy by the latest loss (``default_decay = 0.0``); pass
+    The Pruner scores this policy by the latest loss (its rule's ``decay = 0.0``); pass
     ``Pruner(decay=0.9)`` for an exponential moving average.
     """
 
