@@ -34,6 +34,11 @@ class IndexedDataset(Dataset):
         return item, index
 
 
+def _from_shard(name: str, doc: str) -> property:
+    """A read-only attribute of the sampler that is its :class:`EpochShard`'s."""
+    return property(lambda self: getattr(self.shard, name), doc=doc)
+
+
 class PrunedSampler(Sampler[int]):
     """``DistributedSampler``'s counterpart over a planner's epochs: yields this epoch's planned
     sample ids, this rank's share under multi-process training.
@@ -81,26 +86,11 @@ class PrunedSampler(Sampler[int]):
         #: the per-rank view every question is delegated to
         self.shard = EpochShard(pruner, num_replicas, rank, drop_last=drop_last, shuffle=shuffle)
 
-    @property
-    def pruner(self):
-        """The planner whose epochs this sampler serves."""
-        return self.shard.planner
-
-    @property
-    def num_replicas(self) -> int:
-        return self.shard.num_replicas
-
-    @property
-    def rank(self) -> int:
-        return self.shard.rank
-
-    @property
-    def drop_last(self) -> bool:
-        return self.shard.drop_last
-
-    @property
-    def shuffle(self) -> bool:
-        return self.shard.shuffle
+    pruner = _from_shard("planner", "The planner whose epochs this sampler serves.")
+    num_replicas = _from_shard("num_replicas", "Ranks sharing each plan.")
+    rank = _from_shard("rank", "This rank.")
+    drop_last = _from_shard("drop_last", "Whether plans are cut to a multiple of num_replicas.")
+    shuffle = _from_shard("shuffle", "Whether ids come in the plan's order (else by id).")
 
     @property
     def epoch(self) -> int:
