@@ -207,10 +207,9 @@ class Pruner:
         .shard_size(epoch)``, the one home of a rank's share length."""
         warnings.warn("Pruner.shard_size is deprecated; use gpuprune.shard.EpochShard(pruner, ...)"
                       ".shard_size(epoch)", DeprecationWarning, stacklevel=2)
-        from_epoch = self.epoch_size(epoch)
+        n = self.epoch_size(epoch)
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
-        return None if from_epoch is None else shard_size(from_epoch, w, check_bool("drop_last",
-                                                                                     drop_last))
+        return None if n is None else shard_size(n, w, check_bool("drop_last", drop_last))
 
     def total_steps(self, batch_size: int, *, drop_last: bool = False, world_size: int | None = None,
                     upper_bound: bool = False) -> int:

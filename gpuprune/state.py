@@ -161,7 +161,7 @@ def check_state(state, *, config: dict, schedule: Schedule, policy: Policy, k: i
                          f"plans hold {planned} ids")
     last = history[-1] if history else None
     chosen = -1 if last is None or last["full"] else max(
-        r["epoch"] for r in history if r["reselected"])
+        (r["epoch"] for r in history if r["reselected"]), default=-1)
     if selection_epoch != chosen:
         raise ValueError(f"state_dict['selection_epoch']={selection_epoch}, but the history's "
                          f"current selection was drawn in epoch {chosen}")

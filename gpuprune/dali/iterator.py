@@ -220,7 +220,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         # the per-rank view (share, sizes); the position and passes are still kept here
         self._view = EpochShard(pruner, num_shards, shard_id,
                                 drop_last=last_batch_policy == LastBatchPolicy.DROP,
-                                shuffle=check_bool("shuffle", shuffle),
+                                shuffle=self.shuffle,
                                 owner="PrunedDALIIterator", names=("num_shards", "shard_id"))
         self.shard_id, self.num_shards = self._view.rank, self._view.num_replicas
         if isinstance(output_map, str):

@@ -171,10 +171,11 @@ def _legacy_rule(policy: Policy, rule: Rule, keep: float, num_samples: int, sche
     final = schedule.final_full_epochs
     if final is None and "final_full_epochs" in used:
         final = policy.final_full_epochs(schedule.num_epochs)
-    keeps_all = getattr(cls, "keeps_all", False)
-    kind = replace(rule.schedule, final_full_epochs=final or 0, all_full=keeps_all,
-                   select_once=getattr(cls, "fixed_subset", False),
-                   exact_size=getattr(cls, "exact_k", True),
-                   reads_losses=getattr(cls, "reads_losses", True))
+    s = rule.schedule
+    keeps_all = getattr(cls, "keeps_all", s.all_full)
+    kind = replace(s, final_full_epochs=final or 0, all_full=keeps_all,
+                   select_once=getattr(cls, "fixed_subset", s.select_once),
+                   exact_size=getattr(cls, "exact_k", s.exact_size),
+                   reads_losses=getattr(cls, "reads_losses", s.reads_losses))
     return Rule(chosen, kind, num_samples if keeps_all else rule.k,
-                getattr(cls, "default_decay", DEFAULT_DECAY) if decay is None else decay)
+                getattr(cls, "default_decay", rule.decay) if decay is None else decay)
