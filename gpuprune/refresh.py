@@ -48,9 +48,11 @@ Three ways to feed it, all giving each sample the same loss:
 **All or nothing.** A pass validates and computes every batch before it records anything: a bad
 ``loss_fn`` output, a sample id outside ``[0, N)`` or an exception anywhere in the forward passes
 raises (a ValueError naming the argument and the value) with nothing recorded. Until then the
-losses are staged on the Pruner's device, 4 bytes per refreshed sample (float32; the ids are the
-plan's own, or the batches' int64 ids, 8 bytes), at most N entries, so the staging is bounded by a
-quarter (half) of the statistics' 16 bytes per sample; they are recorded with one ``observe``.
+observations are staged on the Pruner's device, 8 bytes per refreshed sample (an id in the id
+dtype, int32 up to 2**31 samples, and a float32 loss), at most N of them: at most half the
+statistics' 16 bytes per sample, and as much again for the moment they are joined and recorded with
+one ``observe`` (each sample is observed at most once per pass, so one call records exactly what
+one call per batch would).
 
 Under ``torch.distributed`` the feed has the main Pruner's rank and world size, so each rank
 refreshes its share (in-memory tensors are shared out the same way) without the wrap-around padding
@@ -396,7 +398,8 @@ class _Staged:
         self.losses: list[torch.Tensor] = []
 
     def add(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
-        self.ids.append(ids.to(self.pruner.device, dtype=torch.int64))
+        p = self.pruner
+        self.ids.append(ids.to(p.device, dtype=index_dtype(p.num_samples)))
         self.losses.append(losses)
 
     def record(self) -> int:

@@ -302,6 +302,24 @@ def test_an_exception_in_a_later_forward_records_nothing():
     assert Refresher(p).run(Net(), (x, y), 1, batch_size=5).scored == 20    # then a clean pass
 
 
+def test_the_staged_pass_records_exactly_what_one_observe_per_batch_records():
+    """Staging changes when, not what: a twin that observes each batch as it comes ends with
+    bit-identical statistics (every sample is observed at most once per pass)."""
+    x, y = dataset()
+    model = Net()
+    a, b = trained_pruner(), trained_pruner()
+    Refresher(a).run(model, (x, y), 1, batch_size=5)
+    ids = Refresher(b).targets(1)
+    from gpuprune.shard import EpochShard
+    view = EpochShard(Refresher(b).feed)
+    view.set_epoch(1)
+    for batch in view.owned().split(5):
+        b.observe(batch.long(), eval_losses(model, x, y, batch.long()))
+    assert sorted(view.owned().tolist()) == ids.tolist()
+    for key, value in a.stats.state_dict().items():
+        assert torch.equal(value, b.stats.state_dict()[key]), key
+
+
 def test_nonfinite_losses_of_a_pass_are_counted_not_errors():
     x, y = dataset()
     p = trained_pruner()
