@@ -10,7 +10,10 @@ checksum, so a flipped byte is an error naming the file, never changed statistic
 
 What a save refuses or keeps:
 
-* a target that exists but is not a regular file (a directory, device, FIFO, socket) is refused;
+* a target that exists but is not a regular file (a directory, device, FIFO, socket) is refused, and
+  so is a path that can only name a directory (``"ck/"``), whether or not it exists;
+* several threads of one process may save to the same path at once (an asynchronous checkpoint
+  thread beside the training loop): each writes its own temporary file, and the last rename wins;
 * a symlink is written through: its target is replaced atomically, the link stays a link;
 * an existing file keeps its permission bits (and, where allowed, its owner);
 * a full disk, a file-size limit or another write error is an ``OSError`` naming the path and the
@@ -37,6 +40,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from typing import Any
 
 import torch
@@ -56,6 +60,12 @@ class CheckpointError(ValueError):
     """A checkpoint file is corrupt, truncated, or not a checkpoint (the message names the file)."""
 
 
+#: temporary files being written by this process, by any thread: the stale-file clean-up of one
+#: thread's save must not remove another thread's live file (they carry the same process id)
+_LIVE: set[str] = set()
+_LIVE_LOCK = threading.Lock()
+
+
 def _check_path(path) -> str:
     if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
@@ -63,6 +73,12 @@ def _check_path(path) -> str:
     if not path:
         raise ValueError("path must not be empty")
     return path
+
+
+def _names_a_directory(path: str) -> bool:
+    """Whether ``path`` can only name a directory: it ends with a separator, or in ``.``/``..``."""
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    return path.endswith(seps) or os.path.basename(path) in (".", "..")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -98,6 +114,9 @@ def _remove_stale_temps(directory: str, prefix: str) -> None:
         if m is None:
             continue
         pid = int(m.group(1))
+        with _LIVE_LOCK:
+            if os.path.join(directory, name) in _LIVE:
+                continue                      # another thread of this process is saving it
         if pid != os.getpid():
             try:
                 os.kill(pid, 0)
@@ -151,13 +170,18 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
 
     Raises:
         TypeError: ``path`` is not a str or path-like.
-        ValueError: ``path`` is empty, or names something that is not a regular file.
+        ValueError: ``path`` is empty, names something that is not a regular file, or can only
+            name a directory (it ends with a separator, or in ``.`` or ``..``).
         FileNotFoundError: the directory does not exist.
         OSError: the file cannot be written (the message names the path and the cause).
         Whatever ``torch.save`` raises for an object it cannot serialise. In every case the old
         file is kept and the temporary file removed.
     """
     path = _check_path(path)
+    if _names_a_directory(path):
+        # "ck/" would otherwise save to a file "ck" beside it: refuse whether or not it exists
+        raise ValueError(f"path={path!r} names a directory; a checkpoint is saved to a file, e.g. "
+                         f"{os.path.join(path, 'checkpoint.pt')!r}")
     target = os.path.realpath(path)          # write through symlinks, atomically at the target
     try:
         st = os.stat(target)
@@ -173,6 +197,19 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
     prefix = _temp_prefix(target)
     _remove_stale_temps(directory, prefix)
     tmp = os.path.join(directory, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with _LIVE_LOCK:
+        _LIVE.add(tmp)
+    try:
+        _write(obj, path, tmp, target, st)
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(tmp)
+    _fsync_dir(directory)
+
+
+def _write(obj: Any, path: str, tmp: str, target: str, st: os.stat_result | None) -> None:
+    """Write ``obj`` into the new file ``tmp`` and rename it over ``target``; on any failure remove
+    ``tmp`` and raise (an ``OSError`` naming ``path`` for a write error)."""
     try:
         # 0o666 lets the umask set a new file's permissions, as a plain open() would
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -206,7 +243,6 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
         if cause is not e:
             raise cause from None
         raise
-    _fsync_dir(directory)
 
 
 class _Window(io.RawIOBase):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
 from .shard import EpochShard, Position
 
@@ -39,9 +39,14 @@ def _from_shard(name: str, doc: str) -> property:
     return property(lambda self: getattr(self.shard, name), doc=doc)
 
 
-class PrunedSampler(Sampler[int]):
+class PrunedSampler(DistributedSampler[int]):
     """``DistributedSampler``'s counterpart over a planner's epochs: yields this epoch's planned
     sample ids, this rank's share under multi-process training.
+
+    A ``DistributedSampler`` by type, so frameworks that shard a loader again unless its sampler
+    is already distributed (PyTorch Lightning's ``use_distributed_sampler``, Lightning Fabric) leave
+    it alone; ``DistributedSampler.__init__`` is not called, and only the attributes listed here
+    (``num_replicas``, ``rank``, ``epoch``, ``drop_last``, ``shuffle``, ``seed``) are provided.
 
     Call :meth:`set_epoch` **before** creating the DataLoader iterator of each epoch, as with
     ``DistributedSampler``. It plans the epoch (under a process group that is a collective: every
@@ -91,6 +96,11 @@ class PrunedSampler(Sampler[int]):
     rank = _from_shard("rank", "This rank.")
     drop_last = _from_shard("drop_last", "Whether plans are cut to a multiple of num_replicas.")
     shuffle = _from_shard("shuffle", "Whether ids come in the plan's order (else by id).")
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the plans' order: the pruner's (None for a planner without one)."""
+        return getattr(self.pruner, "seed", None)
 
     @property
     def epoch(self) -> int:

@@ -398,3 +398,42 @@ def test_loading_a_text_file_names_the_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(gp.CheckpointError, match="empty.pt"):
         gp.load_checkpoint(empty)
+
+
+def test_two_threads_saving_to_one_path_both_succeed(tmp_path):
+    """An asynchronous checkpoint thread beside the training loop: each save's temporary file is
+    its own, so neither thread's clean-up removes the other's live file (0.2 lost 39 of 80)."""
+    import threading
+
+    path = tmp_path / "ck.pt"
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def saver(tag: int) -> None:
+        start.wait()
+        for i in range(40):
+            try:
+                gp.save_checkpoint({"tag": tag, "i": i, "t": torch.full((2000,), float(i))}, path)
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+    threads = [threading.Thread(target=saver, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    state = gp.load_checkpoint(path)
+    assert state["i"] == 39 and state["tag"] in (0, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]     # no temporary file left
+
+
+@pytest.mark.parametrize("name", ["ck/", "ck" + os.sep + os.sep, "sub/.", "sub/.."])
+def test_save_refuses_a_directory_like_path_even_when_it_does_not_exist(tmp_path, name):
+    target = tmp_path / "x"
+    target.mkdir()
+    (target / "sub").mkdir()
+    path = str(target) + os.sep + name
+    with pytest.raises(ValueError, match="names a directory"):
+        gp.save_checkpoint({}, path)
+    assert sorted(p.name for p in target.iterdir()) == ["sub"]           # nothing written

@@ -441,3 +441,15 @@ def test_doctor_on_a_gpu_fails_with_a_wrong_kernel_result():
     lines: list[str] = []
     rc = run_doctor("cuda", dali=False, candidates=[cand], out=lines.append)
     assert rc == 1 and lines[-1].startswith("gpuprune doctor: FAIL: top_k: wrong kernels vs")
+
+
+@pytest.mark.parametrize("where", ["missing-dir/d.json", "adir"])
+def test_a_json_path_that_cannot_be_written_is_a_usage_error_before_the_self_test(tmp_path, capsys,
+                                                                                   where):
+    (tmp_path / "adir").mkdir()
+    rc = cli.main(["doctor", "--device", "cpu", "--no-dali", "--json", str(tmp_path / where)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""                                    # nothing ran
+    assert ("does not exist" if "missing" in where else "names a directory") in err
+    assert "Traceback" not in err

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuprune as gp
+from gpuprune.stats import masked_mean
 from gpuprune.backend import TorchBackend
 from gpuprune.plan import shard_indices
 
@@ -144,7 +145,9 @@ def infobatch_expectation(bank: gp.LossStats, ratio: float):
     """
     s = bank.mean.double()
     seen = bank.seen
-    mean = torch.where(seen, s, torch.zeros_like(s)).sum() / seen.sum().clamp(min=1)
+    # the policy's fixed-order float64 sum: a naive sum may round the last bit of the mean the
+    # other way, and a loss next to it then falls on the other side
+    mean = masked_mean(s, seen)
     below = seen & (s < mean)
     n_below = int(below.sum())
     q = max(0.1, 1.0 - ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -496,7 +497,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run with parsed :func:`add_arguments` options."""
+    """Run with parsed :func:`add_arguments` options; a ``--json`` path that cannot be written is a
+    usage error (status 2) before anything runs, not a traceback after the self-test."""
+    if args.json is not None:
+        folder = args.json.parent
+        if args.json.is_dir() or str(args.json).endswith(("/", "\\")):
+            print(f"gpuprune doctor: error: --json {str(args.json)!r} names a directory; give a file "
+                  f"path such as {str(args.json / 'doctor.json')!r}", file=sys.stderr)
+            return 2
+        if not folder.is_dir():
+            print(f"gpuprune doctor: error: --json {str(args.json)!r}: its directory "
+                  f"{str(folder)!r} does not exist", file=sys.stderr)
+            return 2
     return run_doctor(args.device, seed=args.seed, dali=not args.no_dali,
                       require_kernels=args.require_kernels, json_path=args.json)
 

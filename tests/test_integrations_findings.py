@@ -1,0 +1,113 @@
+"""Issue 19's findings outside the frameworks, reproduced as they stand, and the optional package.
+
+The plain-loop findings (no ``set_epoch``, a 1-based loop, extending a run) are fixed in a later
+phase (the coverage guard, epoch-numbering messages, an explicit way to extend); these tests pin
+today's behaviour so that phase changes them on purpose. The frameworks' loops are not affected:
+Lightning, accelerate's prepared loader and the Hugging Face Trainer call ``set_epoch`` from 0 by
+themselves (the example tests assert the plans of epochs 0, 1, 2), shown here for accelerate's
+loader in a loop that never calls it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import gpuprune
+
+N, EPOCHS = 200, 3
+
+
+def loader_of(pruner: gpuprune.Pruner) -> DataLoader:
+    data = gpuprune.IndexedDataset(TensorDataset(torch.zeros(N, 1)))
+    return DataLoader(data, batch_size=16, sampler=pruner.sampler())
+
+
+def received(loader, epochs) -> list[list[int]]:
+    out = []
+    for _ in epochs:
+        out.append([i for _, idx in loader for i in idx.tolist()])
+    return out
+
+
+def test_a_loop_without_set_epoch_trains_epoch_0_every_epoch():
+    pruner = gpuprune.Pruner(N, keep=0.5, policy="uniform", num_epochs=EPOCHS, seed=1)
+    got = received(loader_of(pruner), range(EPOCHS))
+    assert got[0] == got[1] == got[2] and len(got[0]) == N // 2      # the same half, 3 times
+    assert [h["epoch"] for h in pruner.history] == [0]               # one plan for three epochs
+
+
+def test_accelerates_loader_calls_set_epoch_itself():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from gpuprune.integrations.accelerate import prepare_data_loader
+    try:
+        accelerator = Accelerator(cpu=True)
+        pruner = gpuprune.Pruner(N, keep=0.5, policy="uniform", num_epochs=EPOCHS, seed=1)
+        got = received(prepare_data_loader(accelerator, loader_of(pruner)), range(EPOCHS))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert [h["epoch"] for h in pruner.history] == [0, 1, 2]
+    assert len({tuple(ids) for ids in got}) == 3                     # a new subset each epoch
+
+
+def test_a_one_based_loop_skips_the_warmup_and_fails_at_its_last_epoch():
+    pruner = gpuprune.Pruner(N, keep=0.5, policy="uniform", num_epochs=EPOCHS, warmup_epochs=1)
+    sampler = pruner.sampler()
+    for epoch in range(1, EPOCHS):
+        sampler.set_epoch(epoch)
+    assert [(h["epoch"], h["full"]) for h in pruner.history] == [(1, False), (2, False)]
+    with pytest.raises(ValueError) as err:                          # the full warm-up never ran
+        sampler.set_epoch(EPOCHS)
+    # the message says that epochs count from 0 (issue 19)
+    assert str(err.value) == ("epoch must be <= 2 (epochs count from 0; the schedule has "
+                              "num_epochs=3), got epoch=3")
+
+
+def test_extending_a_run_is_refused():
+    short = gpuprune.Pruner(N, keep=0.5, num_epochs=2)
+    short.plan(0)
+    short.plan(1)
+    longer = gpuprune.Pruner(N, keep=0.5, num_epochs=4)
+    with pytest.raises(ValueError, match=r"checkpoint was made with schedule.num_epochs=2, this "
+                                         r"Pruner has schedule.num_epochs=4"):
+        longer.load_state_dict(short.state_dict())
+
+
+def test_gpuprune_imports_no_framework_and_each_glue_says_what_to_install():
+    """``import gpuprune`` (and ``gpuprune.integrations``) loads none of the frameworks; with a
+    framework missing, importing its glue raises ImportError naming the package to install."""
+    code = textwrap.dedent("""
+        import sys
+        import gpuprune, gpuprune.integrations
+        loaded = [m for m in ("lightning", "pytorch_lightning", "accelerate", "transformers")
+                  if m in sys.modules]
+        assert not loaded, loaded
+        for framework, glue in (("lightning", "lightning"), ("accelerate", "accelerate"),
+                                ("transformers", "transformers")):
+            sys.modules[framework] = None               # as if it were not installed
+            try:
+                __import__(f"gpuprune.integrations.{glue}")
+            except ImportError as e:
+                assert f"needs {framework}: pip install {framework}" in str(e), str(e)
+                assert 'gpuprune[integrations]' in str(e), str(e)
+            else:
+                raise AssertionError(f"gpuprune.integrations.{glue} imported without {framework}")
+            del sys.modules[framework]
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_an_old_framework_version_is_refused():
+    from gpuprune.integrations._common import _release, require
+    assert _release("2.6.6") == (2, 6, 6) and _release("5.0.0rc1") == (5, 0, 0)
+    assert _release("2.13.0+cpu") == (2, 13, 0)
+    with pytest.raises(ImportError, match=r"needs torch>=99.0, found 2\.13"):
+        require("torch", "torch", minimum="99.0")
