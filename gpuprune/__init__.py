@@ -6,7 +6,7 @@ device (Raju, Daruwalla & Lipasti, "Accelerating Deep Learning with Dynamic Data
 Three changed lines in a plain PyTorch loop::
 
     pruner = gpuprune.Pruner(len(train_set), keep=0.5, policy="ucb", device=device)
-    loader = DataLoader(gpuprune.IndexedDataset(train_set), batch_size=128, sampler=gpuprune.PrunedSampler(pruner))
+    loader = DataLoader(gpuprune.IndexedDataset(train_set), batch_size=128, sampler=pruner.sampler())
     ...
         loss = pruner.observe(idx.to(device), F.cross_entropy(model(x), y, reduction="none"))
 
@@ -15,8 +15,8 @@ DALI users swap their iterator for :class:`gpuprune.dali.PrunedDALIIterator` (ne
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .plan import Plan
-from .policies import (POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Rule, Selection, Static,
-                       UCB, Uniform)
+from .policies import (POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Rule, Selection,
+                       Static, UCB, Uniform)
 from .pruner import Pruner
 from .sizes import budget
 from .refresh import Refresher, refresh_scores
@@ -30,7 +30,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Pruner", "Plan", "Schedule", "LossStats", "PrunedSampler", "IndexedDataset", "budget",
-    "EpochShard", "Planner", "Policy", "Rule", "Selection", "POLICIES", "FullData", "Uniform", "EpsilonGreedy", "UCB", "InfoBatch",
-    "Static", "el2n_scores", "ForgettingTracker", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "Refresher", "refresh_scores", "__version__",
+    "EpochShard", "Planner", "Policy", "Rule", "Selection", "POLICIES", "FullData", "Uniform",
+    "EpsilonGreedy", "UCB", "InfoBatch", "Static", "el2n_scores", "ForgettingTracker",
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "Refresher", "refresh_scores",
+    "__version__",
 ]

@@ -1,4 +1,4 @@
-"""torch.utils.data integration: a Sampler over the Pruner's plans and an index-returning dataset."""
+"""torch.utils.data integration: a sampler over a Pruner's plans, an index-returning dataset."""
 
 from __future__ import annotations
 

@@ -113,8 +113,8 @@ class Position:
                  check_bool("state_dict['drop_last']", state["drop_last"]))
         if consumed and saved != (num_replicas, drop_last):
             raise ValueError(f"a mid-epoch state saved with num_replicas={saved[0]}, "
-                             f"drop_last={saved[1]} cannot resume with num_replicas={num_replicas}, "
-                             f"drop_last={drop_last}")
+                             f"drop_last={saved[1]} cannot resume with "
+                             f"num_replicas={num_replicas}, drop_last={drop_last}")
         return epoch, consumed
 
 
@@ -177,8 +177,8 @@ class EpochShard:
     with ``shuffle=False`` its ids in increasing id order (a full plan: ``0, 1, ..., N-1``); then
     positions ``rank, rank + W, ...`` of that list, padded by wrapping around to ``ceil(n / W)``
     entries (up to ``W - 1`` samples of the epoch served twice over all ranks), or cut to
-    ``floor(n / W)`` with ``drop_last`` (up to ``W - 1`` skipped). Every rank gets the same count, so
-    DDP step counts match. The share is a :class:`~gpuprune.Plan` (same epoch and loss weights).
+    ``floor(n / W)`` with ``drop_last`` (up to ``W - 1`` skipped). Every rank gets the same count,
+    so DDP step counts match. The share is a :class:`~gpuprune.Plan` (same epoch and loss weights).
 
     **Reads never plan**: :meth:`shard_size`, :meth:`remaining`, :meth:`num_batches`, ``len()`` and
     :meth:`state_dict` answer from the plan once it is made and from the planner's prediction
@@ -308,8 +308,8 @@ class EpochShard:
         """
         n = self.shard_size()
         if n is None:
-            raise RuntimeError(f"the length of epoch {self._epoch} is known once it is planned (its "
-                               f"size depends on the losses observed until then): call "
+            raise RuntimeError(f"the length of epoch {self._epoch} is known once it is planned "
+                               f"(its size depends on the losses observed until then): call "
                                f"set_epoch({self._epoch}) first")
         self._check_start(self._epoch, self._start, n)
         return n - self._start

@@ -4,7 +4,7 @@
 <gpuprune.Pruner.load_state_dict>` reads, one dict:
 
 ===================  ==========================================================================
-``config``           every setting plans depend on (equal to the loading Pruner's, setting by setting)
+``config``           every setting plans depend on (equal to the loader's, setting by setting)
 ``stats``            :meth:`LossStats.state_dict <gpuprune.LossStats.state_dict>`
 ``rounds``           pruned plans made so far
 ``epoch``            the epoch observations are stamped with (the current plan's; 0 before one)

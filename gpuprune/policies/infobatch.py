@@ -124,7 +124,8 @@ class InfoBatch(Policy):
         if schedule.num_epochs is None:
             raise ValueError("policy='infobatch' needs num_epochs for its annealing (epochs >= "
                              "floor(delta * num_epochs) train on full data)")
-        policy = self if self.ratio is not None else InfoBatch(1.0 - keep, self.delta, self.min_keep)
+        policy = (self if self.ratio is not None
+                  else InfoBatch(1.0 - keep, self.delta, self.min_keep))
         final = schedule.final_full_epochs
         if final is None:
             final = schedule.num_epochs - self.first_full_epoch(schedule.num_epochs)
