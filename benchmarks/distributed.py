@@ -7,7 +7,7 @@
 A distributed Pruner adds, once per epoch: a fixed-size header exchange (an all-gather of 10 int64
 per rank), an all-gather of every rank's observation log (an int32 id and a float32 loss per
 observed sample: 8 bytes per sample of the epoch), one update of a copy of the statistics with the
-gathered observations, and (with ``verify_plans``) a second header exchange carrying the plan's
+gathered observations, and a second header exchange carrying the plan's
 fingerprint. Each repetition observes one epoch of losses on every rank (not timed), then times
 ``sampler.set_epoch(epoch)`` (which plans) with the merge and the verification timed separately, so all three are
 measured in the same call. For comparison it also times the plan of a single-process Pruner given
@@ -67,7 +67,7 @@ def run_size(n: int, reps: int, policy: str, device: torch.device, rank: int, wo
     t_merge, t_verify = [], []
     sync.merge = _timed(sync.merge, device, t_merge)
     sync.verify = _timed(sync.verify, device, t_verify)
-    sampler = pruner.sampler()
+    sampler = gp.PrunedSampler(pruner)
     single = gp.Pruner(n, keep=0.5, policy=policy, num_epochs=reps + 2, warmup_epochs=1, seed=1,
                        device=device, process_group=None)
     per_rank = -(-gp.budget(0.5, n) // world)          # this rank's log: 8 B per observed sample

@@ -156,7 +156,7 @@ def run_scenario(name: str, n: int, steps: int, batch: int, keep: float, rank: i
             fill(obj.stats)
         obj.plan(epoch)
         if ranks > 1:               # fill this rank's observation log with its shard of the epoch
-            sampler = obj.sampler()
+            sampler = gp.PrunedSampler(obj)
             sampler.set_epoch(epoch)
             shard = sampler.plan().indices
             for lo in range(0, len(shard), batch):

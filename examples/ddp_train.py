@@ -120,13 +120,13 @@ def main() -> None:
                           weight_decay=5e-4)
     pruner = gpuprune.Pruner(n, keep=args.keep, policy=args.policy, num_epochs=args.epochs,  # gpuprune
                              warmup_epochs=args.warmup_epochs, seed=args.seed, device=device)
-    per_step = pruner.policy.exact_k
+    per_step = pruner.schedule.exact_size
     if per_step:   # a per-step schedule sized for the pruned run: this rank's batches, all epochs
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=args.lr, total_steps=pruner.total_steps(args.batch_size))  # gpuprune
     else:          # InfoBatch: epoch sizes depend on the losses, so schedule per epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
-    sampler = pruner.sampler()                              # gpuprune: this rank's shard
+    sampler = gpuprune.PrunedSampler(pruner)                # gpuprune: this rank's shard
     loader = DataLoader(gpuprune.IndexedDataset(TensorDataset(x_tr, y_tr)),   # gpuprune: + index
                         batch_size=args.batch_size, sampler=sampler, pin_memory=cuda)
 

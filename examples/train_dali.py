@@ -119,7 +119,7 @@ def main() -> None:
     #    the Pruner counts them per batch size, drop policy and rank (it.total_steps() is the
     #    same call with the iterator's settings). InfoBatch's pruned epochs depend on the losses:
     #    upper_bound=True counts them full, so the schedule never runs out.
-    bound = not pruner.policy.exact_k
+    bound = not pruner.schedule.exact_size
     total_steps = pruner.total_steps(args.batch_size, world_size=it.num_shards, drop_last=False,
                                      upper_bound=bound)
     assert total_steps == it.total_steps(upper_bound=bound)
@@ -149,7 +149,7 @@ def main() -> None:
         print(f"epoch {epoch}: {planned:6d} planned / {steps:4d} steps, train loss "
               f"{total / max(count, 1):.4f}, test acc {acc:.4f}, {time.perf_counter() - t0:.1f}s")
     # exact for every policy but InfoBatch, whose total is an upper bound (data-dependent epochs)
-    assert steps_done == total_steps or (not pruner.policy.exact_k and steps_done < total_steps)
+    assert steps_done == total_steps or (not pruner.schedule.exact_size and steps_done < total_steps)
     stats = pruner.selection_stats()
     print(f"trained on {seen} samples ({seen / (n * args.epochs):.0%} of full data) in "
           f"{time.perf_counter() - start:.1f}s")

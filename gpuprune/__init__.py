@@ -15,11 +15,14 @@ DALI users swap their iterator for :class:`gpuprune.dali.PrunedDALIIterator` (ne
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .plan import Plan
-from .policies import POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Selection, Static, UCB, Uniform
-from .pruner import Pruner, budget
+from .policies import (POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Rule, Selection,
+                       Static, UCB, Uniform)
+from .pruner import Pruner
+from .sizes import budget
 from .refresh import Refresher, refresh_scores
 from .sampler import IndexedDataset, PrunedSampler
 from .schedule import Schedule
+from .shard import EpochShard, Planner
 from .stats import LossStats
 from .static_scores import ForgettingTracker, el2n_scores
 
@@ -27,7 +30,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Pruner", "Plan", "Schedule", "LossStats", "PrunedSampler", "IndexedDataset", "budget",
-    "Policy", "Selection", "POLICIES", "FullData", "Uniform", "EpsilonGreedy", "UCB", "InfoBatch",
-    "Static", "el2n_scores", "ForgettingTracker", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "Refresher", "refresh_scores", "__version__",
+    "EpochShard", "Planner", "Policy", "Rule", "Selection", "POLICIES", "FullData", "Uniform",
+    "EpsilonGreedy", "UCB", "InfoBatch", "Static", "el2n_scores", "ForgettingTracker",
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "Refresher", "refresh_scores",
+    "__version__",
 ]

@@ -13,10 +13,15 @@ import torch
 __all__ = [
     "check_int",
     "check_float",
+    "int_bound",
+    "float_bound",
     "check_choice",
     "check_bool",
     "check_batch",
     "resolve_device",
+    "flatten_config",
+    "config_differences",
+    "MISSING",
 ]
 
 
@@ -25,11 +30,20 @@ def check_int(name: str, value, *, minimum: int | None = None, maximum: int | No
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {name}={value}")
+    bound = int_bound(value, minimum, maximum)
+    if bound:
+        raise ValueError(f"{name} must be {bound}, got {name}={value}")
     return value
+
+
+def int_bound(value: int, minimum: int | None = None, maximum: int | None = None) -> str | None:
+    """The bound an int breaks (``">= 1"``), or None: the one range rule of :func:`check_int`,
+    also used by the command line (which words its messages without a keyword name)."""
+    if minimum is not None and value < minimum:
+        return f">= {minimum}"
+    if maximum is not None and value > maximum:
+        return f"<= {maximum}"
+    return None
 
 
 def check_float(
@@ -45,13 +59,23 @@ def check_float(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {name}={value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {name}={value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {name}={value}")
+    bound = float_bound(value, low, high, low_open, high_open)
+    if bound:
+        raise ValueError(f"{name} must be {bound}, got {name}={value}")
     return value
+
+
+def float_bound(value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> str | None:
+    """The condition a float breaks (``"finite"``, ``"> 0.0"``, ``"<= 1.0"``), or None: the one
+    interval rule of :func:`check_float`, also used by the command line."""
+    if not math.isfinite(value):
+        return "finite"
+    if low is not None and (value < low or (low_open and value == low)):
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None and (value > high or (high_open and value == high)):
+        return f"{'<' if high_open else '<='} {high}"
+    return None
 
 
 def check_bool(name: str, value) -> bool:
@@ -142,3 +166,41 @@ def check_batch(indices, losses, device: torch.device, num_samples: int,
         if lo < 0 or hi >= num_samples:
             bad = lo if lo < 0 else hi
             raise ValueError(f"indices must lie in [0, {num_samples}), got an index {bad}")
+
+
+class _Missing:
+    """Stands for a setting one configuration has and another lacks."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+#: the value :func:`config_differences` reports for a setting a configuration lacks
+MISSING = _Missing()
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """A nested configuration dict as one level, nested keys joined by dots (``"policy.c"``): the
+    names configuration differences are reported by."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(*configs: dict) -> dict[str, list]:
+    """The settings (dotted names, sorted) whose values are not all equal across ``configs``, each
+    with its value in every configuration (:data:`MISSING` where absent). The one comparison
+    behind the checkpoint check (:mod:`gpuprune.state`) and the cross-rank check
+    (:mod:`gpuprune.distributed`)."""
+    flat = [flatten_config(c) for c in configs]
+    out = {}
+    for key in sorted(set().union(*flat), key=str):
+        values = [f.get(key, MISSING) for f in flat]
+        if any(v is MISSING for v in values) or any(v != values[0] for v in values[1:]):
+            out[key] = values
+    return out

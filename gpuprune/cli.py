@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._checks import float_bound, int_bound
+
 if TYPE_CHECKING:
     from .bench.config import BenchConfig
 
@@ -20,14 +22,17 @@ __all__ = ["main", "build_parser"]
 
 
 # ------------------------------------------------------------------------------ argument types
+# argparse types over the library's own range rules (gpuprune._checks), worded for the command
+# line: "argument --epochs: must be >= 1, got 0"
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        bound = int_bound(value, minimum)
+        if bound:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
     parse.__name__ = f"int>={minimum}"
     return parse
@@ -40,16 +45,9 @@ def _float_in(low: float | None, high: float | None, low_open: bool = False,
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = value != value or value in (float("inf"), float("-inf"))
-        if low is not None:
-            bad |= value < low or (low_open and value == low)
-        if high is not None:
-            bad |= value > high or (high_open and value == high)
-        if bad:
-            lo = "-inf" if low is None else f"{low:g}"
-            hi = "inf" if high is None else f"{high:g}"
-            interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        bound = float_bound(value, low, high, low_open, high_open)
+        if bound:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     parse.__name__ = "number"
     return parse

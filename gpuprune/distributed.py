@@ -40,8 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .keys import MASK32, fmix32, hash32
-from .plan import Plan
+from ._checks import config_differences, flatten_config
 from .sizes import index_dtype
 from .stats import LossStats
 from .update import prepare_losses
@@ -52,7 +51,6 @@ __all__ = [
     "EpochSync",
     "resolve_group",
     "rank_and_world",
-    "plan_fingerprint",
     "config_digest",
     "flatten_config",
     "Op",
@@ -71,10 +69,6 @@ class Op(enum.IntEnum):
 
 
 _OP_NAMES = {Op.PLAN: "plan", Op.VERIFY: "plan check", Op.SYNC: "synchronize"}
-
-# Constants of the plan fingerprint: a hash seed, an odd 32-bit Weyl step, a 32-bit weight key.
-_FP_INDEX, _FP_POSITION, _FP_WEIGHT = 0x6A09E667F3BCC908, 0x9E3779B1, 0x3C6EF372
-
 
 class DistributedError(RuntimeError):
     """A gpuprune collective failed: a rank exited or stalled, or the ranks disagree."""
@@ -136,25 +130,6 @@ def config_digest(config: dict) -> tuple[int, int]:
             int.from_bytes(raw[8:16], "little", signed=True))
 
 
-def plan_fingerprint(plan: Plan) -> torch.Tensor:
-    """Four int64 values identifying a plan: a hash-sum of (position, id, weight), length, epoch, full.
-
-    Computed on the plan's device without a host synchronisation. Two plans that differ in any id,
-    order or weight get different hash-sums except with probability about ``2**-32``.
-    """
-    idx = plan.indices
-    dev = idx.device
-    n = idx.numel()
-    term = hash32(idx, _FP_INDEX) + torch.arange(n, device=dev) * _FP_POSITION
-    weights = plan.weights
-    if weights is not None:
-        wbits = weights.contiguous().view(torch.int32).long() & MASK32
-        term = term ^ fmix32(wbits ^ _FP_WEIGHT)
-    total = fmix32(term).sum()               # < n * 2**32, no int64 overflow below 2**31 entries
-    meta = torch.tensor([n, plan.epoch, int(plan.full)], dtype=torch.int64, device=dev)
-    return torch.cat([total.reshape(1), meta])
-
-
 def _backend(group: Any) -> str:
     try:
         return str(dist.get_backend(group))
@@ -174,12 +149,9 @@ class EpochSync:
         group: the resolved process group (see :func:`resolve_group`).
         device: the Pruner's device. NCCL groups need a CUDA device.
         num_samples: N.
-        verify_plans: compare a fingerprint of every new plan across ranks (one header exchange per
-            epoch). Default True.
     """
 
-    def __init__(self, group: Any, device: torch.device, num_samples: int,
-                 verify_plans: bool = True) -> None:
+    def __init__(self, group: Any, device: torch.device, num_samples: int) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -190,7 +162,6 @@ class EpochSync:
         self.device = device
         self.comm_device = device if self.backend == "nccl" else torch.device("cpu")
         self.num_samples = num_samples
-        self.verify_plans = bool(verify_plans)
         self.merges = 0                       # completed merges (for tests and logs)
         self._ids = torch.empty(0, dtype=index_dtype(num_samples), device=device)
         self._losses = torch.empty(0, dtype=torch.float32, device=device)
@@ -292,11 +263,8 @@ class EpochSync:
             dist.all_gather_object(configs, config, group=self.group)
         except RuntimeError as e:
             raise self._fail("comparing the ranks' configurations", e) from e
-        flat = [flatten_config(c) for c in configs]
-        keys = sorted(set().union(*flat), key=str)
-        diffs = [f"{key}: " + ", ".join(f"rank {i}: {f.get(key, '<missing>')!r}"
-                                         for i, f in enumerate(flat))
-                 for key in keys if len({repr(f.get(key, "<missing>")) for f in flat}) > 1]
+        diffs = [f"{key}: " + ", ".join(f"rank {i}: {v!r}" for i, v in enumerate(values))
+                 for key, values in config_differences(*configs).items()]
         raise PlanMismatchError("gpuprune: the ranks' Pruners are configured differently, so their "
                                 "plans would differ: " + "; ".join(diffs) + ". Construct the "
                                 "Pruner with the same arguments on every rank and load the same "
@@ -335,29 +303,16 @@ class EpochSync:
         self.merges += 1
         return merged
 
-    def verify(self, plan: Plan, config: dict) -> None:
-        """Raise :class:`PlanMismatchError` on every rank if the ranks' plans differ (collective)."""
-        if not self.verify_plans:
-            return
-        fp = plan_fingerprint(plan).tolist()
-        rows = self._headers(Op.VERIFY, plan.epoch, config, fp)
+    def verify(self, fingerprint: torch.Tensor, epoch: int, config: dict) -> None:
+        """Raise :class:`PlanMismatchError` on every rank if the ranks' plans of ``epoch`` differ
+        (collective): ``fingerprint`` is this rank's :meth:`gpuprune.Plan.fingerprint`, four int64
+        values (a hash-sum, the length, the epoch, the full flag)."""
+        fp = fingerprint.tolist()
+        rows = self._headers(Op.VERIFY, epoch, config, fp)
         prints = {tuple(r[5:9]) for r in rows}
         if len(prints) > 1:
             raise PlanMismatchError(
-                f"gpuprune: the ranks computed different plans for epoch {plan.epoch} (plan "
+                f"gpuprune: the ranks computed different plans for epoch {epoch} (plan "
                 f"fingerprints [hash, length, epoch, full] per rank: {[r[5:9] for r in rows]}). "
                 f"The ranks must load the same checkpoint and observe losses only through "
                 f"Pruner.observe(); a custom policy must be deterministic")
-
-
-def flatten_config(config: dict, prefix: str = "") -> dict:
-    """A nested configuration dict as one level, nested keys joined by dots (``"policy.c"``): the
-    names the cross-rank check and the checkpoint check report differences by."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_config(value, name + "."))
-        else:
-            out[name] = value
-    return out

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_bool, check_int
+from .keys import MASK32, fmix32, hash32
 from .sizes import num_batches, shard_size
 
 __all__ = ["Plan", "shard_indices", "pack_mask", "mask_lookup"]
+
+# Constants of the plan fingerprint: a hash seed, an odd 32-bit Weyl step, a 32-bit weight key.
+_FP_INDEX, _FP_POSITION, _FP_WEIGHT = 0x6A09E667F3BCC908, 0x9E3779B1, 0x3C6EF372
 
 
 def shard_indices(indices: torch.Tensor, rank: int, world_size: int, drop_last: bool = False
@@ -107,6 +111,38 @@ class Plan:
         """This rank's equal share of the plan (see :func:`shard_indices`)."""
         return Plan(self.epoch, shard_indices(self.indices, rank, world_size, drop_last), self.full,
                     self.num_samples, self.weight, self.rescaled)
+
+    def overlap(self, previous: "Plan") -> torch.Tensor:
+        """Jaccard overlap of this plan's sample set with ``previous``'s, as a float64 device
+        scalar (no host read: a full plan's is a fill, not a host-to-device copy). Both plans'
+        ids are unique."""
+        a, b, dev = len(previous), len(self), self.indices.device
+        if previous.full or self.full:
+            inter = torch.full((), float(min(a, b)), dtype=torch.float64, device=dev)
+        else:
+            mark = torch.zeros(self.num_samples, dtype=torch.bool, device=dev)
+            mark[previous.indices.long()] = True
+            inter = mark[self.indices.long()].sum().double()
+        return inter / (a + b - inter)
+
+    def fingerprint(self) -> torch.Tensor:
+        """Four int64 values identifying the plan: a hash-sum of (position, id, weight), the length,
+        the epoch, the full flag (the ranks compare them, see :mod:`gpuprune.distributed`).
+
+        Computed on the plan's device without a host synchronisation. Two plans that differ in any
+        id, order or weight get different hash-sums except with probability about ``2**-32``.
+        """
+        idx = self.indices
+        dev = idx.device
+        n = idx.numel()
+        term = hash32(idx, _FP_INDEX) + torch.arange(n, device=dev) * _FP_POSITION
+        weights = self.weights
+        if weights is not None:
+            wbits = weights.contiguous().view(torch.int32).long() & MASK32
+            term = term ^ fmix32(wbits ^ _FP_WEIGHT)
+        total = fmix32(term).sum()           # < n * 2**32, no int64 overflow below 2**31 entries
+        meta = torch.tensor([n, self.epoch, int(self.full)], dtype=torch.int64, device=dev)
+        return torch.cat([total.reshape(1), meta])
 
     def batches(self, batch_size: int, drop_last: bool = False) -> int:
         """Number of batches of ``batch_size`` (the last one short unless ``drop_last``)."""

@@ -1,27 +1,32 @@
-"""The object users hold: plans each epoch, records every batch's losses, saves and restores itself."""
+"""The object users hold: plans each epoch, records every batch's losses, states facts.
+
+The Pruner follows its policy's :class:`~gpuprune.policies.Rule` (the one hook, made at
+construction): it asks the :class:`~gpuprune.Schedule` what kind each epoch is and the policy to
+select. Its saved state (layout, checksum, validation) lives in :mod:`gpuprune.state`.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
+import warnings
 from typing import Any
 
 import torch
 
 from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
 from .backend import get_backend
-from .distributed import EpochSync, Op, flatten_config, resolve_group
-from .plan import Plan, pack_mask
-from .sizes import budget, index_dtype, shard_size
+from .distributed import DistributedError, EpochSync, Op, resolve_group
+from .plan import Plan
+from .planning import make_plan
 from .policies import POLICIES, Policy, make_policy
-from .rng import draw_seeds, epoch_generator
+from .sampler import PrunedSampler
 from .schedule import Schedule
+from .sizes import budget, shard_size
+from .state import FORMAT, Progress, check_state, make_state
 from .stats import LossStats
 
 __all__ = ["Pruner", "budget"]
 
-_SHUFFLE_STREAM = 1
-_FORMAT = "gpuprune.Pruner/2"
 #: Pruner keywords of gpuprune 0.1 that became policy settings under another name
 _LEGACY_SETTINGS = {"static_scores": [("Static", "scores")]}
 
@@ -43,6 +48,24 @@ def _policy_settings() -> dict[str, list[tuple[str, str]]]:
 _POLICY_SETTINGS = _policy_settings()
 
 
+def _refuse_policy_settings(settings: dict) -> None:
+    """A policy setting given to the Pruner raises TypeError naming the policy it belongs to."""
+    if settings:
+        name = next(iter(settings))
+        owners = _POLICY_SETTINGS.get(name, [])
+        hint = ("; it is a setting of the policy: pass " + " or ".join(
+            f"policy=gpuprune.{cls}({param}=...)" for cls, param in owners) if owners else "")
+        raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _keep_of(keep: float | None, prune_ratio: float | None) -> float:
+    """The kept fraction from ``keep`` or ``prune_ratio`` (at most one given; default 0.5)."""
+    if keep is not None and prune_ratio is not None:
+        raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
+                         f"prune_ratio={prune_ratio})")
+    if prune_ratio is not None:
+        return 1.0 - check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
+    return 0.5 if keep is None else check_float("keep", keep, low=0.0, high=1.0, low_open=True)
 
 
 class Pruner:
@@ -103,31 +126,20 @@ class Pruner:
         backend: str = "auto",
         **policy_settings: Any,
     ) -> None:
-        if policy_settings:
-            name = next(iter(policy_settings))
-            owners = _POLICY_SETTINGS.get(name, [])
-            hint = ("; it is a setting of the policy: pass " + " or ".join(
-                f"policy=gpuprune.{cls}({param}=...)" for cls, param in owners) if owners else "")
-            raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
+        _refuse_policy_settings(policy_settings)
         # the keyed tie-break hashes ids as uint32: unique keys, hence exact k, need N <= 2**32
         num_samples = check_int("num_samples", num_samples, minimum=1, maximum=2**32)
-        if keep is not None and prune_ratio is not None:
-            raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
-                             f"prune_ratio={prune_ratio})")
-        if prune_ratio is not None:
-            keep = 1.0 - check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
-        keep = 0.5 if keep is None else check_float("keep", keep, low=0.0, high=1.0, low_open=True)
-        if num_epochs is not None:
-            num_epochs = check_int("num_epochs", num_epochs, minimum=1, maximum=2**31 - 1)
-        self.policy: Policy = make_policy(policy).resolve(keep, num_samples, num_epochs)
-        if final_full_epochs is None:
-            final_full_epochs = self.policy.final_full_epochs(num_epochs)
-        self.schedule = Schedule(num_epochs, warmup_epochs, final_full_epochs, selection_interval)
-        self.decay = (self.policy.default_decay if decay is None
-                      else check_float("decay", decay, low=0.0, high=1.0, high_open=True))
+        keep = _keep_of(keep, prune_ratio)
+        if decay is not None:
+            decay = check_float("decay", decay, low=0.0, high=1.0, high_open=True)
+        asked = Schedule(num_epochs, warmup_epochs, final_full_epochs, selection_interval)
+        rule = make_policy(policy).rule(keep, num_samples, asked, decay)
+        #: the policy, its settings concrete for this run (it selects; nothing reads its kind)
+        self.policy: Policy = rule.policy
+        #: every epoch's kind and size: the one place the Pruner reads them from
+        self.schedule: Schedule = rule.schedule
+        self.k, self.decay, self.keep = rule.k, rule.decay, keep
         self.seed = check_int("seed", seed)
-        self.keep = keep
-        self.k = num_samples if self.policy.keeps_all else budget(keep, num_samples)
         self.device = resolve_device(device)
         self.backend = get_backend(backend, self.device, num_samples)
         group = resolve_group(process_group)
@@ -135,12 +147,7 @@ class Pruner:
         #: the process group statistics are merged over (None: single process)
         self.process_group = group
         self._sync = None if group is None else EpochSync(group, self.device, num_samples)
-        self.rounds = 0                       # pruned epochs planned so far
-        self._plan: Plan | None = None
-        self._selection_epoch = -1            # epoch the current selection was drawn in
-        self._epoch = 0                       # epoch stamped on observations (the current plan's)
-        self._history: list[dict] = []
-        self._peeked: tuple | None = None     # (epoch, plan it follows, Plan, reselect) of peek()
+        self._run = Progress(None, 0, 0, -1, [])   # history overlaps: device scalars until read
 
     # ------------------------------------------------------------------ facts
     @property
@@ -164,65 +171,66 @@ class Pruner:
     @property
     def current_plan(self) -> Plan | None:
         """The last plan made (or restored), or None."""
-        return self._plan
+        return self._run.plan
+
+    @property
+    def rounds(self) -> int:
+        """Pruned epochs planned so far."""
+        return self._run.rounds
+
+    def check_epoch(self, epoch: int, name: str = "epoch") -> int:
+        """``epoch`` as an int, or raise naming ``name`` (see :meth:`Schedule.check_epoch`)."""
+        return self.schedule.check_epoch(epoch, name)
 
     def is_full_epoch(self, epoch: int) -> bool:
-        """Whether ``epoch`` trains on full data (warm-up, final epochs, or the ``full`` policy)."""
-        full = self.schedule.is_full(epoch)
-        return full or self.policy.keeps_all
+        """Whether ``epoch`` trains on full data (:meth:`Schedule.is_full`)."""
+        return self.schedule.is_full(epoch)
+
+    def _previous(self) -> int | None:
+        plan = self._run.plan
+        return None if plan is None else plan.epoch
 
     def epoch_size(self, epoch: int) -> int | None:
-        """Samples planned for ``epoch`` over all ranks, without planning it: exact for the planned
-        epoch and for every epoch of an exact-k policy; None for a future pruned InfoBatch epoch,
-        whose size depends on the losses observed until then."""
+        """Samples planned for ``epoch`` over all ranks, without planning it: the plan's size once
+        it is made, else the schedule's (None for a future pruned InfoBatch epoch, whose size
+        depends on the losses observed until then)."""
         epoch = self.schedule.check_epoch(epoch)
-        if self._plan is not None and self._plan.epoch == epoch:
-            return len(self._plan)
-        if self.is_full_epoch(epoch):
-            return self.num_samples
-        return self.k if self.policy.exact_k else None
+        plan = self._run.plan
+        if plan is not None and plan.epoch == epoch:
+            return len(plan)
+        return self.schedule.epoch_size(epoch, self.num_samples, self.k)
 
     def shard_size(self, epoch: int, world_size: int | None = None, drop_last: bool = False
                    ) -> int | None:
-        """Samples one rank trains in ``epoch`` (see :func:`gpuprune.plan.shard_size`), or None when
-        :meth:`epoch_size` does not know yet."""
+        """Deprecated: ``gpuprune.shard.EpochShard(pruner, world_size, drop_last=...)
+        .shard_size(epoch)``, the one home of a rank's share length."""
+        warnings.warn("Pruner.shard_size is deprecated; use gpuprune.shard.EpochShard(pruner, ...)"
+                      ".shard_size(epoch)", DeprecationWarning, stacklevel=2)
         n = self.epoch_size(epoch)
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
-        return None if n is None else shard_size(n, w, drop_last)
+        return None if n is None else shard_size(n, w, check_bool("drop_last", drop_last))
 
     def total_steps(self, batch_size: int, *, drop_last: bool = False, world_size: int | None = None,
                     upper_bound: bool = False) -> int:
         """Optimizer steps of the whole run on each rank, for step-based learning-rate schedules
-        (``OneCycleLR(total_steps=pruner.total_steps(batch_size))``): the sum over the epochs of
-        one rank's batches, as the sampler and the DALI iterator deliver them
-        (:meth:`gpuprune.Schedule.total_steps`, the one formula). The DALI iterator's
-        ``total_steps`` calls this with its own shards and last-batch policy.
+        (``OneCycleLR(total_steps=pruner.total_steps(batch_size))``): one rank's batches summed
+        over the epochs, as the sampler and the DALI iterator deliver them
+        (:meth:`gpuprune.Schedule.total_steps`, the one formula).
 
         Args:
             batch_size: samples per batch on each rank.
             drop_last: cut each rank's shard to an equal share and drop the last short batch (as
                 ``PrunedSampler(drop_last=True)`` with ``DataLoader(drop_last=True)``, or DALI's
                 ``LastBatchPolicy.DROP``). Default False.
-            world_size: ranks the epochs are sharded over; None (default) takes this Pruner's
-                :attr:`world_size`.
-            upper_bound: for InfoBatch, whose pruned epochs plan a loss-dependent number of
-                samples, return the bound that counts every pruned epoch with all N samples (the
-                schedule then never runs out; it ends somewhat early). Ignored by the exact-k
-                policies, whose count is exact either way. Default False.
-
-        Raises:
-            ValueError: without ``num_epochs``; for InfoBatch unless ``upper_bound=True``.
+            world_size: ranks sharing each epoch; None (default) takes :attr:`world_size`.
+            upper_bound: where pruned epochs plan a loss-dependent number of samples (InfoBatch),
+                the bound that counts each of them with all N samples; ignored where sizes are
+                exact. Default False: such a schedule raises ValueError, as one without
+                ``num_epochs`` does.
         """
-        check_bool("upper_bound", upper_bound)
         w = self.world_size if world_size is None else check_int("world_size", world_size, minimum=1)
-        if not self.policy.exact_k and not upper_bound:
-            raise ValueError(f"policy {self.policy.name!r} plans a loss-dependent number of samples, "
-                             f"so the run's step count is not known in advance; pass "
-                             f"upper_bound=True for the bound that counts every pruned epoch with "
-                             f"all N samples, or use an epoch-based schedule")
-        k = self.k if self.policy.exact_k else self.num_samples
-        return self.schedule.total_steps(self.num_samples, k, batch_size, world_size=w,
-                                         drop_last=drop_last)
+        return self.schedule.total_steps(self.num_samples, self.k, batch_size, world_size=w,
+                                         drop_last=drop_last, upper_bound=upper_bound)
 
     # ------------------------------------------------------------------ plan
     def plan(self, epoch: int) -> Plan:
@@ -234,15 +242,16 @@ class Pruner:
         host synchronisation (InfoBatch's kept count, or the out-of-range-id check on a GPU). Under
         a process group this is a collective: every rank must call it for every new epoch.
         """
-        epoch, current, ready = self._lookup(epoch, "plan")
-        if ready is not None and ready[0] is current:
+        epoch, current = self._lookup(epoch)
+        if current is not None and current.epoch == epoch:
             return current
         stats = self.stats
-        check = self._read_invalid_later()
+        # a distributed log counts invalid batches itself (the merge raises on every rank)
+        check = (lambda: 0) if self._sync is not None else self.stats.read_invalid_later()
         if self._sync is not None:
-            stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=Op.PLAN,
+            stats = self._sync.merge(stats, self.backend, self.decay, self._run.epoch, op=Op.PLAN,
                                      epoch=epoch, config=self.config())
-        plan, reselect = ready if ready is not None else self._make_plan(epoch, stats, current)
+        plan, reselect = self._make_plan(epoch, stats, current)
         bad = check()
         if bad:
             self.stats.invalid_batches.zero_()
@@ -250,89 +259,36 @@ class Pruner:
                              f"batch(es); those batches were not recorded")
         selected = stats.selected if plan.full else stats.selected.index_add(
             0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
-        overlap = self._overlap(current, plan)
+        overlap = None if current is None else plan.overlap(current)
         if self._sync is not None:
-            self._sync.verify(plan, self.config())
+            self._sync.verify(plan.fingerprint(), epoch, self.config())
             self._sync.reserve(shard_size(len(plan), self.world_size))
         record = {"epoch": epoch, "size": len(plan), "full": plan.full, "reselected": reselect,
                   "overlap": overlap}
         self._commit(stats, selected, plan, reselect, record)
         return plan
 
-    def peek(self, epoch: int) -> Plan | None:
-        """The plan :meth:`plan` will return for ``epoch`` if called next, when no observation can
-        change it any more; else None. Changes nothing and communicates nothing.
-
-        Determined in advance are full-data epochs, the policies that do not read the losses
-        (``uniform``, ``static``, ``full``) and epochs that reuse the current selection
-        (``selection_interval > 1``). Loaders use it to read ahead across the epoch boundary; the
-        later :meth:`plan` reuses the peeked plan (and still does its collectives and counting).
-        """
-        epoch, current, ready = self._lookup(epoch, "peek")
-        if ready is not None:
-            return ready[0]
-        full = self.is_full_epoch(epoch)
-        reuse = not full and self._reuses(epoch, current)
-        if not (full or reuse or not self.policy.reads_losses):
-            return None
-        plan, reselect = self._make_plan(epoch, self.stats, current)
-        self._peeked = (epoch, current, plan, reselect)
-        return plan
-
-    def _lookup(self, epoch: int, verb: str) -> tuple[int, Plan | None, tuple | None]:
-        """``(epoch, current plan, (plan, reselect) already made for epoch or None)``: the current
-        plan itself when it is ``epoch``'s, else a plan :meth:`peek` computed after it. Epochs must
-        not go back."""
+    def _lookup(self, epoch: int) -> tuple[int, Plan | None]:
+        """``(epoch, current plan)``, checking that epochs do not go back."""
         epoch = self.schedule.check_epoch(epoch)
-        current = self._plan
-        if current is not None:
-            if epoch == current.epoch:
-                return epoch, current, (current, False)
-            if epoch < current.epoch:
-                raise ValueError(f"epoch must not go back: {verb}({epoch}) after "
-                                 f"plan({current.epoch})")
-        peeked = self._peeked
-        if peeked is not None and peeked[0] == epoch and peeked[1] is current:
-            return epoch, current, (peeked[2], peeked[3])
-        return epoch, current, None
+        current = self._run.plan
+        if current is not None and epoch < current.epoch:
+            raise ValueError(f"epoch must not go back: plan({epoch}) after plan({current.epoch})")
+        return epoch, current
 
     def will_select(self, epoch: int) -> bool:
-        """Whether :meth:`plan` ``(epoch)``, called next, draws a new selection (a pure read): a
-        pruned epoch that does not reuse the current selection. A re-score pass is worth running
-        before such an epoch (see :mod:`gpuprune.refresh`)."""
+        """Whether :meth:`plan` ``(epoch)``, called next, draws a new selection (a pure read,
+        :meth:`Schedule.selects`). A re-score pass is worth running before such an epoch (see
+        :mod:`gpuprune.refresh`)."""
         epoch = self.schedule.check_epoch(epoch)
-        current = self._plan
-        if current is not None and epoch <= current.epoch:
+        previous = self._previous()
+        if previous is not None and epoch <= previous:
             return False
-        return not self.is_full_epoch(epoch) and not self._reuses(epoch, current)
-
-    def _reuses(self, epoch: int, current: Plan | None) -> bool:
-        """Whether a pruned ``epoch`` planned after ``current`` reuses its selection."""
-        if current is None or current.full:
-            return False
-        return self.policy.fixed_subset or not self.schedule.reselects(epoch)
+        return self.schedule.selects(epoch, previous)
 
     def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> tuple[Plan, bool]:
-        """Select (or reuse the current selection) and shuffle; changes nothing."""
-        full = self.is_full_epoch(epoch)
-        reselect = False
-        weight, rescaled = 1.0, None
-        if full:
-            ids = torch.arange(self.num_samples, dtype=index_dtype(self.num_samples),
-                               device=self.device)
-        elif not self._reuses(epoch, current):
-            choice = self.policy.select(
-                stats, self.k, epoch=epoch, backend=self.backend,
-                generator=epoch_generator(self.seed, 0 if self.policy.fixed_subset else epoch))
-            ids = self._checked_selection(choice.indices)
-            if choice.rescaled is not None:
-                weight, rescaled = float(choice.weight), pack_mask(choice.rescaled)
-            reselect = True
-        else:                                 # reuse the selection, reshuffled
-            ids, weight, rescaled = current.indices, current.weight, current.rescaled
-        (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
-        return Plan(epoch, self.backend.shuffle(ids, shuffle_seed), full, self.num_samples,
-                    weight, rescaled), reselect
+        return make_plan(epoch, current, schedule=self.schedule, policy=self.policy, k=self.k,
+                         stats=stats, seed=self.seed, backend=self.backend)
 
     def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
                 record: dict) -> None:
@@ -340,55 +296,12 @@ class Pruner:
         if stats is not self.stats:
             self.stats.assign(stats)
         self.stats.selected = selected
-        self.rounds += 0 if plan.full else 1
-        self._selection_epoch = (plan.epoch if reselect else
-                                 -1 if plan.full else self._selection_epoch)
-        self._plan, self._epoch, self._peeked = plan, plan.epoch, None
-        self._history.append(record)
+        run = self._run
+        self._run = Progress(plan, plan.epoch, run.rounds + (0 if plan.full else 1),
+                             plan.epoch if reselect else -1 if plan.full else run.selection_epoch,
+                             run.history + [record])
         if self._sync is not None:
             self._sync.clear()
-
-    def _read_invalid_later(self):
-        """Start reading the invalid-batch counter without waiting; return a function giving it.
-
-        On a GPU the counter is copied into pinned memory behind the work queued so far, so the
-        wait at the end of :meth:`plan` is for that copy only, not for the plan's own work.
-        """
-        counter = self.stats.invalid_batches
-        if counter.device.type != "cuda" or self._sync is not None:
-            return lambda: 0 if self._sync is not None else int(counter)
-        host = torch.empty((), dtype=torch.int64, pin_memory=True)
-        host.copy_(counter, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-
-        def result() -> int:
-            done.synchronize()
-            return int(host)
-        return result
-
-    def _checked_selection(self, idx: torch.Tensor) -> torch.Tensor:
-        if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.device != self.device
-                or idx.dtype not in (torch.int32, torch.int64)):
-            raise TypeError(f"{self.policy!r}.select must return 1-D int32/int64 ids on "
-                            f"{self.device}")
-        if self.policy.exact_k and idx.numel() != self.k:
-            raise ValueError(f"{self.policy!r} returned {idx.numel()} ids, expected k={self.k}")
-        return idx.to(index_dtype(self.num_samples))
-
-    def _overlap(self, previous: Plan | None, plan: Plan) -> torch.Tensor | None:
-        """Jaccard overlap of this plan's sample set with the previous plan's (a device scalar)."""
-        if previous is None:
-            return None
-        n, a, b = self.num_samples, len(previous), len(plan)
-        if previous.full or plan.full:
-            # a fill, not a host-to-device copy: plan() keeps its one host synchronisation
-            inter = torch.full((), float(min(a, b)), dtype=torch.float64, device=self.device)
-        else:
-            mark = torch.zeros(n, dtype=torch.bool, device=self.device)
-            mark[previous.indices.long()] = True
-            inter = mark[plan.indices.long()].sum().double()
-        return inter / (a + b - inter)
 
     # ------------------------------------------------------------------ observe
     def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor) -> torch.Tensor:
@@ -412,10 +325,10 @@ class Pruner:
             self._sync.record(indices, per_sample_loss)
         else:
             self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
-                                  self._epoch)
+                                  self._run.epoch)
         b = max(per_sample_loss.numel(), 1)
         x = per_sample_loss.float()
-        plan = self._plan
+        plan = self._run.plan
         if plan is not None and plan.rescaled is not None:
             x = x * plan.weights_of(indices)
         return (x.sum() / b).to(per_sample_loss.dtype)
@@ -426,8 +339,9 @@ class Pruner:
         nothing without a process group."""
         if self._sync is None:
             return
-        merged = self._sync.merge(self.stats, self.backend, self.decay, self._epoch, op=Op.SYNC,
-                                  epoch=self._epoch, config=self.config())
+        epoch = self._run.epoch
+        merged = self._sync.merge(self.stats, self.backend, self.decay, epoch, op=Op.SYNC,
+                                  epoch=epoch, config=self.config())
         if merged is not self.stats:
             self.stats.assign(merged)
         self._sync.clear()
@@ -439,39 +353,24 @@ class Pruner:
         ``reselected`` (a new selection was drawn) and ``overlap``: the Jaccard overlap of its
         sample set with the previous plan's (None for the first plan). Reading it syncs once:
         the overlaps (device scalars) are stacked and copied to the host together."""
-        held = [r["overlap"] for r in self._history if isinstance(r["overlap"], torch.Tensor)]
+        records = self._run.history
+        held = [r["overlap"] for r in records if isinstance(r["overlap"], torch.Tensor)]
         values = iter(torch.stack(held).tolist() if held else ())
-        out = []
-        for r in self._history:
-            ov = r["overlap"]
-            out.append({**r, "overlap": (next(values) if isinstance(ov, torch.Tensor) else
-                                         None if ov is None else float(ov))})
-        return out
+        return [{**r, "overlap": next(values) if isinstance(r["overlap"], torch.Tensor)
+                 else r["overlap"]} for r in records]
 
     def selection_stats(self, always: float = 0.9, never: float = 0.1) -> dict:
-        """The paper's "sometimes" samples: how often each sample was planned in pruned epochs.
-
-        Returns:
-            dict with ``frequency`` (float32 tensor of N, on the CPU), ``rounds`` (pruned epochs),
-            and the fractions of samples planned in more than ``always``, fewer than ``never``, and
-            in between (``sometimes``) of the rounds.
-        """
-        always = check_float("always", always, low=0.0, high=1.0)
-        never = check_float("never", never, low=0.0, high=1.0)
-        freq = self.stats.frequency(self.rounds).cpu()
-        n = freq.numel()
-        hi = int((freq > always).sum())
-        lo = int((freq < never).sum())
-        return {"frequency": freq, "rounds": self.rounds, "always": hi / n, "never": lo / n,
-                "sometimes": (n - hi - lo) / n}
+        """The paper's "sometimes" samples over the pruned epochs so far
+        (:meth:`LossStats.selection_stats`)."""
+        return self.stats.selection_stats(self.rounds, always, never)
 
     def nbytes(self) -> int:
         """Bytes of device state this Pruner holds: statistics, current plan, the per-epoch overlap
         scalars of :attr:`history` and, under a process group, the observation log."""
         total = self.stats.nbytes()
-        total += sum(r["overlap"].element_size() for r in self._history
+        total += sum(r["overlap"].element_size() for r in self._run.history
                      if isinstance(r["overlap"], torch.Tensor))
-        plan = self._plan
+        plan = self._run.plan
         if plan is not None:
             total += plan.indices.numel() * plan.indices.element_size()
             if plan.rescaled is not None:
@@ -480,191 +379,45 @@ class Pruner:
             total += self._sync.nbytes()
         return total
 
-    def sampler(self, **kwargs):
-        """A :class:`~gpuprune.PrunedSampler` over this pruner (keyword arguments pass through)."""
-        from .sampler import PrunedSampler
+    def sampler(self, **kwargs) -> PrunedSampler:
+        """A :class:`~gpuprune.PrunedSampler` over this Pruner (keyword arguments pass through):
+        the same as ``gpuprune.PrunedSampler(pruner, **kwargs)``."""
         return PrunedSampler(self, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def config(self) -> dict:
         """Everything plans depend on besides the observed losses: checked on load and across ranks."""
-        return {"format": _FORMAT, "num_samples": self.num_samples, "keep": self.keep, "k": self.k,
+        return {"format": FORMAT, "num_samples": self.num_samples, "keep": self.keep, "k": self.k,
                 "policy": self.policy.config(), "decay": self.decay, "seed": self.seed,
                 "schedule": self.schedule.config()}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue with bit-identical plans (tensors cloned), with a checksum.
-
-        Each saved id is stored once: the plan's ids (whose set is the current selection); a full
-        epoch stores none (its order is recomputed from the seed). A distributed Pruner raises
+        """Everything needed to continue with bit-identical plans (tensors cloned), with a checksum
+        (layout: :mod:`gpuprune.state`). A distributed Pruner raises
         :class:`~gpuprune.distributed.DistributedError` while it holds observations not merged
         across ranks: call :meth:`synchronize` on every rank first, then save from rank 0.
         """
         if self._sync is not None and self._sync.pending:
-            from .distributed import DistributedError
             raise DistributedError(
                 f"gpuprune: Pruner.state_dict() on rank {self.rank}: this rank holds "
                 f"{self._sync.pending} observations not merged with the other ranks yet, so a "
                 f"checkpoint would lose them. Call pruner.synchronize() on every rank first (for "
                 f"example at the end of the epoch), then save from rank 0")
-        plan = self._plan
-        state = {
-            "config": self.config(),
-            "stats": self.stats.state_dict(),
-            "rounds": self.rounds,
-            "epoch": self._epoch,
-            "selection_epoch": self._selection_epoch,
-            "plan": None if plan is None else {
-                "epoch": plan.epoch, "full": plan.full,
-                "indices": None if plan.full else plan.indices.clone(),
-                "weight": plan.weight,
-                "rescaled": None if plan.rescaled is None else plan.rescaled.clone()},
-            "history": self.history,
-        }
-        state["checksum"] = state_checksum(state)
-        return state
+        return make_state(self.config(), self.stats, self._run._replace(history=self.history))
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`. Everything is checked first, the whole state: the checksum,
-        the configuration (every setting must equal this Pruner's), sizes, dtypes, ranges, unique
-        ids and the budget. A state that does not fit raises TypeError/ValueError naming the key and
-        leaves this Pruner unchanged."""
-        plan = self._check_state_dict(state)
+        """Restore :meth:`state_dict`. The whole state is checked first (:func:`gpuprune.state.
+        check_state`): the checksum, every setting against this Pruner's, every field's type and
+        range, and that the fields tell one story this Pruner's rule could have made. A state that
+        does not fit raises TypeError/ValueError naming the key and leaves this Pruner unchanged."""
+        run = check_state(state, config=self.config(), schedule=self.schedule, policy=self.policy,
+                          k=self.k, stats=self.stats,
+                          full_plan=lambda e: self._make_plan(e, self.stats, None)[0])
         self.stats.load_state_dict(state["stats"])          # checked again: cheap next to the load
-        self.rounds = int(state["rounds"])
-        self._epoch = int(state["epoch"])
-        self._selection_epoch = int(state["selection_epoch"])
-        self._plan, self._peeked = plan, None
-        self._history = [dict(r) for r in state["history"]]
+        self._run = run
         if self._sync is not None:
             self._sync.clear()
-
-    def _check_state_dict(self, state) -> Plan | None:
-        """Validate a whole state; return the plan it holds (on this device)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from Pruner.state_dict(), got "
-                            f"{type(state).__name__}")
-        keys = {"config", "stats", "rounds", "epoch", "selection_epoch", "plan", "history",
-                "checksum"}
-        missing, extra = sorted(keys - set(state)), sorted(set(state) - keys, key=str)
-        if missing or extra:
-            raise ValueError(f"state_dict must have exactly the keys {sorted(keys)}: missing "
-                             f"{missing}, unknown {extra}")
-        if not isinstance(state["checksum"], str) or state["checksum"] != state_checksum(state):
-            raise ValueError("state_dict['checksum'] does not match the state's content: the state "
-                             "was modified or corrupted after Pruner.state_dict()")
-        _check_config(state["config"], self.config())
-        rounds = check_int("state_dict['rounds']", state["rounds"], minimum=0)
-        obs_epoch = self.schedule.check_epoch(state["epoch"], "state_dict['epoch']")
-        sel_epoch = check_int("state_dict['selection_epoch']", state["selection_epoch"],
-                              minimum=-1, maximum=obs_epoch)
-        self.stats.check_state_dict(state["stats"], max_epoch=obs_epoch, max_selected=rounds)
-        if not isinstance(state["history"], list) or not all(isinstance(r, dict)
-                                                             for r in state["history"]):
-            raise ValueError("state_dict['history'] must be a list of dicts")
-        p = state["plan"]
-        if p is None:
-            if obs_epoch or rounds or sel_epoch != -1:
-                raise ValueError("state_dict['plan'] is None but the state records planned epochs")
-            return None
-        if not isinstance(p, dict) or set(p) != {"epoch", "full", "indices", "weight", "rescaled"}:
-            raise ValueError("state_dict['plan'] must be None or a dict with epoch, full, indices, "
-                             "weight and rescaled")
-        epoch = self.schedule.check_epoch(p["epoch"], "state_dict['plan']['epoch']")
-        if epoch != obs_epoch:
-            raise ValueError(f"state_dict['plan']['epoch']={epoch} differs from "
-                             f"state_dict['epoch']={obs_epoch}")
-        full = p["full"]
-        if full is not self.is_full_epoch(epoch):
-            raise ValueError(f"state_dict['plan']['full']={full!r}, but epoch {epoch} is "
-                             f"{'full' if self.is_full_epoch(epoch) else 'pruned'} in this schedule")
-        n = self.num_samples
-        if full:
-            if p["indices"] is not None or p["rescaled"] is not None or p["weight"] != 1.0:
-                raise ValueError("state_dict['plan'] of a full epoch must have indices=None, "
-                                 "rescaled=None and weight=1.0")
-            return self._make_plan(epoch, self.stats, None)[0]   # its order comes from the seed
-        ids = _checked_ids("state_dict['plan']['indices']", p["indices"], n)
-        if self.policy.exact_k and ids.numel() != self.k:
-            raise ValueError(f"state_dict['plan']['indices'] holds {ids.numel()} ids, the budget is "
-                             f"k={self.k}")
-        if sel_epoch == -1 or rounds == 0:
-            raise ValueError("state_dict has a pruned plan but no selection epoch or rounds")
-        weight = check_float("state_dict['plan']['weight']", p["weight"], low=1.0)
-        bits = p["rescaled"]
-        if bits is not None:
-            size = -(-n // 8)
-            if (not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8
-                    or tuple(bits.shape) != (size,)):
-                raise ValueError(f"state_dict['plan']['rescaled'] must be None or a ({size},) uint8 "
-                                 f"tensor")
-            bits = bits.to(self.device)
-        elif weight != 1.0:
-            raise ValueError("state_dict['plan']['weight'] must be 1.0 when nothing is rescaled")
-        return Plan(epoch, ids.to(self.device), False, n, weight, bits)
 
     def __repr__(self) -> str:
         return (f"Pruner(num_samples={self.num_samples}, keep={self.keep}, policy={self.policy!r}, "
                 f"device={self.device}, backend={self.backend.name!r})")
-
-
-def state_checksum(state: dict) -> str:
-    """sha256 over a state dict's content (every tensor's dtype, shape and bytes; every value),
-    excluding its ``"checksum"`` entry."""
-    h = hashlib.sha256()
-
-    def feed(obj) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, dict):
-            h.update(b"{")
-            for key in sorted(obj, key=str):
-                if key == "checksum" and obj is state:
-                    continue
-                h.update(repr(key).encode())
-                feed(obj[key])
-            h.update(b"}")
-        elif isinstance(obj, (list, tuple)):
-            h.update(b"[")
-            for item in obj:
-                feed(item)
-            h.update(b"]")
-        else:
-            h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-    feed(state)
-    return h.hexdigest()
-
-
-def _check_config(saved, mine: dict) -> None:
-    """Every setting equal, nested ones (the policy's) named by their dotted path."""
-    if not isinstance(saved, dict):
-        raise TypeError(f"state_dict['config'] must be a dict, got {type(saved).__name__}")
-    a, b = flatten_config(saved), flatten_config(mine)
-    for key in sorted(set(a) | set(b), key=str):
-        if key not in a:
-            raise ValueError(f"state_dict['config'] is missing {key!r} (this Pruner has "
-                             f"{key}={b[key]!r})")
-        if key not in b:
-            raise ValueError(f"state_dict['config'] has an unknown setting {key!r}")
-        if a[key] != b[key]:
-            raise ValueError(f"checkpoint was made with {key}={a[key]!r}, this Pruner has "
-                             f"{key}={b[key]!r}")
-
-
-def _checked_ids(name: str, t, num_samples: int) -> torch.Tensor:
-    """A saved id tensor: 1-D, the id dtype, values unique and in [0, N)."""
-    dtype = index_dtype(num_samples)
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
-        got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a 1-D {dtype} tensor, got {got}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= num_samples:
-        raise ValueError(f"{name} holds ids outside [0, {num_samples}): [{lo}, {hi}]")
-    if torch.unique(t).numel() != t.numel():
-        raise ValueError(f"{name} holds duplicate ids")
-    return t

@@ -34,9 +34,9 @@ Three ways to feed it, all giving each sample the same loss:
           loader.sampler.set_epoch(epoch)
           ...
 
-* **DALI**: a :class:`~gpuprune.dali.PrunedDALIIterator` over :attr:`Refresher.feed` (a Pruner
-  whose plans are the samples to refresh) and the same source and graph as training, without
-  random augmentation::
+* **DALI**: a :class:`~gpuprune.dali.PrunedDALIIterator` over :attr:`Refresher.feed` (a
+  :class:`~gpuprune.shard.Planner` whose plans are the samples to refresh) and the same source and
+  graph as training, without random augmentation::
 
       rit = gpuprune.dali.build_iterator(refresher.feed, source, eval_graph, batch_size=1024)
       refresher.run(model, rit, epoch)
@@ -45,12 +45,23 @@ Three ways to feed it, all giving each sample the same loss:
   the samples, so the loader plans them. Any other iterable of ``(x, y, idx)`` batches (or DALI's
   ``[{"data", "label", "index"}]``) works too: samples not due are skipped before the forward.
 
-Under ``torch.distributed`` the feed Pruner shares the main Pruner's process group, so each rank
-refreshes its shard (in-memory tensors are sharded the same way) without the wrap-around padding a
-loader's shard may end with (a padded sample is another rank's, and a second observation of it
-would weigh it twice); the observations are merged at the next plan like training ones, so the
-statistics equal those of one process refreshing every target (``tests/test_distributed.py``, 2 and
-4 gloo ranks, in-memory tensors and a DataLoader).
+**All or nothing.** A pass validates and computes every batch before it records anything: a bad
+``loss_fn`` output, a sample id outside ``[0, N)`` or an exception anywhere in the forward passes
+raises (a ValueError naming the argument and the value) with nothing recorded. Until then the
+observations are staged on the Pruner's device, 8 bytes per refreshed sample (an id in the id
+dtype, int32 up to 2**31 samples, and a float32 loss), at most N of them: at most half the
+statistics' 16 bytes per sample, and as much again for the moment they are joined and recorded with
+one ``observe`` (each sample is observed at most once per pass, so one call records exactly what
+one call per batch would).
+
+Under ``torch.distributed`` the feed has the main Pruner's rank and world size, so each rank
+refreshes its share (in-memory tensors are shared out the same way) without the wrap-around padding
+a loader's share may end with (:meth:`EpochShard.owned <gpuprune.shard.EpochShard.owned>`: a padded
+sample is another rank's, and a second observation of it would weigh it twice); the observations
+are merged at the next plan like training ones, so the statistics equal those of one process
+refreshing every target (``tests/test_refresh.py``, 2 and 4 gloo ranks, in-memory tensors and a
+DataLoader). The targets are a pure function of the main Pruner's (already identical) plan, so the
+feed needs no collective of its own.
 """
 
 from __future__ import annotations
@@ -64,14 +75,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_float, check_int
-from .sizes import owned_size
-from .policies import Policy, Selection
+from ._checks import check_batch, check_choice, check_float, check_int
+from .plan import Plan
 from .pruner import Pruner
-from .rng import draw_seeds, epoch_generator
+from .rng import draw_seeds, epoch_generator, shuffle_seed
+from .sampler import PrunedSampler
+from .shard import EpochShard
+from .sizes import index_dtype, owned_size
+from .update import prepare_losses
 
-__all__ = ["Refresher", "RefreshResult", "refresh_scores", "refresh_due", "refresh_targets",
-           "WHICH"]
+__all__ = ["Refresher", "RefreshResult", "RefreshFeed", "refresh_scores", "refresh_due",
+           "refresh_targets", "WHICH"]
 
 #: the sample sets a refresh pass can cover
 WHICH = ("unselected", "all")
@@ -97,12 +111,13 @@ class RefreshResult:
 def refresh_due(pruner: Pruner, epoch: int) -> bool:
     """Whether ``pruner.plan(epoch)`` will draw a new selection from the losses, after a plan.
 
-    True when a plan exists for an earlier epoch, ``epoch`` is pruned, the policy reads the losses
-    (not ``uniform``, ``static``, ``full``), and the plan reselects: the first pruned epoch after
-    full ones, then every ``selection_interval``. A pure read of the Pruner.
+    True when a plan exists for an earlier epoch, ``epoch`` is pruned, the policy's selections read
+    the losses (``Schedule.reads_losses``: not ``uniform``, ``static``, ``full``), and the plan
+    reselects (:meth:`Pruner.will_select`): the first pruned epoch after full ones, then every
+    ``selection_interval``. A pure read of the Pruner.
     """
-    epoch = pruner.schedule.check_epoch(epoch)
-    if pruner.current_plan is None or not pruner.policy.reads_losses:
+    epoch = pruner.check_epoch(epoch)
+    if pruner.current_plan is None or not pruner.schedule.reads_losses:
         return False
     return pruner.will_select(epoch)
 
@@ -121,7 +136,7 @@ def refresh_targets(pruner: Pruner, epoch: int, which: str = "unselected", share
     which = check_choice("which", which, WHICH)
     share = check_float("share", share, low=0.0, high=1.0, low_open=True)
     seed = pruner.seed if seed is None else check_int("seed", seed)
-    epoch = pruner.schedule.check_epoch(epoch)
+    epoch = pruner.check_epoch(epoch)
     n = pruner.num_samples
     plan = pruner.current_plan
     mask = torch.ones(n, dtype=torch.bool, device=pruner.device)
@@ -140,22 +155,58 @@ def refresh_targets(pruner: Pruner, epoch: int, which: str = "unselected", share
     return pruner.backend.top_k(score, n, m, hseed).long()
 
 
-class _Feed(Policy):
-    """The feed Pruner's policy: each epoch, exactly the refresher's targets."""
+class RefreshFeed:
+    """The samples a re-score pass covers, as a :class:`~gpuprune.shard.Planner`: ``plan(epoch)``
+    holds exactly :meth:`Refresher.targets` ``(epoch)``, in the order the main Pruner would shuffle
+    them (seed, epoch), so a :class:`~gpuprune.PrunedSampler` or a DALI iterator over it loads only
+    them. It has the main Pruner's rank, world size and epochs, and no statistics or collectives of
+    its own: the targets are a pure function of the main Pruner's current plan."""
 
-    name = "refresh_feed"
-    exact_k = False
-    default_decay = 0.0
+    def __init__(self, refresher: "Refresher") -> None:
+        self.refresher = refresher
+        self._plan: tuple[Any, Plan] | None = None     # (targets tensor, its plan)
 
-    def __init__(self, refresher: Refresher) -> None:
-        self._refresher = refresher
+    @property
+    def num_samples(self) -> int:
+        return self.refresher.pruner.num_samples
 
-    def select(self, stats, k, *, epoch, generator, backend) -> Selection:
-        ids = self._refresher.targets(epoch)
-        return Selection(ids.to(stats.device))
+    @property
+    def rank(self) -> int:
+        return self.refresher.pruner.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.refresher.pruner.world_size
+
+    @property
+    def num_epochs(self) -> int | None:
+        return self.refresher.pruner.num_epochs
+
+    @property
+    def device(self) -> torch.device:
+        return self.refresher.pruner.device
+
+    def check_epoch(self, epoch: int, name: str = "epoch") -> int:
+        return self.refresher.pruner.check_epoch(epoch, name)
+
+    def epoch_size(self, epoch: int) -> int:
+        """The number of targets of a pass before ``epoch`` (computes them once; no planning)."""
+        return int(self.refresher.targets(self.check_epoch(epoch)).numel())
+
+    def plan(self, epoch: int) -> Plan:
+        """The targets of ``epoch``, shuffled; the same Plan object while they do not change."""
+        targets = self.refresher.targets(self.check_epoch(epoch))
+        cached = self._plan
+        if cached is None or cached[0] is not targets:
+            p = self.refresher.pruner
+            ids = targets.to(index_dtype(p.num_samples))
+            plan = Plan(epoch, p.backend.shuffle(ids, shuffle_seed(p.seed, epoch)), False,
+                        p.num_samples)
+            self._plan = cached = (targets, plan)
+        return cached[1]
 
     def __repr__(self) -> str:
-        return "RefreshFeed()"
+        return f"RefreshFeed({self.refresher!r})"
 
 
 class Refresher:
@@ -176,8 +227,12 @@ class Refresher:
         self.which = check_choice("which", which, WHICH)
         self.share = check_float("share", share, low=0.0, high=1.0, low_open=True)
         self.seed = pruner.seed if seed is None else check_int("seed", seed)
-        self._feed: Pruner | None = None
+        #: the samples to refresh as a Planner, for a loader that should load only them
+        self.feed = RefreshFeed(self)
         self._targets: tuple[int, Any, torch.Tensor] | None = None   # (epoch, plan, ids)
+
+    def __repr__(self) -> str:
+        return f"Refresher(which={self.which!r}, share={self.share}, seed={self.seed})"
 
     def due(self, epoch: int) -> bool:
         """Whether a pass belongs before ``epoch`` (:func:`refresh_due`)."""
@@ -193,22 +248,9 @@ class Refresher:
             self._targets = cached = (epoch, plan, ids)
         return cached[2]
 
-    @property
-    def feed(self) -> Pruner:
-        """A Pruner whose ``plan(epoch)`` holds exactly :meth:`targets` ``(epoch)`` (shuffled by the
-        seed), for a :class:`~gpuprune.PrunedSampler` or a DALI iterator that should load only
-        them. It shares the main Pruner's device and process group; its own statistics (16 bytes
-        per sample) are never used."""
-        if self._feed is None:
-            p = self.pruner
-            self._feed = Pruner(p.num_samples, keep=1.0, policy=_Feed(self), seed=p.seed,
-                                device=p.device, process_group=p.process_group,
-                                backend=p.backend.name)
-        return self._feed
-
-    def sampler(self, **kwargs) -> Any:
+    def sampler(self, **kwargs) -> PrunedSampler:
         """A :class:`~gpuprune.PrunedSampler` over :attr:`feed` (keyword arguments pass through)."""
-        return self.feed.sampler(**kwargs)
+        return PrunedSampler(self.feed, **kwargs)
 
     def run(self, model: torch.nn.Module, data, epoch: int, *,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -231,8 +273,13 @@ class Refresher:
                 to the GPU). Inputs are moved to the model's device first.
             batch_size: batch size for in-memory tensors. Default ``1024``.
             force: run even when not due.
+
+        Raises:
+            TypeError, ValueError: a bad argument, a bad batch (an id outside ``[0, N)``, not a
+                tensor of ids) or a bad ``loss_fn`` output, naming the argument and the value.
+                Nothing is recorded then (see "All or nothing" in the module docstring).
         """
-        epoch = self.pruner.schedule.check_epoch(epoch)
+        epoch = self.pruner.check_epoch(epoch)
         batch_size = check_int("batch_size", batch_size, minimum=1)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -272,38 +319,38 @@ class Refresher:
         if len(x_all) != n or len(y_all) != n:
             raise ValueError(f"data tensors must hold all num_samples={n} samples, got "
                              f"x: {len(x_all)}, y: {len(y_all)}")
-        plan = self.feed.plan(epoch)     # the order a loader over the feed gets
-        p = self.pruner
-        ids = plan.indices[p.rank::p.world_size]     # disjoint shards, no padding
-        scored = 0
+        view = EpochShard(self.feed)            # this rank's share, in the order a loader gets
+        view.set_epoch(epoch)
+        ids = view.owned()                      # without the padding: each target once overall
+        staged = _Staged(self.pruner)
         for s in range(0, ids.numel(), batch_size):
             b = ids[s:s + batch_size]
-            bx = b.to(x_all.device)
-            scored += self._score(model, x_all[bx], y_all[b.to(y_all.device)], b, loss_fn,
-                                  transform)
-        return RefreshResult(epoch, int(ids.numel()), scored)
+            staged.add(b, self._losses(model, x_all[b.to(x_all.device)], y_all[b.to(y_all.device)],
+                                       b, loss_fn, transform))
+        return RefreshResult(epoch, int(ids.numel()), staged.record())
 
     def _run_batches(self, model, data, epoch, targets, loss_fn, transform) -> RefreshResult:
         p = self.pruner
         planner = _planner_of(data)
+        own = None
         if planner is not None and planner.pruner is self.feed:
             planner.set_epoch(epoch)             # the loader now plans exactly the targets
-        own = None
-        if planner is not None and planner.pruner is self.feed and p.world_size > 1:
-            own = _own_share(planner, targets.numel(), p.rank, p.world_size)
+            if p.world_size > 1:
+                own = _own_share(planner, targets.numel(), p.rank, p.world_size)
         due = torch.zeros(p.num_samples, dtype=torch.bool, device=p.device)
         due[targets if own is None else own.to(p.device).long()] = True
-        scored = 0
-        for batch in data:
+        staged = _Staged(p)
+        for i, batch in enumerate(data):
             x, y, idx = _unpack(batch)
-            idx = idx.to(p.device).long()
+            idx = _checked_ids(idx, p.num_samples, i).to(p.device)
             keep = due[idx]
             if not bool(keep.all()):
                 pos = torch.nonzero(keep).flatten()
                 x, y, idx = x[pos.to(x.device)], y[pos.to(y.device)], idx[pos]
             if idx.numel():
                 due[idx] = False                 # one observation per sample and pass
-                scored += self._score(model, x, y, idx, loss_fn, transform)
+                staged.add(idx, self._losses(model, x, y, idx, loss_fn, transform))
+        scored = staged.record()
         requested = int(targets.numel() if own is None else own.numel())
         if p.world_size == 1 and scored < requested:
             warnings.warn(f"gpuprune refresh before epoch {epoch}: the data delivered {scored} of "
@@ -311,10 +358,11 @@ class Refresher:
                           RuntimeWarning, stacklevel=3)
         return RefreshResult(epoch, requested, scored)
 
-    def _score(self, model, x, y, idx, loss_fn, transform) -> int:
+    def _losses(self, model, x, y, idx, loss_fn, transform) -> torch.Tensor:
+        """The batch's losses as the Pruner will record them (float32 on its device), checked."""
         dev = _device_of(model, x.device)
         # only the forward runs in inference mode: the observation is recorded outside it, since
-        # a distributed Pruner's log may grow here, and tensors allocated in inference mode cannot
+        # a distributed Pruner's log may grow then, and tensors allocated in inference mode cannot
         # be written by the training steps that follow
         with torch.inference_mode():
             x = x.to(dev)
@@ -325,8 +373,9 @@ class Refresher:
             raise ValueError(f"loss_fn must return one loss per sample (shape {tuple(idx.shape)}), "
                              f"got {getattr(losses, 'shape', type(losses).__name__)}")
         p = self.pruner
-        p.observe(idx.to(p.device, dtype=torch.int64), losses.to(p.device))
-        return int(idx.numel())
+        losses = losses.to(p.device)
+        check_batch(idx.to(p.device), losses, p.device, p.num_samples, loss_name="loss_fn's output")
+        return prepare_losses(losses)
 
 
 def refresh_scores(model: torch.nn.Module, data, pruner: Pruner, epoch: int, *,
@@ -344,6 +393,29 @@ def refresh_scores(model: torch.nn.Module, data, pruner: Pruner, epoch: int, *,
 
 
 # ------------------------------------------------------------------------------ helpers
+class _Staged:
+    """A pass's checked (ids, losses), recorded with one observe once every batch has passed."""
+
+    def __init__(self, pruner: Pruner) -> None:
+        self.pruner = pruner
+        self.ids: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+
+    def add(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        p = self.pruner
+        self.ids.append(ids.to(p.device, dtype=index_dtype(p.num_samples)))
+        self.losses.append(losses)
+
+    def record(self) -> int:
+        """Observe everything staged (each id at most once, so one call equals one per batch)."""
+        if not self.ids:
+            return 0
+        ids, losses = torch.cat(self.ids), torch.cat(self.losses)
+        self.ids, self.losses = [], []
+        self.pruner.observe(ids, losses)
+        return int(ids.numel())
+
+
 def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
 
@@ -362,26 +434,43 @@ def _as_tensor_pair(data):
 
 
 def _planner_of(data):
-    """The object of ``data`` that plans epochs from a Pruner (a DALI iterator, or a DataLoader's
-    PrunedSampler), or None."""
+    """The loader object of ``data`` that plans epochs from a planner (a DALI iterator, or a
+    DataLoader's PrunedSampler), or None."""
     for obj in (data, getattr(data, "sampler", None)):
-        if isinstance(getattr(obj, "pruner", None), Pruner) and hasattr(obj, "set_epoch"):
+        if isinstance(getattr(obj, "pruner", None), (Pruner, RefreshFeed)) \
+                and hasattr(obj, "set_epoch"):
             return obj
     return None
 
 
 def _own_share(planner, n: int, rank: int, world_size: int) -> torch.Tensor:
-    """The feed's samples this rank refreshes when ``planner`` (a PrunedSampler or DALI iterator
-    over the feed, whose ``set_epoch`` was just called with the refresh's epoch: its ``plan()`` is
-    that epoch's share) serves it a shard of the ``n`` targets.
-
-    A shard is positions ``rank, rank + W, ...`` of the plan padded by wrap-around
-    (:func:`gpuprune.plan.shard_indices`): its entries at positions ``>= n`` repeat samples that
-    another rank serves at their own position. Only the first
-    :func:`~gpuprune.plan.owned_size` entries are this rank's, so every target is refreshed once over all ranks, as with in-memory tensors;
-    a padded copy would be a second observation, merged with weight ``1 - decay**2``.
-    """
+    """The feed's samples this rank refreshes when ``planner`` (a loader over the feed whose
+    ``set_epoch`` was just called with the pass's epoch) serves it a share of the ``n`` targets:
+    :meth:`EpochShard.owned <gpuprune.shard.EpochShard.owned>`, the share without its wrap-around
+    padding, so every target is refreshed once over all ranks (a padded copy would be a second
+    observation, merged with weight ``1 - decay**2``)."""
+    shard = getattr(planner, "shard", None)
+    if isinstance(shard, EpochShard):
+        return shard.owned()
+    # a loader that keeps no EpochShard (the DALI iterator, until it delegates to one): its plan()
+    # is its share, whose first owned_size entries are its own
     return planner.plan().indices[:owned_size(n, rank, world_size)]
+
+
+def _checked_ids(idx, num_samples: int, batch: int) -> torch.Tensor:
+    """A batch's sample ids as int64, or a ValueError/TypeError naming the batch and the id."""
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() \
+            or idx.dtype == torch.bool or idx.dim() != 1:
+        got = (f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor)
+               else type(idx).__name__)
+        raise TypeError(f"data must yield 1-D integer sample ids, got a {got} in batch {batch}")
+    idx = idx.long()
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= num_samples:
+            raise ValueError(f"data yielded sample id {lo if lo < 0 else hi} in batch {batch}, "
+                             f"outside [0, {num_samples}); nothing was recorded")
+    return idx
 
 
 def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mix_seed", "epoch_generator", "draw_seeds"]
+__all__ = ["mix_seed", "epoch_generator", "draw_seeds", "shuffle_seed", "SHUFFLE_STREAM"]
 
 _M64 = 0xFFFFFFFFFFFFFFFF
+#: the generator stream of a plan's training order (stream 0 draws the selection)
+SHUFFLE_STREAM = 1
 
 
 def _splitmix64(x: int) -> int:
@@ -42,3 +44,10 @@ def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
     hi = torch.randint(0, 2**32, (n,), generator=generator, dtype=torch.int64)
     lo = torch.randint(0, 2**32, (n,), generator=generator, dtype=torch.int64)
     return [(int(h) << 32) | int(l) for h, l in zip(hi.tolist(), lo.tolist())]
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The hash seed of ``epoch``'s training order (:meth:`gpuprune.backend.Backend.shuffle`): one
+    word from stream :data:`SHUFFLE_STREAM` of (seed, epoch), so the order does not depend on how
+    many words the selection drew."""
+    return draw_seeds(epoch_generator(seed, epoch, SHUFFLE_STREAM), 1)[0]

@@ -1,15 +1,12 @@
-"""torch.utils.data integration: a Sampler over the Pruner's plan and an index-returning dataset."""
+"""torch.utils.data integration: a sampler over a Pruner's plans, an index-returning dataset."""
 
 from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
-from ._checks import check_bool, check_int
-from .distributed import rank_and_world
-from .plan import Plan
+from .shard import EpochShard, Position
 
 __all__ = ["PrunedSampler", "IndexedDataset", "Position"]
 
@@ -37,93 +34,14 @@ class IndexedDataset(Dataset):
         return item, index
 
 
-class Position:
-    """Where a loader stands in the run: an epoch and how many of this rank's samples of it were
-    trained. The sampler and the DALI iterator save and restore the same format, with one rule: a
-    restored position continues with the rest of that epoch, then the following epochs.
-
-    ``state_dict()`` format: ``{"epoch", "consumed", "num_replicas", "drop_last"}`` (plain ints and
-    bools); a mid-epoch position only restores into a loader with the same ``num_replicas`` and
-    ``drop_last``.
-    """
-
-    KEYS = ("epoch", "consumed", "num_replicas", "drop_last")
-
-    @staticmethod
-    def make(epoch: int, consumed: int, num_replicas: int, drop_last: bool) -> dict:
-        return {"epoch": epoch, "consumed": consumed, "num_replicas": num_replicas,
-                "drop_last": drop_last}
-
-    @classmethod
-    def check(cls, state, num_replicas: int, drop_last: bool, owner: str) -> tuple[int, int]:
-        """``(epoch, consumed)`` of a saved position, or TypeError/ValueError naming the problem."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from {owner}.state_dict(), got "
-                            f"{type(state).__name__}")
-        missing = [key for key in cls.KEYS if key not in state]
-        if missing:
-            raise ValueError(f"state_dict is missing {missing}")
-        unknown = sorted(str(key) for key in state if key not in cls.KEYS)
-        if unknown:
-            raise ValueError(f"state_dict has unknown keys {unknown} (a {owner} position holds "
-                             f"{list(cls.KEYS)}): was it saved by another object?")
-        epoch = check_int("state_dict['epoch']", state["epoch"], minimum=0)
-        consumed = check_int("state_dict['consumed']", state["consumed"], minimum=0)
-        saved = (check_int("state_dict['num_replicas']", state["num_replicas"], minimum=1),
-                 check_bool("state_dict['drop_last']", state["drop_last"]))
-        if consumed and saved != (num_replicas, drop_last):
-            raise ValueError(f"a mid-epoch state saved with num_replicas={saved[0]}, "
-                             f"drop_last={saved[1]} cannot resume with num_replicas={num_replicas}, "
-                             f"drop_last={drop_last}")
-        return epoch, consumed
-
-
-def shard_of(pruner, num_replicas: int | None, rank: int | None, owner: str, *,
-             names: tuple[str, str] = ("num_replicas", "rank")) -> tuple[int, int]:
-    """``(rank, num_replicas)`` of a loader over ``pruner``: from the Pruner's process group unless
-    given; explicit values that disagree with a distributed Pruner raise.
-
-    Args:
-        pruner: the Pruner whose plans the loader shards.
-        num_replicas, rank: the caller's explicit values, or None to take them from the Pruner
-            (a local Pruner: 1 replica, rank 0).
-        owner: the caller's class name, which starts the process-group messages.
-        names: what the caller calls ``num_replicas`` and ``rank``, used in every message (the DALI
-            iterator passes ``("num_shards", "shard_id")``). Default ``("num_replicas", "rank")``.
-
-    Raises:
-        TypeError: a given value is not an int.
-        ValueError: a given value is out of range, or disagrees with the Pruner's process group;
-            or torch.distributed runs several ranks, the Pruner is local and no ``num_replicas``
-            was given.
-    """
-    world_name, rank_name = names
-    if num_replicas is not None:
-        num_replicas = check_int(world_name, num_replicas, minimum=1)
-    if rank is not None:
-        rank = check_int(rank_name, rank, minimum=0)
-    p_rank, p_world = pruner.rank, pruner.world_size
-    if p_world > 1:
-        for name, given, own in ((world_name, num_replicas, p_world), (rank_name, rank, p_rank)):
-            if given is not None and given != own:
-                raise ValueError(f"{owner}: {name}={given}, but the pruner is synchronised over a "
-                                 f"process group where {name}={own}; leave {name} unset")
-        return p_rank, p_world
-    _, g_world = rank_and_world("auto")
-    if num_replicas is None and g_world > 1:
-        # sharding plans that were not computed alike would overlap, and unequal plan lengths
-        # (InfoBatch) would hang DDP; each rank training the whole plan is rarely meant either
-        raise ValueError(f"{owner}: torch.distributed runs {g_world} ranks but the pruner is not "
-                         f"synchronised across them (process_group=None, or it was created before "
-                         f"init_process_group): create the Pruner after init_process_group, or "
-                         f"pass {world_name} and {rank_name} explicitly")
-    num_replicas = 1 if num_replicas is None else num_replicas
-    rank = check_int(rank_name, 0 if rank is None else rank, minimum=0, maximum=num_replicas - 1)
-    return rank, num_replicas
+def _from_shard(name: str, doc: str) -> property:
+    """A read-only attribute of the sampler that is its :class:`EpochShard`'s."""
+    return property(lambda self: getattr(self.shard, name), doc=doc)
 
 
 class PrunedSampler(DistributedSampler[int]):
-    """Yield this epoch's planned sample ids (this rank's shard under multi-process training).
+    """``DistributedSampler``'s counterpart over a planner's epochs: yields this epoch's planned
+    sample ids, this rank's share under multi-process training.
 
     A ``DistributedSampler`` by type, so frameworks that shard a loader again unless its sampler
     is already distributed (PyTorch Lightning's ``use_distributed_sampler``, Lightning Fabric) leave
@@ -132,8 +50,10 @@ class PrunedSampler(DistributedSampler[int]):
 
     Call :meth:`set_epoch` **before** creating the DataLoader iterator of each epoch, as with
     ``DistributedSampler``. It plans the epoch (under a process group that is a collective: every
-    rank calls it). ``len()`` only reads: the planned shard's length, or, before ``set_epoch``, the
-    length the schedule predicts (the same answer on every rank, and no planning).
+    rank calls it). ``len()`` only reads: the planned share's length, or, before ``set_epoch``, the
+    length the schedule predicts (the same answer on every rank, and no planning). Everything
+    per-rank (the share, its length, the position) is the :class:`~gpuprune.shard.EpochShard` in
+    :attr:`shard`; docs/distributed.md lists every difference from ``DistributedSampler``.
 
     Checkpoints, mid-epoch included: save ``sampler.state_dict(consumed=n)`` next to
     ``pruner.state_dict()``, where ``n`` is the number of this pass's samples whose training step
@@ -155,87 +75,73 @@ class PrunedSampler(DistributedSampler[int]):
                                      "model": ..., "optimizer": ...}, path)
 
     Args:
-        pruner: the :class:`~gpuprune.Pruner`.
-        num_replicas: number of ranks (default: the size of the pruner's process group, 1 for a
+        pruner: the :class:`~gpuprune.Pruner` (or another :class:`~gpuprune.shard.Planner`, such
+            as :attr:`gpuprune.refresh.Refresher.feed`).
+        num_replicas: number of ranks. Default: the size of the pruner's process group (1 for a
             single-process pruner). A value that disagrees with a distributed pruner raises.
-        rank: this rank (default: the rank in the pruner's group, else 0).
-        drop_last: cut the plan to a multiple of ``num_replicas`` instead of padding by wrap-around.
+        rank: this rank. Default: the rank in the pruner's group, else 0.
+        drop_last: cut each plan to a multiple of ``num_replicas`` instead of padding it by
+            wrap-around. Default ``False``.
+        shuffle: ``True`` (default) yields the plan in its (seeded, shuffled) training order;
+            ``False`` yields the planned ids in increasing id order.
     """
 
     def __init__(self, pruner, num_replicas: int | None = None, rank: int | None = None,
-                 drop_last: bool = False) -> None:
-        from .pruner import Pruner
-        if not isinstance(pruner, Pruner):
-            raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
-        self.rank, self.num_replicas = shard_of(pruner, num_replicas, rank, "PrunedSampler")
-        self.pruner = pruner
-        self.shuffle, self.seed = True, pruner.seed      # as DistributedSampler: plans are shuffled
-        self.drop_last = check_bool("drop_last", drop_last)
-        self.epoch = 0
-        self._start = 0                     # samples of this epoch's shard already trained
-        self._shard: Plan | None = None     # this rank's share of the epoch's plan, once planned
-        self._host: np.ndarray | None = None
+                 drop_last: bool = False, shuffle: bool = True) -> None:
+        #: the per-rank view every question is delegated to
+        self.shard = EpochShard(pruner, num_replicas, rank, drop_last=drop_last, shuffle=shuffle)
+
+    pruner = _from_shard("planner", "The planner whose epochs this sampler serves.")
+    num_replicas = _from_shard("num_replicas", "Ranks sharing each plan.")
+    rank = _from_shard("rank", "This rank.")
+    drop_last = _from_shard("drop_last", "Whether plans are cut to a multiple of num_replicas.")
+    shuffle = _from_shard("shuffle", "Whether ids come in the plan's order (else by id).")
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the plans' order: the pruner's (None for a planner without one)."""
+        return getattr(self.pruner, "seed", None)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next pass serves (0, the last :meth:`set_epoch`, or a restored one).
+        Assigning it moves there without planning (``DistributedSampler.epoch`` is a plain
+        attribute); :meth:`set_epoch` also plans."""
+        return self.shard.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        epoch = self.pruner.check_epoch(epoch)      # a plannable epoch, not the run's end
+        if epoch != self.shard.epoch:
+            self.shard.seek(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Plan ``epoch`` (a collective under a process group); a new epoch starts at its first
         sample, the epoch of a restored position keeps it."""
-        epoch = self.pruner.schedule.check_epoch(epoch)
-        plan = self.pruner.plan(epoch)
-        if epoch != self.epoch:
-            self._start = 0
-        self.epoch = epoch
-        self._take(plan)
+        self.shard.set_epoch(epoch)
 
-    def _take(self, plan: Plan) -> None:
-        shard = plan if self.num_replicas == 1 else plan.shard(self.rank, self.num_replicas,
-                                                               self.drop_last)
-        if self._start > len(shard):
-            raise ValueError(f"the sampler state says {self._start} samples of epoch {self.epoch} "
-                             f"were trained, but this rank's plan has only {len(shard)}")
-        self._shard, self._host = shard, None
-
-    def plan(self) -> Plan:
-        """This rank's share of the current epoch's plan (planned now if :meth:`set_epoch` was not
-        called for it)."""
-        if self._shard is None or self._shard.epoch != self.epoch:
-            self._take(self.pruner.plan(self.epoch))
-        return self._shard
+    def plan(self):
+        """This rank's share of the current epoch's plan, in the order it is yielded (planned now
+        if :meth:`set_epoch` was not called for it)."""
+        return self.shard.plan()
 
     def __iter__(self) -> Iterator[int]:
-        shard = self.plan()
-        if self._host is None:     # one device-to-host copy per epoch, 4 bytes per id
-            self._host = shard.indices.cpu().numpy()
-        ids = self._host[self._start:]
+        ids = self.shard.host_ids()
         for lo in range(0, len(ids), 4096):
             yield from ids[lo:lo + 4096].tolist()
 
     def __len__(self) -> int:
-        if self._shard is not None and self._shard.epoch == self.epoch:
-            return len(self._shard) - self._start
-        n = self.pruner.shard_size(self.epoch, self.num_replicas, self.drop_last)
-        if n is None:
-            raise RuntimeError(f"the length of epoch {self.epoch} is known once it is planned "
-                               f"(policy {self.pruner.policy.name!r} plans a loss-dependent number "
-                               f"of samples): call sampler.set_epoch({self.epoch}) first")
-        if self._start > n:
-            raise ValueError(f"the sampler state says {self._start} samples of epoch {self.epoch} "
-                             f"were trained, but this rank's plan has only {n}")
-        return n - self._start
+        return len(self.shard)
 
-    # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, consumed: int) -> dict:
-        """The position to resume from (see :class:`Position`).
+        """The position to resume from (see :class:`~gpuprune.shard.Position`).
 
         Args:
             consumed: samples of the current pass (since the DataLoader iterator was created) whose
                 training step has finished, on this rank. Count what was trained, not what the
                 DataLoader fetched: it prefetches. Samples skipped on resume are added here.
         """
-        consumed = check_int("consumed", consumed, minimum=0)
-        if consumed and consumed > len(self):
-            raise ValueError(f"consumed={consumed} is more than the {len(self)} samples this pass "
-                             f"of epoch {self.epoch} yields")
-        return Position.make(self.epoch, self._start + consumed, self.num_replicas, self.drop_last)
+        return self.shard.state_dict(consumed)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`: the next pass over its epoch skips the trained samples.
@@ -243,7 +149,4 @@ class PrunedSampler(DistributedSampler[int]):
         Load the Pruner's state from the same checkpoint, so the epoch's plan is the saved one.
         Raises TypeError/ValueError before changing anything if ``state`` does not fit.
         """
-        epoch, consumed = Position.check(state, self.num_replicas, self.drop_last, "PrunedSampler")
-        self.pruner.schedule.check_epoch(epoch, "state_dict['epoch']")
-        self.epoch, self._start = epoch, consumed
-        self._shard, self._host = None, None
+        self.shard.load_state_dict(state)

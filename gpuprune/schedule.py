@@ -1,33 +1,54 @@
-"""When to prune and when to select: the epoch schedule, usable without a Pruner.
+"""The kind of every epoch: full or pruned, a new selection or a reused one, and its size.
 
-A :class:`Schedule` answers, from arithmetic alone: is epoch ``e`` pruned or full data, does it draw a
-new selection, how many samples does it train, and how many optimizer steps does each epoch and the
-whole run take per rank. The Pruner asks it the first two questions; users size step-based learning
-rate schedules (``OneCycleLR(total_steps=...)``) with :meth:`Schedule.total_steps`.
+A :class:`Schedule` answers, from arithmetic alone: is epoch ``e`` pruned or full data, does it
+draw a new selection or reuse the last one, does a selection read the losses, how many samples does it plan, and how many optimizer steps does each epoch and the whole
+run take per rank. It is the one home of these answers: the Pruner, the loaders and the re-score
+pass ask it and read nothing else.
+
+A policy shapes it through one hook (:meth:`gpuprune.Policy.rule`): InfoBatch adds its annealing
+epochs and makes pruned sizes loss-dependent, ``Static`` selects once, ``"full"`` makes every
+epoch full, and policies that ignore the losses say so. Users size step-based learning-rate
+schedules (``OneCycleLR(total_steps=...)``) with :meth:`Schedule.total_steps`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ._checks import check_bool, check_int
 from .sizes import num_batches, shard_size
 
 __all__ = ["Schedule"]
 
+#: epochs are stored as int32 in the per-sample state
+_MAX_EPOCHS = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Schedule:
-    """Which epochs train on full data and which reselect.
+    """Which epochs train on full data, which reselect, and how many samples each plans.
 
     Args:
         num_epochs: total epochs, or None for an open-ended run (then ``final_full_epochs`` must
-            be 0). With it, epochs ``>= num_epochs`` are refused.
+            be 0). With it, epochs ``>= num_epochs`` are refused. Epochs count from 0, as
+            ``DistributedSampler.set_epoch``'s.
         warmup_epochs: full-data epochs at the start. Default ``0``.
-        final_full_epochs: full-data epochs at the end. Default ``0``.
+        final_full_epochs: full-data epochs at the end. ``None`` (default) leaves it to the
+            policy (InfoBatch: its annealing epochs); a Schedule used on its own reads None as 0.
         selection_interval: a pruned epoch draws a new selection every this many epochs (counted
             from the first pruned epoch); in between the last selection is reused, reshuffled.
             Default ``1``.
+        all_full: every epoch trains on full data (the ``"full"`` baseline). Default ``False``.
+        select_once: one selection for the whole run, drawn from epoch 0's generator and reused
+            by every later pruned epoch (the static baselines). Default ``False``.
+        exact_size: a pruned epoch plans exactly the budget k. ``False`` for a policy whose count
+            depends on the losses (InfoBatch): its future pruned epochs have no known size.
+            Default ``True``.
+        reads_losses: a new selection depends on the observed losses. ``False`` for uniform and
+            static selection (a re-score pass before them is pointless).
+            Default ``True``.
+
+    The last four are the policy's part: :meth:`gpuprune.Policy.rule` sets them.
 
     Example:
         >>> s = Schedule(num_epochs=10, warmup_epochs=1, final_full_epochs=2)
@@ -39,75 +60,134 @@ class Schedule:
 
     num_epochs: int | None = None
     warmup_epochs: int = 0
-    final_full_epochs: int = 0
+    final_full_epochs: int | None = None
     selection_interval: int = 1
+    all_full: bool = False
+    select_once: bool = False
+    exact_size: bool = True
+    reads_losses: bool = True
 
     def __post_init__(self) -> None:
         if self.num_epochs is not None:
-            check_int("num_epochs", self.num_epochs, minimum=1, maximum=2**31 - 1)
+            check_int("num_epochs", self.num_epochs, minimum=1, maximum=_MAX_EPOCHS)
         check_int("warmup_epochs", self.warmup_epochs, minimum=0)
-        check_int("final_full_epochs", self.final_full_epochs, minimum=0,
-                  maximum=self.num_epochs)
+        if self.final_full_epochs is not None:
+            check_int("final_full_epochs", self.final_full_epochs, minimum=0,
+                      maximum=self.num_epochs)
+            if self.final_full_epochs and self.num_epochs is None:
+                raise ValueError(f"final_full_epochs={self.final_full_epochs} needs num_epochs")
         check_int("selection_interval", self.selection_interval, minimum=1)
-        if self.final_full_epochs and self.num_epochs is None:
-            raise ValueError(f"final_full_epochs={self.final_full_epochs} needs num_epochs")
+        for name in ("all_full", "select_once", "exact_size", "reads_losses"):
+            check_bool(name, getattr(self, name))
+
+    @property
+    def final(self) -> int:
+        """Full-data epochs at the end (``final_full_epochs``, None read as 0)."""
+        return self.final_full_epochs or 0
 
     def check_epoch(self, epoch: int, name: str = "epoch") -> int:
         """``epoch`` as an int, or raise if it is negative, beyond ``num_epochs`` or too large for
-        the per-sample state (int32 epochs)."""
-        top = (self.num_epochs if self.num_epochs is not None else 2**31) - 1
+        the per-sample state (int32 epochs). Epochs count from 0, as in
+        ``DistributedSampler.set_epoch``: a loop ``for epoch in range(1, num_epochs + 1)`` would
+        skip epoch 0 and fail at its last epoch, and the message says so."""
         epoch = check_int(name, epoch, minimum=0)
+        top = (self.num_epochs if self.num_epochs is not None else _MAX_EPOCHS + 1) - 1
         if epoch > top:
-            what = (f"the schedule has num_epochs={self.num_epochs}" if self.num_epochs is not None
-                    else "epochs are stored as int32")
+            what = (f"epochs count from 0; the schedule has num_epochs={self.num_epochs}"
+                    if self.num_epochs is not None else "epochs are stored as int32")
             raise ValueError(f"{name} must be <= {top} ({what}), got {name}={epoch}")
         return epoch
 
+    # ------------------------------------------------------------------ the kind of an epoch
     def is_full(self, epoch: int) -> bool:
-        """Whether ``epoch`` trains on full data (a warm-up or final epoch)."""
+        """Whether ``epoch`` trains on full data (a warm-up or final epoch, or ``all_full``)."""
         epoch = self.check_epoch(epoch)
-        if epoch < self.warmup_epochs:
+        if self.all_full or epoch < self.warmup_epochs:
             return True
-        return self.num_epochs is not None and epoch >= self.num_epochs - self.final_full_epochs
+        return self.num_epochs is not None and epoch >= self.num_epochs - self.final
 
     def reselects(self, epoch: int) -> bool:
-        """Whether a pruned ``epoch`` is due for a new selection (the first pruned epoch always is)."""
+        """Whether a pruned ``epoch`` is due for a new selection by the interval alone (the first
+        pruned epoch always is); see :meth:`reuses` for the whole rule."""
         epoch = self.check_epoch(epoch)
         return (epoch - self.warmup_epochs) % self.selection_interval == 0
 
-    def epoch_size(self, epoch: int, num_samples: int, k: int) -> int:
-        """Samples planned in ``epoch`` (all ranks together): N when full, else the budget k."""
-        return num_samples if self.is_full(epoch) else k
+    def reuses(self, epoch: int, previous: int | None) -> bool:
+        """Whether a pruned ``epoch`` planned right after the plan of epoch ``previous`` (None: no
+        plan yet) reuses that plan's selection, reshuffled: the previous plan was pruned, and the
+        policy selects once or the interval is not due. False for a full ``epoch``."""
+        if self.is_full(epoch) or previous is None or self.is_full(previous):
+            return False
+        return self.select_once or not self.reselects(epoch)
+
+    def selects(self, epoch: int, previous: int | None) -> bool:
+        """Whether ``epoch``, planned right after the plan of epoch ``previous``, draws a new
+        selection: a pruned epoch that does not reuse one."""
+        return not self.is_full(epoch) and not self.reuses(epoch, previous)
+
+    def draw_epoch(self, epoch: int) -> int:
+        """The epoch whose generator a selection in ``epoch`` draws from: 0 when selecting once
+        (so the one subset does not depend on when it is drawn), else ``epoch``."""
+        return 0 if self.select_once else epoch
+
+    # ------------------------------------------------------------------ sizes
+    def epoch_size(self, epoch: int, num_samples: int, k: int) -> int | None:
+        """Samples planned in ``epoch`` (all ranks together): N when full, else the budget k, or
+        None for a pruned epoch whose size depends on the losses (``exact_size=False``)."""
+        if self.is_full(epoch):
+            return num_samples
+        return k if self.exact_size else None
 
     def steps(self, epoch: int, num_samples: int, k: int, batch_size: int, *,
-              world_size: int = 1, drop_last: bool = False) -> int:
-        """Optimizer steps of ``epoch`` on each rank (the same on every rank).
+              world_size: int = 1, drop_last: bool = False) -> int | None:
+        """Optimizer steps of ``epoch`` on each rank (the same on every rank), or None when the
+        epoch's size depends on the losses.
 
         ``drop_last`` applies to both the shard (cut to a multiple of ``world_size``) and the last
         batch, as in :class:`~gpuprune.PrunedSampler` and the DALI iterator with ``DROP``.
         """
-        check_int("batch_size", batch_size, minimum=1)
-        check_int("world_size", world_size, minimum=1)
-        check_bool("drop_last", drop_last)
-        per_rank = shard_size(self.epoch_size(epoch, num_samples, k), world_size, drop_last)
-        return num_batches(per_rank, batch_size, drop_last)
+        _check_batching(batch_size, world_size, drop_last)
+        n = self.epoch_size(epoch, num_samples, k)
+        return None if n is None else _steps(n, batch_size, world_size, drop_last)
 
     def total_steps(self, num_samples: int, k: int, batch_size: int, *, world_size: int = 1,
-                    drop_last: bool = False) -> int:
+                    drop_last: bool = False, upper_bound: bool = False) -> int:
         """Optimizer steps of the whole run on each rank: the sum of :meth:`steps` over epochs.
 
         Needs ``num_epochs``. The one step-count formula: :meth:`gpuprune.Pruner.total_steps` and
-        the DALI iterator's ``total_steps`` call it. Exact for policies that plan exactly k
-        samples; InfoBatch plans a data-dependent number (at most N), so ``k=num_samples`` gives an
-        upper bound (``Pruner.total_steps(..., upper_bound=True)``).
+        the DALI iterator's ``total_steps`` call it. Exact when every epoch's size is known
+        (``exact_size``); otherwise it raises unless ``upper_bound``, which counts every pruned
+        epoch of unknown size with all N samples (the schedule then never runs out).
         """
         if self.num_epochs is None:
             raise ValueError("total_steps needs a schedule with num_epochs")
         check_int("num_samples", num_samples, minimum=1)
         check_int("k", k, minimum=1, maximum=num_samples)
-        return sum(self.steps(e, num_samples, k, batch_size, world_size=world_size,
-                              drop_last=drop_last) for e in range(self.num_epochs))
+        _check_batching(batch_size, world_size, drop_last)
+        if not check_bool("upper_bound", upper_bound) and not self.exact_size:
+            raise ValueError(
+                "the policy plans a loss-dependent number of samples, so the run's step count is "
+                "not known in advance; pass upper_bound=True for the bound that counts every "
+                "pruned epoch with all N samples, or use an epoch-based schedule")
+        sizes = (self.epoch_size(e, num_samples, k) for e in range(self.num_epochs))
+        return sum(_steps(num_samples if n is None else n, batch_size, world_size, drop_last)
+                   for n in sizes)
 
     def config(self) -> dict:
-        """The settings as a plain dict (for checkpoints and the cross-rank check)."""
-        return asdict(self)
+        """The run's settings as a plain dict (for checkpoints and the cross-rank check):
+        ``num_epochs``, ``warmup_epochs``, ``final_full_epochs`` and ``selection_interval``. The
+        policy's part is not repeated here: it follows from the policy's settings, which the
+        configuration holds too (and the format stays the one of 0.2 checkpoints)."""
+        return {"num_epochs": self.num_epochs, "warmup_epochs": self.warmup_epochs,
+                "final_full_epochs": self.final, "selection_interval": self.selection_interval}
+
+
+def _check_batching(batch_size: int, world_size: int, drop_last: bool) -> None:
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("world_size", world_size, minimum=1)
+    check_bool("drop_last", drop_last)
+
+
+def _steps(n: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Batches one rank trains from a plan of ``n`` samples shared over ``world_size`` ranks."""
+    return num_batches(shard_size(n, world_size, drop_last), batch_size, drop_last)

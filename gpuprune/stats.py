@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_int, resolve_device
+from ._checks import check_float, check_int, resolve_device
 
 __all__ = ["LossStats", "StatsTensors", "tree_sum", "masked_mean"]
 
@@ -79,6 +79,10 @@ class LossStats:
     PER_SAMPLE = {"mean": torch.float32, "var": torch.float32, "last_epoch": torch.int32,
                   "selected": torch.int32}
     COUNTERS = ("nonfinite", "invalid_batches")
+    #: the most a counter can hold in a saved state: 2**53 (9.0e15) events is 104 days at 10**9
+    #: per second, so a larger count was not counted but written; an int64 counter loaded below it
+    #: cannot overflow in any run
+    MAX_COUNT = 2**53
 
     def __init__(self, num_samples: int, device: torch.device | str = "cpu") -> None:
         self.num_samples = check_int("num_samples", num_samples, minimum=1)
@@ -116,6 +120,43 @@ class LossStats:
         rounds = check_int("rounds", rounds, minimum=0)
         return self.selected.float() / max(rounds, 1)
 
+    def read_invalid_later(self):
+        """Start reading :attr:`invalid_batches` without waiting; return a function giving it.
+
+        On a GPU the counter is copied into pinned memory behind the work queued so far, so a wait
+        at the end of a plan is for that copy only, not for the plan's own work.
+        """
+        counter = self.invalid_batches
+        if counter.device.type != "cuda":
+            return lambda: int(counter)
+        host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        host.copy_(counter, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result() -> int:
+            done.synchronize()
+            return int(host)
+        return result
+
+    def selection_stats(self, rounds: int, always: float = 0.9, never: float = 0.1) -> dict:
+        """The paper's "sometimes" samples: how often each sample was planned in ``rounds`` pruned
+        epochs.
+
+        Returns:
+            dict with ``frequency`` (float32 tensor of N, on the CPU), ``rounds``, and the
+            fractions of samples planned in more than ``always``, fewer than ``never``, and in
+            between (``sometimes``) of the rounds.
+        """
+        always = check_float("always", always, low=0.0, high=1.0)
+        never = check_float("never", never, low=0.0, high=1.0)
+        freq = self.frequency(rounds).cpu()
+        n = freq.numel()
+        hi = int((freq > always).sum())
+        lo = int((freq < never).sum())
+        return {"frequency": freq, "rounds": rounds, "always": hi / n, "never": lo / n,
+                "sometimes": (n - hi - lo) / n}
+
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
         return sum(t.numel() * t.element_size() for t in self._all())
@@ -148,7 +189,7 @@ class LossStats:
 
         Checks every entry's presence, shape and dtype, and the values: finite means, finite
         non-negative variances, ``-1 <= last_epoch <= max_epoch``, ``0 <= selected <= max_selected``,
-        non-negative counters. Changes nothing.
+        counters in ``[0, MAX_COUNT]``. Changes nothing.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state_dict[{key!r}] must be a dict from LossStats.state_dict(), got "
@@ -182,8 +223,10 @@ class LossStats:
             raise ValueError(f"state_dict[{key!r}]['selected'] must lie in [0, {max_selected}], got "
                              f"[{int(sel.min())}, {int(sel.max())}]")
         for name in self.COUNTERS:
-            if int(state[name]) < 0:
-                raise ValueError(f"state_dict[{key!r}][{name!r}] must be >= 0, got {int(state[name])}")
+            count = int(state[name])
+            if not 0 <= count <= self.MAX_COUNT:
+                raise ValueError(f"state_dict[{key!r}][{name!r}] must lie in [0, 2**53], got "
+                                 f"{count}")
 
     def load_state_dict(self, state: dict, *, max_epoch: int | None = None,
                         max_selected: int | None = None) -> None:

@@ -13,7 +13,7 @@ from gpuprune.bench.budget import (evaluations, planned_work, project,
 from gpuprune.bench.config import BenchConfig, base_method, charged_clock, uses_refresh
 from gpuprune.bench.equal_time import (Rung, accuracy_at_steps, cost_scatter, equal_time,
                                        equivalent_steps, fit_cost, grid_steps, rungs_to_add)
-from gpuprune.bench.runner import step_budget
+from gpuprune.bench.config import step_budget
 from gpuprune.bench.train import exploitation_of, lr_factor, onecycle_factor, schedule_factor
 from gpuprune.pruner import Pruner
 from gpuprune.sizes import budget

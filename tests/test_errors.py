@@ -31,7 +31,8 @@ import gpuprune as gp
 from gpuprune.backend import TorchBackend
 from gpuprune.plan import shard_indices
 from gpuprune.policies import EpsilonGreedy, InfoBatch, Policy, Selection, Static, UCB
-from gpuprune.pruner import state_checksum
+
+from conftest import edited, set_at
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 N = 20
@@ -76,7 +77,7 @@ def stats() -> gp.LossStats:
 
 
 def sampler() -> gp.PrunedSampler:
-    s = trained_pruner("uniform").sampler()
+    s = gp.PrunedSampler(trained_pruner("uniform"))
     s.set_epoch(2)
     return s
 
@@ -84,13 +85,6 @@ def sampler() -> gp.PrunedSampler:
 def resumed_sampler() -> gp.PrunedSampler:
     s = sampler()
     s.load_state_dict(s.state_dict(consumed=4))
-    return s
-
-
-def overrun_sampler() -> gp.PrunedSampler:
-    """A state claiming more trained samples than the plan has (checked when the plan is known)."""
-    s = sampler()
-    s.load_state_dict({"epoch": 2, "consumed": 50, "num_replicas": 1, "drop_last": False})
     return s
 
 
@@ -145,37 +139,12 @@ class Stream(IterableDataset):
 
 
 def state_with(policy: str = "infobatch", reseal: bool = True, **changes) -> dict:
-    """A valid Pruner state dict with some entries replaced (``a__b`` is ``state["a"]["b"]``), its
-    checksum recomputed unless ``reseal=False``: the checks behind the checksum must hold alone.
-
-    It comes from a pruner trained further than the subjects, so a half-applied load would show.
-    """
+    """A valid Pruner state dict with some entries replaced (conftest's :func:`edited`), from a
+    pruner trained further than the subjects, so a half-applied load would show."""
     other = trained_pruner(policy)
     other.observe(torch.arange(N), torch.full((N,), 5.0))
     other.plan(3)
-    s = other.state_dict()
-    for path, value in changes.items():
-        d = s
-        keys = path.split("__")
-        for key in keys[:-1]:
-            d = d[key]
-        if value is KeyError:
-            del d[keys[-1]]
-        elif callable(value):
-            d[keys[-1]] = value(d[keys[-1]])
-        else:
-            d[keys[-1]] = value
-    if reseal and "checksum" in s:
-        s["checksum"] = state_checksum(s)
-    return s
-
-
-def set_at(i: int, value):
-    def change(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        t[i] = value
-        return t
-    return change
+    return edited(other.state_dict(), reseal, **changes)
 
 
 # ---------------------------------------------------------------- DALI subjects
@@ -314,9 +283,9 @@ CASES: list[Case] = [
     Case("Pruner.plan", "`epoch=-1`", lambda p: p.plan(-1), ValueError, "epoch must be >= 0, got epoch=-1", trained_pruner),
     Case("Pruner.plan", "`epoch=\"3\"`", lambda p: p.plan("3"), TypeError, "epoch must be an int, got str '3'", trained_pruner),
     Case("Pruner.plan", "an epoch before the current plan's", lambda p: p.plan(1), ValueError, "epoch must not go back: plan(1) after plan(2)", trained_pruner),
-    Case("Pruner.plan", "an epoch beyond `num_epochs`", lambda p: p.plan(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", trained_pruner),
+    Case("Pruner.plan", "an epoch beyond `num_epochs`", lambda p: p.plan(6), ValueError, "epoch must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got epoch=6", trained_pruner),
     Case("Pruner.plan", "`epoch=2**31` (the state stores int32 epochs)", lambda p: p.plan(2**31), ValueError, "epoch must be <= 2147483647 (epochs are stored as int32), got epoch=2147483648", lambda: gp.Pruner(N, policy="uniform")),
-    Case("Pruner.plan", "a custom policy returning the wrong count", lambda p: p.plan(1), ValueError, "returned 3 ids, expected k=10", lambda: gp.Pruner(N, keep=0.5, policy=WrongCount())),
+    Case("Pruner.plan", "a custom policy returning the wrong count", lambda p: p.plan(1), ValueError, "WrongCount() returned 3 ids, expected k=10", lambda: gp.Pruner(N, keep=0.5, policy=WrongCount())),
     Case("Pruner.observe", "`indices` a list", lambda p: p.observe([0, 1, 2], LOSS), TypeError, "indices must be a torch.Tensor, got list", trained_pruner),
     Case("Pruner.observe", "float `indices`", lambda p: p.observe(IDX.float(), LOSS), TypeError, "indices must have an integer dtype, got indices.dtype=torch.float32", trained_pruner),
     Case("Pruner.observe", "bool `indices`", lambda p: p.observe(IDX > 0, LOSS), TypeError, "indices must have an integer dtype, got indices.dtype=torch.bool", trained_pruner),
@@ -331,7 +300,7 @@ CASES: list[Case] = [
     Case("Pruner.observe", "losses on another device", lambda p: p.observe(IDX, LOSS.to("meta")), ValueError, "per_sample_loss must be on cpu, got per_sample_loss.device=meta", trained_pruner),
     Case("Pruner.is_full_epoch", "`epoch=-1`", lambda p: p.is_full_epoch(-1), ValueError, "epoch must be >= 0", trained_pruner),
     Case("Pruner.epoch_size", "an epoch beyond `num_epochs`", lambda p: p.epoch_size(9), ValueError, "epoch must be <= 5", trained_pruner),
-    Case("Pruner.total_steps", "InfoBatch (loss-dependent epoch sizes) without `upper_bound=True`", lambda p: p.total_steps(4), ValueError, "policy 'infobatch' plans a loss-dependent number of samples, so the run's step count is not known in advance; pass upper_bound=True", trained_pruner),
+    Case("Pruner.total_steps", "InfoBatch (loss-dependent epoch sizes) without `upper_bound=True`", lambda p: p.total_steps(4), ValueError, "plans a loss-dependent number of samples, so the run's step count is not known in advance; pass upper_bound=True", trained_pruner),
     Case("Pruner.total_steps", "no `num_epochs`", lambda p: p.total_steps(4), ValueError, "total_steps needs a schedule with num_epochs", lambda: gp.Pruner(N, policy="uniform")),
     Case("Pruner.total_steps", "`world_size=0`", lambda p: p.total_steps(4, world_size=0), ValueError, "world_size must be >= 1, got world_size=0", lambda: trained_pruner("uniform")),
     Case("Pruner.total_steps", "`upper_bound=\"yes\"`", lambda p: p.total_steps(4, upper_bound="yes"), TypeError, "upper_bound must be a bool, got str 'yes'", trained_pruner),
@@ -345,7 +314,7 @@ CASES: list[Case] = [
     Case("Pruner.load_state_dict", "another policy setting (InfoBatch `delta`)", lambda p: p.load_state_dict(state_with(config__policy=lambda c: {**c, "delta": 0.5})), ValueError, "checkpoint was made with policy.delta=0.5, this Pruner has policy.delta=0.875", trained_pruner),
     Case("Pruner.load_state_dict", "another configuration (k)", lambda p: p.load_state_dict(state_with(config__k=7)), ValueError, "checkpoint was made with k=7, this Pruner has k=10", trained_pruner),
     Case("Pruner.load_state_dict", "an emptied `config`", lambda p: p.load_state_dict(state_with(config={})), ValueError, "state_dict['config'] is missing 'decay'", trained_pruner),
-    Case("Pruner.load_state_dict", "a plan of 3 ids where k = 10", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: t[:3])), ValueError, "state_dict['plan']['indices'] holds 3 ids, the budget is k=10", lambda: trained_pruner("uniform")),
+    Case("Pruner.load_state_dict", "a plan of 3 ids where k = 10", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: t[:3])), ValueError, "state_dict['plan']['indices'] holds 3 ids, its history record says 10", lambda: trained_pruner("uniform")),
     Case("Pruner.load_state_dict", "duplicate plan ids", lambda p: p.load_state_dict(state_with("uniform", plan__indices=set_at(1, -1))), ValueError, "state_dict['plan']['indices'] holds ids outside [0, 20)", lambda: trained_pruner("uniform")),
     Case("Pruner.load_state_dict", "a plan id >= N", lambda p: p.load_state_dict(state_with("uniform", plan__indices=set_at(0, 25))), ValueError, "state_dict['plan']['indices'] holds ids outside [0, 20): [", lambda: trained_pruner("uniform")),
     Case("Pruner.load_state_dict", "a repeated plan id", lambda p: p.load_state_dict(state_with("uniform", plan__indices=lambda t: torch.cat([t[:1], t[:-1]]))), ValueError, "state_dict['plan']['indices'] holds duplicate ids", lambda: trained_pruner("uniform")),
@@ -357,6 +326,13 @@ CASES: list[Case] = [
     Case("Pruner.load_state_dict", "a sample selected more often than there were rounds", lambda p: p.load_state_dict(state_with(stats__selected=set_at(0, 99))), ValueError, "state_dict['stats']['selected'] must lie in [0, 4], got [", trained_pruner),
     Case("Pruner.load_state_dict", "`rounds=-1`", lambda p: p.load_state_dict(state_with(rounds=-1)), ValueError, "state_dict['rounds'] must be >= 0", trained_pruner),
     Case("Pruner.load_state_dict", "a plan epoch that is full in this schedule", lambda p: p.load_state_dict(state_with(plan__full=True)), ValueError, "state_dict['plan']['full']=True, but epoch 3 is pruned in this schedule", trained_pruner),
+    # whole-state validation (issue 22, item 3): each state below is edited *and re-checksummed*
+    Case("Pruner.load_state_dict", "`rounds=10**9`", lambda p: p.load_state_dict(state_with(rounds=10**9)), ValueError, "state_dict['rounds']=1000000000, but the history holds 4 pruned plans", trained_pruner),
+    Case("Pruner.load_state_dict", "a history record with `overlap=\"x\"`", lambda p: p.load_state_dict(state_with(history=lambda h: [h[0], {**h[1], "overlap": "x"}, *h[2:]])), ValueError, "state_dict['history'][1]['overlap'] must be a float in [0, 1], got 'x'", trained_pruner),
+    Case("Pruner.load_state_dict", "a history record `{}`", lambda p: p.load_state_dict(state_with(history=lambda h: [h[0], {}, *h[2:]])), ValueError, "state_dict['history'][1] must be a dict with exactly the keys ['epoch', 'size', 'full', 'reselected', 'overlap'], got {}", trained_pruner),
+    Case("Pruner.load_state_dict", "1,002 history records for 4 epochs", lambda p: p.load_state_dict(state_with(history=lambda h: h + [h[-1]] * 998)), ValueError, "state_dict['history'][4]['epoch']=3 does not follow the previous record's epoch 3", trained_pruner),
+    Case("Pruner.load_state_dict", "`nonfinite=2**62`", lambda p: p.load_state_dict(state_with(stats__nonfinite=torch.tensor(2**62))), ValueError, "state_dict['stats']['nonfinite'] must lie in [0, 2**53], got 4611686018427387904", trained_pruner),
+    Case("Pruner.load_state_dict", "an InfoBatch plan of 1 id", lambda p: p.load_state_dict(state_with(plan__indices=lambda t: t[:1])), ValueError, "state_dict['plan']['indices'] holds 1 ids, its history record says", trained_pruner),
     # LossStats
     Case(LS, "`num_samples=0`", lambda _: gp.LossStats(0), ValueError, "num_samples must be >= 1, got num_samples=0"),
     Case(LS, "`device=\"meta\"`", lambda _: gp.LossStats(N, device="meta"), ValueError, "device must be a cpu or cuda device"),
@@ -372,12 +348,12 @@ CASES: list[Case] = [
     Case("Schedule.total_steps", "`k` > `num_samples`", lambda _: gp.Schedule(3).total_steps(10, 11, 2), ValueError, "k must be <= 10, got k=11"),
     Case("Schedule.steps", "`batch_size=0`", lambda _: gp.Schedule(3).steps(0, 10, 5, 0), ValueError, "batch_size must be >= 1, got batch_size=0"),
     # sampler and dataset
-    Case("PrunedSampler", "`pruner=None`", lambda _: gp.PrunedSampler(None), TypeError, "pruner must be a gpuprune.Pruner, got NoneType"),
+    Case("PrunedSampler", "`pruner=None`", lambda _: gp.PrunedSampler(None), TypeError, "pruner must be a gpuprune.Pruner or another Planner (num_samples, rank, world_size, num_epochs, device, check_epoch, epoch_size, plan), got NoneType"),
     Case("PrunedSampler", "`num_replicas=0`", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=0), ValueError, "num_replicas must be >= 1, got num_replicas=0"),
     Case("PrunedSampler", "`rank=2` of 2", lambda _: gp.PrunedSampler(trained_pruner(), num_replicas=2, rank=2), ValueError, "rank must be <= 1, got rank=2"),
     Case("PrunedSampler", "`drop_last=\"yes\"`", lambda _: gp.PrunedSampler(trained_pruner(), drop_last="yes"), TypeError, "drop_last must be a bool, got str 'yes'"),
     Case("PrunedSampler.set_epoch", "`epoch=-1`", lambda s: s.set_epoch(-1), ValueError, "epoch must be >= 0, got epoch=-1", resumed_sampler),
-    Case("PrunedSampler.set_epoch", "an epoch beyond `num_epochs`", lambda s: s.set_epoch(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", resumed_sampler),
+    Case("PrunedSampler.set_epoch", "an epoch beyond `num_epochs`", lambda s: s.set_epoch(6), ValueError, "epoch must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got epoch=6", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed` beyond this pass", lambda s: s.state_dict(consumed=7), ValueError, "consumed=7 is more than the 6 samples this pass of epoch 2 yields", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed=-1`", lambda s: s.state_dict(consumed=-1), ValueError, "consumed must be >= 0, got consumed=-1", resumed_sampler),
     Case("PrunedSampler.state_dict", "`consumed=2.0`", lambda s: s.state_dict(consumed=2.0), TypeError, "consumed must be an int, got float 2.0", resumed_sampler),
@@ -387,7 +363,7 @@ CASES: list[Case] = [
     Case("PrunedSampler.load_state_dict", "`epoch=-1`", lambda s: s.load_state_dict({"epoch": -1, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be >= 0", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "an epoch beyond `num_epochs`", lambda s: s.load_state_dict({"epoch": 8, "consumed": 0, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['epoch'] must be <= 5", resumed_sampler),
     Case("PrunedSampler.load_state_dict", "a mid-epoch state from another world size", lambda s: s.load_state_dict({"epoch": 2, "consumed": 3, "num_replicas": 4, "drop_last": False}), ValueError, "a mid-epoch state saved with num_replicas=4, drop_last=False cannot resume with num_replicas=1", resumed_sampler),
-    Case("PrunedSampler.__iter__ / __len__", "a loaded `consumed` beyond the epoch's plan", lambda s: len(s), ValueError, "the sampler state says 50 samples of epoch 2 were trained, but this rank's plan has only 10", overrun_sampler),
+    Case("PrunedSampler.load_state_dict", "`consumed` beyond this rank's share of the epoch", lambda s: s.load_state_dict({"epoch": 2, "consumed": 50, "num_replicas": 1, "drop_last": False}), ValueError, "state_dict['consumed']=50 is more than the 10 samples this rank's share of epoch 2 holds", resumed_sampler),
     Case("IndexedDataset", "not a dataset (`5`)", lambda _: gp.IndexedDataset(5), TypeError, "dataset must be a map-style dataset with __getitem__ and __len__, got int"),
     Case("IndexedDataset", "an IterableDataset", lambda _: gp.IndexedDataset(Stream()), TypeError, "dataset must be a map-style dataset with __getitem__ and __len__, got Stream"),
     # policies
@@ -471,13 +447,13 @@ CASES += [
     DaliCase(DI, "`output_map=\"xy\"` (a str, not a list of names)", lambda d: iterator_of(d, "xy"), TypeError, "output_map must be a sequence of names, one per pipeline output, got str 'xy'", dali_parts),
     DaliCase(DI, "`output_map` naming 1 of 2 outputs", lambda d: iterator_of(d, ["data"]), ValueError, "the pipeline has 2 outputs but output_map names 1: ['data']", dali_parts),
     DaliCase(DI, "a Pruner of 10 samples for a source of 20", lambda d: iterator_of(DaliParts(gp.Pruner(10, keep=0.5), d.source, d.pipe)), ValueError, "the pruner plans 10 samples but the source holds 20", dali_parts),
-    DaliCase("PrunedDALIIterator.set_epoch", "an epoch beyond `num_epochs`", lambda it: it.set_epoch(6), ValueError, "epoch must be <= 5 (the schedule has num_epochs=6), got epoch=6", dali_iterator),
+    DaliCase("PrunedDALIIterator.set_epoch", "an epoch beyond `num_epochs`", lambda it: it.set_epoch(6), ValueError, "epoch must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got epoch=6", dali_iterator),
     DaliCase("PrunedDALIIterator.set_epoch", "`epoch=\"2\"`", lambda it: it.set_epoch("2"), TypeError, "epoch must be an int, got str '2'", dali_iterator),
     DaliCase("PrunedDALIIterator.set_epoch", "an epoch before the Pruner's current plan", lambda it: it.set_epoch(0), ValueError, "epoch must not go back: plan(0) after plan(1)", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "not a dict", lambda it: it.load_state_dict([1, 4]), TypeError, "state must be a dict from PrunedDALIIterator.state_dict(), got list", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "entries missing", lambda it: it.load_state_dict({"epoch": 1, "batch": 2}), ValueError, "state_dict is missing ['consumed', 'num_replicas', 'drop_last']", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "an unknown key (a state of another object)", lambda it: it.load_state_dict({**position(), "iteration": 2}), ValueError, "state_dict has unknown keys ['iteration']", dali_iterator),
-    DaliCase("PrunedDALIIterator.load_state_dict", "an epoch beyond `num_epochs`", lambda it: it.load_state_dict(position(epoch=9)), ValueError, "state_dict['epoch'] must be <= 5 (the schedule has num_epochs=6), got state_dict['epoch']=9", dali_iterator),
+    DaliCase("PrunedDALIIterator.load_state_dict", "an epoch beyond `num_epochs`", lambda it: it.load_state_dict(position(epoch=9)), ValueError, "state_dict['epoch'] must be <= 5 (epochs count from 0; the schedule has num_epochs=6), got state_dict['epoch']=9", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "`consumed` beyond this rank's share of the epoch", lambda it: it.load_state_dict(position(consumed=11)), ValueError, "state_dict['consumed']=11 is more than the 10 samples this rank's share of epoch 1 holds", dali_iterator),
     DaliCase("PrunedDALIIterator.load_state_dict", "a mid-epoch state from another world size", lambda it: it.load_state_dict(position(num_replicas=2)), ValueError, "a mid-epoch state saved with num_replicas=2, drop_last=False cannot resume with num_replicas=1, drop_last=False", dali_iterator),
     DaliCase("build_iterator", "`batch_size=0`", lambda d: build(d, batch_size=0), ValueError, "batch_size must be >= 1, got batch_size=0", unbound_parts),
@@ -516,8 +492,15 @@ def snapshot(obj) -> Any:
     if isinstance(obj, gp.LossStats):
         return {"state": obj.state_dict()}
     if isinstance(obj, gp.PrunedSampler):
-        return {"pos": (obj.epoch, obj._start, obj.num_replicas, obj.rank, obj.drop_last),
-                "pruner": snapshot(obj.pruner)}
+        # the position (epoch, consumed, world size, drop_last), the shard, the order and what the
+        # next pass yields, all through the public API (len raises for an overrun position:
+        # one loaded while the epoch's size was unknown)
+        try:
+            remaining = len(obj)
+        except ValueError as e:
+            remaining = str(e)
+        return {"position": obj.state_dict(consumed=0), "rank": obj.rank, "shuffle": obj.shuffle,
+                "len": remaining, "pruner": snapshot(obj.pruner)}
     if isinstance(obj, gp.ForgettingTracker):
         return [obj.prev.clone(), obj.learned.clone(), obj.forgotten.clone()]
     if isinstance(obj, torch.nn.Module):

@@ -64,8 +64,9 @@ def test_a_one_based_loop_skips_the_warmup_and_fails_at_its_last_epoch():
     assert [(h["epoch"], h["full"]) for h in pruner.history] == [(1, False), (2, False)]
     with pytest.raises(ValueError) as err:                          # the full warm-up never ran
         sampler.set_epoch(EPOCHS)
-    # today's message does not say that epochs count from 0 (a later phase adds it)
-    assert str(err.value) == "epoch must be <= 2 (the schedule has num_epochs=3), got epoch=3"
+    # the message says that epochs count from 0 (issue 19)
+    assert str(err.value) == ("epoch must be <= 2 (epochs count from 0; the schedule has "
+                              "num_epochs=3), got epoch=3")
 
 
 def test_extending_a_run_is_refused():

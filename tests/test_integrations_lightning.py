@@ -80,7 +80,7 @@ class Probe(L.LightningModule):
         self.pruner = gpuprune.Pruner(len(self.data), keep=0.5, policy=c["policy"],
                                       num_epochs=c["epochs"], warmup_epochs=c["warmup"],
                                       final_full_epochs=c["final_full"], seed=3)
-        if not self.pruner.policy.exact_k:
+        if not self.pruner.schedule.exact_size:
             self.pruner.plan(0)          # InfoBatch: epoch 0's length is known once planned
 
     def train_dataloader(self):
@@ -116,7 +116,7 @@ class Probe(L.LightningModule):
             total = self.estimate
         else:
             total = stepping_batches(self.trainer, self.pruner, BATCH,
-                                     upper_bound=not self.pruner.policy.exact_k)
+                                     upper_bound=not self.pruner.schedule.exact_size)
         sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=total)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 

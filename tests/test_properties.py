@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,6 +158,7 @@ def infobatch_expectation(bank: gp.LossStats, ratio: float):
 POLICY_NAMES = ["uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full"]
 
 
+@pytest.mark.slow
 @FAST
 @given(data=st.data(), policy=st.sampled_from(POLICY_NAMES), n=st.integers(1, 150),
        keep=st.floats(1e-3, 1.0), seed=st.integers(-(2**63), 2**64 - 1),

@@ -103,6 +103,7 @@ def uninterrupted(policy: str) -> dict:
     return run(policy, workers=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("stop", [(0, 4), (2, 3)], ids=["warmup-epoch", "pruned-epoch"])
 def test_resume_mid_epoch_is_bit_identical(policy, stop, tmp_path):
@@ -130,6 +131,7 @@ def test_resume_mid_epoch_is_bit_identical(policy, stop, tmp_path):
         assert any(w is not None and bool((w > 1).any()) for _, w in ref["plans"].values())
 
 
+@pytest.mark.slow
 def test_uninterrupted_runs_are_reproducible_and_policies_differ():
     """Guards the resume test against passing vacuously (e.g. every plan being the same)."""
     a = uninterrupted("ucb")
@@ -138,89 +140,3 @@ def test_uninterrupted_runs_are_reproducible_and_policies_differ():
     other = uninterrupted("uniform")
     assert a["plans"][2][0].tolist() != other["plans"][2][0].tolist()
     assert a["plans"][2][0].tolist() != a["plans"][3][0].tolist()
-
-
-# ---------------------------------------------------------------- sampler state semantics
-def fed_pruner(n: int = 50, policy: str = "uniform") -> gp.Pruner:
-    p = gp.Pruner(n, keep=0.6, policy=policy, seed=5)
-    return p
-
-
-def test_sampler_state_skips_trained_samples_until_the_epoch_changes():
-    p = fed_pruner()
-    s = p.sampler()
-    s.set_epoch(1)
-    full = list(s)
-    assert len(full) == 30
-    state = s.state_dict(consumed=12)
-    assert state == {"epoch": 1, "consumed": 12, "num_replicas": 1, "drop_last": False}
-
-    t = gp.PrunedSampler(p)
-    t.load_state_dict(state)
-    assert t.epoch == 1 and len(t) == 18
-    t.set_epoch(1)                                   # same epoch: the offset stays
-    assert list(t) == full[12:]
-    # a second checkpoint during the resumed pass counts from the start of that pass
-    assert t.state_dict(consumed=5)["consumed"] == 17
-    t.set_epoch(2)                                   # next epoch: from the start
-    assert len(t) == 30 and list(t) == p.plan(2).indices.tolist()
-    assert t.state_dict(consumed=0)["consumed"] == 0
-
-
-def test_sampler_state_at_epoch_end_and_len_of_loader():
-    p = fed_pruner()
-    s = p.sampler()
-    s.set_epoch(0)
-    n = len(s)
-    t = gp.PrunedSampler(p)
-    t.load_state_dict(s.state_dict(consumed=n))
-    assert len(t) == 0 and list(t) == []
-    loader = DataLoader(gp.IndexedDataset(list(range(50))), batch_size=4, sampler=t)
-    assert len(loader) == 0
-    t.load_state_dict(s.state_dict(consumed=8))
-    assert len(loader) == 6                          # ceil(22 / 4)
-
-
-def test_sharded_samplers_resume_from_one_ranks_state():
-    p = fed_pruner(n=41)                             # 25 planned: shards of 13, padded by wrap-around
-    ranks = [gp.PrunedSampler(p, num_replicas=2, rank=r) for r in range(2)]
-    for s in ranks:
-        s.set_epoch(0)
-    before = [list(s) for s in ranks]
-    state = ranks[0].state_dict(consumed=6)          # every rank trained 6 samples
-    resumed = [gp.PrunedSampler(p, num_replicas=2, rank=r) for r in range(2)]
-    for s in resumed:
-        s.load_state_dict(state)
-    assert [list(s) for s in resumed] == [b[6:] for b in before]
-    single = gp.PrunedSampler(p)
-    with pytest.raises(ValueError, match="num_replicas=2, drop_last=False cannot resume"):
-        single.load_state_dict(state)
-    single.load_state_dict(ranks[0].state_dict(consumed=0))   # epoch boundary: any world size
-    assert list(single) == p.plan(0).indices.tolist()
-
-
-def test_sampler_state_errors_leave_it_unchanged():
-    p = fed_pruner()
-    s = p.sampler()
-    s.set_epoch(0)
-    list(s)
-    with pytest.raises(ValueError, match="consumed=31 is more than the 30 samples"):
-        s.state_dict(consumed=31)
-    with pytest.raises(ValueError, match="consumed must be >= 0"):
-        s.state_dict(consumed=-1)
-    with pytest.raises(TypeError, match="consumed must be an int"):
-        s.state_dict(consumed=2.0)
-    s.set_epoch(3)                                   # set_epoch plans: the next epoch is known
-    assert s.state_dict(consumed=1) == {"epoch": 3, "consumed": 1, "num_replicas": 1,
-                                        "drop_last": False}
-    t = gp.PrunedSampler(p)
-    t.load_state_dict({"epoch": 0, "consumed": 4, "num_replicas": 1, "drop_last": False})
-    for bad, exc in [({"epoch": 0}, ValueError), ([0, 4], TypeError),
-                     ({"epoch": -1, "consumed": 0, "num_replicas": 1, "drop_last": False}, ValueError),
-                     ({"epoch": 0, "consumed": 1.5, "num_replicas": 1, "drop_last": False}, TypeError)]:
-        with pytest.raises(exc):
-            t.load_state_dict(bad)
-        assert (t.epoch, len(t)) == (0, 26)
-    t.load_state_dict({"epoch": 0, "consumed": 99, "num_replicas": 1, "drop_last": False})
-    with pytest.raises(ValueError, match="says 99 samples of epoch 0 were trained, but"):
-        len(t)

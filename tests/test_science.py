@@ -1,4 +1,5 @@
-"""Science: InfoBatch's official semantics, UCB lock-in, the overlap metric, the re-score pass.
+"""Science: InfoBatch's official semantics, UCB lock-in, the overlap metric (the re-score pass:
+tests/test_refresh.py).
 
 Expectations are hand-computed on small loss streams (the numbers are in the comments), or checked
 against a line-by-line transcription of the official InfoBatch rule (NUS-HPC-AI-Lab/InfoBatch,
@@ -11,22 +12,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gpuprune as gp
 from gpuprune.bench.runner import lock_in_runs, selection_overlaps
 from gpuprune.plan import mask_lookup
 from gpuprune.policies import Policy, Selection
 from gpuprune.policies.infobatch import kept_share
-from gpuprune.refresh import Refresher, refresh_due, refresh_scores, refresh_targets
+
+from conftest import plan_set
 
 
 def ids(*xs) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.int64)
-
-
-def plan_set(plan) -> set[int]:
-    return set(plan.indices.tolist())
 
 
 def rescaled_set(plan) -> set[int]:
@@ -38,7 +35,7 @@ def rescaled_set(plan) -> set[int]:
 
 # ================================================================================ InfoBatch
 def test_infobatch_scores_the_latest_loss_by_default_and_ema_is_an_option():
-    assert gp.InfoBatch.default_decay == 0.0
+    assert gp.InfoBatch().rule(0.5, 4, gp.Schedule(10)).decay == 0.0      # the policy's default
     p = gp.Pruner(4, prune_ratio=0.5, policy="infobatch", num_epochs=10)
     assert p.decay == 0.0
     p.plan(0)
@@ -311,193 +308,3 @@ def test_ucb_lock_in_mechanism_only_trained_variances_grow():
     rest[chosen] = False
     assert torch.equal(p.stats.var[rest], var4[rest]) and torch.equal(p.stats.mean[rest], mean4[rest])
     assert bool((p.stats.var[chosen] > var4[chosen]).all())       # each change feeds the variance
-
-
-# ================================================================================ re-score pass
-class Net(torch.nn.Module):
-    """Linear model with dropout, so eval-mode losses differ from train-mode ones."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.lin = torch.nn.Linear(6, 3)
-        with torch.no_grad():
-            self.lin.weight.copy_(torch.randn(3, 6, generator=g))
-            self.lin.bias.zero_()
-        self.drop = torch.nn.Dropout(0.5)
-
-    def forward(self, x):
-        return self.lin(self.drop(x))
-
-
-def dataset(n=40):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def eval_losses(model, x, y, which):
-    model.eval()
-    with torch.no_grad():
-        out = F.cross_entropy(model(x[which]), y[which], reduction="none")
-    model.train()
-    return out
-
-
-def trained_pruner(n=40, keep=0.5, policy=None, **kw) -> gp.Pruner:
-    p = gp.Pruner(n, keep=keep, policy=policy if policy is not None else gp.UCB(), seed=4, **kw)
-    plan = p.plan(0)
-    p.observe(plan.indices.long(), torch.linspace(0.5, 1.5, len(plan)))
-    return p
-
-
-def counters(p: gp.Pruner):
-    return (p.rounds, p.stats.selected.clone(), p.history, p.current_plan,
-            int(p.stats.nonfinite), int(p.stats.invalid_batches))
-
-
-def assert_counters_equal(a, b):
-    assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] is b[3]
-    assert a[4:] == b[4:]
-
-
-def test_refresh_updates_exactly_the_unselected_and_no_training_counter():
-    x, y = dataset()
-    model = Net().train()
-    p = trained_pruner()
-    before = (p.stats.mean.clone(), p.stats.var.clone(), p.stats.last_epoch.clone())
-    c0 = counters(p)
-    planned = plan_set(p.current_plan)
-    res = refresh_scores(model, (x, y), p, 1)
-    unselected = sorted(set(range(40)) - planned)
-    assert res.requested == res.scored == 20
-    changed = ((p.stats.mean != before[0]) | (p.stats.last_epoch != before[2])).nonzero()
-    assert sorted(changed.flatten().tolist()) == unselected
-    u = torch.tensor(unselected)
-    # never-trained samples take the eval-mode loss as is (first observation), stamped epoch 0
-    assert torch.allclose(p.stats.mean[u], eval_losses(model, x, y, u))
-    assert p.stats.last_epoch[u].tolist() == [0] * 20
-    t = torch.tensor(sorted(planned))
-    assert torch.equal(p.stats.mean[t], before[0][t]) and torch.equal(p.stats.var[t], before[1][t])
-    assert_counters_equal(counters(p), c0)
-    assert model.training                                             # training flag restored
-
-
-def test_refresh_all_updates_every_sample_once_with_the_ema():
-    x, y = dataset()
-    model = Net()
-    p = trained_pruner()
-    old = p.stats.mean.clone()
-    planned = torch.tensor(sorted(plan_set(p.current_plan)))
-    res = refresh_scores(model, (x, y), p, 1, which="all")
-    assert res.scored == 40
-    fresh = eval_losses(model, x, y, planned)
-    # seen samples: mean += (1 - 0.9) * (loss - mean), once
-    assert torch.allclose(p.stats.mean[planned], old[planned] + 0.1 * (fresh - old[planned]))
-
-
-def test_refresh_random_share_is_seeded_and_inside_the_unselected():
-    p = trained_pruner()
-    unselected = set(range(40)) - plan_set(p.current_plan)
-    a = refresh_targets(p, 1, share=0.25)
-    assert a.numel() == 5 and set(a.tolist()) <= unselected           # floor(0.25 * 20 + 0.5)
-    assert torch.equal(a, refresh_targets(p, 1, share=0.25))
-    other = [refresh_targets(p, 1, share=0.25, seed=s) for s in range(1, 6)]
-    assert any(set(o.tolist()) != set(a.tolist()) for o in other)
-    b = refresh_targets(p, 1, which="all", share=0.1)
-    assert b.numel() == 4 and len(set(b.tolist())) == 4
-    assert refresh_targets(p, 1, share=0.001).numel() == 1            # at least one
-    state = torch.random.get_rng_state()
-    refresh_targets(p, 2, share=0.5)
-    assert torch.equal(torch.random.get_rng_state(), state)           # no global RNG
-    x, y = dataset()
-    before = p.stats.mean.clone()
-    res = Refresher(p, share=0.25).run(Net(), (x, y), 1)
-    assert res.scored == 5
-    assert sorted((p.stats.mean != before).nonzero().flatten().tolist()) == sorted(a.tolist())
-
-
-def test_refresh_due_only_before_a_loss_based_selection():
-    x, y = dataset()
-    fresh = gp.Pruner(40, keep=0.5, policy=gp.UCB(), seed=0)
-    assert not refresh_due(fresh, 0)                                  # nothing trained yet
-    p = trained_pruner(num_epochs=6, final_full_epochs=1, selection_interval=2)
-    assert refresh_due(p, 2) and not refresh_due(p, 1)                # epoch 1 reuses the subset
-    assert not refresh_due(p, 0)                                      # already planned
-    assert not refresh_due(p, 5)                                      # full data: no selection
-    before = p.stats.mean.clone()
-    assert refresh_scores(Net(), (x, y), p, 1).scored == 0
-    assert torch.equal(p.stats.mean, before)
-    assert refresh_scores(Net(), (x, y), p, 1, force=True).scored == 20
-    u = trained_pruner(policy="uniform")
-    assert not refresh_due(u, 1)                                      # the losses are not read
-    w = gp.Pruner(40, keep=0.5, policy=gp.UCB(), warmup_epochs=1, seed=0)
-    w.plan(0)
-    assert refresh_due(w, 1) and refresh_targets(w, 1).numel() == 0   # after a full epoch: none
-
-
-def test_refresh_through_a_dataloader_equals_tensors():
-    from torch.utils.data import DataLoader, TensorDataset
-    x, y = dataset()
-    model = Net()
-    a, b, c = trained_pruner(), trained_pruner(), trained_pruner()
-    ra = Refresher(a).run(model, (x, y), 1, batch_size=8)
-    rb = Refresher(b)
-    loader = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=8, sampler=rb.sampler())
-    res = rb.run(model, loader, 1)
-    assert res.scored == ra.scored == 20
-    assert torch.equal(a.stats.mean, b.stats.mean) and torch.equal(a.stats.var, b.stats.var)
-    # any loader over all samples: the samples not due are skipped before the forward
-    everything = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=16)
-    assert Refresher(c).run(model, everything, 1).scored == 20
-    assert torch.allclose(c.stats.mean, a.stats.mean)
-    assert torch.equal(c.stats.last_epoch, a.stats.last_epoch)
-
-
-def test_refresh_refuses_the_training_loader_and_warns_about_missing_samples():
-    from torch.utils.data import DataLoader, TensorDataset
-    x, y = dataset()
-    p = trained_pruner()
-    train_loader = DataLoader(gp.IndexedDataset(TensorDataset(x, y)), batch_size=8,
-                              sampler=p.sampler())
-    before = p.stats.mean.clone()
-    with pytest.raises(ValueError, match="training Pruner's own plans"):
-        refresh_scores(Net(), train_loader, p, 1)
-    assert torch.equal(p.stats.mean, before) and p.current_plan.epoch == 0
-    part = [(x[:10], y[:10], torch.arange(10))]                       # only ids 0..9
-    due_there = len(set(range(10)) - plan_set(p.current_plan))
-    with pytest.warns(RuntimeWarning, match=f"delivered {due_there} of the 20 samples due"):
-        res = refresh_scores(Net(), part, p, 1)
-    assert res.scored == due_there
-
-
-def test_refresh_bad_arguments():
-    x, y = dataset()
-    p = trained_pruner()
-    with pytest.raises(ValueError, match="which must be one of"):
-        Refresher(p, which="some")
-    with pytest.raises(ValueError, match="share must be > 0.0, got share=0.0"):
-        Refresher(p, share=0.0)
-    with pytest.raises(TypeError, match="pruner must be a gpuprune.Pruner"):
-        Refresher("p")
-    with pytest.raises(TypeError, match="data must be a pair"):
-        refresh_scores(Net(), 3, p, 1)
-    with pytest.raises(ValueError, match="data tensors must hold all num_samples=40"):
-        refresh_scores(Net(), (x[:5], y[:5]), p, 1)
-    with pytest.raises(ValueError, match="one loss per sample"):
-        refresh_scores(Net(), (x, y), p, 1, loss_fn=lambda o, t: F.cross_entropy(o, t))
-    assert p.stats.last_epoch.tolist().count(-1) == 20                # nothing recorded
-
-
-def test_refresh_through_dali_equals_tensors():
-    pytest.importorskip("nvidia.dali")
-    from gpuprune.dali import ArraySource, build_iterator
-    x, y = dataset()
-    model = Net()
-    a, b = trained_pruner(), trained_pruner()
-    Refresher(a).run(model, (x, y), 1, batch_size=8)
-    rb = Refresher(b)
-    it = build_iterator(rb.feed, ArraySource(x.numpy(), y.numpy()), batch_size=8,
-                        output_map=("data", "label"), num_threads=1, device_id=None)
-    res = rb.run(model, it, 1)
-    assert res.scored == 20
-    assert torch.equal(a.stats.mean, b.stats.mean) and torch.equal(a.stats.var, b.stats.var)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..pruner import Pruner, budget
+from ..pruner import Pruner
+from ..sizes import budget
 from ..sizes import num_batches
-from .config import BenchConfig, base_method, uses_refresh
+from .config import BenchConfig, base_method, make_policy, step_budget, uses_refresh
 
 __all__ = ["Work", "planned_work", "project", "INFOBATCH_BELOW_MEAN", "evaluations",
            "step_budget_samples"]
@@ -62,7 +63,6 @@ def step_budget_samples(steps: int, n: int, batch_size: int) -> int:
 
 def _pruned_sizes(method: str, cfg: BenchConfig, n: int, p: float) -> tuple[list[float], bool]:
     """Samples planned per epoch by ``method`` at ratio ``p``, and whether that is exact."""
-    from .runner import make_policy          # the runner builds its policies the same way
     base = base_method(method)
     pruner = Pruner(n, prune_ratio=p, policy=make_policy(base, cfg, _placeholder(base, n)),
                     num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -89,7 +89,6 @@ def _placeholder(base: str, n: int):
 
 def planned_work(cfg: BenchConfig, n: int, n_test: int) -> list[Work]:
     """Every item of the sweep ``cfg`` on ``n`` training and ``n_test`` test samples."""
-    from .runner import step_budget
     seeds, e = len(cfg.seeds), cfg.epochs
     evals = evaluations(e, cfg.eval_every) * n_test
     explore = e * n if cfg.exploitation else 0

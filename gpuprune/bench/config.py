@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..policies import UCB, EpsilonGreedy, InfoBatch
+import torch
+
+from ..policies import UCB, EpsilonGreedy, InfoBatch, Policy, Static
+from ..schedule import Schedule
+from ..sizes import budget
 
 __all__ = ["BenchConfig", "METHODS", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED",
            "LOADERS", "REFRESH", "LR_SCHEDULES", "AMP", "CLOCKS", "LADDER", "PRESETS", "DRY_RUN",
-           "base_method", "uses_refresh", "charged_clock", "dry_run_config"]
+           "base_method", "uses_refresh", "charged_clock", "dry_run_config", "make_policy",
+           "step_budget"]
 
 #: the policies' own defaults: the benchmark runs what users get
 _EG, _UCB, _IB = EpsilonGreedy(), UCB(), InfoBatch()
@@ -259,3 +264,23 @@ def dry_run_config(cfg: BenchConfig) -> BenchConfig:
         width=None if cfg.model == "mlp" else DRY_RUN["width"],
         warmup_epochs=min(cfg.warmup_epochs, DRY_RUN["epochs"] - 1), el2n_seeds=1,
         el2n_epochs=1, eval_every=1, device="cpu", pruner_backend="auto")
+
+def step_budget(cfg: BenchConfig, num_samples: int, prune_ratio: float) -> int:
+    """Optimizer steps of a ``uniform`` run at ``prune_ratio`` (warm-up epochs at full data)."""
+    schedule = Schedule(cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+    return schedule.total_steps(num_samples, budget(1.0 - prune_ratio, num_samples), cfg.batch_size)
+
+
+def make_policy(method: str, cfg: BenchConfig, scores: torch.Tensor | None) -> Policy | str:
+    """The policy a benchmark method runs (``"ucb+refresh"`` runs ``ucb``), with the sweep's
+    settings."""
+    method = base_method(method)
+    if method == "epsilon_greedy":
+        return EpsilonGreedy(epsilon=cfg.epsilon)
+    if method == "ucb":
+        return UCB(c=cfg.ucb_c, uncertainty=cfg.uncertainty, drift=cfg.ucb_drift)
+    if method == "infobatch":
+        return InfoBatch(delta=cfg.delta)
+    if method in ("static_random", "el2n", "forgetting"):
+        return Static(scores)
+    return method

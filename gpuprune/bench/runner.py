@@ -40,11 +40,11 @@ import torch
 
 from .._checks import resolve_device
 from ..data import ImageData
-from ..policies import UCB, EpsilonGreedy, InfoBatch, Policy, Static
-from ..pruner import Pruner, budget
-from ..schedule import Schedule
+from ..pruner import Pruner
 from ..static_scores import ForgettingTracker
-from .config import DYNAMIC, SCORED, STATIC, BenchConfig, base_method, uses_refresh
+from .budget import planned_work, project
+from .config import (DYNAMIC, SCORED, STATIC, BenchConfig, base_method, make_policy, step_budget,
+                     uses_refresh)
 from .equal_time import Rung, equal_time, rungs_to_add
 from .scoring import ScoringCost, el2n_cost_and_scores, run_seed
 from .timeline import Timeline
@@ -125,27 +125,6 @@ def _overlap_stats(history: list[dict]) -> dict:
     return {"overlap_mean": sum(ovs) / len(ovs) if ovs else float("nan"),
             "overlap_max": max(ovs) if ovs else float("nan"),
             "lock_in_epochs": sum(b - a + 1 for a, b in runs) if runs else 0}
-
-
-def step_budget(cfg: BenchConfig, num_samples: int, prune_ratio: float) -> int:
-    """Optimizer steps of a ``uniform`` run at ``prune_ratio`` (warm-up epochs at full data)."""
-    schedule = Schedule(cfg.epochs, warmup_epochs=cfg.warmup_epochs)
-    return schedule.total_steps(num_samples, budget(1.0 - prune_ratio, num_samples), cfg.batch_size)
-
-
-def make_policy(method: str, cfg: BenchConfig, scores: torch.Tensor | None) -> Policy | str:
-    """The policy a benchmark method runs (``"ucb+refresh"`` runs ``ucb``), with the sweep's
-    settings."""
-    method = base_method(method)
-    if method == "epsilon_greedy":
-        return EpsilonGreedy(epsilon=cfg.epsilon)
-    if method == "ucb":
-        return UCB(c=cfg.ucb_c, uncertainty=cfg.uncertainty, drift=cfg.ucb_drift)
-    if method == "infobatch":
-        return InfoBatch(delta=cfg.delta)
-    if method in ("static_random", "el2n", "forgetting"):
-        return Static(scores)
-    return method
 
 
 def time_to_target(curve: list[dict], target: float | None, clock: str = "time_s") -> float:
@@ -250,7 +229,6 @@ def run_bench(cfg: BenchConfig, data: ImageData, *, progress: bool = True,
             of the warm-up's measurement.
         log: called with one line of text when the projection is known (before the sweep).
     """
-    from .budget import planned_work, project
     tqdm = _tqdm_or_null(progress)
     tl = timeline if timeline is not None else Timeline()
     res = BenchResult(cfg, data, timeline=tl)

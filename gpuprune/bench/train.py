@@ -34,7 +34,7 @@ from ..models import build_model
 from ..plan import Plan
 from ..pruner import Pruner
 from ..refresh import Refresher
-from ..sampler import IndexedDataset
+from ..sampler import IndexedDataset, PrunedSampler
 from ..static_scores import ForgettingTracker
 from .config import BenchConfig
 
@@ -164,7 +164,7 @@ class TorchBatches:
     def bind(self, pruner: Pruner) -> "TorchBatches":
         bound = TorchBatches.__new__(TorchBatches)
         bound.__dict__.update(self.__dict__)
-        bound.sampler = pruner.sampler()
+        bound.sampler = PrunedSampler(pruner)
         bound.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=bound.sampler,
             num_workers=self.workers, pin_memory=self.data.device.type == "cuda",

@@ -12,7 +12,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
 from .._checks import check_int
-from ..pruner import Pruner
+from ..shard import Planner
 from .iterator import PrunedDALIIterator, check_dali_arguments
 from .sources import PlanSource
 
@@ -91,7 +91,7 @@ def build_pipeline(source: PlanSource, define_graph: Callable[..., object] | Non
 _ITERATOR_ARGS = ("size", "reader_name", "fill_last_batch", "dynamic_shape", "last_batch_padded")
 
 
-def build_iterator(pruner: Pruner, source: PlanSource,
+def build_iterator(pruner: Planner, source: PlanSource,
                    define_graph: Callable[..., object] | None = None, *, batch_size: int,
                    output_map: Sequence[str] = ("data", "label"),
                    last_batch_policy: LastBatchPolicy = LastBatchPolicy.PARTIAL,

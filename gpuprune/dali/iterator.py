@@ -14,10 +14,9 @@ from nvidia.dali.plugin.pytorch import DALIClassificationIterator, DALIGenericIt
 
 from .._checks import check_bool
 from ..plan import Plan
-from ..pruner import Pruner
 from ..sizes import num_batches
 from ._feed import Feed
-from ._shard import EpochShard
+from ..shard import EpochShard, Planner
 from .sources import BadSampleError, PlanSource
 
 __all__ = ["PrunedDALIIterator", "PrunedDALIClassificationIterator", "check_dali_arguments"]
@@ -179,7 +178,8 @@ class PrunedDALIIterator(DALIGenericIterator):
         prepare_first_batch: if True (default), an epoch's first batches are prepared as soon as
             the epoch is known, in :meth:`set_epoch`, so the pipeline works while you do something
             else (evaluate, log); if False, on the first ``next()``.
-        pruner: the :class:`~gpuprune.Pruner` that plans the epochs.
+        pruner: the :class:`~gpuprune.Pruner` that plans the epochs (or another
+            :class:`~gpuprune.shard.Planner`, such as ``Refresher.feed``).
         source: the pipeline's :class:`~gpuprune.dali.PlanSource`.
         shard_id, num_shards: this rank and the number of ranks. Default: the pruner's process
             group (0 and 1 without one); values that disagree with a distributed pruner raise.
@@ -200,7 +200,7 @@ class PrunedDALIIterator(DALIGenericIterator):
                  reader_name: str | None = None, auto_reset: bool | str | None = False,
                  fill_last_batch: bool | None = None, dynamic_shape: bool | None = False,
                  last_batch_padded: bool = False, last_batch_policy: LastBatchPolicy = PARTIAL,
-                 prepare_first_batch: bool = True, *, pruner: Pruner, source: PlanSource,
+                 prepare_first_batch: bool = True, *, pruner: Planner, source: PlanSource,
                  shard_id: int | None = None, num_shards: int | None = None, shuffle: bool = True,
                  index_name: str = "index", weight_name: str = "weight") -> None:
         pipes = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
@@ -208,8 +208,9 @@ class PrunedDALIIterator(DALIGenericIterator):
             raise ValueError(f"PrunedDALIIterator takes one pipeline, got {len(pipes)}; run one "
                              "process per GPU instead (each rank gets its shard of the plan)")
         pipe = pipes[0]
-        if not isinstance(pruner, Pruner):
-            raise TypeError(f"pruner must be a gpuprune.Pruner, got {type(pruner).__name__}")
+        if not isinstance(pruner, Planner):
+            raise TypeError(f"pruner must be a gpuprune.Pruner or another Planner, got "
+                            f"{type(pruner).__name__}")
         if not isinstance(source, PlanSource):
             raise TypeError(f"source must be a gpuprune.dali PlanSource, got {type(source).__name__}")
         self.last_batch_policy, self._auto_reset = check_dali_arguments(
@@ -311,6 +312,9 @@ class PrunedDALIIterator(DALIGenericIterator):
         :meth:`gpuprune.Pruner.total_steps` with this iterator's batch size, number of shards and
         last-batch policy. InfoBatch raises ValueError unless ``upper_bound=True`` (every pruned
         epoch counted with all N samples). Needs the Pruner's ``num_epochs``."""
+        if not hasattr(self.pruner, "total_steps"):
+            raise TypeError(f"total_steps needs a Pruner; this iterator's planner is a "
+                            f"{type(self.pruner).__name__}")
         return self.pruner.total_steps(self.batch_size, drop_last=self._drop,
                                        world_size=self.num_shards, upper_bound=upper_bound)
 
@@ -333,7 +337,7 @@ class PrunedDALIIterator(DALIGenericIterator):
         the pipeline starts preparing its first batches right away. Optional: without it the
         iterator runs epochs 0, 1, 2, ..., planning each when its pass starts.
         """
-        epoch = self.pruner.schedule.check_epoch(epoch)
+        epoch = self.pruner.check_epoch(epoch)
         self._check_usable()
         p = self._pass
         if p is not None and not p.finished and p.epoch == epoch:

@@ -307,11 +307,12 @@ class _NumpyRun:
         n, e = spec.num_samples, spec.num_epochs
         # settings made concrete by the policy object (defaults from the budget), its default
         # decay and its full-data epochs at the end: schedule facts, the same on every backend
-        policy = _policy_object(spec).resolve(spec.keep, n, e)
-        self.settings = {**policy.settings(), **spec.settings_dict()}
+        from ..schedule import Schedule
+        rule = _policy_object(spec).rule(spec.keep, n, Schedule(e), spec.decay)
+        self.settings = {**rule.policy.settings(), **spec.settings_dict()}
         self.k = n if spec.policy == "full" else max(1, math.floor(spec.keep * n + 0.5))
-        self.final_full = policy.final_full_epochs(e)
-        self.decay = policy.default_decay if spec.decay is None else spec.decay
+        self.final_full = rule.schedule.final
+        self.decay = rule.decay
         self.state = ref.new_state(n)
         self.current: tuple[np.ndarray, np.ndarray, bool] | None = None   # ids, weight map, full
         self.epoch = 0
@@ -373,7 +374,7 @@ class _NumpyRun:
         raise ValueError(f"the numpy reference does not know policy {s.policy!r}")
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        from ..pruner import _SHUFFLE_STREAM
+        from ..rng import SHUFFLE_STREAM as _SHUFFLE_STREAM
         from ..rng import draw_seeds, epoch_generator
         n = self.spec.num_samples
         full = self._full(epoch)

@@ -104,15 +104,14 @@ def optimizer_steps(pruner, batch_size: int, *, world_size: int | None = None,
     num_epochs = check_int("num_epochs", num_epochs, minimum=0,
                            maximum=pruner.num_epochs if pruner.num_epochs is not None else None)
     start_epoch = check_int("start_epoch", start_epoch, minimum=0)
-    if not pruner.policy.exact_k and not upper_bound:
+    if not pruner.schedule.exact_size and not upper_bound:
         raise ValueError(f"policy {pruner.policy.name!r} plans a loss-dependent number of samples, "
                          f"so the run's step count is not known in advance; pass upper_bound=True "
                          f"for the bound that counts every pruned epoch with all N samples, or use "
                          f"an epoch-based schedule")
-    k = pruner.k if pruner.policy.exact_k else pruner.num_samples
     total = 0
     for epoch in range(start_epoch, num_epochs):
-        per_rank = shard_size(pruner.schedule.epoch_size(epoch, pruner.num_samples, k),
-                              world_size, shard_drop_last)
+        n = pruner.schedule.epoch_size(epoch, pruner.num_samples, pruner.k)
+        per_rank = shard_size(pruner.num_samples if n is None else n, world_size, shard_drop_last)
         total += -(-num_batches(per_rank, batch_size, drop_last) // accumulate)
     return total

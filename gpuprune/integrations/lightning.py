@@ -142,7 +142,7 @@ class PruningCallback(L.Callback):
                 continue
             epochs = _max_epochs(trainer, sampler.pruner)
             batch_size = getattr(dl, "batch_size", None) or getattr(dl.batch_sampler, "batch_size")
-            if sampler.pruner.policy.exact_k:
+            if sampler.pruner.schedule.exact_size:
                 self._check_schedulers(trainer, sampler, batch_size, epochs,
                                        bool(getattr(dl, "drop_last", False)))
 

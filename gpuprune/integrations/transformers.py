@@ -262,7 +262,7 @@ class PruningTrainer(Trainer):
         (_, per_epoch, num_examples, _, total_batch, _, _) = super().set_initial_training_values(
             args, dataloader)
         sampler = find_sampler(dataloader)
-        exact = self.pruner.policy.exact_k
+        exact = self.pruner.schedule.exact_size
         total = optimizer_steps(self.pruner, self._train_batch_size, world_size=sampler.num_replicas,
                                 num_epochs=_num_epochs(self.pruner, args),
                                 accumulate=args.gradient_accumulation_steps,

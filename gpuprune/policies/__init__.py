@@ -1,17 +1,21 @@
-"""Selection policies, one per module, and a name -> class registry."""
+"""Selection policies, one per module, and a name -> class registry.
+
+Each module holds one policy: a pure ``<name>_select(...) -> Selection`` over tensors, and a class
+owning the policy's settings and its whole rule (:meth:`Policy.rule`, the one hook).
+"""
 
 from __future__ import annotations
 
-from .base import Policy, Selection
+from .base import Policy, Rule, Selection
 from .epsilon_greedy import EpsilonGreedy
-from .full import FullData
+from .full import FULL_DATA, FullData
 from .infobatch import InfoBatch
 from .static import Static
 from .uniform import Uniform
 from .ucb import UCB
 
-__all__ = ["Policy", "Selection", "FullData", "Uniform", "EpsilonGreedy", "UCB", "InfoBatch",
-           "Static", "POLICIES", "make_policy"]
+__all__ = ["Policy", "Selection", "Rule", "FullData", "Uniform", "EpsilonGreedy", "UCB",
+           "InfoBatch", "Static", "POLICIES", "FULL_DATA", "make_policy"]
 
 #: policy name -> class, for ``Pruner(policy="name")``
 POLICIES: dict[str, type[Policy]] = {

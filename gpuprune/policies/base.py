@@ -1,25 +1,39 @@
-"""The policy contract: pick an epoch's samples from the loss statistics.
+"""The policy contract: a policy owns its whole rule.
 
 A policy is a small object that owns its settings (validated at construction, reported by
-:meth:`Policy.settings` for checkpoints and the cross-rank check) and one method, :meth:`Policy.select`,
-which calls a pure function of its module: tensors in, a :class:`Selection` out. Policies compute
-their scores with plain torch ops and select through the backend's primitives, so they never branch
-on the backend.
+:meth:`Policy.settings` for checkpoints and the cross-rank check) and two methods:
+
+* :meth:`Policy.rule`, **the one hook** through which it shapes a run: it makes its settings
+  concrete for the run and returns the :class:`Rule` the Pruner follows, the run's
+  :class:`~gpuprune.Schedule` (which epochs are full, whether it selects once, whether a pruned
+  epoch's size is exactly the budget, whether its selections read the losses), the budget k and
+  the EMA decay. Nothing else reads a policy's kind: the Pruner, the loaders and the re-score pass
+  ask the Schedule.
+* :meth:`Policy.select`, which calls the pure ``<name>_select`` function of its module: tensors
+  in, a :class:`Selection` out. Policies compute their scores with plain torch ops and select
+  through the backend's primitives, so they never branch on the backend.
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from ..schedule import Schedule
+from ..sizes import budget
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backend import Backend
     from ..stats import LossStats
 
-__all__ = ["Policy", "Selection"]
+__all__ = ["Policy", "Selection", "Rule", "DEFAULT_DECAY"]
+
+#: the EMA weight the statistics keep per observation when neither the user nor the policy says
+DEFAULT_DECAY = 0.9
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,26 +52,36 @@ class Selection:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A policy's whole rule for one run: what :meth:`Policy.rule` returns and the Pruner follows.
+
+    Attributes:
+        policy: the policy with every setting concrete for this run (InfoBatch's ``ratio`` taken
+            from ``keep``); its :meth:`Policy.select` makes the selections.
+        schedule: the run's :class:`~gpuprune.Schedule`, the policy's part included
+            (``final_full_epochs`` resolved, ``all_full``, ``select_once``, ``exact_size``,
+            ``reads_losses``).
+        k: the budget, ``round(keep * N)`` (half up, at least 1); N for the ``"full"`` baseline.
+        decay: the EMA weight the statistics keep per observation, in [0, 1).
+    """
+
+    policy: "Policy"
+    schedule: Schedule
+    k: int
+    decay: float
+
+
 class Policy(ABC):
     """Base class of selection policies.
 
-    Class attributes a subclass may set:
-        name: the registry name (``Pruner(policy=name)``).
-        exact_k: plans exactly the budget k (False for InfoBatch, whose count depends on the scores).
-        fixed_subset: one subset for the whole run (static baselines): selected once, from epoch 0's
-            generator.
-        keeps_all: every epoch is full data (the ``full`` baseline).
-        reads_losses: the selection depends on the loss statistics (False for uniform, static and
-            full: their plans are known before the epoch's losses, see ``Pruner.peek``).
-        default_decay: the EMA weight the statistics use when the Pruner is not given ``decay``.
+    A subclass sets :attr:`name`, implements :meth:`select` and, when its rule differs from the
+    default (a selection per epoch from the losses, exactly k samples, ``decay=0.9``, no extra
+    full epochs), overrides :meth:`rule`, the one hook, and :meth:`check_selection` with it.
     """
 
+    #: the registry name (``Pruner(policy=name)``)
     name: ClassVar[str] = "policy"
-    exact_k: ClassVar[bool] = True
-    fixed_subset: ClassVar[bool] = False
-    keeps_all: ClassVar[bool] = False
-    reads_losses: ClassVar[bool] = True
-    default_decay: ClassVar[float] = 0.9
 
     def settings(self) -> dict[str, Any]:
         """The policy's settings as plain values (tensors by digest); part of the Pruner's config."""
@@ -67,14 +91,36 @@ class Policy(ABC):
         """``{"name": ..., **settings}``."""
         return {"name": self.name, **self.settings()}
 
-    def resolve(self, keep: float, num_samples: int, num_epochs: int | None) -> "Policy":
-        """This policy with every setting made concrete for a run (defaults taken from the budget),
-        checked against it; raises ValueError naming the setting that does not fit. Default: self."""
-        return self
+    def rule(self, keep: float, num_samples: int, schedule: Schedule,
+             decay: float | None = None) -> Rule:
+        """The one hook: this policy's rule for a run of ``num_samples`` samples keeping ``keep``
+        of them per pruned epoch, on the user's ``schedule`` (``final_full_epochs=None``: the
+        policy decides), with the user's ``decay`` (None: the policy's default).
 
-    def final_full_epochs(self, num_epochs: int | None) -> int:
-        """Full-data epochs this policy wants at the end of a run of ``num_epochs``. Default 0."""
-        return 0
+        Raises ValueError naming the setting that does not fit the run. The default: this policy
+        as it is, the schedule with no extra full epochs, ``k = budget(keep, num_samples)``, exact
+        sizes, selections that read the losses, ``decay=0.9``. Subclasses call it and adjust.
+        (A subclass written for 0.2 that sets its kind through the class attributes of 0.2 keeps
+        working, with a DeprecationWarning: see :func:`_legacy_rule`.)
+        """
+        rule = Rule(self, replace(schedule, final_full_epochs=schedule.final),
+                    budget(keep, num_samples), DEFAULT_DECAY if decay is None else decay)
+        return _legacy_rule(self, rule, keep, num_samples, schedule, decay)
+
+    def check_selection(self, selection: Selection, k: int | None, num_samples: int,
+                        name: str) -> None:
+        """Raise ValueError naming ``name`` unless ``selection`` is one this policy can make with
+        budget ``k`` (None: the run's pruned sizes depend on the losses) over ``num_samples``
+        samples. Used on a plan restored from a checkpoint (its ids already checked unique and in
+        range, its rescaled mask unpacked), so it may read the host. Default: exactly k ids and
+        no rescaled samples (a policy that rescales losses overrides this, as InfoBatch does).
+        """
+        n = selection.indices.numel()
+        if k is not None and n != k:
+            raise ValueError(f"{name} holds {n} ids, the budget is k={k}")
+        if selection.rescaled is not None:
+            raise ValueError(f"{name}: {self!r} does not rescale losses, but the plan marks "
+                             f"rescaled samples")
 
     @abstractmethod
     def select(self, stats: "LossStats", k: int, *, epoch: int, generator: torch.Generator,
@@ -83,7 +129,8 @@ class Policy(ABC):
 
         Args:
             stats: the per-sample loss statistics (read only).
-            k: the budget ``round(keep * N)``; exact for every policy with ``exact_k``.
+            k: the budget from :meth:`rule`; a policy whose schedule has ``exact_size`` returns
+                exactly k ids.
             epoch: the epoch being planned.
             generator: a CPU generator seeded from (seed, epoch); draw hash seeds from it with
                 :func:`gpuprune.rng.draw_seeds`. Never use global RNG.
@@ -99,3 +146,36 @@ class Policy(ABC):
 
     def __hash__(self) -> int:
         return hash(repr(self.config()))
+
+
+#: the 0.2 class attributes and methods through which a subclass set its kind
+_LEGACY = ("exact_k", "fixed_subset", "keeps_all", "reads_losses", "default_decay", "resolve",
+           "final_full_epochs")
+
+
+def _legacy_rule(policy: Policy, rule: Rule, keep: float, num_samples: int, schedule: Schedule,
+                 decay: float | None) -> Rule:
+    """``rule`` adjusted by a 0.2-style subclass's class attributes (``exact_k = False``,
+    ``fixed_subset``, ``keeps_all``, ``reads_losses = False``, ``default_decay``) and methods
+    (``resolve``, ``final_full_epochs``), with a DeprecationWarning naming them; ``rule`` itself for
+    every other policy. So a custom policy from 0.2 keeps its behaviour instead of silently
+    losing it; a new one overrides :meth:`Policy.rule`."""
+    cls = type(policy)
+    used = [name for name in _LEGACY if hasattr(cls, name)]
+    if not used:
+        return rule
+    warnings.warn(f"{cls.__name__} sets {', '.join(used)}, the policy kind of gpuprune 0.2; "
+                  f"override Policy.rule() instead (see gpuprune.policies.base)",
+                  DeprecationWarning, stacklevel=4)
+    chosen = policy.resolve(keep, num_samples, schedule.num_epochs) if "resolve" in used else policy
+    final = schedule.final_full_epochs
+    if final is None and "final_full_epochs" in used:
+        final = policy.final_full_epochs(schedule.num_epochs)
+    s = rule.schedule
+    keeps_all = getattr(cls, "keeps_all", s.all_full)
+    kind = replace(s, final_full_epochs=final or 0, all_full=keeps_all,
+                   select_once=getattr(cls, "fixed_subset", s.select_once),
+                   exact_size=getattr(cls, "exact_k", s.exact_size),
+                   reads_losses=getattr(cls, "reads_losses", s.reads_losses))
+    return Rule(chosen, kind, num_samples if keeps_all else rule.k,
+                getattr(cls, "default_decay", rule.decay) if decay is None else decay)

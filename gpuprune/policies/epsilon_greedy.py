@@ -19,7 +19,7 @@ def greedy_score(mean: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
 
 
 def epsilon_greedy_select(score: torch.Tensor, k: int, epsilon: float, seeds: tuple[int, int],
-                          backend) -> torch.Tensor:
+                          backend) -> Selection:
     """Top ``k - m`` by score plus ``m = floor(epsilon * k)`` uniform picks from the others.
 
     Both parts are exact-k selections over unique keys (see :mod:`gpuprune.keys`); the second ranks
@@ -29,10 +29,10 @@ def epsilon_greedy_select(score: torch.Tensor, k: int, epsilon: float, seeds: tu
     m = math.floor(epsilon * k)
     exploit = backend.top_k(score, n, k - m, seeds[0])
     if m == 0:
-        return exploit
+        return Selection(exploit)
     rest = torch.zeros(n, dtype=torch.float32, device=score.device)
     rest[exploit.long()] = float("-inf")
-    return torch.cat([exploit, backend.top_k(rest, n, m, seeds[1])])
+    return Selection(torch.cat([exploit, backend.top_k(rest, n, m, seeds[1])]))
 
 
 class EpsilonGreedy(Policy):
@@ -53,5 +53,4 @@ class EpsilonGreedy(Policy):
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         seeds = draw_seeds(generator, 2)
         score = greedy_score(stats.mean, stats.seen)
-        return Selection(epsilon_greedy_select(score, k, self.epsilon, (seeds[0], seeds[1]),
-                                               backend))
+        return epsilon_greedy_select(score, k, self.epsilon, (seeds[0], seeds[1]), backend)

@@ -4,7 +4,7 @@ The rule, as in the official code (NUS-HPC-AI-Lab/InfoBatch, ``infobatch/infobat
 default here:
 
 * **Score**: the sample's latest training loss. The Pruner's ``decay`` defaults to ``0.0`` for this
-  policy (:attr:`InfoBatch.default_decay`), so the statistics' mean *is* the last finite loss.
+  policy (its :meth:`InfoBatch.rule`), so the statistics' mean *is* the last finite loss.
   ``Pruner(..., decay=0.9)`` scores by an exponential moving average instead (an option: with it
   the below-mean set changes slowly, because a sample's score moves by a tenth of each change).
 * **Well learned**: score strictly below the mean score.
@@ -14,7 +14,8 @@ default here:
   unchanged; every other sample is kept with weight 1. A pruned epoch therefore plans
   ``N - n_below + floor(q * n_below)`` samples, a number that depends on the losses.
 * **Annealing**: epochs ``>= floor(delta * num_epochs)`` train on full data with every weight 1
-  (:meth:`InfoBatch.final_full_epochs`; at ``num_epochs = 10``, ``delta = 0.875``: epochs 8 and 9).
+  (the final full epochs of :meth:`InfoBatch.rule`; at ``num_epochs = 10``, ``delta = 0.875``:
+  epochs 8 and 9).
 
 Where gpuprune deliberately differs from the official code, and why:
 
@@ -41,13 +42,14 @@ Where gpuprune deliberately differs from the official code, and why:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from .._checks import check_float
 from ..rng import draw_seeds
 from ..stats import masked_mean
-from .base import Policy, Selection
+from .base import Policy, Rule, Selection
 
 __all__ = ["InfoBatch", "infobatch_select", "kept_share"]
 
@@ -99,13 +101,11 @@ class InfoBatch(Policy):
             weight is at most ``1 / min_keep``. Default ``0.1`` (the official clamp: a ratio above
             0.9 keeps 10% at weight 10).
 
-    The Pruner scores this policy by the latest loss (``default_decay = 0.0``); pass
+    The Pruner scores this policy by the latest loss (its rule's ``decay = 0.0``); pass
     ``Pruner(decay=0.9)`` for an exponential moving average.
     """
 
     name = "infobatch"
-    exact_k = False
-    default_decay = 0.0
 
     def __init__(self, ratio: float | None = None, delta: float = 0.875,
                  min_keep: float = 0.1) -> None:
@@ -117,22 +117,45 @@ class InfoBatch(Policy):
     def settings(self) -> dict:
         return {"ratio": self.ratio, "delta": self.delta, "min_keep": self.min_keep}
 
-    def resolve(self, keep, num_samples, num_epochs) -> "InfoBatch":
-        if num_epochs is None:
+    def rule(self, keep, num_samples, schedule, decay=None) -> Rule:
+        """InfoBatch's rule: ``ratio`` from ``1 - keep`` unless set, its annealing epochs as the
+        final full epochs unless the schedule sets them, pruned sizes that depend on the losses,
+        and ``decay=0.0`` (the latest loss) unless given. Needs ``num_epochs``."""
+        if schedule.num_epochs is None:
             raise ValueError("policy='infobatch' needs num_epochs for its annealing (epochs >= "
                              "floor(delta * num_epochs) train on full data)")
-        if self.ratio is not None:
-            return self
-        return InfoBatch(ratio=1.0 - keep, delta=self.delta, min_keep=self.min_keep)
+        policy = (self if self.ratio is not None
+                  else InfoBatch(1.0 - keep, self.delta, self.min_keep))
+        final = schedule.final_full_epochs
+        if final is None:
+            final = schedule.num_epochs - self.first_full_epoch(schedule.num_epochs)
+        rule = super().rule(keep, num_samples, replace(schedule, final_full_epochs=final),
+                            0.0 if decay is None else decay)
+        return replace(rule, policy=policy, schedule=replace(rule.schedule, exact_size=False))
 
     def first_full_epoch(self, num_epochs: int) -> int:
         """The first annealing epoch, ``floor(delta * num_epochs)`` (the official sampler trains
         epoch e on full data when ``e + 1 > delta * num_epochs``)."""
         return math.floor(self.delta * num_epochs)
 
-    def final_full_epochs(self, num_epochs: int | None) -> int:
-        """Epochs of full data at the end: ``num_epochs - floor(delta * num_epochs)``."""
-        return 0 if num_epochs is None else num_epochs - self.first_full_epoch(num_epochs)
+    def check_selection(self, selection, k, num_samples, name) -> None:
+        """A selection InfoBatch makes: weight ``1 / q``, every sample outside the below-mean mask
+        kept, and ``floor(q * n_below)`` of the ``n_below`` inside it."""
+        q = kept_share(self.ratio, self.min_keep)
+        below = selection.rescaled
+        if below is None or selection.weight != 1.0 / q:
+            raise ValueError(f"{name}: an InfoBatch plan rescales its kept below-mean samples by "
+                             f"1/q = {1.0 / q!r}, got weight={selection.weight!r} and "
+                             f"{'no' if below is None else 'a'} rescaled mask")
+        n_below = int(below.sum())
+        want = num_samples - n_below + math.floor(q * n_below)
+        ids = selection.indices.long()
+        kept_above = int((~below[ids]).sum())
+        if ids.numel() != want or kept_above != num_samples - n_below:
+            raise ValueError(f"{name} holds {ids.numel()} ids ({kept_above} of the "
+                             f"{num_samples - n_below} samples at or above the mean); InfoBatch "
+                             f"keeps all of those and floor(q * {n_below}) of the below-mean "
+                             f"ones: {want} ids")
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)

@@ -8,23 +8,25 @@ per-sample scores, for example EL2N scores or forgetting counts computed with
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import torch
 
 from ..rng import draw_seeds
-from .base import Policy, Selection
+from .base import Policy, Rule, Selection
 
 __all__ = ["Static", "static_select"]
 
 
 def static_select(scores: torch.Tensor | None, num_samples: int, k: int, seed: int,
-                  backend) -> torch.Tensor:
+                  backend) -> Selection:
     """The k highest ``scores`` (NaN lowest, ties at random), or k random ids when None."""
-    return backend.top_k(scores, num_samples, k, seed)
+    return Selection(backend.top_k(scores, num_samples, k, seed))
 
 
 class Static(Policy):
-    """A fixed subset of k samples, chosen once.
+    """A fixed subset of k samples, chosen once (``Schedule.select_once``: drawn from epoch 0's
+    generator, whatever epoch it is drawn in, and reused by every later pruned epoch).
 
     Args:
         scores: optional 1-D float tensor of N scores; the k highest are kept (NaN ranks lowest,
@@ -32,8 +34,6 @@ class Static(Policy):
     """
 
     name = "static"
-    reads_losses = False
-    fixed_subset = True
 
     def __init__(self, scores: torch.Tensor | None = None) -> None:
         if scores is not None:
@@ -53,16 +53,17 @@ class Static(Policy):
     def settings(self) -> dict:
         return {"scores": self._scores_setting}
 
-    def resolve(self, keep, num_samples, num_epochs) -> "Static":
+    def rule(self, keep, num_samples, schedule, decay=None) -> Rule:
         if self.scores is not None and self.scores.numel() != num_samples:
             raise ValueError(f"static scores must have one score per sample: got "
                              f"{self.scores.numel()} scores for num_samples={num_samples}")
-        return self
+        rule = super().rule(keep, num_samples, schedule, decay)
+        return replace(rule, schedule=replace(rule.schedule, select_once=True, reads_losses=False))
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
         scores = None if self.scores is None else self.scores.to(stats.device)
-        return Selection(static_select(scores, stats.num_samples, k, seed, backend))
+        return static_select(scores, stats.num_samples, k, seed, backend)
 
     def __repr__(self) -> str:
         return f"Static(scores={'None' if self.scores is None else 'tensor'})"

@@ -37,7 +37,7 @@ from ..stats import masked_mean
 from ..update import F32_MAX
 from .base import Policy, Selection
 
-__all__ = ["UCB", "ucb_score"]
+__all__ = ["UCB", "ucb_score", "ucb_select"]
 
 
 def ucb_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: float,
@@ -61,6 +61,11 @@ def ucb_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: floa
     spread = var.sqrt() if uncertainty == "std" else var
     score = mean + c * spread
     return torch.where(seen, score, torch.full_like(score, float("inf")))
+
+
+def ucb_select(score: torch.Tensor, k: int, seed: int, backend) -> Selection:
+    """The k highest :func:`ucb_score` values (ties broken by the keyed hash of ``seed``)."""
+    return Selection(backend.top_k(score, score.numel(), k, seed))
 
 
 class UCB(Policy):
@@ -89,4 +94,4 @@ class UCB(Policy):
         age = (epoch - stats.last_epoch) if self.drift > 0.0 else None
         score = ucb_score(stats.mean, stats.var, stats.seen, self.c, self.uncertainty, age,
                           self.drift)
-        return Selection(backend.top_k(score, stats.num_samples, k, seed))
+        return ucb_select(score, k, seed, backend)

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
 
 from ..rng import draw_seeds
-from .base import Policy, Selection
+from .base import Policy, Rule, Selection
 
 __all__ = ["Uniform", "uniform_select"]
 
 
-def uniform_select(num_samples: int, k: int, seed: int, backend) -> torch.Tensor:
+def uniform_select(num_samples: int, k: int, seed: int, backend) -> Selection:
     """k ids drawn uniformly without replacement: the k largest ``hash32(id, seed)``."""
-    return backend.top_k(None, num_samples, k, seed)
+    return Selection(backend.top_k(None, num_samples, k, seed))
 
 
 class Uniform(Policy):
-    """k samples drawn uniformly without replacement, anew each epoch; the losses are not used."""
+    """k samples drawn uniformly without replacement, anew each epoch; the losses are not used,
+    so every plan is determined in advance (``Schedule.reads_losses`` is False)."""
 
     name = "uniform"
-    reads_losses = False
+
+    def rule(self, keep, num_samples, schedule, decay=None) -> Rule:
+        rule = super().rule(keep, num_samples, schedule, decay)
+        return replace(rule, schedule=replace(rule.schedule, reads_losses=False))
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        return Selection(uniform_select(stats.num_samples, k, seed, backend))
+        return uniform_select(stats.num_samples, k, seed, backend)

@@ -9,7 +9,6 @@ before the 0.3 redesign; rerun it only when a change of plans is intended and sa
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
