@@ -301,23 +301,24 @@ GP_HD void bitonic_step(u64* keys, u32 size, u32 stride, u32 t) {
 
 /* Fused update of a batch of B <= GP_OBS_SMALL_MAX losses in one block, without a sort when the ids are
  * distinct (the usual case: a sampler without replacement). Range check of the whole batch; count of
- * non-finite losses; the ids go into a shared-memory hash table, which finds any duplicate. No
- * duplicate: each thread updates its samples directly. Duplicates: bitonic sort of (id, position) in
- * the same shared memory, then one thread per distinct id sums its losses in batch order and writes the
- * merged state. The ids are int64 (idx64) or int32 (idx32; the other pointer is null), so int32 ids
- * need no conversion launch. Launch: grid 1, block any multiple of 32 up to GP_OBS_SMALL_THREADS
- * (ops.py gives about 4 ids per thread). */
+ * non-finite losses; the ids go into a shared-memory hash table of `slots` entries (a power of two,
+ * >= 2B and <= GP_OBS_TABLE: sized to the batch, so a batch of 256 clears 512 slots, not 8192), which
+ * finds any duplicate. No duplicate: each thread updates its samples directly. Duplicates: bitonic
+ * sort of (id, position) in the same shared memory, then one thread per distinct id sums its losses
+ * in batch order and writes the merged state. The ids are int64 (idx64) or int32 (idx32; the other
+ * pointer is null), so int32 ids need no conversion launch. Launch: grid 1, block any multiple of 32
+ * up to GP_OBS_SMALL_THREADS (ops.py gives about 4 ids per thread). */
 extern "C" __global__ void __launch_bounds__(GP_OBS_SMALL_THREADS)
 gp_observe_small(const long long* idx64, const int* idx32, const float* x, long long B, long long N,
                  float* mean, float* var, int* last_epoch, unsigned long long* nonfinite,
-                 unsigned long long* invalid, double decay, long long epoch) {
+                 unsigned long long* invalid, double decay, long long epoch, long long slots) {
     __shared__ u64 keys[GP_OBS_SMALL_MAX];         /* the duplicate table (as u32), then the sort keys */
     u32* table = (u32*)keys;
     const u32 tid = threadIdx.x, nt = blockDim.x;
-    const u32 nb = (u32)B;
+    const u32 nb = (u32)B, nslots = (u32)slots;
 #define GP_ID(j) (idx32 != 0 ? (i64)idx32[j] : idx64[j])
 
-    for (u32 s = tid; s < GP_OBS_TABLE; s += nt) table[s] = 0u;
+    for (u32 s = tid; s < nslots; s += nt) table[s] = 0u;
     int bad = 0;
     for (u32 j = tid; j < nb; j += nt) {
         const i64 v = GP_ID(j);
@@ -338,7 +339,7 @@ gp_observe_small(const long long* idx64, const int* idx32, const float* x, long 
     int dup = 0;
     for (u32 j = tid; j < nb; j += nt) {
         const u32 key = (u32)GP_ID(j) + 1u;
-        u32 s = fmix32(key) & (GP_OBS_TABLE - 1u);
+        u32 s = fmix32(key) & (nslots - 1u);
         for (;;) {
             const u32 prev = atomicCAS(&table[s], 0u, key);
             if (prev == 0u) break;
@@ -346,7 +347,7 @@ gp_observe_small(const long long* idx64, const int* idx32, const float* x, long 
                 dup = 1;
                 break;
             }
-            s = (s + 1u) & (GP_OBS_TABLE - 1u);
+            s = (s + 1u) & (nslots - 1u);
         }
     }
     if (!__syncthreads_or(dup)) {          /* distinct ids: one observation per sample, no sort */

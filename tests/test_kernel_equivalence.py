@@ -27,7 +27,7 @@ import gpuprune as gp
 from gpuprune.backend import KernelBackend, TorchBackend
 from gpuprune.keys import composite_key, hash32
 from gpuprune.stats import LossStats
-from gpuprune.update import observe_torch, prepare_losses
+from gpuprune.update import observe_distinct_cpu, observe_groups, observe_torch, prepare_losses
 
 import kernel_harness as kh
 
@@ -143,6 +143,44 @@ def test_observe_matches_reference(backend, decay):
             _assert_same_state(ref, got, (n, step, b, kind))
         assert int(got.nonfinite) > 0
         assert torch.isfinite(got.mean).all() and torch.isfinite(got.var).all()
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5, 0.0, 0.999])
+def test_cpu_fast_path_for_distinct_ids_equals_the_general_update(decay):
+    """The torch backend's CPU path for distinct ids (no sort, no segment sums, no decay ** c)
+    gives the bits of the general update: losses -0.0 on a mean of +0.0, NaN/inf skipped,
+    denormals, 3e38 and huge float64 losses, first and later visits, int32/int64/uint8 ids."""
+    g = torch.Generator().manual_seed(int(decay * 1000) + 7)
+    n = 300
+    fast, slow = LossStats(n), LossStats(n)
+    for step in range(12):
+        b = [1, 2, 40, 255, 256, 300][step % 6]
+        idx = torch.randperm(n, generator=g)[:b]
+        x = _losses(b, g)
+        x[::5] = -0.0
+        if step == 3:
+            x = x.double()
+            x[::4] = -1e300
+        if step % 3 == 1:
+            idx = idx.to(torch.int32)
+        losses = prepare_losses(x)
+        assert observe_distinct_cpu(fast.tensors(), idx, losses, decay, step)
+        observe_groups(slow.tensors(), idx, losses, decay, step)
+        _assert_same_state(slow, fast, (decay, step, b))
+    small = torch.tensor([7, 0, 250], dtype=torch.uint8)
+    assert observe_distinct_cpu(fast.tensors(), small, torch.tensor([1.0, -0.0, 2.5]), decay, 20)
+    observe_groups(slow.tensors(), small, torch.tensor([1.0, -0.0, 2.5]), decay, 20)
+    _assert_same_state(slow, fast, "uint8 ids")
+    assert int(fast.nonfinite) > 0 and (fast.mean.abs() > 1e37).any()
+    assert (fast.var > 0).any() == (decay > 0)               # decay 0 keeps the last loss only
+    # a repeated id: the fast path declines and changes nothing; observe_torch takes the general one
+    before = fast.clone()
+    dup = torch.tensor([5, 9, 5])
+    assert not observe_distinct_cpu(fast.tensors(), dup, torch.tensor([1.0, 2.0, 3.0]), decay, 21)
+    _assert_same_state(before, fast, "declined")
+    observe_torch(fast.tensors(), dup, torch.tensor([1.0, 2.0, 3.0]), decay, 21)
+    observe_groups(slow.tensors(), dup, torch.tensor([1.0, 2.0, 3.0]), decay, 21)
+    _assert_same_state(slow, fast, "duplicates")
 
 
 def test_observe_keeps_denormals(backend):

@@ -9,7 +9,7 @@ __all__ = ["SIGNATURES", "KERNEL_NAMES", "CONSTANTS", "PASSES", "CTL_BYTES", "CT
 
 #: kernel name -> argument kinds: ``p`` pointer, ``q`` long long, ``Q`` unsigned long long, ``d`` double
 SIGNATURES: dict[str, str] = {
-    "gp_observe_small": "pppqqpppppdq",
+    "gp_observe_small": "pppqqpppppdqq",
     "gp_observe_sorted": "pppqqpppppdq",
     "gp_radix_pass": "ppqqqqpqqqq",
     "gp_compact": "pqqqqpppq",

@@ -169,9 +169,11 @@ class KernelOps:
                     i64, i32 = None, ids
                 else:
                     i64, i32 = ids.long(), None
-                # about 4 ids per thread: small batches get small blocks (cheaper barriers)
+                # about 4 ids per thread: small batches get small blocks (cheaper barriers), and a
+                # duplicate table of the next power of two >= 2B slots (at most half full)
                 threads = min(_C["GP_OBS_SMALL_THREADS"], max(64, _cdiv(_cdiv(b, 4), 32) * 32))
-                self._launch("gp_observe_small", 1, threads, i64, i32, x, b, n, *tail)
+                slots = max(64, 1 << (2 * b - 1).bit_length())
+                self._launch("gp_observe_small", 1, threads, i64, i32, x, b, n, *tail, slots)
             else:
                 sidx, perm = torch.sort(ids.long().contiguous(), stable=True)
                 self._launch("gp_observe_sorted", _cdiv(b, _C["GP_OBS_THREADS"]),
