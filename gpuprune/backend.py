@@ -6,7 +6,8 @@ signature and the same results on both implementations:
 * :meth:`Backend.observe_`: apply a batch of (id, loss) observations to the statistics;
 * :meth:`Backend.top_k`: the k largest unique keys ``orderable(score) << 32 | hash32(id, seed)``
   (:mod:`gpuprune.keys`), i.e. the k highest scores with ties broken at random;
-* :meth:`Backend.shuffle`: ids in a keyed pseudo-random order that depends only on the set.
+* :meth:`Backend.shuffle`: ids in a keyed pseudo-random order that depends only on the set (index
+  order, then the keyed positions of :func:`gpuprune.keys.permute_ranks`: no sort of keys).
 
 Policies compute their scores with plain torch ops (the same on both backends) and call these;
 nothing else in gpuprune looks at which backend runs. ``backend="auto"`` takes the kernels on a CUDA
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ._checks import check_choice
-from .keys import composite_key, hash32
+from .keys import composite_key, shuffle_sorted
 from .sizes import index_dtype
 from .stats import StatsTensors
 from .update import observe_torch, prepare_losses
@@ -72,18 +73,17 @@ class Backend(ABC):
         return self._top_k(score, n, k, seed).to(index_dtype(n))
 
     def shuffle(self, ids: torch.Tensor, seed: int) -> torch.Tensor:
-        """Unique ``ids`` ordered by ``hash32(id, seed)``: the order depends only on the set and the
-        seed, so an unordered top-k result gives the same epoch order on every backend."""
-        return ids[torch.argsort(self._hash(ids, seed))]
+        """Unique ``ids`` in the epoch order of their set: sorted, then the id of rank r moved to
+        position ``permute_ranks(len, seed)[r]`` (:func:`gpuprune.keys.shuffle_sorted`). The order
+        depends only on the set and the seed, so an unordered top-k result gives the same epoch
+        order on every backend."""
+        return shuffle_sorted(torch.sort(ids).values, seed)
 
     @abstractmethod
     def _observe(self, t, ids, losses, decay, epoch, exact) -> None: ...
 
     @abstractmethod
     def _top_k(self, score, n, k, seed) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _hash(self, ids, seed) -> torch.Tensor: ...
 
 
 class TorchBackend(Backend):
@@ -101,18 +101,10 @@ class TorchBackend(Backend):
             return torch.from_numpy(np.argpartition(a, n - k)[n - k:])
         return torch.topk(key, k, sorted=False).indices
 
-    def _hash(self, ids, seed) -> torch.Tensor:
-        return hash32(ids, seed)
-
-    def shuffle(self, ids: torch.Tensor, seed: int) -> torch.Tensor:
-        if self.device.type != "cpu":
-            return super().shuffle(ids, seed)
-        # the keys are unique, so any sort gives this order; numpy's is ~2.5x faster on the CPU
-        return ids[torch.from_numpy(np.argsort(self._hash(ids, seed).numpy()))]
 
 
 class KernelBackend(Backend):
-    """The CUDA kernels of :mod:`gpuprune.kernels` (any object with their three methods)."""
+    """The CUDA kernels of :mod:`gpuprune.kernels` (any object with their methods)."""
 
     name = "cuda"
 
@@ -126,8 +118,6 @@ class KernelBackend(Backend):
     def _top_k(self, score, n, k, seed) -> torch.Tensor:
         return self.ops.top_k(score, n, k, seed)
 
-    def _hash(self, ids, seed) -> torch.Tensor:
-        return self.ops.hash_ids(ids, seed)
 
 
 def get_backend(backend: str, device: torch.device, num_samples: int) -> Backend:

@@ -15,6 +15,16 @@ step is a bijection of uint32, so for N < 2**32 the keys never collide. The torc
 int64 with explicit masks (same bits on CPU and CUDA); on the CPU the same bits are computed in native
 uint32 numpy arithmetic, about 6x faster.
 
+**Shuffle.** An epoch's plan is its selected ids in index order, moved to keyed pseudo-random
+positions: the id of rank r goes to position ``permute(r)``, a keyed bijection of ``[0, k)``
+(:func:`permute_ranks`). It needs no sort, so a kernel applies it while it writes the selected ids
+(``out[permute(rank)] = id``), and the order depends only on the set and the seed. The bijection works
+on ``b``-bit words (``2**b`` the smallest power of two >= k): four rounds of xor with a round key,
+multiplication by an odd constant modulo ``2**b`` and a right xorshift by ``ceil(b / 2)`` (each a
+bijection of b-bit words, as in MurmurHash3's finaliser), and cycle walking: a value >= k is sent
+through the rounds again until it lands in ``[0, k)`` (fewer than two rounds of four on average,
+since ``2**b < 2k``).
+
 Nothing here chooses a backend: :mod:`gpuprune.backend` does, and uses these as the torch reference.
 """
 
@@ -23,7 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key"]
+__all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key", "PERM_ROUNDS",
+           "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_doubling", "shuffle_sorted"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
@@ -100,3 +111,97 @@ def composite_key(score: torch.Tensor | None, seed: int, n: int = 0,
         return hash32(torch.arange(n, device=device), seed)
     h = hash32(torch.arange(score.numel(), device=score.device), seed)
     return (orderable(score) << 32) | h
+
+
+# ------------------------------------------------------------------------------------ shuffle
+#: rounds of the keyed bijection of :func:`permute_ranks`
+PERM_ROUNDS = 4
+#: the odd multipliers of the rounds (odd, so multiplication is a bijection modulo any 2**b)
+PERM_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
+
+
+def _fmix32_int(h: int) -> int:
+    h &= MASK32
+    h ^= h >> 16
+    h = (h * _C1) & MASK32
+    h ^= h >> 13
+    h = (h * _C2) & MASK32
+    return h ^ (h >> 16)
+
+
+def perm_params(k: int, seed: int) -> tuple[int, int, tuple[int, ...]]:
+    """``(bits, shift, round keys)`` of the shuffle of k positions: ``2**bits`` is the smallest
+    power of two >= k, ``shift = ceil(bits / 2)``, and round key r is ``hash32(r, seed)`` masked to
+    ``bits`` bits (the kernels get these three as launch arguments)."""
+    bits = max(int(k) - 1, 0).bit_length()
+    mask = (1 << bits) - 1
+    lo, hi = split_seed(seed)
+    keys = tuple(_fmix32_int(_fmix32_int(r ^ lo) ^ hi) & mask for r in range(PERM_ROUNDS))
+    return bits, (bits + 1) // 2, keys
+
+
+def _rounds_np(x: np.ndarray, mask: int, shift: int, keys) -> None:
+    """The rounds on a uint32 array, in place (uint32 products wrap modulo 2**32; masking then
+    gives the product modulo 2**bits)."""
+    m, sh = np.uint32(mask), np.uint32(shift)
+    for key, mult in zip(keys, PERM_MULTIPLIERS):
+        x ^= np.uint32(key)
+        x *= np.uint32(mult)
+        x &= m
+        x ^= x >> sh
+
+
+def _rounds_torch(x: torch.Tensor, mask: int, shift: int, keys) -> torch.Tensor:
+    """The rounds on int64 values < 2**32 (the products wrap modulo 2**64, whose low bits are the
+    product modulo 2**bits)."""
+    for key, mult in zip(keys, PERM_MULTIPLIERS):
+        x = ((x ^ key) * mult) & mask
+        x = x ^ (x >> shift)
+    return x
+
+
+def permute_ranks(k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``permute(r)`` for every rank ``r < k``: a keyed bijection of ``[0, k)`` (int64).
+
+    On the CPU the cycle walk loops over the values still outside ``[0, k)`` (numpy). On another
+    device, :func:`permute_ranks_doubling` computes the same bijection without reading values on
+    the host.
+    """
+    k = int(k)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.int64, device=device)
+    if torch.device(device).type != "cpu":
+        return permute_ranks_doubling(k, seed, device)
+    bits, shift, keys = perm_params(k, seed)
+    mask = (1 << bits) - 1
+    x = np.arange(k, dtype=np.uint32)
+    _rounds_np(x, mask, shift, keys)
+    out = np.flatnonzero(x >= k)
+    while out.size:
+        y = x[out]
+        _rounds_np(y, mask, shift, keys)
+        x[out] = y
+        out = out[y >= k]
+    return torch.from_numpy(x.astype(np.int64))
+
+
+def permute_ranks_doubling(k: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`permute_ranks` with a fixed number of tensor operations (no host read): the rounds are
+    applied to all ``2**bits`` words once, then each chain of values outside ``[0, k)`` is followed
+    by pointer doubling. A chain is at most ``2**bits`` long, so ``bits + 1`` doublings suffice."""
+    k = int(k)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.int64, device=device)
+    bits, shift, keys = perm_params(k, seed)
+    mask = (1 << bits) - 1
+    nxt = _rounds_torch(torch.arange(mask + 1, dtype=torch.int64, device=device), mask, shift, keys)
+    for _ in range(bits + 1):
+        nxt = torch.where(nxt < k, nxt, nxt[nxt])
+    return nxt[:k]
+
+
+def shuffle_sorted(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """``out[permute(r)] = ids[r]``: ids given in index order (a set), in the epoch's order."""
+    out = torch.empty_like(ids)
+    out[permute_ranks(ids.numel(), seed, ids.device)] = ids
+    return out

@@ -25,7 +25,7 @@ import torch
 
 import gpuprune as gp
 from gpuprune.backend import KernelBackend, TorchBackend
-from gpuprune.keys import composite_key, hash32
+from gpuprune.keys import composite_key, permute_ranks
 from gpuprune.stats import LossStats
 from gpuprune.update import observe_distinct_cpu, observe_groups, observe_torch, prepare_losses
 
@@ -277,14 +277,16 @@ def test_top_k_across_grid_shapes(backend):
             {max(1, min(math.ceil(n / 2048), sm * 4))}
 
 
-def test_shuffle_and_hash_match_reference(backend):
+def test_shuffle_matches_reference(backend):
     dev = backend.device
     g = torch.Generator().manual_seed(3)
-    for n in (1, 7, 1000, 5000):
+    for n in (1, 2, 7, 1000, 5000):
         ids = torch.randperm(50000, generator=g)[:n]
-        want = ids[torch.argsort(hash32(ids, 99))]
-        assert torch.equal(backend.shuffle(ids.to(dev), 99).cpu(), want)
-        assert torch.equal(backend._hash(ids.to(dev), 2**64 - 7).cpu(), hash32(ids, 2**64 - 7))
+        for seed in (99, 2**64 - 7):
+            srt = torch.sort(ids).values
+            want = torch.empty_like(ids)
+            want[permute_ranks(n, seed)] = srt
+            assert torch.equal(backend.shuffle(ids.to(dev), seed).cpu(), want), (n, seed)
 
 
 # ---------------------------------------------------------------- policies through the backend

@@ -190,7 +190,7 @@ class NumpyReference(Implementation):
       arithmetic with masks) and a float order word built the classic radix way (flip all bits of a
       negative float, set the sign bit of a positive one; NaN counted as -inf, -0 as +0), unlike the
       library's signed-int form; top-k is a full ``argsort`` of the 64-bit keys;
-    * shuffle: ids sorted by their hash;
+    * shuffle: ids in index order moved to keyed positions (:meth:`positions`);
     * observe: a Python loop per sample with the merge formulas of :mod:`gpuprune.update` in float64
       (sums in batch order, ``a = 1 - decay ** c`` with ``decay ** c`` by binary exponentiation,
       as documented in :func:`gpuprune.update.int_pow`), rounded to float32 once;
@@ -237,9 +237,36 @@ class NumpyReference(Implementation):
         order = np.argsort(self.keys(score, n, seed), kind="stable")
         return np.sort(order[n - k:]).astype(np.int64)
 
+    def positions(self, k: int, seed: int) -> np.ndarray:
+        """The documented keyed bijection of ``[0, k)``: on words of ``b`` bits (``2**b`` the
+        smallest power of two >= k), four rounds of ``x ^= key_r; x = x * M_r mod 2**b;
+        x ^= x >> ceil(b / 2)`` with ``key_r = hash32(r, seed) mod 2**b``, repeated on a value
+        until it falls below k (uint64 arithmetic, one rank at a time per loop pass)."""
+        if k <= 1:
+            return np.zeros(k, dtype=np.int64)
+        b = (k - 1).bit_length()
+        mask = np.uint64((1 << b) - 1)
+        keys = self.hash32(np.arange(4, dtype=np.uint64), seed) & mask
+        mults = [0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F]
+
+        def rounds(x: np.ndarray) -> np.ndarray:
+            for key, mult in zip(keys, mults):
+                x = ((x ^ key) * np.uint64(mult)) & mask     # < 2**32 * 2**32: no uint64 overflow
+                x = x ^ (x >> np.uint64((b + 1) // 2))
+            return x
+
+        out = rounds(np.arange(k, dtype=np.uint64))
+        todo = out >= k
+        while todo.any():
+            out[todo] = rounds(out[todo])
+            todo = out >= k
+        return out.astype(np.int64)
+
     def shuffle_np(self, ids: np.ndarray, seed: int) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        return ids[np.argsort(self.hash32(ids, seed), kind="stable")]
+        ids = np.sort(np.asarray(ids, dtype=np.int64))
+        out = np.empty_like(ids)
+        out[self.positions(ids.size, seed)] = ids
+        return out
 
     def top_k(self, score, n, k, seed):
         return self.top_k_np(None if score is None else score.numpy(), n, k, seed)
