@@ -33,8 +33,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .stats import tree_sum
+
 __all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key", "PERM_ROUNDS",
-           "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_doubling", "shuffle_sorted"]
+           "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_doubling", "shuffle_sorted", "F32_MAX",
+           "DRIFT_BUCKETS", "drift_scale", "upper_bound_score"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
@@ -205,3 +208,73 @@ def shuffle_sorted(ids: torch.Tensor, seed: int) -> torch.Tensor:
     out = torch.empty_like(ids)
     out[permute_ranks(ids.numel(), seed, ids.device)] = ids
     return out
+
+
+# ------------------------------------------------------------------------------------ UCB score
+#: the largest finite float32 (where variances and scores saturate)
+F32_MAX = float(np.finfo(np.float32).max)
+#: buckets of the variance histogram behind :func:`drift_scale`: the top 11 bits of a non-negative
+#: float32 below the sign (8 exponent bits and 3 mantissa bits: 4 significant bits)
+DRIFT_BUCKETS = 2048
+_BUCKET_SHIFT = 20
+
+
+def _bucket_edges(device) -> torch.Tensor:
+    """float64 lower edge of each variance bucket (the float32 whose low 20 bits are zero)."""
+    return (torch.arange(DRIFT_BUCKETS, dtype=torch.int32, device=device) << _BUCKET_SHIFT).view(
+        torch.float32).double()
+
+
+def drift_scale(var: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """A robust typical variance of the seen samples (float64, 0-d, on their device): the mean of
+    their variances, each rounded down to 4 significant bits and capped at the 90th percentile of
+    those rounded values (a winsorised mean). 0 when nothing is seen.
+
+    Why not the plain mean: one sample with a saturated variance (a loss of 1e38) moves the mean of
+    100 samples to ~1e36, and a drift term of that size makes every score equal in float32: UCB
+    becomes uniform sampling. Here up to 10% of the samples may be extreme without moving the
+    scale beyond the 90th percentile of the others. Computed from a histogram of 2048 buckets
+    (exact integer counts) and a fixed-order float64 sum of ``count x value`` over the buckets, so
+    the bits are the same on every device and in the CUDA kernel (one pass over the variances).
+
+    The cap is the value of bucket c, the first bucket whose cumulative count reaches
+    ``ceil(0.9 m)`` for m seen samples (the order statistic of rank ``ceil(0.9 m)``).
+    """
+    v = var.contiguous()
+    bucket = ((v.view(torch.int32) & 0x7FFFFFFF) >> _BUCKET_SHIFT).long()    # |var|: -0.0 is 0
+    if v.device.type == "cpu":
+        counts = torch.from_numpy(np.bincount(bucket.numpy()[seen.numpy()],
+                                              minlength=DRIFT_BUCKETS).astype(np.int64))
+    else:
+        counts = torch.zeros(DRIFT_BUCKETS, dtype=torch.int64, device=v.device).index_add_(
+            0, bucket, seen.long())
+    m = counts.sum()
+    rank = (9 * m + 9) // 10                                   # ceil(0.9 m), exact in integers
+    cap = torch.searchsorted(counts.cumsum(0), rank.reshape(1))
+    idx = torch.arange(DRIFT_BUCKETS, device=v.device)
+    edges = _bucket_edges(v.device)
+    capped = torch.where(idx < cap, edges, edges[cap.clamp(max=DRIFT_BUCKETS - 1)])
+    return tree_sum(counts.double() * capped) / m.clamp(min=1).double()
+
+
+def upper_bound_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: float,
+                      uncertainty: str = "std", age: torch.Tensor | None = None,
+                      drift: float = 0.0) -> torch.Tensor:
+    """UCB's score, float32: ``mean + c * sqrt(v)`` (``"std"``) or ``mean + c * v`` (``"var"``),
+    unseen samples +inf, where ``v = var + drift * drift_scale(var, seen) * age`` with ``age`` the
+    epochs since the sample was last observed (clamped at 0).
+
+    Every step is one float64 operation (the sum and square root of the uncertainty, the product
+    with c, the addition of the mean), rounded once to float32 at the end: a mean of 1000 next to
+    one of 0.1 stays apart whatever else is large. ``v`` saturates at the float32 maximum and the
+    score at +-that maximum, so extreme but finite losses keep every seen score finite, below the
+    unseen samples' +inf. The CUDA kernel computes the same operations in the same order.
+    """
+    g = var.double().clamp(min=0.0)
+    if drift > 0.0 and age is not None:
+        step = drift * drift_scale(var, seen)
+        g = g + step * age.double().clamp(min=0.0)
+    g = g.clamp(max=F32_MAX)
+    spread = g.sqrt() if uncertainty == "std" else g
+    score = (mean.double() + c * spread).clamp(-F32_MAX, F32_MAX).float()
+    return torch.where(seen, score, torch.full_like(score, float("inf")))

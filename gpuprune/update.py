@@ -30,13 +30,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .keys import F32_MAX
 from .stats import StatsTensors
 
 __all__ = ["merge_groups", "prepare_losses", "observe_torch", "observe_distinct_cpu", "observe_groups",
            "F32_MAX"]
 
-#: the largest finite float32: where finite losses and variances saturate instead of becoming inf
-F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def prepare_losses(losses: torch.Tensor) -> torch.Tensor:

@@ -96,3 +96,75 @@ def test_shuffle_sorted_moves_rank_r_to_its_position():
     assert out.dtype == torch.int32
     assert [int(out[int(pos[r])]) for r in range(5)] == ids.tolist()
     assert np.array_equal(np.sort(out.numpy()), ids.numpy())
+
+
+# ---------------------------------------------------------------- UCB: one extreme sample
+def _extreme_run(extreme_ids: list[int], policy=None) -> tuple[set[int], set[int]]:
+    """Issue 22 item 4: N = 100, keep 0.12 (k = 12); every sample observed once, ten of them at
+    loss 1000 and the rest at 0.1; then two samples observed at +1e38 and -1e38. Returns the next
+    plan's set and the ten high-loss ids."""
+    import gpuprune as gp
+    p = gp.Pruner(100, keep=0.12, policy=policy or gp.UCB(), seed=0)
+    p.plan(0)
+    high = set(range(0, 100, 10))
+    ids = torch.arange(100)
+    p.observe(ids, torch.where(ids % 10 == 0, 1000.0, 0.1))
+    p.observe(torch.tensor(extreme_ids), torch.tensor([1e38, -1e38]))
+    return set(p.plan(1).indices.tolist()), high
+
+
+def test_ucb_keeps_its_ranking_when_one_sample_is_extreme():
+    # the two extreme losses on low-loss samples: the ten high-loss ones must all stay
+    got, high = _extreme_run([5, 7])
+    assert high <= got, sorted(high - got)
+    assert 5 in got and 7 not in got          # +1e38 now has the highest mean, -1e38 the lowest
+    # on two high-loss samples: the one observed at -1e38 justifiably drops, the other nine stay
+    got, high = _extreme_run([10, 20])
+    assert high - {20} <= got and 20 not in got, sorted(high - got)
+
+
+def test_drift_scale_hand_computed():
+    from gpuprune.keys import drift_scale
+    f32max = torch.finfo(torch.float32).max
+    all_seen = torch.ones(100, dtype=torch.bool)
+    extreme = torch.cat([torch.zeros(98), torch.full((2,), f32max)])
+    assert float(drift_scale(extreme, all_seen)) == 0.0          # 2% extreme: ignored
+    assert float(extreme.double().mean()) > 6e36                  # (the plain mean is ~7e36)
+    ten = torch.arange(1, 11, dtype=torch.float32)                # rank ceil(0.9 * 10) = 9: cap 9
+    assert float(drift_scale(ten, torch.ones(10, dtype=torch.bool))) == (45 + 9) / 10
+    # rounded down to 4 significant bits: 1.3 -> 1.25, 1000 -> 960; unseen samples do not count
+    v = torch.tensor([1.3, 1000.0, 5e30, -0.0])
+    seen = torch.tensor([True, True, False, True])
+    assert float(drift_scale(v, seen)) == (1.25 + 960.0 + 0.0) / 3
+    assert float(drift_scale(v, torch.zeros(4, dtype=torch.bool))) == 0.0
+
+
+def test_drift_scale_and_score_match_the_independent_numpy_rendering():
+    from gpuprune.doctor.reference import _winsorised_scale
+    from gpuprune.keys import drift_scale
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 10, 1000, 50_000):
+        var = (torch.rand(n, generator=g) * 10) ** torch.randint(0, 40, (n,), generator=g).float()
+        var[torch.rand(n, generator=g) < 0.3] = 0.0
+        var = var.clamp(max=torch.finfo(torch.float32).max)
+        seen = torch.rand(n, generator=g) < 0.8
+        want = _winsorised_scale(var.numpy(), seen.numpy())
+        assert float(drift_scale(var, seen)) == want, n
+
+
+def test_upper_bound_score_rounds_once_and_saturates():
+    from gpuprune.keys import upper_bound_score
+    f32max = torch.finfo(torch.float32).max
+    mean = torch.tensor([1000.0, 0.1, f32max, -3e38, 7.0])
+    var = torch.tensor([4.0, 4.0, f32max, 0.0, 1.0])
+    seen = torch.tensor([True, True, True, True, False])
+    s = upper_bound_score(mean, var, seen, 2.0)
+    assert s.dtype == torch.float32
+    assert s.tolist()[:2] == [1004.0, float(torch.tensor(4.1, dtype=torch.float64).float())]
+    assert s[2] == f32max and s[3] == -3e38 and s[4] == float("inf")   # saturated, not +inf
+    v = upper_bound_score(mean, var, seen, 0.5, "var")
+    assert v.tolist()[:2] == [1002.0, float(torch.tensor(2.1, dtype=torch.float64).float())]
+    # drift: var + drift * scale * age, in float64 (scale here: all variances 4 -> 4)
+    age = torch.tensor([0, 3, 0, 0, 0])
+    d = upper_bound_score(mean, torch.full((5,), 4.0), seen, 1.0, age=age, drift=0.5)
+    assert d[1] == float(torch.tensor(0.1 + (4.0 + 0.5 * 4.0 * 3) ** 0.5, dtype=torch.float64).float())

@@ -172,6 +172,22 @@ def _tree_sum(x: np.ndarray) -> float:
     return float(x[0]) if len(x) else 0.0
 
 
+def _winsorised_scale(var: np.ndarray, seen: np.ndarray) -> float:
+    """UCB's drift scale as documented: the seen variances rounded down to 4 significant bits
+    (the low 20 bits of the float32 cleared), each capped at the value of rank ceil(0.9 m) among
+    them, averaged with the products count x value summed over the 2048 possible values in
+    increasing order as a pairwise tree."""
+    q = (np.abs(var[seen]).astype(np.float32).view(np.uint32) & np.uint32(0xFFF00000)).view(np.float32)
+    m = q.size
+    if m == 0:
+        return 0.0
+    cap = np.sort(q)[(9 * m + 9) // 10 - 1]
+    values, counts = np.unique(q, return_counts=True)           # one value per bucket
+    per_bucket = np.zeros(2048)
+    per_bucket[values.view(np.uint32) >> 20] = counts * np.minimum(values, cap).astype(np.float64)
+    return _tree_sum(per_bucket) / m
+
+
 def _int_pow(base: float, n: int) -> float:
     """``base ** n`` by binary exponentiation (squarings from the lowest bit), in Python floats."""
     r = 1.0
@@ -368,16 +384,15 @@ class _NumpyRun:
             return np.concatenate([exploit, ref.top_k_np(rest, n, m, s1)]), ones
         if s.policy == "ucb":
             (seed,) = draw_seeds(gen, 1)
-            v = np.maximum(var, np.float32(0))
+            v = np.maximum(var.astype(np.float64), 0.0)
             drift = float(self.settings.get("drift", 0.0))
-            if drift > 0.0:                    # var + drift * mean seen var * epochs unobserved
-                vbar = _tree_sum(np.where(seen, v.astype(np.float64), 0.0)) / max(int(seen.sum()), 1)
+            if drift > 0.0:                    # var + drift * robust seen var * epochs unobserved
                 age = np.maximum(e - st["last_epoch"].astype(np.float64), 0.0)
-                grown = v.astype(np.float64) + (drift * vbar) * age
-                v = np.minimum(grown, _F32_MAX).astype(np.float32)
+                v = v + (drift * _winsorised_scale(var, seen)) * age
+            v = np.minimum(v, _F32_MAX)
             spread = np.sqrt(v) if self.settings.get("uncertainty", "std") == "std" else v
-            with np.errstate(over="ignore"):             # huge means overflow to +inf, as in torch
-                score = (mean + np.float32(self.settings.get("c", 1.0)) * spread).astype(np.float32)
+            score = mean.astype(np.float64) + float(self.settings.get("c", 1.0)) * spread
+            score = np.clip(score, -_F32_MAX, _F32_MAX).astype(np.float32)   # one rounding
             score = np.where(seen, score, np.float32(np.inf)).astype(np.float32)
             return ref.top_k_np(score, n, k, seed), ones
         if s.policy == "infobatch":
