@@ -30,14 +30,19 @@ Nothing here chooses a backend: :mod:`gpuprune.backend` does, and uses these as 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from .stats import tree_sum
+from .stats import masked_mean, tree_sum
 
 __all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key", "PERM_ROUNDS",
            "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_doubling", "shuffle_sorted", "F32_MAX",
-           "DRIFT_BUCKETS", "drift_scale", "upper_bound_score"]
+           "DRIFT_BUCKETS", "drift_scale", "upper_bound_score", "mean_score", "Score", "MeanScore",
+           "UCBScore", "BelowMeanScore", "GivenScore", "Rule", "select_mask", "explore_mask",
+           "pack_bits"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
@@ -278,3 +283,180 @@ def upper_bound_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor,
     spread = g.sqrt() if uncertainty == "std" else g
     score = (mean.double() + c * spread).clamp(-F32_MAX, F32_MAX).float()
     return torch.where(seen, score, torch.full_like(score, float("inf")))
+
+
+def mean_score(mean: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """The EMA loss, with never-seen samples at +inf (so each is visited before exploitation)."""
+    return torch.where(seen, mean, torch.full_like(mean, float("inf")))
+
+
+# ------------------------------------------------------------------------------------ selections
+class Score(ABC):
+    """How a selection scores each sample from the statistics: the high word of its key.
+
+    A policy describes its score with one of these instead of computing it, so that a backend can
+    compute it where it selects: the torch backend calls :meth:`torch` (the reference), the CUDA
+    kernels compute the same operations in their first radix pass. A subclass the kernels do not
+    know is computed with :meth:`torch` on every backend.
+    """
+
+    @abstractmethod
+    def torch(self, mean: torch.Tensor, var: torch.Tensor, last_epoch: torch.Tensor) -> torch.Tensor:
+        """The float32 score of every sample (higher = more wanted; NaN ranks lowest)."""
+
+
+@dataclass(frozen=True)
+class MeanScore(Score):
+    """:func:`mean_score`: the EMA loss, unseen samples first (epsilon-greedy's exploitation)."""
+
+    def torch(self, mean, var, last_epoch):
+        return mean_score(mean, last_epoch >= 0)
+
+
+@dataclass(frozen=True)
+class UCBScore(Score):
+    """:func:`upper_bound_score` of the statistics at ``epoch`` (ages ``epoch - last_epoch``)."""
+
+    c: float
+    uncertainty: str
+    drift: float
+    epoch: int
+
+    def torch(self, mean, var, last_epoch):
+        age = self.epoch - last_epoch.long() if self.drift > 0.0 else None
+        return upper_bound_score(mean, var, last_epoch >= 0, self.c, self.uncertainty, age,
+                                 self.drift)
+
+
+@dataclass(frozen=True)
+class BelowMeanScore(Score):
+    """InfoBatch's rank: 0 for a seen sample whose mean is strictly below the mean of the seen
+    samples' means (:func:`gpuprune.stats.masked_mean`, a fixed-order float64 sum), else 1."""
+
+    def torch(self, mean, var, last_epoch):
+        seen = last_epoch >= 0
+        m64 = mean.double()
+        below = seen & (m64 < masked_mean(m64, seen))
+        return torch.where(below, torch.zeros_like(mean), torch.ones_like(mean))
+
+
+@dataclass(frozen=True, eq=False)
+class GivenScore(Score):
+    """Scores given as a tensor of N values (static scores)."""
+
+    values: torch.Tensor
+
+    def torch(self, mean, var, last_epoch):
+        return self.values.to(device=mean.device, dtype=torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """A selection described for :meth:`gpuprune.backend.Backend.plan`, which carries it out.
+
+    The selected set is the ``k`` largest keys ``orderable(score) << 32 | hash32(id, seed)``
+    (``score=None``: the hash alone, a uniformly random set), with two variants:
+
+    * ``explore = m > 0`` (epsilon-greedy): the ``k - m`` largest keys, plus the ``m`` samples with
+      the largest ``hash32(id, explore_seed)`` among the others;
+    * ``below_share = q`` (InfoBatch, with :class:`BelowMeanScore`): ``k`` is replaced by
+      ``N - n_below + floor(q * n_below)`` for the ``n_below`` samples of rank 0, so every sample
+      of rank 1 is kept, and ``floor(q * n_below)`` of the rank-0 ones, by hash; the rank-0 samples
+      are the plan's rescaled ones.
+
+    Attributes:
+        score: how samples are scored, or None (all equal: the hash decides).
+        k: the budget (ignored with ``below_share``).
+        seed: 64-bit seed of the tie-break hash.
+        explore, explore_seed: epsilon-greedy's uniform share and its hash seed.
+        below_share: InfoBatch's kept share of the rank-0 samples, in (0, 1].
+    """
+
+    score: Score | None
+    k: int
+    seed: int
+    explore: int = 0
+    explore_seed: int = 0
+    below_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.explore <= self.k:
+            raise ValueError(f"explore must lie in [0, k={self.k}], got explore={self.explore}")
+        if self.below_share is not None and not isinstance(self.score, BelowMeanScore):
+            raise ValueError("below_share needs score=BelowMeanScore()")
+
+
+# ------------------------------------------------------------------------------------ reference
+def _canonical_np(score: torch.Tensor) -> np.ndarray:
+    """float32 scores as numpy with NaN -> -inf and -0 -> +0: float order is then key order."""
+    a = score.detach().numpy().astype(np.float32)           # a copy we may modify
+    a[np.isnan(a)] = -np.inf
+    a += np.float32(0.0)
+    return a
+
+
+def _top_by_hash_np(ids: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The ``count`` ids of ``ids`` (int64, distinct) with the largest ``hash32(id, seed)``."""
+    if count >= ids.size:
+        return ids
+    h = hash32(torch.from_numpy(ids), seed).numpy()
+    return ids[np.argpartition(h, ids.size - count)[ids.size - count:]]
+
+
+def select_mask(score: torch.Tensor | None, n: int, k: int, seed: int,
+                device: torch.device | str | None = None, *, numpy: bool | None = None
+                ) -> torch.Tensor:
+    """Boolean mask of the k largest keys ``orderable(score) << 32 | hash32(id, seed)`` of samples
+    ``0 .. n-1`` (``score=None``: the hash alone), on the score's device (else ``device``).
+
+    On the CPU (``numpy``, the default there) without building 64-bit keys: the k-th largest score
+    T by ``numpy.partition``, every score > T, and of the scores equal to T the ones with the
+    largest hash, as many as are still needed (the key order exactly). Elsewhere: ``torch.topk``
+    of :func:`composite_key`.
+    """
+    device = torch.device(device or "cpu") if score is None else score.device
+    if numpy is None:
+        numpy = device.type == "cpu"
+    if k <= 0 or k >= n:
+        return torch.full((n,), k >= n and n > 0, dtype=torch.bool, device=device)
+    if not numpy:
+        key = composite_key(score, seed, n, device)
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        return mask.index_fill_(0, torch.topk(key, k, sorted=False).indices, True)
+    if score is None:
+        h = hash32(torch.arange(n), seed).numpy()
+        return torch.from_numpy(h >= np.partition(h, n - k)[n - k])     # the hashes are unique
+    s = _canonical_np(score)
+    t = np.partition(s, n - k)[n - k]
+    mask = s > t
+    ties = np.flatnonzero(s == t)
+    mask[_top_by_hash_np(ties, k - int(np.count_nonzero(mask)), seed)] = True
+    return torch.from_numpy(mask)
+
+
+def explore_mask(taken: torch.Tensor, m: int, seed: int, *, numpy: bool | None = None
+                 ) -> torch.Tensor:
+    """Boolean mask of the m samples not in ``taken`` with the largest ``hash32(id, seed)``
+    (epsilon-greedy's uniform share): the m largest keys of a score that is -inf on ``taken``
+    and 0 elsewhere."""
+    n = taken.numel()
+    if numpy is None:
+        numpy = taken.device.type == "cpu"
+    if not numpy:
+        rest = torch.where(taken, float("-inf"), 0.0).to(torch.float32)
+        return select_mask(rest, n, m, seed, numpy=False)
+    mask = np.zeros(n, dtype=bool)
+    mask[_top_by_hash_np(np.flatnonzero(~taken.numpy()), m, seed)] = True
+    return torch.from_numpy(mask)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor of N as ceil(N / 8) bytes, bit ``i % 8`` of byte ``i // 8`` (the layout of
+    :func:`gpuprune.plan.pack_mask`, which the CUDA kernels write as 32-bit words)."""
+    n = mask.numel()
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask.to(torch.uint8)
+    weights = (1 << torch.arange(8, device=mask.device)).to(torch.uint8)   # no host-to-device copy
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)

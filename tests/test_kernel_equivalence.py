@@ -2,30 +2,36 @@
 
 ``backend`` is parametrised over
 
-* ``torch``: :class:`gpuprune.backend.TorchBackend` on the CPU (the reference implementation);
+* ``torch``: :class:`gpuprune.backend.TorchBackend` on the CPU (the reference implementation, with
+  its numpy paths);
+* ``torch-generic``: the same without the numpy paths: the torch operations a GPU runs;
 * ``harness``: :class:`gpuprune.backend.KernelBackend` over the real kernel source in the
   concurrency harness (``tests/kernel_harness``): every CUDA thread an OS thread, four blocks at a
-  time, grids sized as on a 3-SM GPU (up to 12 blocks), with schedule perturbation;
-* ``harness-serial``: the same, one block at a time, grids sized as on a 1-SM GPU (N <= 4096:
-  larger grids and other geometries are swept by ``test_top_k_across_grid_shapes``);
-* ``cuda``: the kernels on a GPU through CuPy (skipped without one).
+  time, gp_plan with 1024 samples per block (so N >= 2048 runs on several blocks that meet at grid
+  barriers), with schedule perturbation;
+* ``harness-serial``: the same, one block at a time (N <= 4096: other geometries are swept by
+  ``test_plans_across_grid_shapes``);
+* ``cuda``: the kernels on a GPU through CuPy (skipped without one; the GPU check runs it).
 
-Every result is compared with the torch reference computed independently on the CPU: for
-selections, a full sort of the unique keys of :mod:`gpuprune.keys`; for the statistics,
-:func:`gpuprune.update.observe_torch`; for plans, a Pruner on the torch backend. Inputs include ties,
-NaN, +-inf, +-0, denormals, huge values and duplicate ids of any multiplicity.
+Every result is compared with a reference computed independently on the CPU: for selections, a full
+sort of the unique keys of :mod:`gpuprune.keys`; for plans, that sort plus the permutation of
+:func:`gpuprune.keys.permute_ranks`, and the torch backend's plan; for the statistics,
+:func:`gpuprune.update.observe_groups`; for Pruner runs, a Pruner on the torch backend. Inputs
+include ties, NaN, +-inf, +-0, denormals, huge values and duplicate ids of any multiplicity.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import gpuprune as gp
 from gpuprune.backend import KernelBackend, TorchBackend
-from gpuprune.keys import composite_key, permute_ranks
+from gpuprune.keys import (BelowMeanScore, GivenScore, MeanScore, Rule, UCBScore, composite_key,
+                           permute_ranks)
 from gpuprune.stats import LossStats
 from gpuprune.update import observe_distinct_cpu, observe_groups, observe_torch, prepare_losses
 
@@ -34,15 +40,18 @@ import kernel_harness as kh
 DENORMALS = [1e-45, -1e-45, 1e-40, -2.5e-39, 1.1e-38]
 SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 3.5, 3e38, -3e38,
            *DENORMALS]
-HARNESS_GEOMETRY = {"harness": dict(slots=4, sm_count=3, chaos=10),
-                    "harness-serial": dict(slots=1, sm_count=1, chaos=0)}
+HARNESS_GEOMETRY = {"harness": dict(slots=4, chaos=10, keys_per_block=1024),
+                    "harness-serial": dict(slots=1, chaos=0)}
 
 
-@pytest.fixture(scope="module", params=["torch", "harness", "harness-serial", "cuda"])
+@pytest.fixture(scope="module", params=["torch", "torch-generic", "harness", "harness-serial",
+                                        pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request):
     name = request.param
     if name == "torch":
         return TorchBackend(torch.device("cpu"))
+    if name == "torch-generic":
+        return TorchBackend(torch.device("cpu"), cpu_fast_paths=False)
     if name == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
@@ -137,7 +146,7 @@ def test_observe_matches_reference(backend, decay):
             if step == 5:
                 x = x.double()
                 x[::7] = 1e300                                    # saturates to +-3.4e38
-            observe_torch(ref.tensors(), idx, prepare_losses(x), decay, step)
+            observe_groups(ref.tensors(), idx, prepare_losses(x), decay, step)
             ids = idx.to(torch.int32) if step % 2 else idx
             backend.observe_(got.tensors(), ids.to(dev), x.to(dev), decay, step)
             _assert_same_state(ref, got, (n, step, b, kind))
@@ -198,7 +207,7 @@ def test_observe_keeps_denormals(backend):
             ([0, 1, 2, 3, 4, 5, 6, 7], [3e-40, -1e-39, 1e-45, 7e-39, 2e-38, 1e-45, -5e-39, 1e-40]),
             ([0, 0, 2, 2, 2, 6], [1e-40, 2e-40, -1e-45, 1e-45, 3e-45, 1e-39])]):
         idx, loss = torch.tensor(ids), torch.tensor(x)
-        observe_torch(ref.tensors(), idx, loss, 0.5, step + 1)
+        observe_groups(ref.tensors(), idx, loss, 0.5, step + 1)
         backend.observe_(got.tensors(), idx.to(dev), loss.to(dev), 0.5, step + 1)
         _assert_same_state(ref, got, step)
     tiny = got.mean.cpu().abs()
@@ -260,21 +269,129 @@ def test_top_k_matches_reference(backend, n):
                     assert backend.ops.last_total() == k
 
 
-def test_top_k_across_grid_shapes(backend):
-    """Same set for any grid and any number of blocks at once (honest launch geometry)."""
+def _random_stats(n: int, g: torch.Generator) -> LossStats:
+    """Statistics as after some epochs, with ties, specials and unseen samples."""
+    st = LossStats(n)
+    f32max = torch.finfo(torch.float32).max
+    mean = torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))
+    pick = torch.randint(0, 10, (n,), generator=g)
+    mean = torch.where(pick < 3, torch.randint(0, 3, (n,), generator=g).float(), mean)   # ties
+    specials = torch.tensor([0.0, -0.0, 1e-45, -3e-39, 3e38, -f32max, 7.5])
+    mean = torch.where(pick == 3, specials[torch.randint(0, 7, (n,), generator=g)], mean)
+    var = torch.rand(n, generator=g) ** 4 * torch.exp(6 * torch.randn(n, generator=g)).clamp(max=1e30)
+    var = torch.where(pick == 4, torch.tensor([0.0, f32max, 1e-45, -0.0])[torch.randint(
+        0, 4, (n,), generator=g)], var)
+    st.mean.copy_(mean)
+    st.var.copy_(var)
+    st.last_epoch.copy_(torch.randint(-1, 5, (n,), generator=g).int())
+    st.selected.copy_(torch.randint(0, 6, (n,), generator=g).int())
+    return st
+
+
+def _reference_plan(stats: LossStats, seed: int, rule=None, ids=None, full=False, previous=None):
+    """A plan by the definitions alone: full sorts of the unique keys, the permutation of ranks."""
+    n = stats.num_samples
+    rescaled = None
+    if full:
+        members = torch.arange(n)
+    elif ids is not None:
+        members = torch.sort(ids.long()).values
+    else:
+        score = None if rule.score is None else rule.score.torch(stats.mean, stats.var,
+                                                                 stats.last_epoch)
+        k = rule.k
+        if rule.below_share is not None:
+            below = score == 0
+            k = n - int(below.sum()) + math.floor(rule.below_share * int(below.sum()))
+            rescaled = torch.from_numpy(np.packbits(below.numpy(), bitorder="little"))
+        members = _reference_top_k(score, n, k - rule.explore, rule.seed)
+        if rule.explore:
+            rest = torch.zeros(n)
+            rest[members] = float("-inf")
+            members = torch.sort(torch.cat([members, _reference_top_k(
+                rest, n, rule.explore, rule.explore_seed)])).values
+    order = torch.empty_like(members)
+    order[permute_ranks(members.numel(), seed)] = members
+    taken = torch.zeros(n, dtype=torch.int32)
+    taken[members] = 1
+    selected = stats.selected if full else stats.selected + taken
+    overlap = None
+    if previous is not None:
+        prev_ids, prev_size = previous
+        inter = (float(min(prev_size, members.numel())) if prev_ids is None or full
+                 else float(taken[prev_ids.long()].sum()))
+        overlap = torch.tensor(inter, dtype=torch.float64) / (prev_size + members.numel() - inter)
+    return order.int(), selected, overlap, rescaled
+
+
+def _plan_cases(n: int, g: torch.Generator) -> list[dict]:
+    k = max(n // 3, 1)
+    given = _scores(n, "special", g)
+    cases = [dict(rule=Rule(None, k, 1)), dict(rule=Rule(MeanScore(), k, 2, explore=k // 4,
+                                                         explore_seed=3)),
+             dict(rule=Rule(UCBScore(1.5, "std", 1.0, 5), k, 4)),
+             dict(rule=Rule(UCBScore(0.5, "var", 0.0, 5), n - 1 if n > 1 else 1, 5)),
+             dict(rule=Rule(BelowMeanScore(), 0, 6, below_share=0.3)),
+             dict(rule=Rule(GivenScore(given), k, 2**64 - 1)),
+             dict(ids=torch.randperm(n, generator=g)[:k].int()), dict(full=True)]
+    return cases
+
+
+@pytest.mark.parametrize("n", [1, 2, 37, 3000, 20000])
+def test_plan_matches_reference(backend, n):
+    """Backend.plan (on the kernels: one gp_plan launch) against the definitions: every kind of
+    rule, given ids, full plans; no previous plan, a pruned one and a full one."""
+    _skip_large_serial(backend, n)
+    dev = backend.device
+    g = torch.Generator().manual_seed(n + 1)
+    stats = _random_stats(n, g)
+    on_dev = LossStats(n, dev)
+    for name in ("mean", "var", "last_epoch", "selected"):
+        getattr(on_dev, name).copy_(getattr(stats, name))
+    prev_ids = torch.randperm(n, generator=g)[:max(n // 2, 1)].int()
+    previous = [None, (prev_ids, prev_ids.numel()), (None, n)]
+    for c, case in enumerate(_plan_cases(n, g)):
+        prev = previous[c % 3]
+        want = _reference_plan(stats, 100 + c, previous=prev, **case)
+        kw = {key: (v.to(dev) if isinstance(v, torch.Tensor) else v) for key, v in case.items()}
+        got = backend.plan(on_dev, shuffle_seed=100 + c, previous=None if prev is None else (
+            None if prev[0] is None else prev[0].to(dev), prev[1]), **kw)
+        where = (n, c, case)
+        assert got.indices.dtype == torch.int32
+        assert torch.equal(got.indices.cpu(), want[0]), where
+        assert torch.equal(got.selected.cpu(), want[1]), where
+        if prev is None:
+            assert got.overlap is None
+        else:
+            assert torch.equal(got.overlap.cpu(), want[2]), (where, got.overlap, want[2])
+        if want[3] is None:
+            assert got.rescaled is None
+        else:
+            assert torch.equal(got.rescaled.cpu(), want[3]), where
+        if _is_harness(backend):
+            assert backend.ops.last_total() == want[0].numel()
+
+
+def test_plans_across_grid_shapes(backend):
+    """Same plan for any grid and any number of blocks at once (honest launch geometry)."""
     if not _is_harness(backend) or _is_serial(backend):
         pytest.skip("launch geometry is a harness parameter (swept once, here)")
     g = torch.Generator().manual_seed(9)
-    n = 9000                                      # three compaction tiles
-    cases = [(_scores(n, "random", g), n // 2), (_scores(n, "ties", g), 777), (None, 4500)]
-    for c, (slots, sm) in enumerate(((1, 2), (2, 1), (4, 16))):
-        ops = kh.harness_ops(slots=slots, sm_count=sm)
-        for s, k in (cases[c], cases[(c + 1) % 3]):
-            got = ops.top_k(s, n, k, 3)
-            assert torch.equal(_as_set(got), _reference_top_k(s, n, k, 3)), (slots, sm, k)
-            assert ops.last_total() == k
-        assert {grid for name, grid, _ in ops.runtime.log if name == "gp_radix_pass"} == \
-            {max(1, min(math.ceil(n / 2048), sm * 4))}
+    n = 9000
+    stats = _random_stats(n, g)
+    rules = [Rule(UCBScore(1.0, "std", 1.0, 3), n // 2, 3), Rule(None, 777, 4),
+             Rule(MeanScore(), 4000, 5, explore=1000, explore_seed=6)]
+    ref = TorchBackend(torch.device("cpu"))
+    for c, (slots, per_block) in enumerate(((1, 1024), (2, 512), (4, 256), (3, 16384))):
+        ops = kh.harness_ops(slots=slots, keys_per_block=per_block)
+        for rule in (rules[c % 3], rules[(c + 1) % 3]):
+            want = ref.plan(stats, shuffle_seed=c, rule=rule)
+            got = KernelBackend(ops).plan(stats, shuffle_seed=c, rule=rule)
+            assert torch.equal(got.indices, want.indices), (slots, per_block, rule)
+            assert torch.equal(got.selected, want.selected)
+            assert ops.last_total() == rule.k
+        grids = {grid for name, grid, _ in ops.runtime.log if name == "gp_plan"}
+        assert grids == {min(slots, -(-n // per_block))}, grids
 
 
 def test_shuffle_matches_reference(backend):

@@ -34,7 +34,7 @@ from gpuprune.kernels._spec import CONSTANTS, SIGNATURES
 
 __all__ = ["ROOT", "SOURCE", "HARNESS_DIR", "SLOTS", "HarnessError", "find_compiler", "build_library",
            "build_replay", "HarnessRuntime", "RecordingRuntime", "harness_ops", "launch_bounds",
-           "replace_function", "replay", "tsan_runtime_available", "RACY_RADIX_PASS", "racy_source"]
+           "replace_function", "replay", "tsan_runtime_available", "RACY_PICK_BUCKET", "racy_source"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "csrc" / "gpuprune_kernels.cu"
@@ -175,9 +175,10 @@ def launch_bounds(source_text: str) -> dict[str, int]:
 
 
 def replace_function(source_text: str, name: str, replacement: str) -> str:
-    """``source_text`` with the kernel ``name`` (from its ``extern "C"`` line to its closing brace)
-    replaced by ``replacement``."""
-    m = re.search(r'extern "C" __global__[^\n]*\n?\s*' + re.escape(name) + r"\(", source_text)
+    """``source_text`` with the kernel or device function ``name`` (from its ``extern "C"`` or
+    ``GP_HD`` line to its closing brace) replaced by ``replacement``."""
+    m = re.search(r'(?:extern "C" __global__[^\n]*\n?\s*|GP_HD \w+ )' + re.escape(name) + r"\(",
+                  source_text)
     if not m:
         raise ValueError(f"{name} not found")
     depth, i = 0, source_text.index("{", m.end())
@@ -250,10 +251,18 @@ class HarnessRuntime:
             self._lib.gph_configure(*self._config)
             _APPLIED[str(self.library)] = self._config
 
-    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple) -> None:
+    def max_blocks(self, name: str, block: int) -> int:
+        """Blocks resident at once: the slots (what a cooperative launch may use)."""
+        return self.slots
+
+    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+               cooperative: bool = False) -> None:
         kinds = self.signatures[name]
         if len(grid) != 1 or len(block) != 1:
             raise HarnessError("the harness models 1-D grids and blocks")
+        if cooperative and grid[0] > self.slots:
+            raise HarnessError(f"cooperative launch of {name} with {grid[0]} blocks, more than the "
+                               f"{self.slots} that can be resident (a GPU refuses that launch)")
         bound = self.bounds.get(name)
         if bound is not None and block[0] > bound:
             raise HarnessError(f"{name} launched with {block[0]} threads per block, above its "
@@ -292,6 +301,9 @@ class RecordingRuntime:
     def stream_key(self):
         return self.inner.stream_key()
 
+    def max_blocks(self, name: str, block: int) -> int:
+        return self.inner.max_blocks(name, block)
+
     def _buffer(self, t: torch.Tensor) -> int:
         key = (t.data_ptr(), t.numel() * t.element_size())
         if key not in self._ids:
@@ -303,7 +315,7 @@ class RecordingRuntime:
     def _bytes(t: torch.Tensor) -> bytes:
         return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
-    def launch(self, name, grid, block, args) -> None:
+    def launch(self, name, grid, block, args, cooperative: bool = False) -> None:
         kinds = SIGNATURES[name]
         tensors = {}
         words = []
@@ -318,7 +330,7 @@ class RecordingRuntime:
             else:
                 words.append(("w", _word(kind, a)))
         pre = {bid: self._bytes(t) for bid, t in tensors.items()}
-        self.inner.launch(name, grid, block, args)
+        self.inner.launch(name, grid, block, args, cooperative=cooperative)
         post = {bid: self._bytes(t) for bid, t in tensors.items()}
         self.launches.append((name, grid[0], block[0], words, pre, post))
 
@@ -357,25 +369,28 @@ def replay(executable: Path, trace: Path, *, slots: int = SLOTS, timeout_s: floa
 
 def harness_ops(*, slots: int = SLOTS, sm_count: int = 1, source_text: str | None = None,
                 timeout_s: float = 120.0, chaos: int = 0, chaos_seed: int = 1,
-                build_slots: int = SLOTS) -> KernelOps:
+                build_slots: int = SLOTS, keys_per_block: int | None = None) -> KernelOps:
     """A :class:`KernelOps` on the CPU whose launches run the kernels in the harness.
 
-    ``sm_count`` sizes the grid-stride launches as on a GPU with that many SMs (4 blocks per SM);
-    ``slots`` is how many blocks run at once (<= ``build_slots``, the slots compiled in).
+    ``slots`` is how many blocks run at once (<= ``build_slots``, the slots compiled in): a
+    cooperative launch (gp_plan) gets at most that many. ``keys_per_block`` (default the library's,
+    16384) lowers the samples per gp_plan block, so small inputs run on several blocks.
     """
     lib = build_library(source_text, slots=build_slots)
     runtime = HarnessRuntime(lib, source_text, slots=slots, timeout_s=timeout_s, chaos=chaos,
                              chaos_seed=chaos_seed)
-    return KernelOps(runtime, torch.device("cpu"), sm_count=sm_count)
+    kw = {} if keys_per_block is None else {"keys_per_block": keys_per_block}
+    return KernelOps(runtime, torch.device("cpu"), sm_count=sm_count, **kw)
 
 
 assert CONSTANTS["GP_SEL_THREADS"] % 32 == 0
 
 
-#: the pre-fix gp_radix_pass (the race of issue 12), a fixture that the harness must catch
-RACY_RADIX_PASS = Path(__file__).resolve().parent / "racy_radix_pass.cu"
+#: the pre-fix bucket scan (the race of issue 12), a fixture that the harness must catch
+RACY_PICK_BUCKET = Path(__file__).resolve().parent / "racy_pick_bucket.cu"
 
 
 def racy_source() -> str:
-    """The kernel source with gp_radix_pass replaced by the pre-fix, racy version."""
-    return replace_function(SOURCE.read_text(), "gp_radix_pass", RACY_RADIX_PASS.read_text().split("*/", 1)[1])
+    """The kernel source with pick_bucket replaced by the pre-fix, racy version."""
+    return replace_function(SOURCE.read_text(), "pick_bucket",
+                            RACY_PICK_BUCKET.read_text().split("*/", 1)[1])
