@@ -242,15 +242,19 @@ class Pruner:
         if self._sync is not None:
             stats = self._sync.merge(stats, self.backend, self.decay, self._epoch, op=Op.PLAN,
                                      epoch=epoch, config=self.config())
-        plan, reselect = ready if ready is not None else self._make_plan(epoch, stats, current)
+        if ready is not None:
+            (plan, reselect), selected, overlap = ready, None, None
+        else:
+            plan, reselect, selected, overlap = self._make_plan(epoch, stats, current, count=True)
         bad = check()
         if bad:
             self.stats.invalid_batches.zero_()
             raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in {bad} "
                              f"batch(es); those batches were not recorded")
-        selected = stats.selected if plan.full else stats.selected.index_add(
-            0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
-        overlap = self._overlap(current, plan)
+        if ready is not None:                 # made ahead by peek(): count it now
+            selected = stats.selected if plan.full else stats.selected.index_add(
+                0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
+            overlap = self._overlap(current, plan)
         if self._sync is not None:
             self._sync.verify(plan, self.config())
             self._sync.reserve(shard_size(len(plan), self.world_size))
@@ -275,7 +279,7 @@ class Pruner:
         reuse = not full and self._reuses(epoch, current)
         if not (full or reuse or not self.policy.reads_losses):
             return None
-        plan, reselect = self._make_plan(epoch, self.stats, current)
+        plan, reselect, _, _ = self._make_plan(epoch, self.stats, current)
         self._peeked = (epoch, current, plan, reselect)
         return plan
 
@@ -312,27 +316,44 @@ class Pruner:
             return False
         return self.policy.fixed_subset or not self.schedule.reselects(epoch)
 
-    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> tuple[Plan, bool]:
-        """Select (or reuse the current selection) and shuffle; changes nothing."""
+    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None, count: bool = False
+                   ) -> tuple[Plan, bool, torch.Tensor | None, torch.Tensor | None]:
+        """Select (or reuse the current selection) and shuffle, in one backend call; changes nothing.
+        Returns ``(plan, reselect, selected, overlap)``; the last two (the selected counts and the
+        overlap with ``current``) only with ``count``, else None."""
         full = self.is_full_epoch(epoch)
         reselect = False
-        weight, rescaled = 1.0, None
+        weight, rescaled, what = 1.0, None, {}
         if full:
-            ids = torch.arange(self.num_samples, dtype=index_dtype(self.num_samples),
-                               device=self.device)
+            what["full"] = True
         elif not self._reuses(epoch, current):
             choice = self.policy.select(
                 stats, self.k, epoch=epoch, backend=self.backend,
                 generator=epoch_generator(self.seed, 0 if self.policy.fixed_subset else epoch))
-            ids = self._checked_selection(choice.indices)
-            if choice.rescaled is not None:
-                weight, rescaled = float(choice.weight), pack_mask(choice.rescaled)
+            weight = float(choice.weight)
+            if choice.rule is not None:
+                if self.policy.exact_k and choice.rule.k != self.k:
+                    raise ValueError(f"{self.policy!r} returned a rule for k={choice.rule.k}, "
+                                     f"expected k={self.k}")
+                what["rule"] = choice.rule
+            else:
+                what["ids"] = self._checked_selection(choice.indices)
+                if choice.rescaled is not None:
+                    rescaled = pack_mask(choice.rescaled)
             reselect = True
         else:                                 # reuse the selection, reshuffled
-            ids, weight, rescaled = current.indices, current.weight, current.rescaled
+            what["ids"], weight, rescaled = current.indices, current.weight, current.rescaled
         (shuffle_seed,) = draw_seeds(epoch_generator(self.seed, epoch, _SHUFFLE_STREAM), 1)
-        return Plan(epoch, self.backend.shuffle(ids, shuffle_seed), full, self.num_samples,
-                    weight, rescaled), reselect
+        previous = None
+        if count and current is not None:
+            previous = (None if current.full else current.indices, len(current))
+        parts = self.backend.plan(stats, shuffle_seed=shuffle_seed, previous=previous, count=count,
+                                  **what)
+        if parts.rescaled is not None:
+            rescaled = parts.rescaled
+        weight = weight if rescaled is not None else 1.0
+        plan = Plan(epoch, parts.indices, full, self.num_samples, weight, rescaled)
+        return plan, reselect, parts.selected, parts.overlap
 
     def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
                 record: dict) -> None:
@@ -413,12 +434,12 @@ class Pruner:
         else:
             self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
                                   self._epoch)
-        b = max(per_sample_loss.numel(), 1)
         x = per_sample_loss.float()
         plan = self._plan
         if plan is not None and plan.rescaled is not None:
             x = x * plan.weights_of(indices)
-        return (x.sum() / b).to(per_sample_loss.dtype)
+        # one reduction (the empty batch: 0)
+        return (x.mean() if x.numel() else x.sum()).to(per_sample_loss.dtype)
 
     def synchronize(self) -> None:
         """Merge the statistics every rank has observed so far, now instead of at the next plan

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..keys import Rule
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..backend import Backend
     from ..stats import LossStats
@@ -24,18 +26,27 @@ __all__ = ["Policy", "Selection"]
 
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """A policy's answer.
+    """A policy's answer: the chosen ids, or a :class:`~gpuprune.keys.Rule` describing them (which
+    the backend carries out with the shuffle and the bookkeeping, in one launch on the kernels).
 
     Attributes:
-        indices: the chosen sample ids, unordered (the Pruner shuffles them), on the stats' device.
+        indices: the chosen sample ids, unordered (the Pruner shuffles them), on the stats' device;
+            None when ``rule`` is given.
         rescaled: optional bool mask over all N samples: the chosen ones among them have their loss
-            multiplied by ``weight`` (InfoBatch's rescaling); None when every weight is 1.
+            multiplied by ``weight`` (InfoBatch's rescaling); None when every weight is 1. A rule
+            brings its own (its rank-0 samples).
         weight: the loss weight of the rescaled samples.
+        rule: the selection described instead of computed.
     """
 
-    indices: torch.Tensor
+    indices: torch.Tensor | None = None
     rescaled: torch.Tensor | None = None
     weight: float = 1.0
+    rule: Rule | None = None
+
+    def __post_init__(self) -> None:
+        if (self.indices is None) == (self.rule is None):
+            raise ValueError("a Selection holds indices or a rule, exactly one")
 
 
 class Policy(ABC):

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._checks import check_float
+from ..keys import MeanScore, Rule
 from ..rng import draw_seeds
 from .base import Policy, Selection
 
@@ -52,6 +53,5 @@ class EpsilonGreedy(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         seeds = draw_seeds(generator, 2)
-        score = greedy_score(stats.mean, stats.seen)
-        return Selection(epsilon_greedy_select(score, k, self.epsilon, (seeds[0], seeds[1]),
-                                               backend))
+        return Selection(rule=Rule(MeanScore(), k, seeds[0], explore=math.floor(self.epsilon * k),
+                                   explore_seed=seeds[1]))

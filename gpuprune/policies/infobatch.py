@@ -45,6 +45,7 @@ import math
 import torch
 
 from .._checks import check_float
+from ..keys import BelowMeanScore, Rule
 from ..rng import draw_seeds
 from ..stats import masked_mean
 from .base import Policy, Selection
@@ -136,4 +137,6 @@ class InfoBatch(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        return infobatch_select(stats.mean, stats.seen, self.ratio, seed, backend, self.min_keep)
+        q = kept_share(self.ratio, self.min_keep)
+        return Selection(rule=Rule(BelowMeanScore(), stats.num_samples, seed, below_share=q),
+                         weight=1.0 / q)

@@ -11,6 +11,7 @@ import hashlib
 
 import torch
 
+from ..keys import GivenScore, Rule
 from ..rng import draw_seeds
 from .base import Policy, Selection
 
@@ -61,8 +62,8 @@ class Static(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        scores = None if self.scores is None else self.scores.to(stats.device)
-        return Selection(static_select(scores, stats.num_samples, k, seed, backend))
+        scores = None if self.scores is None else GivenScore(self.scores.to(stats.device))
+        return Selection(rule=Rule(scores, k, seed))
 
     def __repr__(self) -> str:
         return f"Static(scores={'None' if self.scores is None else 'tensor'})"

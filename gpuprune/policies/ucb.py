@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_choice, check_float
-from ..keys import upper_bound_score
+from ..keys import Rule, UCBScore, upper_bound_score
 from ..rng import draw_seeds
 from .base import Policy, Selection
 
@@ -79,7 +79,4 @@ class UCB(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        age = (epoch - stats.last_epoch) if self.drift > 0.0 else None
-        score = ucb_score(stats.mean, stats.var, stats.seen, self.c, self.uncertainty, age,
-                          self.drift)
-        return Selection(backend.top_k(score, stats.num_samples, k, seed))
+        return Selection(rule=Rule(UCBScore(self.c, self.uncertainty, self.drift, epoch), k, seed))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..keys import Rule
 from ..rng import draw_seeds
 from .base import Policy, Selection
 
@@ -23,4 +24,4 @@ class Uniform(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        return Selection(uniform_select(stats.num_samples, k, seed, backend))
+        return Selection(rule=Rule(None, k, seed))
