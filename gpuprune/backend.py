@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from ._checks import check_choice
-from .keys import (BelowMeanScore, GivenScore, MeanScore, Rule, UCBScore, composite_key,
-                   explore_mask, pack_bits, permute_ranks_doubling, select_mask, shuffle_sorted)
+from .keys import (BUILTIN_SCORES, BelowMeanScore, GivenScore, MeanScore, Rule, UCBScore, composite_key,
+                   explore_mask, pack_bits, permute_ranks_doubling, permute_ranks_np, select_mask,
+                   shuffle_sorted)
 from .sizes import index_dtype
 from .stats import StatsTensors
 from .update import observe_groups, observe_torch, prepare_losses
@@ -177,7 +178,7 @@ class TorchBackend(Backend):
 
     def _plan(self, stats, shuffle_seed, rule, ids, full, previous, count) -> PlanParts:
         n, dev, fast = stats.mean.numel(), self.device, self.fast
-        rescaled = None
+        rescaled = selected = None
         if full:
             mask, size = None, n
         elif ids is not None:
@@ -185,8 +186,10 @@ class TorchBackend(Backend):
             mask[ids.long()] = True
             size = ids.numel()
         else:
-            score = None if rule.score is None else rule.score.torch(stats.mean, stats.var,
-                                                                    stats.last_epoch)
+            score = None
+            if rule.score is not None:
+                kw = {"numpy": fast} if isinstance(rule.score, BUILTIN_SCORES) else {}
+                score = rule.score.torch(stats.mean, stats.var, stats.last_epoch, **kw)
             size = rule.k
             if rule.below_share is not None:
                 below = score == 0
@@ -196,33 +199,40 @@ class TorchBackend(Backend):
             mask = select_mask(score, n, size - rule.explore, rule.seed, dev, numpy=fast)
             if rule.explore:
                 mask |= explore_mask(mask, rule.explore, rule.explore_seed, numpy=fast)
-        if mask is None:
-            srt = torch.arange(n, device=dev)
-        elif fast:
-            srt = torch.from_numpy(np.flatnonzero(mask.numpy()))
-            if srt.numel() != size:
+        prev_ids, prev_size = previous if previous is not None else (None, 0)
+        inter = None
+        if fast:                                           # numpy, in place where it can
+            m = None if mask is None else mask.numpy()
+            srt = np.arange(n) if m is None else np.flatnonzero(m)
+            if m is not None and srt.size != size:
                 raise ValueError(f"plan(ids=...) needs distinct ids, got {size} ids holding "
-                                 f"{srt.numel()} distinct ones")
+                                 f"{srt.size} distinct ones")
+            srt = srt.astype(np.int32 if index_dtype(n) == torch.int32 else np.int64)
+            order = np.empty_like(srt)
+            order[permute_ranks_np(size, shuffle_seed)] = srt
+            order = torch.from_numpy(order)
+            if count and m is not None:
+                selected = torch.from_numpy(stats.selected.numpy() + m)
+            if previous is not None and prev_ids is not None and m is not None:
+                inter = float(np.count_nonzero(m[prev_ids.numpy()]))
         else:
-            srt = torch.nonzero_static(mask, size=size).view(-1)
-        srt = srt.to(index_dtype(n))
-        if fast:
-            order = shuffle_sorted(srt, shuffle_seed)
-        else:
+            srt = (torch.arange(n, device=dev) if mask is None
+                   else torch.nonzero_static(mask, size=size).view(-1)).to(index_dtype(n))
             order = torch.empty_like(srt)
             order[permute_ranks_doubling(size, shuffle_seed, dev)] = srt
-        selected = None
-        if count:
-            selected = stats.selected if mask is None else stats.selected + mask.to(torch.int32)
+            if count and mask is not None:
+                selected = stats.selected + mask.to(torch.int32)
+        if count and mask is None:
+            selected = stats.selected
         overlap = None
         if previous is not None:
-            prev_ids, prev_size = previous
             if prev_ids is None or mask is None:
-                # a fill, not a host-to-device copy
-                inter = torch.full((), float(min(prev_size, size)), dtype=torch.float64, device=dev)
+                inter = float(min(prev_size, size))
+            if inter is not None:                          # a fill, not a host-to-device copy
+                both = torch.full((), inter, dtype=torch.float64, device=dev)
             else:
-                inter = mask[prev_ids.long()].sum().double()
-            overlap = inter / (prev_size + size - inter)
+                both = mask[prev_ids.long()].sum().double()
+            overlap = both / (prev_size + size - both)
         return PlanParts(order, selected, overlap, rescaled)
 
 

@@ -39,10 +39,11 @@ import torch
 from .stats import masked_mean, tree_sum
 
 __all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key", "PERM_ROUNDS",
-           "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_doubling", "shuffle_sorted", "F32_MAX",
+           "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_np", "permute_ranks_doubling",
+           "shuffle_sorted", "F32_MAX",
            "DRIFT_BUCKETS", "drift_scale", "upper_bound_score", "mean_score", "Score", "MeanScore",
-           "UCBScore", "BelowMeanScore", "GivenScore", "Rule", "select_mask", "explore_mask",
-           "pack_bits"]
+           "UCBScore", "BelowMeanScore", "GivenScore", "BUILTIN_SCORES", "Rule", "select_mask",
+           "explore_mask", "pack_bits"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
@@ -180,6 +181,14 @@ def permute_ranks(k: int, seed: int, device: torch.device | str = "cpu") -> torc
         return torch.zeros(k, dtype=torch.int64, device=device)
     if torch.device(device).type != "cpu":
         return permute_ranks_doubling(k, seed, device)
+    return torch.from_numpy(permute_ranks_np(k, seed).astype(np.int64))
+
+
+def permute_ranks_np(k: int, seed: int) -> np.ndarray:
+    """:func:`permute_ranks` as a uint32 numpy array (the CPU cycle walk)."""
+    k = int(k)
+    if k <= 1:
+        return np.zeros(k, dtype=np.uint32)
     bits, shift, keys = perm_params(k, seed)
     mask = (1 << bits) - 1
     x = np.arange(k, dtype=np.uint32)
@@ -190,7 +199,7 @@ def permute_ranks(k: int, seed: int, device: torch.device | str = "cpu") -> torc
         _rounds_np(y, mask, shift, keys)
         x[out] = y
         out = out[y >= k]
-    return torch.from_numpy(x.astype(np.int64))
+    return x
 
 
 def permute_ranks_doubling(k: int, seed: int, device: torch.device | str) -> torch.Tensor:
@@ -210,6 +219,10 @@ def permute_ranks_doubling(k: int, seed: int, device: torch.device | str) -> tor
 
 def shuffle_sorted(ids: torch.Tensor, seed: int) -> torch.Tensor:
     """``out[permute(r)] = ids[r]``: ids given in index order (a set), in the epoch's order."""
+    if ids.device.type == "cpu":
+        out = np.empty_like(ids.numpy())
+        out[permute_ranks_np(ids.numel(), seed)] = ids.numpy()
+        return torch.from_numpy(out)
     out = torch.empty_like(ids)
     out[permute_ranks(ids.numel(), seed, ids.device)] = ids
     return out
@@ -230,7 +243,7 @@ def _bucket_edges(device) -> torch.Tensor:
         torch.float32).double()
 
 
-def drift_scale(var: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+def drift_scale(var: torch.Tensor, seen: torch.Tensor, *, numpy: bool | None = None) -> torch.Tensor:
     """A robust typical variance of the seen samples (float64, 0-d, on their device): the mean of
     their variances, each rounded down to 4 significant bits and capped at the 90th percentile of
     those rounded values (a winsorised mean). 0 when nothing is seen.
@@ -243,14 +256,18 @@ def drift_scale(var: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     the bits are the same on every device and in the CUDA kernel (one pass over the variances).
 
     The cap is the value of bucket c, the first bucket whose cumulative count reaches
-    ``ceil(0.9 m)`` for m seen samples (the order statistic of rank ``ceil(0.9 m)``).
+    ``ceil(0.9 m)`` for m seen samples (the order statistic of rank ``ceil(0.9 m)``). ``numpy``
+    (default: on the CPU) counts the buckets with numpy.
     """
     v = var.contiguous()
-    bucket = ((v.view(torch.int32) & 0x7FFFFFFF) >> _BUCKET_SHIFT).long()    # |var|: -0.0 is 0
-    if v.device.type == "cpu":
-        counts = torch.from_numpy(np.bincount(bucket.numpy()[seen.numpy()],
-                                              minlength=DRIFT_BUCKETS).astype(np.int64))
+    if v.device.type == "cpu" and numpy is not False:
+        bucket = (v.numpy().view(np.uint32) & np.uint32(0x7FFFFFFF)) >> np.uint32(_BUCKET_SHIFT)
+        bucket[~seen.numpy()] = DRIFT_BUCKETS - 1            # a NaN pattern: never a variance
+        counts = np.bincount(bucket, minlength=DRIFT_BUCKETS).astype(np.int64)
+        counts[-1] = 0
+        counts = torch.from_numpy(counts)
     else:
+        bucket = ((v.view(torch.int32) & 0x7FFFFFFF) >> _BUCKET_SHIFT).long()   # |var|: -0 is 0
         counts = torch.zeros(DRIFT_BUCKETS, dtype=torch.int64, device=v.device).index_add_(
             0, bucket, seen.long())
     m = counts.sum()
@@ -264,7 +281,7 @@ def drift_scale(var: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
 
 def upper_bound_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: float,
                       uncertainty: str = "std", age: torch.Tensor | None = None,
-                      drift: float = 0.0) -> torch.Tensor:
+                      drift: float = 0.0, *, numpy: bool | None = None) -> torch.Tensor:
     """UCB's score, float32: ``mean + c * sqrt(v)`` (``"std"``) or ``mean + c * v`` (``"var"``),
     unseen samples +inf, where ``v = var + drift * drift_scale(var, seen) * age`` with ``age`` the
     epochs since the sample was last observed (clamped at 0).
@@ -273,11 +290,34 @@ def upper_bound_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor,
     with c, the addition of the mean), rounded once to float32 at the end: a mean of 1000 next to
     one of 0.1 stays apart whatever else is large. ``v`` saturates at the float32 maximum and the
     score at +-that maximum, so extreme but finite losses keep every seen score finite, below the
-    unseen samples' +inf. The CUDA kernel computes the same operations in the same order.
+    unseen samples' +inf. The CUDA kernel computes the same operations in the same order; on the
+    CPU (``numpy``, the default there) numpy does, in place.
     """
+    drifting = drift > 0.0 and age is not None
+    step = drift * drift_scale(var, seen, numpy=numpy) if drifting else None
+    if mean.device.type == "cpu" and numpy is not False:
+        g = var.numpy().astype(np.float64)
+        np.copyto(g, 0.0, where=g < 0.0)                   # clamp(min=0): -0.0 stays, as in torch
+        if drifting:
+            a = age.numpy().astype(np.float64, copy=True)
+            np.copyto(a, 0.0, where=a < 0.0)
+            a *= float(step)
+            g += a
+        np.minimum(g, F32_MAX, out=g)
+        if uncertainty == "std":
+            np.sqrt(g, out=g)
+        if c != 1.0:                                       # (1.0 * x is x)
+            g *= c
+        g += mean.numpy()
+        with np.errstate(over="ignore"):
+            score = g.astype(np.float32)
+        # clamping after the rounding gives the same floats (a value past the float32 maximum
+        # rounds to it or to inf) on half the bytes
+        np.clip(score, -F32_MAX, F32_MAX, out=score)
+        score[~seen.numpy()] = np.inf
+        return torch.from_numpy(score)
     g = var.double().clamp(min=0.0)
-    if drift > 0.0 and age is not None:
-        step = drift * drift_scale(var, seen)
+    if drifting:
         g = g + step * age.double().clamp(min=0.0)
     g = g.clamp(max=F32_MAX)
     spread = g.sqrt() if uncertainty == "std" else g
@@ -302,14 +342,15 @@ class Score(ABC):
 
     @abstractmethod
     def torch(self, mean: torch.Tensor, var: torch.Tensor, last_epoch: torch.Tensor) -> torch.Tensor:
-        """The float32 score of every sample (higher = more wanted; NaN ranks lowest)."""
+        """The float32 score of every sample (higher = more wanted; NaN ranks lowest). The built-in
+        scores also take ``numpy=False`` (run torch operations on the CPU too)."""
 
 
 @dataclass(frozen=True)
 class MeanScore(Score):
     """:func:`mean_score`: the EMA loss, unseen samples first (epsilon-greedy's exploitation)."""
 
-    def torch(self, mean, var, last_epoch):
+    def torch(self, mean, var, last_epoch, *, numpy=None):
         return mean_score(mean, last_epoch >= 0)
 
 
@@ -322,10 +363,15 @@ class UCBScore(Score):
     drift: float
     epoch: int
 
-    def torch(self, mean, var, last_epoch):
-        age = self.epoch - last_epoch.long() if self.drift > 0.0 else None
+    def torch(self, mean, var, last_epoch, *, numpy=None):
+        age = None
+        if self.drift > 0.0 and last_epoch.device.type == "cpu" and numpy is not False:
+            age = torch.from_numpy(np.subtract(float(self.epoch), last_epoch.numpy(),
+                                               dtype=np.float64))
+        elif self.drift > 0.0:
+            age = self.epoch - last_epoch.long()
         return upper_bound_score(mean, var, last_epoch >= 0, self.c, self.uncertainty, age,
-                                 self.drift)
+                                 self.drift, numpy=numpy)
 
 
 @dataclass(frozen=True)
@@ -333,7 +379,7 @@ class BelowMeanScore(Score):
     """InfoBatch's rank: 0 for a seen sample whose mean is strictly below the mean of the seen
     samples' means (:func:`gpuprune.stats.masked_mean`, a fixed-order float64 sum), else 1."""
 
-    def torch(self, mean, var, last_epoch):
+    def torch(self, mean, var, last_epoch, *, numpy=None):
         seen = last_epoch >= 0
         m64 = mean.double()
         below = seen & (m64 < masked_mean(m64, seen))
@@ -346,8 +392,12 @@ class GivenScore(Score):
 
     values: torch.Tensor
 
-    def torch(self, mean, var, last_epoch):
+    def torch(self, mean, var, last_epoch, *, numpy=None):
         return self.values.to(device=mean.device, dtype=torch.float32)
+
+
+#: the scores the CUDA kernels compute themselves (their torch methods take ``numpy=``)
+BUILTIN_SCORES = (MeanScore, UCBScore, BelowMeanScore, GivenScore)
 
 
 @dataclass(frozen=True, eq=False)

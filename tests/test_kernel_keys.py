@@ -168,3 +168,33 @@ def test_upper_bound_score_rounds_once_and_saturates():
     age = torch.tensor([0, 3, 0, 0, 0])
     d = upper_bound_score(mean, torch.full((5,), 4.0), seen, 1.0, age=age, drift=0.5)
     assert d[1] == float(torch.tensor(0.1 + (4.0 + 0.5 * 4.0 * 3) ** 0.5, dtype=torch.float64).float())
+
+
+def test_cpu_numpy_paths_equal_the_torch_operations():
+    """The numpy paths the CPU takes (UCB's score and drift scale, the threshold selection, the
+    explore share) give the bits of the torch operations a GPU runs."""
+    from gpuprune.keys import drift_scale, explore_mask, select_mask, upper_bound_score
+    g = torch.Generator().manual_seed(11)
+    f32max = torch.finfo(torch.float32).max
+    n = 20_000
+    mean = torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+    mean[::17] = torch.tensor([0.0, -0.0, 3e38, -f32max, 1e-45])[torch.randint(0, 5, (n // 17 + 1,),
+                                                                               generator=g)]
+    var = torch.rand(n, generator=g) * torch.exp(8 * torch.randn(n, generator=g)).clamp(max=1e35)
+    var[::13] = torch.tensor([0.0, -0.0, f32max])[torch.randint(0, 3, (n // 13 + 1,), generator=g)]
+    seen = torch.rand(n, generator=g) < 0.9
+    age = torch.randint(-1, 6, (n,), generator=g)
+    for c, unc, drift in ((1.0, "std", 1.0), (2.5, "var", 0.3), (0.0, "std", 0.0)):
+        a = upper_bound_score(mean, var, seen, c, unc, age, drift, numpy=True)
+        b = upper_bound_score(mean, var, seen, c, unc, age, drift, numpy=False)
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (c, unc, drift)
+    assert torch.equal(drift_scale(var, seen, numpy=True), drift_scale(var, seen, numpy=False))
+    score = torch.randint(0, 5, (n,), generator=g).float()
+    score[::7] = float("nan")
+    for k in (1, 777, n // 2, n - 1):
+        m1 = select_mask(score, n, k, k, numpy=True)
+        m2 = select_mask(score, n, k, k, numpy=False)
+        assert torch.equal(m1, m2) and int(m1.sum()) == k
+        e1 = explore_mask(m1, min(k, n - k), 99, numpy=True)
+        assert torch.equal(e1, explore_mask(m1, min(k, n - k), 99, numpy=False))
+        assert not (e1 & m1).any() and int(e1.sum()) == min(k, n - k)
