@@ -1017,14 +1017,17 @@ gp_observe_small(const long long* idx64, const int* idx32, const float* x, long 
 #undef GP_ID
 }
 
-/* Fused update of any batch, given the stably sorted ids and their positions (torch.sort(stable=True)).
- * Sorted, the batch's min and max are its ends, so every thread sees the range check at once.
+/* Fused update of any batch, given the stably sorted ids (int64 sidx64 or int32 sidx32; the other
+ * pointer is null) and their positions (torch.sort(stable=True)). Sorted, the batch's min and max are
+ * its ends, so every thread sees the range check at once.
  * Launch: grid ceil(B / GP_OBS_THREADS), block GP_OBS_THREADS. */
 extern "C" __global__ void __launch_bounds__(GP_OBS_THREADS)
-gp_observe_sorted(const long long* sidx, const long long* perm, const float* x, long long B, long long N,
-                  float* mean, float* var, int* last_epoch, unsigned long long* nonfinite,
-                  unsigned long long* invalid, double decay, long long epoch) {
-    if (sidx[0] < 0 || sidx[B - 1] >= N) {
+gp_observe_sorted(const long long* sidx64, const int* sidx32, const long long* perm, const float* x,
+                  long long B, long long N, float* mean, float* var, int* last_epoch,
+                  unsigned long long* nonfinite, unsigned long long* invalid, double decay,
+                  long long epoch) {
+#define GP_SID(j) (sidx32 != 0 ? (i64)sidx32[j] : sidx64[j])
+    if (GP_SID(0) < 0 || GP_SID(B - 1) >= N) {
         if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(invalid, 1ull);
         return;
     }
@@ -1032,11 +1035,12 @@ gp_observe_sorted(const long long* sidx, const long long* perm, const float* x, 
     const u32 nf = (u32)__syncthreads_count(t < B && !f_finite(x[t]));
     if (threadIdx.x == 0 && nf) atomicAdd(nonfinite, (u64)nf);
     if (t >= B) return;
-    const i64 id = sidx[t];
-    if (t > 0 && sidx[t - 1] == id) return;
+    const i64 id = GP_SID(t);
+    if (t > 0 && GP_SID(t - 1) == id) return;
     const double m64 = f_to_d(mean[id]);
     GpAcc a;
     acc_init(a);
-    for (i64 u = t; u < B && sidx[u] == id; ++u) acc_add(a, x[perm[u]], m64);
+    for (i64 u = t; u < B && GP_SID(u) == id; ++u) acc_add(a, x[perm[u]], m64);
     merge_write(id, a, mean, var, last_epoch, decay, (int)epoch);
+#undef GP_SID
 }

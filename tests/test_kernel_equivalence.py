@@ -124,7 +124,7 @@ def _batches(n: int):
     out = [(1, "any"), (2, "any"), (5, "any"), (64, "one"), (300, "unique"), (1000, "any"),
            (3, "any")]
     if n >= 1000:
-        out += [(4096, "any"), (4097, "any"), (n, "unique"), (2500, "unique")]
+        out += [(4096, "any"), (4097, "any"), (n, "unique"), (2500, "unique"), (4500, "any")]
     return out
 
 

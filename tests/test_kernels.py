@@ -433,7 +433,7 @@ def test_kernel_ops_checks_its_arguments():
             ops.top_k(None, n, k, 1)
     with pytest.raises(ValueError, match="score must have n=10 entries, got 9"):
         ops.top_k(torch.zeros(9), 10, 3, 1)
-    with pytest.raises(TypeError, match="gp_observe_sorted takes 12 arguments, got 4"):
+    with pytest.raises(TypeError, match="gp_observe_sorted takes 13 arguments, got 4"):
         ops._launch("gp_observe_sorted", 1, 32, None, 0, 0, 0)
     with pytest.raises(ValueError, match="plan needs 0 <= explore <= k <= n, got explore=4, k=3"):
         ops.plan(10, k=3, explore=4)

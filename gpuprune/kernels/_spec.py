@@ -21,7 +21,7 @@ PLAN_ARGS: tuple[tuple[str, str], ...] = (
 #: kernel name -> argument kinds: ``p`` pointer, ``q`` long long, ``Q`` unsigned long long, ``d`` double
 SIGNATURES: dict[str, str] = {
     "gp_observe_small": "pppqqpppppdqq",
-    "gp_observe_sorted": "pppqqpppppdq",
+    "gp_observe_sorted": "ppppqqpppppdq",
     "gp_plan": "".join(kind for _, kind in PLAN_ARGS),
 }
 

@@ -200,9 +200,12 @@ class KernelOps:
                 slots = max(64, 1 << (2 * b - 1).bit_length())
                 self._launch("gp_observe_small", 1, threads, i64, i32, x, b, n, *tail, slots)
             else:
-                sidx, perm = torch.sort(ids.long().contiguous(), stable=True)
+                if ids.dtype not in (torch.int32, torch.int64):
+                    ids = ids.long()
+                sidx, perm = torch.sort(ids.contiguous(), stable=True)
+                s64, s32 = (None, sidx) if sidx.dtype == torch.int32 else (sidx, None)
                 self._launch("gp_observe_sorted", _cdiv(b, _C["GP_OBS_THREADS"]),
-                             _C["GP_OBS_THREADS"], sidx, perm, x, b, n, *tail)
+                             _C["GP_OBS_THREADS"], s64, s32, perm, x, b, n, *tail)
 
     # ------------------------------------------------------------------ plan
     def plan(self, n: int, *, mode: int = _C["GP_SCORE_HASH"], k: int = 0, seed: int = 0,
