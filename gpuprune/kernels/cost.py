@@ -9,9 +9,10 @@ its bytes. Both can be counted without a GPU:
   the launches a GPU would get);
 * **host reads**: operations that bring a device value to the host (``.item()``, ``int()``, a copy to
   the CPU): each is a synchronisation on a GPU;
-* **bytes per sample**: for a torch operation, the sizes of its tensor inputs and outputs; for a
-  kernel, :func:`plan_bytes` / :func:`observe_bytes`, computed from the launch's arguments (what the
-  kernel reads and writes in global memory, per sample).
+* **bytes per sample**: for a torch operation, the sizes of its tensor inputs and outputs (of an
+  indexing operation's first operand only the part it touches: the size of its largest other
+  tensor); for a kernel, :func:`plan_bytes` / :func:`observe_bytes`, computed from the launch's
+  arguments (what the kernel reads and writes in global memory, per sample).
 
 :func:`h100_estimate` turns the counts into a time with stated constants: it is an *estimate*, not a
 measurement. ``benchmarks/selection.py`` prints the table; ``tests/test_kernel_cost.py`` keeps the
@@ -47,6 +48,10 @@ BUDGET_OBSERVE = 2
 _ALLOC = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
           "aten.new_empty.default", "aten.new_empty_strided.default"}
 _HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default"}
+#: operations that touch only part of their first operand (its indexed elements)
+_INDEXED = ("aten.index.", "aten.index_put", "aten.index_add", "aten.index_select",
+            "aten.index_fill", "aten.gather.", "aten.scatter", "aten.masked_scatter",
+            "aten.take.")
 _C = CONSTANTS
 
 
@@ -98,7 +103,13 @@ class _Counter(TorchDispatchMode):
         c = self.count
         c.torch_ops.append(name)
         c._order.append(name)
-        c.torch_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        if name.startswith(_INDEXED) and args and isinstance(args[0], torch.Tensor):
+            # the indexed operand (and an in-place result) counts only its touched part
+            base = args[0].untyped_storage().data_ptr()
+            other = [b for t, b in zip(tensors, sizes) if t.untyped_storage().data_ptr() != base]
+            sizes = other + [max(other, default=0)]
+        c.torch_bytes += sum(sizes)
         if name in _HOST_READS or (name in ("aten._to_copy.default", "aten.copy_.default")
                                    and any(t.device.type == "cpu" for t in tensors)
                                    and self.device.type != "cpu"):

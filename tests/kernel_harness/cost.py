@@ -26,9 +26,10 @@ POLICIES = ("uniform", "epsilon_greedy", "ucb", "infobatch", "static", "full")
 BATCHES = (256, 4096, 65536)
 
 
-def backend_for(which: str, ops=None):
-    """``"kernels"`` (``ops``, a harness KernelOps) or ``"torch"`` (the device path on the CPU)."""
-    return KernelBackend(ops) if which == "kernels" else TorchBackend(torch.device("cpu"),
+def backend_for(which: str, ops=None, device: str = "cpu"):
+    """``"kernels"`` (``ops``: the harness's KernelOps, or a GPU's) or ``"torch"`` (the device
+    path: on the CPU without the numpy paths)."""
+    return KernelBackend(ops) if which == "kernels" else TorchBackend(torch.device(device),
                                                                        cpu_fast_paths=False)
 
 
@@ -44,30 +45,33 @@ def _as_on_a_gpu():
         _pruner.check_batch = real
 
 
-def count_plan(policy: str, which: str, ops=None, n: int = 20000, keep: float = 0.5) -> OpCount:
+def count_plan(policy: str, which: str, ops=None, n: int = 20000, keep: float = 0.5,
+               device: str = "cpu") -> OpCount:
     """What ``plan(2)`` issues, after a plan, a full epoch of losses and another plan (so the
     previous plan, the statistics and the scratch all exist)."""
     p = gp.Pruner(n, keep=keep, policy=policy, seed=0, num_epochs=100, process_group=None,
-                  backend="torch")
-    p.backend = backend_for(which, ops)
+                  backend="torch", device=device)
+    p.backend = backend_for(which, ops, device)
     p.plan(0)
     g = torch.Generator().manual_seed(1)
-    p.observe(torch.arange(n), torch.rand(n, generator=g))
+    p.observe(torch.arange(n, device=device), torch.rand(n, generator=g).to(device))
     p.plan(1)
-    return count_ops(lambda: p.plan(2), "cpu", ops if which == "kernels" else None)
+    return count_ops(lambda: p.plan(2), device, ops if which == "kernels" else None)
 
 
-def count_observe(batch: int, which: str, ops=None, n: int = 100_000) -> OpCount:
+def count_observe(batch: int, which: str, ops=None, n: int = 100_000, device: str = "cpu"
+                  ) -> OpCount:
     """What one ``observe()`` of ``batch`` distinct ids issues (after one as a warm-up)."""
     n = max(n, batch)
-    p = gp.Pruner(n, keep=0.5, policy="ucb", seed=0, process_group=None, backend="torch")
-    p.backend = backend_for(which, ops)
+    p = gp.Pruner(n, keep=0.5, policy="ucb", seed=0, process_group=None, backend="torch",
+                  device=device)
+    p.backend = backend_for(which, ops, device)
     g = torch.Generator().manual_seed(2)
-    ids = torch.randperm(n, generator=g)[:batch].int()
-    x = torch.rand(batch, generator=g)
+    ids = torch.randperm(n, generator=g)[:batch].int().to(device)
+    x = torch.rand(batch, generator=g).to(device)
     with _as_on_a_gpu():
         p.observe(ids, x)
-        return count_ops(lambda: p.observe(ids, x), "cpu", ops if which == "kernels" else None)
+        return count_ops(lambda: p.observe(ids, x), device, ops if which == "kernels" else None)
 
 
 def plan_row(c: OpCount, n: int) -> dict:
@@ -84,7 +88,7 @@ def plan_row(c: OpCount, n: int) -> dict:
 
 def observe_row(c: OpCount, batch: int) -> dict:
     """Device operations, host reads, bytes per batch element and the H100 *estimate* (us)."""
-    kernel_b = sum(observe_bytes(batch) for name, *_ in c.launches)
+    kernel_b = sum(observe_bytes(batch) for name, *_ in c.launches if name.startswith("gp_observe"))
     per_elem = c.torch_bytes / batch + kernel_b
     return {"device_ops": c.device_ops, "torch_ops": len(c.torch_ops), "launches": len(c.launches),
             "host_reads": c.host_reads, "bytes_per_element": per_elem, "sequence": c.sequence(),
