@@ -223,3 +223,73 @@ def test_tsan_reports_the_racy_bucket_scan(tsan, tmp_path):
     addr = int(re.search(r"of size 4 at 0x([0-9a-f]+)", race).group(1), 16)
     block = int(re.search(r"heap block of size \d+ at 0x([0-9a-f]+)", race).group(1), 16)
     assert addr - block == offset, (hex(addr), hex(block))
+
+
+# ---------------------------------------------------------------- AddressSanitizer
+@pytest.fixture(scope="module")
+def asan():
+    if not kh.sanitizer_available("address"):
+        pytest.skip("AddressSanitizer runtime (libasan) not installed")
+    return kh
+
+
+def _record_observes(rec) -> None:
+    ops = KernelOps(rec, torch.device("cpu"))
+    g = torch.Generator().manual_seed(4)
+    stats = LossStats(600)
+    t = (stats.mean, stats.var, stats.last_epoch, stats.nonfinite, stats.invalid_batches)
+    ops.observe_(*t, torch.randint(0, 600, (300,), generator=g), torch.randn(300, generator=g),
+                 0.9, 1)                                                      # duplicate path
+    ops.observe_(*t, torch.randperm(600, generator=g)[:200].int(), torch.randn(200, generator=g),
+                 0.9, 2)                                                      # unique path
+    ops.observe_(*t, torch.randint(0, 600, (4500,), generator=g).int(),
+                 torch.randn(4500, generator=g), 0.9, 3)                      # sorted path
+
+
+def test_asan_is_clean_on_the_real_kernels(asan, tmp_path):
+    """AddressSanitizer replay of every kernel's launches (every buffer its exact size): no
+    report, the same bytes."""
+    rec = _record_selections(n=3000)
+    _record_plans(rec, n=3000)
+    _record_observes(rec)
+    trace = rec.write(tmp_path / "trace.bin")
+    proc = kh.replay(kh.build_replay(sanitizer="address"), trace, slots=4)
+    assert "AddressSanitizer" not in proc.stderr, proc.stderr[:6000]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[:3000]
+    assert f"replayed {len(rec.launches)} launches: 0 buffer mismatches" in proc.stdout
+
+
+@pytest.mark.parametrize("mutation", ["sorted_off_by_one", "plan_write_past_out"])
+def test_asan_reports_an_out_of_bounds_access(asan, tmp_path, mutation):
+    """The check can fail. sorted_off_by_one: gp_observe_sorted's range check reads the sorted id
+    one past the batch (the bug that once showed only as a crash); plan_write_past_out: gp_plan's
+    bound guard lets one id past `out`. Replayed under ASan with exact buffer sizes, each is reported
+    as a heap-buffer-overflow in its kernel."""
+    src = kh.SOURCE.read_text()
+    if mutation == "sorted_off_by_one":
+        bad = src.replace("if (GP_SID(0) < 0 || GP_SID(B - 1) >= N) {",
+                          "if (GP_SID(0) < 0 || GP_SID(B) >= N) {")
+        kernel = "gp_observe_sorted"
+    else:
+        bad = src.replace("if (pos < (u64)k) out[pos] = (int)i;", "if (pos <= (u64)k) out[pos] = (int)i;")
+        kernel = "gp_plan"
+    assert bad != src
+    rec = kh.RecordingRuntime(kh.HarnessRuntime(kh.build_library(), slots=4))
+    if mutation == "sorted_off_by_one":
+        _record_observes(rec)
+    else:           # a full plan given room for k = 100 of 300 ids, in index order
+        ops = KernelOps(rec, torch.device("cpu"))
+        _, ctl, marks = ops._scratch_for(300)
+        values = {name: None for name, _ in PLAN_ARGS}
+        values.update(n=300, k=100, flags=CONSTANTS["GP_PLAN_FULL"], ctl=ctl, marks=marks,
+                      out=torch.empty(100, dtype=torch.int32), hi=torch.empty(1, dtype=torch.int32),
+                      cand=torch.empty(1, dtype=torch.int32))
+        values.update({name: 0 for name, kind in PLAN_ARGS if values[name] is None and kind != "p"})
+        ops._launch("gp_plan", 1, CONSTANTS["GP_SEL_THREADS"],
+                    *(values[name] for name, _ in PLAN_ARGS), cooperative=True)
+    trace = rec.write(tmp_path / "trace.bin")
+    proc = kh.replay(kh.build_replay(bad, sanitizer="address"), trace, slots=4)
+    assert proc.returncode == 67, proc.stdout + proc.stderr[:3000]
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in proc.stderr
+    frames = proc.stderr.split("heap-buffer-overflow", 1)[1].split("\n\n")[0]
+    assert kernel in frames, frames[:3000]

@@ -8,8 +8,8 @@ builds it with g++ (cached by content hash in a temporary directory), and offers
   very launch sequences of ``gpuprune/kernels/ops.py`` run through the real kernels, with honest
   grid and block sizes and several blocks at once;
 * :class:`RecordingRuntime`: records each launch with its buffers before and after, into a trace that
-  ``gp_replay`` (built with ThreadSanitizer, :func:`build_replay`) replays and checks bit for bit.
-  TSan cannot be loaded into Python, hence the replay.
+  ``gp_replay`` (built with ThreadSanitizer or AddressSanitizer, :func:`build_replay`) replays
+  and checks bit for bit. A sanitizer cannot be loaded into Python, hence the replay.
 
 Everything is written under ``tempfile.gettempdir()``; nothing is written into the checkout.
 """
@@ -34,7 +34,8 @@ from gpuprune.kernels._spec import CONSTANTS, SIGNATURES
 
 __all__ = ["ROOT", "SOURCE", "HARNESS_DIR", "SLOTS", "HarnessError", "find_compiler", "build_library",
            "build_replay", "HarnessRuntime", "RecordingRuntime", "harness_ops", "launch_bounds",
-           "replace_function", "replay", "tsan_runtime_available", "RACY_PICK_BUCKET", "racy_source"]
+           "replace_function", "replay", "sanitizer_available", "tsan_runtime_available",
+           "RACY_PICK_BUCKET", "racy_source"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "csrc" / "gpuprune_kernels.cu"
@@ -46,6 +47,8 @@ _COMMON = ("-std=c++20", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-ma
            "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", "-Wno-unused-variable")
 _OPT = ("-O2",)
 _TSAN = ("-O1", "-g", "-fsanitize=thread")
+_ASAN = ("-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer")
+_SANITIZERS = {"thread": _TSAN, "address": _ASAN}
 
 
 class HarnessError(RuntimeError):
@@ -95,18 +98,19 @@ def _compile_all(jobs: list[list[str]]) -> None:
         raise RuntimeError("harness build failed:\n" + "\n".join(errors)[:20000])
 
 
-def _build(source_text: str, tsan: bool, slots: int, with_main: bool,
+def _build(source_text: str, sanitizer: str | None, slots: int, with_main: bool,
            signatures: dict[str, str] | None = None) -> Path:
     signatures = SIGNATURES if signatures is None else signatures
     cxx = find_compiler()
     if cxx is None:
         raise FileNotFoundError("the harness needs g++ (set CXX)")
-    flags = _COMMON + (_TSAN if tsan else _OPT)
+    flags = _COMMON + (_SANITIZERS[sanitizer] if sanitizer else _OPT)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest = _digest(source_text, version, " ".join(flags), str(slots), str(with_main),
                      *[p.read_bytes() for p in _harness_files()], repr(sorted(signatures.items())))
     cache = _cache_dir()
-    name = f"{'replay' if with_main else 'lib'}{'-tsan' if tsan else ''}-{digest}"
+    tag = {"thread": "-tsan", "address": "-asan"}.get(sanitizer or "", "")
+    name = f"{'replay' if with_main else 'lib'}{tag}-{digest}"
     target = cache / (name if with_main else name + ".so")
     if target.exists():
         return target
@@ -147,22 +151,31 @@ def build_library(source_text: str | None = None, *, slots: int = SLOTS,
                   signatures: dict[str, str] | None = None) -> Path:
     """The harness as a shared library for ctypes (cached): ``source_text`` defaults to the real
     kernel source, ``signatures`` to its kernels (tests pass others: the racy fixture, rule breakers)."""
-    return _build(SOURCE.read_text() if source_text is None else source_text, False, slots, False,
+    return _build(SOURCE.read_text() if source_text is None else source_text, None, slots, False,
                   signatures)
 
 
-def build_replay(source_text: str | None = None, *, tsan: bool = True, slots: int = SLOTS) -> Path:
-    """The trace replayer (``gp_replay``), by default with ThreadSanitizer (cached)."""
-    return _build(SOURCE.read_text() if source_text is None else source_text, tsan, slots, True)
+def build_replay(source_text: str | None = None, *, sanitizer: str | None = "thread",
+                 slots: int = SLOTS) -> Path:
+    """The trace replayer (``gp_replay``), with ``sanitizer`` ``"thread"`` (default),
+    ``"address"`` or None (cached)."""
+    return _build(SOURCE.read_text() if source_text is None else source_text, sanitizer, slots, True)
+
+
+def sanitizer_available(sanitizer: str) -> bool:
+    """Whether g++ can build and run a program with ``sanitizer`` (``"thread"``: libtsan,
+    ``"address"``: libasan)."""
+    cxx = find_compiler()
+    if cxx is None:
+        return False
+    lib = {"thread": "libtsan.so", "address": "libasan.so"}[sanitizer]
+    out = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+    return bool(out) and os.path.sep in out and Path(out).exists()
 
 
 def tsan_runtime_available() -> bool:
     """Whether g++ can build and run a ThreadSanitizer program here (libtsan installed)."""
-    cxx = find_compiler()
-    if cxx is None:
-        return False
-    out = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
-    return bool(out) and os.path.sep in out and Path(out).exists()
+    return sanitizer_available("thread")
 
 
 def launch_bounds(source_text: str) -> dict[str, int]:
@@ -357,12 +370,14 @@ class RecordingRuntime:
 def replay(executable: Path, trace: Path, *, slots: int = SLOTS, timeout_s: float = 300.0,
            chaos: int = 0, halt_on_error: bool = False, run_timeout_s: float = 900.0
            ) -> subprocess.CompletedProcess:
-    """Run ``gp_replay`` on a trace. For a TSan build, TSan's reports are in ``stderr`` and its
-    exit code is 66 when it reported something (``TSAN_OPTIONS`` is set here, overriding the
-    environment's)."""
+    """Run ``gp_replay`` on a trace. The sanitizers' reports are in ``stderr``; a TSan build exits
+    with 66 when it reported something, an ASan build with 67 (``TSAN_OPTIONS`` and
+    ``ASAN_OPTIONS`` are set here, overriding the environment's; ASan's leak check is off: the
+    harness keeps its worker threads for the process's life)."""
     env = dict(os.environ)
     env["TSAN_OPTIONS"] = (f"halt_on_error={int(halt_on_error)} exitcode=66 report_signal_unsafe=0 "
                            f"history_size=4 second_deadlock_stack=1")
+    env["ASAN_OPTIONS"] = "exitcode=67 detect_leaks=0 abort_on_error=0"
     return subprocess.run([str(executable), str(trace), str(slots), str(timeout_s), str(chaos)],
                           capture_output=True, text=True, env=env, timeout=run_timeout_s)
 
