@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -425,15 +426,32 @@ def _dry_run(tmp_path, *args, **env):
 
 
 def test_gpu_check_dry_run_passes_and_prints_the_device_call(tmp_path):
+    """The dry run (what CI can check of the one-call GPU check): its own code runs on the CPU, the
+    full kernel equivalence suite is among the GPU steps with its cuda backend and its time cap,
+    and the calls fit the device time: the whole check, and --quick."""
     r = _dry_run(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = r.stdout
     assert "gpu_check --dry-run: OK" in out and "  FAIL  " not in out
-    call = json.loads(next(line for line in out.splitlines() if line.strip().startswith('{"command"')))
-    assert call == {"command": "bash scripts/gpu_check.sh", "timeout_s": 480, "carry": [".gpu_check"]}
-    for step in ("gpuprune doctor on the CPU", "stress --dry", "sync --dry", "the report builds"):
+    calls = [json.loads(line) for line in out.splitlines() if line.strip().startswith('{"command"')]
+    assert calls[0] == {"command": "bash scripts/gpu_check.sh", "timeout_s": 240,
+                        "carry": [".gpu_check"]}
+    assert calls[1] == {"command": "bash scripts/gpu_check.sh --quick", "timeout_s": 85,
+                        "carry": [".gpu_check"]}
+    for step in ("gpuprune doctor on the CPU", "stress --dry", "sync --dry", "the report builds",
+                 "benchmarks/selection.py --smoke --sections 1", "the kernel equivalence suite collects"):
         assert f"PASS  {step}" in out, step
-    assert list(tmp_path.iterdir()) == []                                  # it cleaned up after itself
+    collected = re.search(r"equivalence suite collects (\d+) tests: (\d+) with the cuda backend", out)
+    assert collected and int(collected.group(2)) >= 25 and int(collected.group(1)) > 100
+    full = out.split("GPU steps of the call (budget 200 s, timeout_s 240):")[1].split("GPU steps of")[0]
+    steps = dict(re.findall(r"^    (\w+)\s+(\d+) s  ", full, flags=re.M))
+    assert steps["3"] and steps["3b"] and "pytest tests/test_kernel_equivalence.py -k cuda" in full
+    assert "the other backends" in full and sum(map(int, steps.values())) < 300
+    quick = out.split("GPU steps of --quick (budget 60 s, timeout_s 85):")[1]
+    assert "kernel equivalence suite, cuda backend" in quick
+    left = [p.name for p in tmp_path.iterdir()       # it cleaned up after itself (caches may stay:
+            if not p.name.startswith(("gpuprune-harness-", "torchinductor_"))]   # the harness build)
+    assert left == []
 
 
 def test_gpu_check_dry_run_strict_fails_without_the_data(tmp_path):
