@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._checks import check_float
-from ..keys import MeanScore, Rule
+from ..keys import MeanScore, Rule, mean_score
 from ..rng import draw_seeds
 from .base import Policy, Selection
 
@@ -15,8 +15,9 @@ __all__ = ["EpsilonGreedy", "epsilon_greedy_select", "greedy_score"]
 
 
 def greedy_score(mean: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """The EMA loss, with never-seen samples at +inf so that each is visited before exploitation."""
-    return torch.where(seen, mean, torch.full_like(mean, float("inf")))
+    """The EMA loss, with never-seen samples at +inf so that each is visited before exploitation
+    (:func:`gpuprune.keys.mean_score`, which the kernels compute as ``MeanScore``)."""
+    return mean_score(mean, seen)
 
 
 def epsilon_greedy_select(score: torch.Tensor, k: int, epsilon: float, seeds: tuple[int, int],
