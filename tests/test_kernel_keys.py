@@ -140,7 +140,7 @@ def test_drift_scale_hand_computed():
 
 
 def test_drift_scale_and_score_match_the_independent_numpy_rendering():
-    from gpuprune.doctor.reference import _winsorised_scale
+    from numpy_reference import _winsorised_scale
     from gpuprune.keys import drift_scale
     g = torch.Generator().manual_seed(5)
     for n in (1, 10, 1000, 50_000):
