@@ -15,7 +15,6 @@ at 09725a3 (N = 20000, keep 0.5).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from ._checks import check_choice
-from .keys import (BUILTIN_SCORES, BelowMeanScore, GivenScore, MeanScore, Rule, UCBScore, composite_key,
-                   explore_mask, pack_bits, permute_ranks_doubling, permute_ranks_np, select_mask,
-                   shuffle_sorted)
+from .keys import (BUILTIN_SCORES, BelowMeanScore, GivenScore, MeanScore, Rule, UCBScore,
+                   composite_key, explore_mask, pack_bits, permute_ranks_doubling, permute_ranks_np,
+                   select_mask, shuffle_sorted)
 from .sizes import index_dtype
 from .stats import StatsTensors
 from .update import observe_groups, observe_torch, prepare_losses
