@@ -3,6 +3,7 @@
     python benchmarks/distributed.py                       # starts 2 CPU ranks (gloo) itself
     python benchmarks/distributed.py --sizes 1e5 1e6 --reps 5 --world 2
     torchrun --nproc_per_node=8 benchmarks/distributed.py  # GPUs: NCCL, device cuda:LOCAL_RANK
+    python benchmarks/distributed.py --smoke               # seconds: N = 1e4, 2 epochs (CI)
 
 A distributed Pruner adds, once per epoch: a fixed-size header exchange (an all-gather of 10 int64
 per rank), an all-gather of every rank's observation log (an int32 id and a float32 loss per
@@ -170,7 +171,10 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2, help="ranks to start when not under torchrun")
     ap.add_argument("--policy", default="ucb", choices=sorted(gp.POLICIES))
     ap.add_argument("--cpu", action="store_true", help="use CPU tensors and gloo even with CUDA")
+    ap.add_argument("--smoke", action="store_true", help="N = 1e4, 2 epochs: seconds (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.reps = ["1e4"], 2
     if "RANK" in os.environ:
         worker(args)
     else:

@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                      # N = 1e8 on the CPU (needs about 7 GB free)
     python benchmarks/memory.py --n 1e6 --steps 2000 # quick look
+    python benchmarks/memory.py --smoke              # seconds: N = 1e4, 50 steps, 3 scenarios (CI)
 
 Each scenario (a policy in a phase: warm-up, pruned, final full epochs; one rank of a 2-rank gloo
 group) runs in fresh subprocesses, so one's freed memory cannot hide another's. For each it reports,
@@ -242,10 +243,15 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5, help="keep fraction (default 0.5)")
     ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS),
                     metavar="NAME", help=f"subset of: {', '.join(SCENARIOS)}")
+    ap.add_argument("--smoke", action="store_true",
+                    help="N = 1e4, 50 steps, three scenarios: the whole table in seconds (CI)")
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one scenario, print JSON
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke and not args.one:
+        args.n, args.steps = 1e4, 50
+        args.scenarios = ["LossStats", "infobatch, pruned", "ucb, 2 ranks (gloo)"]
     n = int(args.n)
     if args.one:
         print(json.dumps(run_scenario(args.one, n, args.steps, args.batch, args.keep, args.rank,

@@ -15,15 +15,35 @@ step is a bijection of uint32, so for N < 2**32 the keys never collide. The torc
 int64 with explicit masks (same bits on CPU and CUDA); on the CPU the same bits are computed in native
 uint32 numpy arithmetic, about 6x faster.
 
+**Shuffle.** An epoch's plan is its selected ids in index order, moved to keyed pseudo-random
+positions: the id of rank r goes to position ``permute(r)``, a keyed bijection of ``[0, k)``
+(:func:`permute_ranks`). It needs no sort, so a kernel applies it while it writes the selected ids
+(``out[permute(rank)] = id``), and the order depends only on the set and the seed. The bijection works
+on ``b``-bit words (``2**b`` the smallest power of two >= k): four rounds of xor with a round key,
+multiplication by an odd constant modulo ``2**b`` and a right xorshift by ``ceil(b / 2)`` (each a
+bijection of b-bit words, as in MurmurHash3's finaliser), and cycle walking: a value >= k is sent
+through the rounds again until it lands in ``[0, k)`` (fewer than two rounds of four on average,
+since ``2**b < 2k``).
+
 Nothing here chooses a backend: :mod:`gpuprune.backend` does, and uses these as the torch reference.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-__all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key"]
+from .stats import masked_mean, tree_sum
+
+__all__ = ["MASK32", "fmix32", "split_seed", "hash32", "orderable", "composite_key", "PERM_ROUNDS",
+           "PERM_MULTIPLIERS", "perm_params", "permute_ranks", "permute_ranks_np", "permute_ranks_doubling",
+           "shuffle_sorted", "F32_MAX",
+           "DRIFT_BUCKETS", "drift_scale", "upper_bound_score", "mean_score", "Score", "MeanScore",
+           "UCBScore", "BelowMeanScore", "GivenScore", "BUILTIN_SCORES", "Pick", "select_mask",
+           "explore_mask", "pack_bits"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
@@ -100,3 +120,393 @@ def composite_key(score: torch.Tensor | None, seed: int, n: int = 0,
         return hash32(torch.arange(n, device=device), seed)
     h = hash32(torch.arange(score.numel(), device=score.device), seed)
     return (orderable(score) << 32) | h
+
+
+# ------------------------------------------------------------------------------------ shuffle
+#: rounds of the keyed bijection of :func:`permute_ranks`
+PERM_ROUNDS = 4
+#: the odd multipliers of the rounds (odd, so multiplication is a bijection modulo any 2**b)
+PERM_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
+
+
+def _fmix32_int(h: int) -> int:
+    h &= MASK32
+    h ^= h >> 16
+    h = (h * _C1) & MASK32
+    h ^= h >> 13
+    h = (h * _C2) & MASK32
+    return h ^ (h >> 16)
+
+
+def perm_params(k: int, seed: int) -> tuple[int, int, tuple[int, ...]]:
+    """``(bits, shift, round keys)`` of the shuffle of k positions: ``2**bits`` is the smallest
+    power of two >= k, ``shift = ceil(bits / 2)``, and round key r is ``hash32(r, seed)`` masked to
+    ``bits`` bits (the kernels get these three as launch arguments)."""
+    bits = max(int(k) - 1, 0).bit_length()
+    mask = (1 << bits) - 1
+    lo, hi = split_seed(seed)
+    keys = tuple(_fmix32_int(_fmix32_int(r ^ lo) ^ hi) & mask for r in range(PERM_ROUNDS))
+    return bits, (bits + 1) // 2, keys
+
+
+def _rounds_np(x: np.ndarray, mask: int, shift: int, keys) -> None:
+    """The rounds on a uint32 array, in place (uint32 products wrap modulo 2**32; masking then
+    gives the product modulo 2**bits)."""
+    m, sh = np.uint32(mask), np.uint32(shift)
+    for key, mult in zip(keys, PERM_MULTIPLIERS):
+        x ^= np.uint32(key)
+        x *= np.uint32(mult)
+        x &= m
+        x ^= x >> sh
+
+
+def _rounds_torch(x: torch.Tensor, mask: int, shift: int, keys) -> torch.Tensor:
+    """The rounds on int64 values < 2**32 (the products wrap modulo 2**64, whose low bits are the
+    product modulo 2**bits)."""
+    for key, mult in zip(keys, PERM_MULTIPLIERS):
+        x = ((x ^ key) * mult) & mask
+        x = x ^ (x >> shift)
+    return x
+
+
+def permute_ranks(k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``permute(r)`` for every rank ``r < k``: a keyed bijection of ``[0, k)`` (int64).
+
+    On the CPU the cycle walk loops over the values still outside ``[0, k)`` (numpy). On another
+    device, :func:`permute_ranks_doubling` computes the same bijection without reading values on
+    the host.
+    """
+    k = int(k)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.int64, device=device)
+    if torch.device(device).type != "cpu":
+        return permute_ranks_doubling(k, seed, device)
+    return torch.from_numpy(permute_ranks_np(k, seed).astype(np.int64))
+
+
+def permute_ranks_np(k: int, seed: int) -> np.ndarray:
+    """:func:`permute_ranks` as a uint32 numpy array (the CPU cycle walk)."""
+    k = int(k)
+    if k <= 1:
+        return np.zeros(k, dtype=np.uint32)
+    bits, shift, keys = perm_params(k, seed)
+    mask = (1 << bits) - 1
+    x = np.arange(k, dtype=np.uint32)
+    _rounds_np(x, mask, shift, keys)
+    out = np.flatnonzero(x >= k)
+    while out.size:
+        y = x[out]
+        _rounds_np(y, mask, shift, keys)
+        x[out] = y
+        out = out[y >= k]
+    return x
+
+
+def permute_ranks_doubling(k: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`permute_ranks` with a fixed number of tensor operations (no host read): the rounds are
+    applied to all ``2**bits`` words once, then each chain of values outside ``[0, k)`` is followed
+    by pointer doubling. A chain is at most ``2**bits`` long, so ``bits + 1`` doublings suffice."""
+    k = int(k)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.int64, device=device)
+    bits, shift, keys = perm_params(k, seed)
+    mask = (1 << bits) - 1
+    nxt = _rounds_torch(torch.arange(mask + 1, dtype=torch.int64, device=device), mask, shift, keys)
+    for _ in range(bits + 1):
+        nxt = torch.where(nxt < k, nxt, nxt[nxt])
+    return nxt[:k]
+
+
+def shuffle_sorted(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """``out[permute(r)] = ids[r]``: ids given in index order (a set), in the epoch's order."""
+    if ids.device.type == "cpu":
+        out = np.empty_like(ids.numpy())
+        out[permute_ranks_np(ids.numel(), seed)] = ids.numpy()
+        return torch.from_numpy(out)
+    out = torch.empty_like(ids)
+    out[permute_ranks(ids.numel(), seed, ids.device)] = ids
+    return out
+
+
+# ------------------------------------------------------------------------------------ UCB score
+#: the largest finite float32 (where variances and scores saturate)
+F32_MAX = float(np.finfo(np.float32).max)
+#: buckets of the variance histogram behind :func:`drift_scale`: the top 11 bits of a non-negative
+#: float32 below the sign (8 exponent bits and 3 mantissa bits: 4 significant bits)
+DRIFT_BUCKETS = 2048
+_BUCKET_SHIFT = 20
+
+
+def _bucket_edges(device) -> torch.Tensor:
+    """float64 lower edge of each variance bucket (the float32 whose low 20 bits are zero)."""
+    return (torch.arange(DRIFT_BUCKETS, dtype=torch.int32, device=device) << _BUCKET_SHIFT).view(
+        torch.float32).double()
+
+
+def drift_scale(var: torch.Tensor, seen: torch.Tensor, *, numpy: bool | None = None) -> torch.Tensor:
+    """A robust typical variance of the seen samples (float64, 0-d, on their device): the mean of
+    their variances, each rounded down to 4 significant bits and capped at the 90th percentile of
+    those rounded values (a winsorised mean). 0 when nothing is seen.
+
+    Why not the plain mean: one sample with a saturated variance (a loss of 1e38) moves the mean of
+    100 samples to ~1e36, and a drift term of that size makes every score equal in float32: UCB
+    becomes uniform sampling. Here up to 10% of the samples may be extreme without moving the
+    scale beyond the 90th percentile of the others. Computed from a histogram of 2048 buckets
+    (exact integer counts) and a fixed-order float64 sum of ``count x value`` over the buckets, so
+    the bits are the same on every device and in the CUDA kernel (one pass over the variances).
+
+    The cap is the value of bucket c, the first bucket whose cumulative count reaches
+    ``ceil(0.9 m)`` for m seen samples (the order statistic of rank ``ceil(0.9 m)``). ``numpy``
+    (default: on the CPU) counts the buckets with numpy.
+    """
+    v = var.contiguous()
+    if v.device.type == "cpu" and numpy is not False:
+        bucket = (v.numpy().view(np.uint32) & np.uint32(0x7FFFFFFF)) >> np.uint32(_BUCKET_SHIFT)
+        bucket[~seen.numpy()] = DRIFT_BUCKETS - 1            # a NaN pattern: never a variance
+        counts = np.bincount(bucket, minlength=DRIFT_BUCKETS).astype(np.int64)
+        counts[-1] = 0
+        counts = torch.from_numpy(counts)
+    else:
+        bucket = ((v.view(torch.int32) & 0x7FFFFFFF) >> _BUCKET_SHIFT).long()   # |var|: -0 is 0
+        counts = torch.zeros(DRIFT_BUCKETS, dtype=torch.int64, device=v.device).index_add_(
+            0, bucket, seen.long())
+    m = counts.sum()
+    rank = (9 * m + 9) // 10                                   # ceil(0.9 m), exact in integers
+    cap = torch.searchsorted(counts.cumsum(0), rank.reshape(1))
+    idx = torch.arange(DRIFT_BUCKETS, device=v.device)
+    edges = _bucket_edges(v.device)
+    capped = torch.where(idx < cap, edges, edges[cap.clamp(max=DRIFT_BUCKETS - 1)])
+    return tree_sum(counts.double() * capped) / m.clamp(min=1).double()
+
+
+def upper_bound_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: float,
+                      uncertainty: str = "std", age: torch.Tensor | None = None,
+                      drift: float = 0.0, *, numpy: bool | None = None) -> torch.Tensor:
+    """UCB's score, float32: ``mean + c * sqrt(v)`` (``"std"``) or ``mean + c * v`` (``"var"``),
+    unseen samples +inf, where ``v = var + drift * drift_scale(var, seen) * age`` with ``age`` the
+    epochs since the sample was last observed (clamped at 0).
+
+    Every step is one float64 operation (the sum and square root of the uncertainty, the product
+    with c, the addition of the mean), rounded once to float32 at the end: a mean of 1000 next to
+    one of 0.1 stays apart whatever else is large. ``v`` saturates at the float32 maximum and the
+    score at +-that maximum, so extreme but finite losses keep every seen score finite, below the
+    unseen samples' +inf. The CUDA kernel computes the same operations in the same order; on the
+    CPU (``numpy``, the default there) numpy does, in place.
+    """
+    drifting = drift > 0.0 and age is not None
+    step = drift * drift_scale(var, seen, numpy=numpy) if drifting else None
+    if mean.device.type == "cpu" and numpy is not False:
+        g = var.numpy().astype(np.float64)
+        np.copyto(g, 0.0, where=g < 0.0)                   # clamp(min=0): -0.0 stays, as in torch
+        if drifting:
+            a = age.numpy().astype(np.float64, copy=True)
+            np.copyto(a, 0.0, where=a < 0.0)
+            a *= float(step)
+            g += a
+        np.minimum(g, F32_MAX, out=g)
+        if uncertainty == "std":
+            np.sqrt(g, out=g)
+        if c != 1.0:                                       # (1.0 * x is x)
+            g *= c
+        g += mean.numpy()
+        with np.errstate(over="ignore"):
+            score = g.astype(np.float32)
+        # clamping after the rounding gives the same floats (a value past the float32 maximum
+        # rounds to it or to inf) on half the bytes
+        np.clip(score, -F32_MAX, F32_MAX, out=score)
+        score[~seen.numpy()] = np.inf
+        return torch.from_numpy(score)
+    g = var.double().clamp(min=0.0)
+    if drifting:
+        g = g + step * age.double().clamp(min=0.0)
+    g = g.clamp(max=F32_MAX)
+    spread = g.sqrt() if uncertainty == "std" else g
+    score = (mean.double() + c * spread).clamp(-F32_MAX, F32_MAX).float()
+    return torch.where(seen, score, torch.full_like(score, float("inf")))
+
+
+def mean_score(mean: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """The EMA loss, with never-seen samples at +inf (so each is visited before exploitation)."""
+    return torch.where(seen, mean, torch.full_like(mean, float("inf")))
+
+
+# ------------------------------------------------------------------------------------ selections
+class Score(ABC):
+    """How a selection scores each sample from the statistics: the high word of its key.
+
+    A policy describes its score with one of these instead of computing it, so that a backend can
+    compute it where it selects: the torch backend calls :meth:`torch` (the reference), the CUDA
+    kernels compute the same operations in their first radix pass. A subclass the kernels do not
+    know is computed with :meth:`torch` on every backend.
+    """
+
+    @abstractmethod
+    def torch(self, mean: torch.Tensor, var: torch.Tensor, last_epoch: torch.Tensor) -> torch.Tensor:
+        """The float32 score of every sample (higher = more wanted; NaN ranks lowest). The built-in
+        scores also take ``numpy=False`` (run torch operations on the CPU too)."""
+
+
+@dataclass(frozen=True)
+class MeanScore(Score):
+    """:func:`mean_score`: the EMA loss, unseen samples first (epsilon-greedy's exploitation)."""
+
+    def torch(self, mean, var, last_epoch, *, numpy=None):
+        return mean_score(mean, last_epoch >= 0)
+
+
+@dataclass(frozen=True)
+class UCBScore(Score):
+    """:func:`upper_bound_score` of the statistics at ``epoch`` (ages ``epoch - last_epoch``)."""
+
+    c: float
+    uncertainty: str
+    drift: float
+    epoch: int
+
+    def torch(self, mean, var, last_epoch, *, numpy=None):
+        age = None
+        if self.drift > 0.0 and last_epoch.device.type == "cpu" and numpy is not False:
+            age = torch.from_numpy(np.subtract(float(self.epoch), last_epoch.numpy(),
+                                               dtype=np.float64))
+        elif self.drift > 0.0:
+            age = self.epoch - last_epoch.long()
+        return upper_bound_score(mean, var, last_epoch >= 0, self.c, self.uncertainty, age,
+                                 self.drift, numpy=numpy)
+
+
+@dataclass(frozen=True)
+class BelowMeanScore(Score):
+    """InfoBatch's rank: 0 for a seen sample whose mean is strictly below the mean of the seen
+    samples' means (:func:`gpuprune.stats.masked_mean`, a fixed-order float64 sum), else 1."""
+
+    def torch(self, mean, var, last_epoch, *, numpy=None):
+        seen = last_epoch >= 0
+        m64 = mean.double()
+        below = seen & (m64 < masked_mean(m64, seen))
+        return torch.where(below, torch.zeros_like(mean), torch.ones_like(mean))
+
+
+@dataclass(frozen=True, eq=False)
+class GivenScore(Score):
+    """Scores given as a tensor of N values (static scores)."""
+
+    values: torch.Tensor
+
+    def torch(self, mean, var, last_epoch, *, numpy=None):
+        return self.values.to(device=mean.device, dtype=torch.float32)
+
+
+#: the scores the CUDA kernels compute themselves (their torch methods take ``numpy=``)
+BUILTIN_SCORES = (MeanScore, UCBScore, BelowMeanScore, GivenScore)
+
+
+@dataclass(frozen=True, eq=False)
+class Pick:
+    """A selection described for :meth:`gpuprune.backend.Backend.plan`, which carries it out.
+
+    The selected set is the ``k`` largest keys ``orderable(score) << 32 | hash32(id, seed)``
+    (``score=None``: the hash alone, a uniformly random set), with two variants:
+
+    * ``explore = m > 0`` (epsilon-greedy): the ``k - m`` largest keys, plus the ``m`` samples with
+      the largest ``hash32(id, explore_seed)`` among the others;
+    * ``below_share = q`` (InfoBatch, with :class:`BelowMeanScore`): ``k`` is replaced by
+      ``N - n_below + floor(q * n_below)`` for the ``n_below`` samples of rank 0, so every sample
+      of rank 1 is kept, and ``floor(q * n_below)`` of the rank-0 ones, by hash; the rank-0 samples
+      are the plan's rescaled ones.
+
+    Attributes:
+        score: how samples are scored, or None (all equal: the hash decides).
+        k: the budget (ignored with ``below_share``).
+        seed: 64-bit seed of the tie-break hash.
+        explore, explore_seed: epsilon-greedy's uniform share and its hash seed.
+        below_share: InfoBatch's kept share of the rank-0 samples, in (0, 1].
+    """
+
+    score: Score | None
+    k: int
+    seed: int
+    explore: int = 0
+    explore_seed: int = 0
+    below_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.explore <= self.k:
+            raise ValueError(f"explore must lie in [0, k={self.k}], got explore={self.explore}")
+        if self.below_share is not None and not isinstance(self.score, BelowMeanScore):
+            raise ValueError("below_share needs score=BelowMeanScore()")
+
+
+# ------------------------------------------------------------------------------------ reference
+def _canonical_np(score: torch.Tensor) -> np.ndarray:
+    """float32 scores as numpy with NaN -> -inf and -0 -> +0: float order is then key order."""
+    a = score.detach().numpy().astype(np.float32)           # a copy we may modify
+    a[np.isnan(a)] = -np.inf
+    a += np.float32(0.0)
+    return a
+
+
+def _top_by_hash_np(ids: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The ``count`` ids of ``ids`` (int64, distinct) with the largest ``hash32(id, seed)``."""
+    if count >= ids.size:
+        return ids
+    h = hash32(torch.from_numpy(ids), seed).numpy()
+    return ids[np.argpartition(h, ids.size - count)[ids.size - count:]]
+
+
+def select_mask(score: torch.Tensor | None, n: int, k: int, seed: int,
+                device: torch.device | str | None = None, *, numpy: bool | None = None
+                ) -> torch.Tensor:
+    """Boolean mask of the k largest keys ``orderable(score) << 32 | hash32(id, seed)`` of samples
+    ``0 .. n-1`` (``score=None``: the hash alone), on the score's device (else ``device``).
+
+    On the CPU (``numpy``, the default there) without building 64-bit keys: the k-th largest score
+    T by ``numpy.partition``, every score > T, and of the scores equal to T the ones with the
+    largest hash, as many as are still needed (the key order exactly). Elsewhere: ``torch.topk``
+    of :func:`composite_key`.
+    """
+    device = torch.device(device or "cpu") if score is None else score.device
+    if numpy is None:
+        numpy = device.type == "cpu"
+    if k <= 0 or k >= n:
+        return torch.full((n,), k >= n and n > 0, dtype=torch.bool, device=device)
+    if not numpy:
+        key = composite_key(score, seed, n, device)
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        return mask.index_fill_(0, torch.topk(key, k, sorted=False).indices, True)
+    if score is None:
+        h = hash32(torch.arange(n), seed).numpy()
+        return torch.from_numpy(h >= np.partition(h, n - k)[n - k])     # the hashes are unique
+    s = _canonical_np(score)
+    t = np.partition(s, n - k)[n - k]
+    mask = s > t
+    ties = np.flatnonzero(s == t)
+    mask[_top_by_hash_np(ties, k - int(np.count_nonzero(mask)), seed)] = True
+    return torch.from_numpy(mask)
+
+
+def explore_mask(taken: torch.Tensor, m: int, seed: int, *, numpy: bool | None = None
+                 ) -> torch.Tensor:
+    """Boolean mask of the m samples not in ``taken`` with the largest ``hash32(id, seed)``
+    (epsilon-greedy's uniform share): the m largest keys of a score that is -inf on ``taken``
+    and 0 elsewhere."""
+    n = taken.numel()
+    if numpy is None:
+        numpy = taken.device.type == "cpu"
+    if not numpy:
+        rest = torch.where(taken, float("-inf"), 0.0).to(torch.float32)
+        return select_mask(rest, n, m, seed, numpy=False)
+    mask = np.zeros(n, dtype=bool)
+    mask[_top_by_hash_np(np.flatnonzero(~taken.numpy()), m, seed)] = True
+    return torch.from_numpy(mask)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor of N as ceil(N / 8) bytes, bit ``i % 8`` of byte ``i // 8`` (the layout of
+    :func:`gpuprune.plan.pack_mask`, which the CUDA kernels write as 32-bit words)."""
+    n = mask.numel()
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask.to(torch.uint8)
+    weights = (1 << torch.arange(8, device=mask.device)).to(torch.uint8)   # no host-to-device copy
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)

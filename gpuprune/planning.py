@@ -1,60 +1,100 @@
-"""One epoch's plan from the rule: select (or reuse the last selection), then shuffle.
+"""One epoch's plan from the rule: select (or reuse the last selection), shuffle, count.
 
 A pure function of (the schedule, the policy, the budget, the statistics, the seed, the epoch and
-the previous plan): :class:`~gpuprune.Pruner` calls it to plan, and to rebuild a
-restored full plan. It changes nothing; the Pruner commits what it returns.
+the previous plan): :class:`~gpuprune.Pruner` calls it to plan, and to rebuild a restored full
+plan. The policy describes its selection and :meth:`Backend.plan <gpuprune.backend.Backend.plan>`
+carries it out in one call: the selected set, its keyed order, the ``selected`` counts and the
+overlap with the previous plan (one kernel launch on a GPU). It changes nothing; the Pruner commits
+what it returns.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .plan import Plan, pack_mask
-from .policies import FULL_DATA, Policy
+from .policies import FULL_DATA, Policy, Selection
 from .rng import epoch_generator, shuffle_seed
 from .schedule import Schedule
 from .sizes import index_dtype
 from .stats import LossStats
 
-__all__ = ["make_plan"]
+__all__ = ["make_plan", "Planned"]
+
+
+class Planned(NamedTuple):
+    """What :func:`make_plan` returns.
+
+    Attributes:
+        plan: the epoch's :class:`~gpuprune.Plan`.
+        reselect: whether it drew a new selection.
+        selected: the statistics' ``selected`` counts with this plan counted (a new tensor; the
+            old one for a full plan, which counts nothing).
+        overlap: 0-d float64 Jaccard overlap of its set with the previous plan's, or None.
+    """
+
+    plan: Plan
+    reselect: bool
+    selected: torch.Tensor
+    overlap: torch.Tensor | None
 
 
 def make_plan(epoch: int, current: Plan | None, *, schedule: Schedule, policy: Policy, k: int,
-              stats: LossStats, seed: int, backend) -> tuple[Plan, bool]:
-    """The plan of ``epoch`` made right after ``current`` (None: the first), and whether it drew
-    a new selection.
+              stats: LossStats, seed: int, backend) -> Planned:
+    """The plan of ``epoch`` made right after ``current`` (None: the first).
 
     A pruned epoch that reuses (:meth:`Schedule.reuses`) keeps ``current``'s ids and weights; any
     other epoch is a selection, by ``policy`` with budget ``k`` or, for a full epoch, by
-    :data:`~gpuprune.policies.FULL_DATA` with all N, from the generator of (``seed``,
-    :meth:`Schedule.draw_epoch`). The ids are then shuffled by :func:`gpuprune.rng.shuffle_seed`
-    of (``seed``, ``epoch``): the order depends on the set only.
+    :data:`~gpuprune.policies.FULL_DATA`, from the generator of (``seed``,
+    :meth:`Schedule.draw_epoch`). The order is the keyed shuffle of (``seed``, ``epoch``)
+    (:func:`gpuprune.rng.shuffle_seed`): it depends on the set only.
     """
     n = stats.num_samples
     full, reselect = schedule.is_full(epoch), False
     weight, rescaled = 1.0, None
     if schedule.reuses(epoch, None if current is None else current.epoch):
-        ids, weight, rescaled = current.indices, current.weight, current.rescaled
+        what = {"ids": current.indices}
+        weight, rescaled = current.weight, current.rescaled
     else:                                     # a full epoch is FullData's selection
         chooser, budget = (FULL_DATA, n) if full else (policy, k)
         choice = chooser.select(stats, budget, epoch=epoch, backend=backend,
                                 generator=epoch_generator(seed, schedule.draw_epoch(epoch)))
-        ids = _checked(chooser, choice.indices, schedule.epoch_size(epoch, n, k), stats)
+        what = _what(chooser, choice, schedule.epoch_size(epoch, n, k), stats)
+        weight = float(choice.weight)
         if choice.rescaled is not None:
-            weight, rescaled = float(choice.weight), pack_mask(choice.rescaled)
+            rescaled = pack_mask(choice.rescaled)
         reselect = not full
-    order = backend.shuffle(ids, shuffle_seed(seed, epoch))
-    return Plan(epoch, order, full, n, weight, rescaled), reselect
+    previous = None if current is None else (None if current.full else current.indices,
+                                             len(current))
+    parts = backend.plan(stats, shuffle_seed=shuffle_seed(seed, epoch), previous=previous,
+                         count=True, **what)
+    if parts.rescaled is not None:
+        rescaled = parts.rescaled
+    plan = Plan(epoch, parts.indices, full, n, weight if rescaled is not None else 1.0, rescaled)
+    return Planned(plan, reselect, parts.selected, parts.overlap)
 
 
-def _checked(policy: Policy, idx: torch.Tensor, count: int | None, stats: LossStats
-             ) -> torch.Tensor:
-    """A fresh selection's ids in the id dtype, after checking their form and, when the schedule
-    knows it (``count``), their number; no host read."""
-    device = stats.device
+def _what(policy: Policy, choice: Selection, count: int | None, stats: LossStats) -> dict:
+    """The backend's arguments for a fresh selection, after checking its form and, when the
+    schedule knows it (``count``), its size; no host read."""
+    if not isinstance(choice, Selection):
+        raise TypeError(f"{policy!r}.select must return a gpuprune.Selection, got "
+                        f"{type(choice).__name__}")
+    if choice.everything:
+        if count is not None and count != stats.num_samples:
+            raise ValueError(f"{policy!r} selected every sample, expected k={count}")
+        return {"full": True}
+    if choice.pick is not None:
+        size = None if choice.pick.below_share is not None else choice.pick.k
+        if count is not None and size != count:
+            raise ValueError(f"{policy!r} returned a pick of {size} samples, expected k={count}")
+        return {"pick": choice.pick}
+    idx, device = choice.indices, stats.device
     if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.device != device
             or idx.dtype not in (torch.int32, torch.int64)):
         raise TypeError(f"{policy!r}.select must return 1-D int32/int64 ids on {device}")
     if count is not None and idx.numel() != count:
         raise ValueError(f"{policy!r} returned {idx.numel()} ids, expected k={count}")
-    return idx.to(index_dtype(stats.num_samples))
+    return {"ids": idx.to(index_dtype(stats.num_samples))}

@@ -17,7 +17,7 @@ from ._checks import check_batch, check_bool, check_float, check_int, resolve_de
 from .backend import get_backend
 from .distributed import DistributedError, EpochSync, Op, resolve_group
 from .plan import Plan
-from .planning import make_plan
+from .planning import Planned, make_plan
 from .policies import POLICIES, Policy, make_policy
 from .sampler import PrunedSampler
 from .schedule import Schedule
@@ -251,15 +251,12 @@ class Pruner:
         if self._sync is not None:
             stats = self._sync.merge(stats, self.backend, self.decay, self._run.epoch, op=Op.PLAN,
                                      epoch=epoch, config=self.config())
-        plan, reselect = self._make_plan(epoch, stats, current)
+        plan, reselect, selected, overlap = self._make_plan(epoch, stats, current)
         bad = check()
         if bad:
             self.stats.invalid_batches.zero_()
             raise ValueError(f"observe() received indices outside [0, {self.num_samples}) in {bad} "
                              f"batch(es); those batches were not recorded")
-        selected = stats.selected if plan.full else stats.selected.index_add(
-            0, plan.indices, torch.ones_like(plan.indices, dtype=torch.int32))
-        overlap = None if current is None else plan.overlap(current)
         if self._sync is not None:
             self._sync.verify(plan.fingerprint(), epoch, self.config())
             self._sync.reserve(shard_size(len(plan), self.world_size))
@@ -286,7 +283,7 @@ class Pruner:
             return False
         return self.schedule.selects(epoch, previous)
 
-    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> tuple[Plan, bool]:
+    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> Planned:
         return make_plan(epoch, current, schedule=self.schedule, policy=self.policy, k=self.k,
                          stats=stats, seed=self.seed, backend=self.backend)
 
@@ -326,12 +323,12 @@ class Pruner:
         else:
             self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
                                   self._run.epoch)
-        b = max(per_sample_loss.numel(), 1)
         x = per_sample_loss.float()
         plan = self._run.plan
         if plan is not None and plan.rescaled is not None:
             x = x * plan.weights_of(indices)
-        return (x.sum() / b).to(per_sample_loss.dtype)
+        # one reduction (the empty batch: 0)
+        return (x.mean() if x.numel() else x.sum()).to(per_sample_loss.dtype)
 
     def synchronize(self) -> None:
         """Merge the statistics every rank has observed so far, now instead of at the next plan

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# One-call GPU verification of gpuprune (issue 13). docs/gpu_check.md gives the exact device call.
+# One-call GPU verification of gpuprune (issues 13 and 20). docs/gpu_check.md gives the exact device call.
 #
 #   bash scripts/gpu_check.sh --prepare           # here, before the call: fatbin + data into place
 #   bash scripts/gpu_check.sh --dry-run --strict  # here: is everything the call needs present?
 #   bash scripts/gpu_check.sh --dry-run --files-only   # only the carried files and the size
-#   bash scripts/gpu_check.sh                     # on the GPU machine: steps 1-8 (within 8 min)
-#   bash scripts/gpu_check.sh --steps 4,5,8       # a rerun of some steps (8 is the report)
-#   bash scripts/gpu_check.sh --budget 180        # total seconds for the steps (default 420)
+#   bash scripts/gpu_check.sh                     # on the GPU machine: every step, within 3.5 min
+#   bash scripts/gpu_check.sh --quick             # on the GPU machine: the core steps, within 1 min
+#   bash scripts/gpu_check.sh --steps 3,5,8       # a rerun of some steps (8 is the report)
+#   bash scripts/gpu_check.sh --steps 7,8         # the end-to-end training runs (not in the default)
+#   bash scripts/gpu_check.sh --budget 120        # total seconds for the steps (default 200; quick 60)
 #
 # Steps (each time-boxed; a failure is recorded and the next step still runs):
-#   1 environment (GPU, driver, CUDA, torch, CuPy; which kernel build loads)   2 gpuprune doctor
-#   3 pytest -m gpu   4 stress: kernels vs torch   5 host syncs of observe()/plan()
-#   6 benchmarks/selection.py --device cuda   7 gpuprune bench --device cuda (MLP, ResNet-18)
-#   8 gpu_report.md + gpu_report.json
+#   1 environment (GPU, driver, CUDA, torch, CuPy; the fatbin and NVRTC builds loaded each)
+#   2 gpuprune doctor   3 the kernel equivalence suite with the cuda backend
+#   3b the same suite's other backends (torch, its device path, the harness)   3g pytest -m gpu (other files)
+#   4 stress: kernels vs torch (selections, plans, observe; a fence-less mutant)
+#   5 host syncs of observe()/plan(), counted   6 benchmarks/selection.py --device cuda
+#   7 gpuprune bench --device cuda (MLP, ResNet-18; only with --steps 7)   8 gpu_report.md + gpu_report.json
 # Results: $OUT (default ./gpu_check_out): gpu_report.md, gpu_report.json, gpu_check.log and
 # gpu_check_logs.tar.gz (every step's log and raw figures). It installs nothing.
 # Without a CUDA GPU it runs the dry run. Exit status: 0 when every step (check) passed.
@@ -25,35 +29,73 @@ DATA=${GPU_CHECK_DATA:-$ROOT/.gpu_check/data}
 FMNIST_SRC=${FMNIST_SRC:-/usr/share/datasets/fashion-mnist}
 CARRIED=.gpu_check/fatbin   # the fatbin travels here; the GPU run copies it into gpuprune/kernels/
 OUT_DIR=${OUT:-$ROOT/gpu_check_out}
-BUDGET=420            # seconds for all steps; the report keeps RESERVE of them
-RESERVE=25
-TIMEOUT_S=480         # the device call's timeout_s: the budget plus start-up and packing
+BUDGET=200            # seconds for all steps (--quick: 60); the report keeps RESERVE of them
+RESERVE=12
+TIMEOUT_S=240         # the device call's timeout_s: the budget plus start-up and packing
+QUICK_BUDGET=60 QUICK_TIMEOUT_S=85
 LIMIT_MIB=64          # what may travel with one call
+EQUIV=tests/test_kernel_equivalence.py   # the kernel equivalence suite (every backend, cuda included)
+# the GPU steps: number, cap in seconds, what (the dry run lists them; gpu_run uses the caps)
+GPU_STEPS=(
+  "1|25|environment: GPU, driver, versions; the fatbin and the NVRTC build loaded each"
+  "2|30|gpuprune doctor --device cuda --require-kernels"
+  "3|35|kernel equivalence suite, cuda backend: pytest $EQUIV -k cuda"
+  "3b|60|kernel equivalence suite, the other backends: pytest $EQUIV tests/test_kernel_keys.py -k 'not cuda'"
+  "3g|25|the GPU-marked tests of the other files: pytest -m gpu tests (without $EQUIV)"
+  "4|25|stress: kernels vs torch (selections, plans, observe), and the fence-less mutant"
+  "5|20|host synchronisations of observe() and plan(), counted"
+  "6|30|benchmarks/selection.py --device cuda --sizes 1e6 1e8 (cost table, timings, targets)"
+  "8|$RESERVE|gpu_report.md and gpu_report.json"
+)
+QUICK_STEPS=(
+  "1|12|environment: the fatbin and the NVRTC build loaded each"
+  "3|25|kernel equivalence suite, cuda backend: pytest $EQUIV -k cuda"
+  "5|12|host synchronisations of plan() and observe(), counted (--quick)"
+  "8|10|gpu_report.md and gpu_report.json"
+)
 FILES=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz
        t10k-labels-idx1-ubyte.gz)
 METHODS=(full full_short uniform epsilon_greedy ucb infobatch)
 
-MODE=auto STRICT=0 STEPS=all FILES_ONLY=0
+MODE=auto STRICT=0 STEPS=all FILES_ONLY=0 QUICK=0 BUDGET_SET=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) MODE=dry ;;
     --prepare) MODE=prepare ;;
     --strict) STRICT=1 ;;
     --files-only) FILES_ONLY=1 ;;
+    --quick) QUICK=1 ;;
     --steps) STEPS=${2:?--steps needs a list, e.g. 4,5,8}; shift ;;
-    --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --budget) BUDGET=${2:?--budget needs seconds}; BUDGET_SET=1; shift ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check: --budget must be whole seconds, got $BUDGET" >&2; exit 2 ;; esac
+if [ $QUICK = 1 ]; then
+  [ $BUDGET_SET = 0 ] && BUDGET=$QUICK_BUDGET
+  [ "$STEPS" = all ] && STEPS=1,3,5,8
+  RESERVE=10
+fi
 
-device_call() {
-  local steps_arg="" budget_arg="" t=$TIMEOUT_S
-  [ -n "${1:-}" ] && steps_arg=" --steps $1" && budget_arg=" --budget ${2:-180}" && t=$(( ${2:-180} + 60 ))
-  printf '{"command": "bash scripts/gpu_check.sh%s%s", "carry": [".gpu_check"], "timeout_s": %d}\n' \
-    "$steps_arg" "$budget_arg" "$t"
+device_call() {   # device_call [--quick | STEPS BUDGET]
+  local arg="" t=$TIMEOUT_S
+  if [ "${1:-}" = --quick ]; then arg=" --quick"; t=$QUICK_TIMEOUT_S
+  elif [ -n "${1:-}" ]; then arg=" --steps $1 --budget ${2:-120}"; t=$(( ${2:-120} + 40 )); fi
+  printf '{"command": "bash scripts/gpu_check.sh%s", "carry": [".gpu_check"], "timeout_s": %d}\n' "$arg" "$t"
+}
+
+list_steps() {    # the GPU steps and their caps, as the dry run and the run use them
+  local budget=$1; shift
+  local row num cap what total=0
+  for row in "$@"; do
+    IFS='|' read -r num cap what <<<"$row"
+    printf '    %-3s %4s s  %s\n' "$num" "$cap" "$what"
+    total=$((total + cap))
+  done
+  printf '    caps add up to %d s; the budget of %d s cuts the later steps when the earlier ones use theirs\n' \
+    "$total" "$budget"
 }
 
 # ------------------------------------------------------------------------------------ prepare
@@ -192,6 +234,13 @@ PYCHECKS
     else fail "the tree plus carry is $mib MiB, over the $LIMIT_MIB MiB limit"; fi
   else warn "not a git checkout: cannot check what travels"; fi
   if [ $FILES_ONLY = 1 ]; then rm -rf "$tmp"; dry_verdict; return $?; fi
+  # the kernel equivalence suite collects, with its cuda backend (step 3) and the others (3b)
+  "$PY" -m pytest --collect-only -q -p no:cacheprovider "$EQUIV" tests/test_kernel_keys.py >"$tmp/equiv" 2>&1
+  local erc=$? all cuda
+  all=$(grep -c '::' "$tmp/equiv"); cuda=$(grep -c '\[cuda' "$tmp/equiv")
+  if [ $erc = 0 ] && [ "$cuda" -gt 0 ]; then
+    pass "the kernel equivalence suite collects $all tests: $cuda with the cuda backend (step 3, on the GPU), $((all - cuda)) with torch, its device path and the harness (step 3b)"
+  else fail "the kernel equivalence suite does not collect with a cuda backend (rc $erc, $cuda cuda tests): $(grep -E '^(ERROR|E ) ' "$tmp/equiv" | head -3 | tr '\n' ' ')"; fi
   # the GPU tests collect
   local files; files=$(grep -l -E "mark\.gpu|pytest\.mark\.gpu" tests/test_*.py 2>/dev/null | tr '\n' ' ')
   if [ -z "$files" ]; then warn "no test file is marked gpu"
@@ -210,6 +259,9 @@ PYCHECKS
   if "$PY" scripts/gpu_check_stress.py --dry --seconds 1 --min-selections 50 --json "$w/stress.json" >"$tmp/stress" 2>&1; then
     pass "stress --dry: $(grep '^selections' "$tmp/stress" | cut -c1-100)"
   else fail "stress --dry: $(tail -3 "$tmp/stress" | tr '\n' ' ')"; fi
+  if "$PY" benchmarks/selection.py --smoke --sections 1 --json "$w/selection.json" >"$w/selection.log" 2>&1; then
+    pass "benchmarks/selection.py --smoke --sections 1: the cost table prints ($(grep -c ' -> ' "$w/selection.log") rows)"
+  else warn "benchmarks/selection.py --smoke fails (step 6 would fail): $(tail -2 "$w/selection.log" | tr '\n' ' ')"; fi
   if "$PY" scripts/gpu_check_sync.py --dry --json "$w/sync.json" >"$tmp/sync" 2>&1; then pass "sync --dry runs"
   else fail "sync --dry: $(tail -2 "$tmp/sync" | tr '\n' ' ')"; fi
   printf '2\tgpuprune doctor (dry, cpu)\tok\t0\t0\t0\n4\tstress (dry, cpu)\tok\t0\t0\t0\n5\tsyncs (dry, cpu)\tok\t0\t0\t0\n' >"$w/steps.tsv"
@@ -222,10 +274,16 @@ PYCHECKS
 
 dry_verdict() {
   echo
+  echo "GPU steps of the call (budget $BUDGET s, timeout_s $TIMEOUT_S):"
+  list_steps "$BUDGET" "${GPU_STEPS[@]}"
+  echo "GPU steps of --quick (budget $QUICK_BUDGET s, timeout_s $QUICK_TIMEOUT_S):"
+  list_steps "$QUICK_BUDGET" "${QUICK_STEPS[@]}"
   echo "device call (the run tool's arguments; docs/gpu_check.md):"
   echo "  $(device_call)"
+  echo "quick variant (under 2 minutes of device time with the machine's start):"
+  echo "  $(device_call --quick)"
   echo "rerun of failed steps, e.g. 4 and 5 (then 8 for the report), on a fresh machine:"
-  echo "  $(device_call 4,5,8 180)"
+  echo "  $(device_call 4,5,8 90)"
   if [ $NFAIL -gt 0 ]; then echo "gpu_check --dry-run: FAIL ($NFAIL failed, $NWARN warnings)"; return 1; fi
   echo "gpu_check --dry-run: OK ($NWARN warnings$([ $NWARN -gt 0 ] && echo ': run --prepare, then --dry-run --strict before the call'))"
   return 0
@@ -235,7 +293,7 @@ dry_verdict() {
 WORK="" START=0 NBAD=0
 selected() {
   [ "$STEPS" = all ] && return 0
-  local s; for s in ${STEPS//,/ }; do [ "$s" = "$1" ] || [ "$s" = "${1%[a-z]}" ] && return 0; done
+  local s; for s in ${STEPS//,/ }; do { [ "$s" = "$1" ] || [ "$s" = "${1%[a-z]}" ]; } && return 0; done
   return 1
 }
 
@@ -260,35 +318,55 @@ step() {   # step NUM NAME CAP_SECONDS command...
   tail -4 "$WORK/step$num.log" | sed 's/^/    /'
 }
 
+cap_of() {   # cap_of NUM: the cap of a step in the table in use
+  local row num cap what
+  for row in "${TABLE[@]}"; do IFS='|' read -r num cap what <<<"$row"; [ "$num" = "$1" ] && { echo "$cap"; return; }; done
+  echo 30
+}
+
 gpu_run() {
   mkdir -p "$OUT_DIR" || exit 1
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 1
   LOG="$OUT_DIR/gpu_check.log"; : >"$LOG"; : >"$WORK/steps.tsv"
   START=$(date +%s)
-  echo "gpu_check: $(date -u '+%F %T UTC'), budget $BUDGET s, steps $STEPS, results in $OUT_DIR" | tee -a "$LOG"
+  if [ $QUICK = 1 ]; then TABLE=("${QUICK_STEPS[@]}"); else TABLE=("${GPU_STEPS[@]}"); fi
+  echo "gpu_check$([ $QUICK = 1 ] && echo ' --quick'): $(date -u '+%F %T UTC'), budget $BUDGET s, steps $STEPS, results in $OUT_DIR" | tee -a "$LOG"
   # the carried fatbin goes where the loader looks; it takes it only if it was built from this
   # tree's source (its name holds the source's hash), else NVRTC compiles the source
   if [ "${GPU_CHECK_FORCE_RUN:-0}" != 1 ] && ls "$CARRIED"/*.fatbin >/dev/null 2>&1; then
     cp -f "$CARRIED"/*.fatbin gpuprune/kernels/ && echo "fatbin: $(cd "$CARRIED" && ls *.fatbin) -> gpuprune/kernels/" | tee -a "$LOG"
   else echo "fatbin: none carried (or a forced run): the NVRTC build only" | tee -a "$LOG"; fi
-  step 1 "environment" 45 "$PY" scripts/gpu_check_env.py --json "$WORK/env.json"
-  step 2 "gpuprune doctor" 75 "$PY" -m gpuprune doctor --device cuda --require-kernels --json "$WORK/doctor.json"
-  step 3 "pytest -m gpu" 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$WORK/pytest.xml" tests
-  step 4 "stress: kernels vs torch" 75 "$PY" scripts/gpu_check_stress.py --device cuda --seconds 40 --json "$WORK/stress.json"
-  step 5 "host syncs" 50 "$PY" scripts/gpu_check_sync.py --json "$WORK/sync.json"
-  local sel_json=()
-  "$PY" benchmarks/selection.py --help 2>/dev/null | grep -q -- '--json' && sel_json=(--json "$WORK/selection.json")
-  step 6 "benchmarks/selection.py --device cuda" 110 "$PY" benchmarks/selection.py --device cuda "${sel_json[@]}"
+  step 1 "environment" "$(cap_of 1)" "$PY" scripts/gpu_check_env.py --json "$WORK/env.json" --kernels-env "$WORK/kernels_env"
+  if [ -s "$WORK/kernels_env" ]; then       # the fatbin does not load: everything after uses NVRTC
+    export GPUPRUNE_KERNELS=$(cat "$WORK/kernels_env")
+    echo "the fatbin does not load here: GPUPRUNE_KERNELS=$GPUPRUNE_KERNELS for the next steps" | tee -a "$LOG"
+  fi
+  step 2 "gpuprune doctor" "$(cap_of 2)" "$PY" -m gpuprune doctor --device cuda --require-kernels --json "$WORK/doctor.json"
+  step 3 "kernel equivalence suite, cuda backend" "$(cap_of 3)" "$PY" -m pytest -q -p no:cacheprovider \
+    "$EQUIV" -k cuda --junitxml="$WORK/pytest_equiv_cuda.xml"
+  if [ $QUICK = 0 ]; then
+    step 3b "kernel equivalence suite, other backends" "$(cap_of 3b)" "$PY" -m pytest -q -p no:cacheprovider \
+      "$EQUIV" tests/test_kernel_keys.py -k "not cuda" --junitxml="$WORK/pytest_equiv_other.xml"
+    step 3g "pytest -m gpu (other files)" "$(cap_of 3g)" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+      --continue-on-collection-errors --ignore="$EQUIV" --junitxml="$WORK/pytest.xml" tests
+  fi
+  step 4 "stress: kernels vs torch" "$(cap_of 4)" "$PY" scripts/gpu_check_stress.py --device cuda --seconds 6 \
+    --min-selections 200 --mutant threadfence --mutant-seconds 5 --json "$WORK/stress.json"
+  local quick_sync=(); [ $QUICK = 1 ] && quick_sync=(--quick)
+  step 5 "host syncs, counted" "$(cap_of 5)" "$PY" scripts/gpu_check_sync.py "${quick_sync[@]}" --json "$WORK/sync.json"
+  step 6 "benchmarks/selection.py --device cuda" "$(cap_of 6)" "$PY" benchmarks/selection.py --device cuda \
+    --sizes 1e6 1e8 --repeats 10 --json "$WORK/selection.json"
   [ -f "$WORK/step6.log" ] && cp "$WORK/step6.log" "$WORK/selection.log"
-  local common=(--device cuda --data-dir "$DATA" --methods "${METHODS[@]}" --prune-ratios 0.5 --seeds 0
-                --no-plots --no-progress)
-  "$PY" -m gpuprune bench --help 2>/dev/null | grep -q -- '--cifar-shaped' && common+=(--cifar-shaped)
-  step 7a "bench MLP, 10 epochs" 75 "$PY" -m gpuprune bench "${common[@]}" --model mlp --epochs 10 --out "$WORK/bench_mlp"
-  step 7b "bench ResNet-18, 4 epochs, 30k images" 120 "$PY" -m gpuprune bench "${common[@]}" --model resnet18 \
-    --epochs 4 --train-subset 30000 --out "$WORK/bench_resnet18"
+  if [ "$STEPS" != all ] && [ $QUICK = 0 ]; then   # the end-to-end runs: only when asked (--steps 7)
+    local common=(--device cuda --data-dir "$DATA" --methods "${METHODS[@]}" --prune-ratios 0.5 --seeds 0
+                  --no-plots --no-progress)
+    "$PY" -m gpuprune bench --help 2>/dev/null | grep -q -- '--cifar-shaped' && common+=(--cifar-shaped)
+    step 7a "bench MLP, 10 epochs" 75 "$PY" -m gpuprune bench "${common[@]}" --model mlp --epochs 10 --out "$WORK/bench_mlp"
+    step 7b "bench ResNet-18, 4 epochs, 30k images" 120 "$PY" -m gpuprune bench "${common[@]}" --model resnet18 \
+      --epochs 4 --train-subset 30000 --out "$WORK/bench_resnet18"
+  fi
   RESERVE=0
-  step 8 "report" 25 "$PY" scripts/gpu_check_report.py --work "$WORK" --out "$OUT_DIR"
+  step 8 "report" "$(cap_of 8)" "$PY" scripts/gpu_check_report.py --work "$WORK" --out "$OUT_DIR"
   tar -czf "$OUT_DIR/gpu_check_logs.tar.gz" -C "$WORK" . 2>/dev/null
   echo
   cat "$OUT_DIR/gpu_report.md" 2>/dev/null

@@ -8,8 +8,11 @@ capability; the carried fatbin (``.gpu_check/fatbin/``, built by ``scripts/gpu_c
 and whether it was built from the kernel source of this tree. Its name holds the start of the
 source's sha256 (``gpuprune.kernels.fatbin_name``) and the loader takes only the fatbin of the
 source it finds: a *stale* one (built from another version of the source) is ignored, and NVRTC
-compiles the source instead. Last, it loads the kernels once and says which build loaded (``fatbin``
-or ``source``) and how long that took.
+compiles the source instead. Last, it loads each build on its own: the fatbin (when one is there)
+and the source through NVRTC, with the time and the error of each. A fatbin that cannot load (a
+driver older than the CUDA that built its PTX, an architecture it lacks) is reported as such, and
+the check goes on with the NVRTC build: the step writes ``GPUPRUNE_KERNELS=source`` to
+``--kernels-env`` for the later steps, and fails only when no build loads.
 """
 
 from __future__ import annotations
@@ -72,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernels-env", type=Path, default=None,
+                    help="write GPUPRUNE_KERNELS=source here when the fatbin does not load")
     args = ap.parse_args(argv)
 
     import torch
 
     from gpuprune import doctor, kernels
+    from gpuprune.doctor.environment import _cuda_version
     res: dict = {"nvidia_smi": _nvidia_smi()}
     freshness, why = fatbin_freshness()
     res["fatbin_freshness"], res["fatbin_freshness_why"] = freshness, why
@@ -93,7 +99,28 @@ def main(argv: list[str] | None = None) -> int:
             res["fatbin"] = doctor.describe_fatbin(doctor.read_fatbin(installed))
         except (OSError, ValueError) as e:
             res["fatbin"] = f"unreadable: {e}"
+    builds: dict = {}
     if cuda:
+        try:
+            import cupy
+        except Exception as e:  # noqa: BLE001
+            cupy, builds["error"] = None, f"CuPy is not importable: {type(e).__name__}: {e}"
+        for kind in ("fatbin", "source"):
+            cands = kernels.module_candidates(prefer=kind) if cupy is not None else []
+            if not cands:
+                builds[kind] = {"tried": False, "why": f"no {kind} here"}
+                continue
+            t0 = time.perf_counter()
+            try:
+                kernels.load_module(cupy, dev.index, cands)
+                builds[kind] = {"tried": True, "ok": True, "path": str(cands[0][1]),
+                                "load_s": time.perf_counter() - t0}
+            except kernels.KernelsUnavailable as e:
+                builds[kind] = {"tried": True, "ok": False, "path": str(cands[0][1]),
+                                "error": str(e), "load_s": time.perf_counter() - t0}
+        fb = builds.get("fatbin", {})
+        if fb.get("tried") and not fb.get("ok") and args.kernels_env is not None:
+            args.kernels_env.write_text("source\n")     # the later steps use the NVRTC build
         t0 = time.perf_counter()
         try:
             ops = kernels.get_ops(dev)
@@ -101,19 +128,33 @@ def main(argv: list[str] | None = None) -> int:
                                      "load_s": time.perf_counter() - t0}
         except kernels.KernelsUnavailable as e:
             res["kernels_loaded"] = {"error": str(e), "load_s": time.perf_counter() - t0}
+    res["builds"] = builds
     smi = res["nvidia_smi"]
     print(f"GPU: {smi.get('name', env.gpu_name)} | driver {smi.get('driver_version', '?')} (CUDA "
-          f"{doctor._cuda_version(env.driver)}) | {smi.get('memory.total', '?')} | SM clock "
+          f"{_cuda_version(env.driver)}) | {smi.get('memory.total', '?')} | SM clock "
           f"{smi.get('clocks.sm', '?')} of {smi.get('clocks.max.sm', '?')} | {smi.get('pstate', '')}")
     print(f"python {env.python} | torch {env.torch} (CUDA {env.torch_cuda}) | CuPy {env.cupy or 'missing'}"
-          f" (runtime {doctor._cuda_version(env.cuda_runtime)}, NVRTC {env.nvrtc or 'missing'}) | "
+          f" (runtime {_cuda_version(env.cuda_runtime)}, NVRTC {env.nvrtc or 'missing'}) | "
           f"capability {env.capability} | {env.sm_count} SMs")
     print(f"carried fatbin: {freshness}: {why}")
     print(f"fatbin the loader takes: {installed or 'none'}" + (f": {res['fatbin']}" if installed else ""))
+    for kind in ("fatbin", "source"):
+        b = builds.get(kind)
+        if b is None:
+            continue
+        label = "fatbin" if kind == "fatbin" else "NVRTC (source)"
+        if not b["tried"]:
+            print(f"{label}: not tried ({b['why']})")
+        elif b["ok"]:
+            print(f"{label}: loads ({b['path']}, {b['load_s']:.1f} s)")
+        else:
+            print(f"{label}: CANNOT LOAD ({b['error'][:300]})"
+                  + ("; the check goes on with the NVRTC build" if kind == "fatbin" else ""))
     kl = res.get("kernels_loaded")
     if kl:
-        print("kernels: " + (f"{kl['build']} build loaded from {kl['path']} in {kl['load_s']:.1f} s"
-                             if "build" in kl else f"FAILED to load: {kl['error']}"))
+        print("kernels (backend='auto'): " + (f"{kl['build']} build from {kl['path']} in "
+                                              f"{kl['load_s']:.1f} s" if "build" in kl
+                                              else f"FAILED to load: {kl['error']}"))
     ok = cuda and kl is not None and "build" in kl
     res["ok"] = bool(ok)
     if args.json is not None:

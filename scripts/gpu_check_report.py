@@ -4,9 +4,10 @@
 
 Reads what the earlier steps left in ``WORK_DIR`` (any of them may be missing or failed; the report
 says so): ``steps.tsv`` (one line per step: number, name, status, exit code, seconds, limit),
-``env.json``, ``doctor.json``, ``pytest.xml`` (JUnit), ``stress.json``, ``sync.json``,
-``selection.log`` and, when the benchmark wrote one, ``selection.json``, and the benchmark folders
-``bench_*/results.json``. docs/gpu_check.md explains every figure.
+``env.json``, ``doctor.json``, the JUnit files ``pytest_equiv_cuda.xml``, ``pytest_equiv_other.xml``
+and ``pytest.xml``, ``stress.json``, ``sync.json``, ``selection.log`` and ``selection.json``, and
+the benchmark folders ``bench_*/results.json``. Every figure is printed beside its target.
+docs/gpu_check.md explains every figure.
 """
 
 from __future__ import annotations
@@ -189,15 +190,21 @@ def build_report(work: Path) -> dict:
     """Everything the steps left, in one JSON-ready dict."""
     rep: dict = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "steps": read_steps(work / "steps.tsv"), "env": _load(work / "env.json"),
-                 "doctor": _load(work / "doctor.json"), "pytest": pytest_summary(work / "pytest.xml"),
+                 "doctor": _load(work / "doctor.json"),
+                 "pytest": {name: pytest_summary(work / f"{stem}.xml") for name, stem in (
+                     ("equivalence suite, cuda backend", "pytest_equiv_cuda"),
+                     ("equivalence suite, other backends", "pytest_equiv_other"),
+                     ("pytest -m gpu, other files", "pytest"))},
                  "stress": _load(work / "stress.json"), "sync": _load(work / "sync.json")}
     log = (work / "selection.log").read_text(errors="replace") if (work / "selection.log").is_file() else ""
     figs = selection_figures(_load(work / "selection.json"), log)
-    rep["selection"] = {"figures": figs, "targets": _target_rows(figs),
+    sel_json = _load(work / "selection.json")
+    cost = (sel_json or {}).get("cost") if isinstance(sel_json, dict) else None
+    rep["selection"] = {"figures": figs, "targets": _target_rows(figs), "cost": cost,
                         "log_tail": "\n".join(log.strip().splitlines()[-60:])}
     obs = None
     sync = rep["sync"] or {}
-    for name in ("cuda", "torch"):
+    for name in ("cuda", "torch"):       # the host time of observe() for the e2e overhead
         c = (sync.get("backends", {}).get(name) or {}).get("costs")
         if c and "observe_host_us" in c:
             obs = c["observe_host_us"]
@@ -251,8 +258,22 @@ def render_markdown(rep: dict) -> str:
               f"DALI {env.get('dali') or 'not installed'}",
               f"- fatbin: {e.get('fatbin', '-')}; {e.get('fatbin_freshness')}: "
               f"{e.get('fatbin_freshness_why')}",
-              "- kernels loaded: " + (f"{kl['build']} build ({kl['path']}, {kl['load_s']:.1f} s)"
-                                      if "build" in kl else f"FAILED: {kl.get('error', 'not tried')}")]
+              "- kernels loaded by backend='auto': " + (
+                  f"{kl['build']} build ({kl['path']}, {kl['load_s']:.1f} s)" if "build" in kl
+                  else f"FAILED: {kl.get('error', 'not tried')}")]
+        builds = e.get("builds") or {}
+        rows = []
+        for kind, label, target in (("fatbin", "fatbin", "loads (else reported; NVRTC is used)"),
+                                    ("source", "NVRTC (source)", "loads")):
+            b = builds.get(kind)
+            if b is None:
+                continue
+            got = ("not tried: " + b.get("why", "")) if not b.get("tried") else (
+                f"loads ({b['load_s']:.1f} s)" if b.get("ok") else
+                "CANNOT LOAD: " + b.get("error", "")[:200])
+            rows.append([label, got, target])
+        if rows:
+            L += [""] + _table(["build", "result", "target"], rows)
     else:
         L.append("not recorded (step 1 failed)")
     d = rep.get("doctor") or {}
@@ -266,52 +287,65 @@ def render_markdown(rep: dict) -> str:
                     [[c["name"], _f(c["ok"]), c["comparisons"], c["detail"]] for c in d.get("checks", [])])
     else:
         L.append("no report (step 2 failed before writing it)")
-    p = rep.get("pytest")
-    L += ["", "## 3. GPU tests (`pytest -m gpu`)", ""]
-    if p and "tests" in p:
-        L.append(f"{p['tests']} tests: {p['passed']} passed, {p['failures']} failed, {p['errors']} "
-                 f"errors, {p['skipped']} skipped")
-        L += [f"- {x}" for x in p["failing"][:25]]
-    else:
-        L.append("no JUnit report")
+    L += ["", "## 3. The kernel equivalence suite and the GPU tests", ""]
+    prow, failing = [], []
+    for name, p in (rep.get("pytest") or {}).items():
+        target = "all pass, none skipped" if "cuda" in name else "0 failed, 0 errors"
+        if p and "tests" in p:
+            prow.append([name, p["tests"], p["passed"], p["failures"], p["errors"], p["skipped"],
+                         target])
+            failing += p["failing"][:25]
+        else:
+            prow.append([name, "no JUnit report", "-", "-", "-", "-", target])
+    L += _table(["tests", "run", "passed", "failed", "errors", "skipped", "target"], prow)
+    L += [f"- {x}" for x in failing[:25]]
     s = rep.get("stress")
     L += ["", "## 4. Stress: kernels vs torch", ""]
     if s:
-        L += _table(["what", "count", "mismatches"],
-                    [["selections (sets and counts)", s["selections"], s["selection_mismatches"]],
-                     ["observe (pinned decays, <= 16 copies)", s["observe_batches"], s["observe_mismatches"]],
-                     ["observe (random decays, <= 64 copies)", s["observe_heavy_batches"],
-                      s["observe_heavy_mismatches"]]])
-        L += ["", f"Largest N {s['largest_n']:,}; CUDA error: {s.get('cuda_error') or 'none'}; "
-                  f"{s['seconds']:.0f} s; {s['candidate']} vs {', '.join(s['references'])}"]
+        rows = [["selections (sets and counts)", s["selections"], s["selection_mismatches"], 0],
+                ["plans (plan, counts, overlap, rescaled bits, kernel count)", s.get("plans", 0),
+                 s.get("plan_mismatches", 0), 0],
+                ["observe (pinned decays, <= 16 copies)", s["observe_batches"], s["observe_mismatches"], 0],
+                ["observe (random decays, <= 64 copies)", s["observe_heavy_batches"],
+                 s["observe_heavy_mismatches"], 0]]
+        m = s.get("mutant")
+        if m:
+            rows.append([f"mutant: {m['name']} (plans)", m["plans"], m["mismatches"],
+                         "> 0 shows the stress sees it (informative)"])
+        L += _table(["what", "count", "mismatches", "target"], rows)
+        L += ["", f"Largest N {s['largest_n']:,} (plans: {s.get('plan_largest_n', 0):,}); CUDA error: "
+                  f"{s.get('cuda_error') or 'none'} (target: none); {s['seconds']:.0f} s; "
+                  f"{s['candidate']} vs {', '.join(s['references'])}"]
         L += [f"- {x}" for x in s.get("first", []) + s.get("errors", [])]
     else:
         L.append("no figures (step 4 failed)")
     y = rep.get("sync")
-    L += ["", "## 5. Host synchronisation", ""]
+    L += ["", "## 5. Host synchronisation, counted", ""]
     if y:
+        exp = y.get("expected", {})
         rows, prow = [], []
         for name, r in y.get("backends", {}).items():
             if "error" in r:
-                rows.append([name, "ERROR " + r["error"], "-", "-", "-"])
+                rows.append([name, "ERROR " + r["error"], "-", "-", "-", "-"])
                 continue
-            h = r.get("observe_host_return") or {}
             c = r.get("costs") or {}
-            rows.append([name, "none" if r.get("observe_sync_error") is None else r["observe_sync_error"],
-                         f"{_f(h.get('host_s', float('nan')) * 1e3)} ms of {_f(h.get('sleep_s'))} s, "
-                         f"GPU busy after: {_f(h.get('gpu_still_busy'))}",
-                         _f(c.get("observe_host_us"), ".1f"), _f(c.get("observe_gpu_us"), ".2f")])
+            for pol in ("ucb", "infobatch"):
+                o = r.get(f"observe_{pol}")
+                if o:
+                    rows.append([name, pol, f"{o['syncs']} (target {exp.get('observe_syncs', 0)})",
+                                 f"{_f(o['host_s'] * 1e3)} ms of {_f(o['sleep_s'])} s, GPU busy after: "
+                                 f"{_f(o['gpu_still_busy'])}", _f(c.get("observe_host_us"), ".1f"),
+                                 _f(c.get("observe_gpu_us"), ".2f")])
             for pol, q in (r.get("plan") or {}).items():
-                prow.append([pol, name, _f(q.get("torch_syncs"), "d"), _f(q.get("waits")),
+                target = f"<= {exp.get('plan_blocking', 1)}" if r.get("backend") == "cuda" else "-"
+                prow.append([pol, name, q["syncs"], q["blocking"], target, _f(q.get("gpu_still_busy")),
                              _f(c.get("plan", {}).get(pol, {}).get("plan_wall_us_median"), ".0f"),
-                             "; ".join(q.get("sync_ops", []))])
-        L += _table(["backend", "observe(): sync under debug mode 'error'", "20 observe() behind a GPU sleep",
-                     "observe host us/call", "observe GPU us/call"], rows)
-        n_costs = next((r.get("costs", {}).get("n") for r in y.get("backends", {}).values()
-                        if r.get("costs")), None)
-        L += ["", f"Syncs per `plan()` (N = {y.get('n', 0):,} for the counts; wall time at N = "
-                  f"{n_costs or 0:,}):", ""]
-        L += _table(["policy", "backend", "torch syncs", "waits for the GPU", "plan() wall us", "ops"], prow)
+                             "; ".join(q.get("ops", []))])
+        L += _table(["backend", "policy", "observe() x20 syncs", "behind a GPU sleep",
+                     "observe host us/call (target -)", "observe GPU us/call (target <= 5)"], rows)
+        L += ["", f"Per `plan()` at N = {y.get('n', 0):,}, behind a 0.2 s GPU sleep:", ""]
+        L += _table(["policy", "backend", "syncs", "blocking", "target (blocking)",
+                     "GPU busy after", "plan() wall us", "what synchronised"], prow)
     else:
         L.append("no figures (step 5 failed)")
     sel = rep.get("selection") or {}
@@ -322,6 +356,16 @@ def render_markdown(rep: dict) -> str:
     L += _table(["target", "bound", "measured", "met"],
                 [[t["target"], t["bound"], _f(t["figure"]), _f(t["met"], none="not measured")]
                  for t in sel.get("targets", [])])
+    cost = sel.get("cost") or {}
+    if cost.get("plan"):
+        L += ["", "Device operations per `plan()` on the GPU (counted; target <= 8 with the kernels) and "
+                  "the H100 estimate of the cost model beside them (an estimate, not a measurement):", ""]
+        L += _table(["plan()", "device ops", "target", "host reads", "bytes/sample",
+                     "H100 est. us @1e6", "sequence"],
+                    [[k, r["device_ops"], "<= 8" if k.endswith("/kernels") else "-", r["host_reads"],
+                      _f(r["bytes_per_sample"], ".0f"), _f(r["h100_us_1e6"], ".0f"),
+                      " -> ".join(r["sequence"]) if k.endswith("/kernels") else ""]
+                     for k, r in cost["plan"].items()])
     if sel.get("log_tail"):
         L += ["", "The benchmark's own output (last lines):", "", "```", sel["log_tail"], "```"]
     L += ["", "## 7. End to end (`gpuprune bench --device cuda`, Fashion-MNIST, prune ratio 0.5)", ""]

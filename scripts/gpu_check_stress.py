@@ -1,6 +1,7 @@
-"""Stress the selection and the observe update: thousands of random cases, kernels vs torch.
+"""Stress the selection, the fused plan and the observe update: thousands of random cases, kernels vs
+torch.
 
-    python scripts/gpu_check_stress.py --device cuda --seconds 45 --json stress.json   # GPU
+    python scripts/gpu_check_stress.py --device cuda --seconds 20 --json stress.json   # GPU
     python scripts/gpu_check_stress.py --dry                                           # CPU, ~5 s
 
 On a GPU the CUDA kernels (``KernelBackend``) are compared with the torch backend:
@@ -10,19 +11,29 @@ On a GPU the CUDA kernels (``KernelBackend``) are compared with the torch backen
   (none, random, 3-value ties, constant, all NaN, all -inf, +-0 only, denormals only,
   NaN/+-inf/+-0/denormal/FLT_MAX mixed in). The selected *sets* and their sizes must be identical
   to the torch backend's on the same GPU;
+* **plans**: ``Backend.plan`` (one gp_plan launch: score, selection, shuffle, counts, overlap) for
+  every kind of rule (hash only, epsilon-greedy's mean with its exploration, UCB std with drift and
+  var, InfoBatch's below-mean rank, given scores), given ids and full plans, after no plan, a
+  pruned one or a full one, on random statistics with ties and extreme values; N up to
+  ``--max-n``, so grids of hundreds of blocks meet at hundreds of grid barriers. The plan, the
+  selected counts, the overlap's bits, the rescaled bits and the kernels' own count must all
+  equal the torch backend's. This is the run that would catch a missing ``__threadfence`` (see
+  docs/kernels.md): a block reading another block's histogram or count before it landed picks a
+  wrong bucket or offset, and the plan or its count differs;
 * **observe**: batches of 1 to 20,000 ids (both sides of the kernels' one-block batch limit,
   ``GP_OBS_SMALL_MAX``) with up to 16 copies of an id and the decays 0, 0.5, 0.9, 0.99, then a
-  second series (``observe_heavy``)
-  with random decays and up to 64 copies, reported apart: ``decay ** c`` is computed by different
-  ``pow`` implementations (torch's vectorised one on the CPU, CUDA's on the GPU, which may differ in
-  the last bit of a float64). The statistics must be bit-identical to the torch backend on the CPU
-  and, with ``exact=True``, on the GPU;
+  second series (``observe_heavy``) with random decays and up to 64 copies, reported apart. The
+  statistics must be bit-identical to the torch backend on the CPU and, with ``exact=True``, on
+  the GPU;
 * **no illegal address**: every CUDA error (illegal address, launch failure) ends the run and is
   reported with the case that raised it; the device is synchronised after every large case.
 
-``--dry`` runs the same machinery on the CPU with the torch backend against the independent numpy
-reference of :mod:`gpuprune.doctor` (N up to 2e4, a few seconds), so CI exercises this code. The
-exit status is 0 when every comparison agreed (``observe_heavy`` included), 1 otherwise.
+``--mutant threadfence`` runs the plan series with kernels built (NVRTC) from the source with every
+``__threadfence()`` removed, and reports what it found (a mutant that shows nothing in one run is
+not proof of safety: the ordering it breaks is timing-dependent). ``--dry`` runs the same machinery
+on the CPU: the torch backend's CPU paths against the torch reference (its device path), N up to
+2e4, a few seconds, so CI exercises this code. The exit status is 0 when every comparison agreed,
+1 otherwise.
 """
 
 from __future__ import annotations
@@ -40,11 +51,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpuprune.doctor.environment import _short                          # noqa: E402
-from gpuprune.doctor.reference import (BackendImplementation, Implementation,  # noqa: E402
-                                       NumpyReference)
+from gpuprune.doctor.reference import BackendImplementation, Implementation      # noqa: E402
 from gpuprune.doctor.selftest import _compare_ids, _compare_states, _losses    # noqa: E402
 
-__all__ = ["SCORE_KINDS", "stress_scores", "draw_case", "run_stress", "main"]
+__all__ = ["SCORE_KINDS", "PLAN_KINDS", "stress_scores", "draw_case", "draw_plan_case",
+           "compare_plans", "run_plans", "run_stress", "main"]
 
 #: every kind of score vector a selection case can have
 SCORE_KINDS = ("none", "random", "ties", "constant", "nan", "neginf", "zeros", "denormal", "special")
@@ -92,6 +103,109 @@ def draw_case(rng: np.random.Generator, max_n: int, big: float = 0.03) -> tuple[
     return n, k, str(rng.choice(SCORE_KINDS)), int(rng.integers(0, 2**63))
 
 
+#: what a plan case plans
+PLAN_KINDS = ("hash", "mean_explore", "ucb_std", "ucb_var", "below_mean", "given", "ids", "full")
+
+
+def _random_stats(rng: np.random.Generator, n: int) -> dict:
+    """Statistics as after some epochs: finite means with ties and extremes, non-negative variances
+    (some 0, some FLT_MAX), unseen samples, selection counts."""
+    f32max = float(np.finfo(np.float32).max)
+    mean = (rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n))).astype(np.float32)
+    pick = rng.random(n)
+    mean[pick < 0.3] = rng.integers(0, 3, int((pick < 0.3).sum())).astype(np.float32)
+    mean[(pick >= 0.3) & (pick < 0.33)] = rng.choice(np.array(
+        [0.0, -0.0, 1e-45, 3e38, -f32max], np.float32), int(((pick >= 0.3) & (pick < 0.33)).sum()))
+    var = np.abs(rng.standard_normal(n) * np.exp(4 * rng.standard_normal(n))).astype(np.float32)
+    var[rng.random(n) < 0.2] = 0.0
+    var[rng.random(n) < 0.01] = f32max
+    return {"mean": torch.from_numpy(mean), "var": torch.from_numpy(np.minimum(var, f32max)),
+            "last_epoch": torch.from_numpy(rng.integers(-1, 5, n).astype(np.int32)),
+            "selected": torch.from_numpy(rng.integers(0, 6, n).astype(np.int32))}
+
+
+def draw_plan_case(rng: np.random.Generator, max_n: int) -> tuple[int, str, dict, dict]:
+    """(N, kind, statistics, plan arguments) of a random plan case."""
+    from gpuprune.keys import BelowMeanScore, GivenScore, MeanScore, Pick, UCBScore
+    n, k, _, seed = draw_case(rng, max_n, big=0.1)
+    n = max(n, 2)
+    k = min(max(k, 1), n)
+    kind = str(rng.choice(PLAN_KINDS))
+    stats = _random_stats(rng, n)
+    what: dict = {"shuffle_seed": int(rng.integers(0, 2**63))}
+    epoch = int(rng.integers(0, 6))
+    if kind == "full":
+        what["full"] = True
+    elif kind == "ids":
+        what["ids"] = torch.from_numpy(rng.permutation(n)[:k].astype(np.int32))
+    else:
+        score = {"hash": None, "mean_explore": MeanScore(),
+                 "ucb_std": UCBScore(float(rng.choice([0.5, 1.0, 2.0])), "std",
+                                     float(rng.choice([0.0, 1.0])), epoch),
+                 "ucb_var": UCBScore(1.0, "var", 0.5, epoch), "below_mean": BelowMeanScore(),
+                 "given": GivenScore(torch.from_numpy(stress_scores(
+                     str(rng.choice(SCORE_KINDS[1:])), n, rng)))}[kind]
+        explore = int(rng.integers(0, k + 1)) if kind == "mean_explore" else 0
+        share = float(rng.choice([0.1, 0.3, 1.0])) if kind == "below_mean" else None
+        what["pick"] = Pick(score, k, seed, explore=explore, explore_seed=seed ^ 0x5A5A,
+                            below_share=share)
+    prev = rng.random()
+    if prev < 0.4:
+        ids = torch.from_numpy(rng.permutation(n)[:int(rng.integers(1, n + 1))].astype(np.int32))
+        what["previous"] = (ids, ids.numel())
+    elif prev < 0.6:
+        what["previous"] = (None, n)
+    return n, kind, stats, what
+
+
+def compare_plans(a: dict, b: dict) -> str | None:
+    """The first part of two plans (from BackendImplementation.plan) that differs, or None."""
+    for part in ("indices", "selected", "overlap", "rescaled", "total"):
+        x, y = a[part], b[part]
+        if (x is None) != (y is None):
+            return f"{part}: {x is None} vs {y is None}"
+        if x is None:
+            continue
+        if not np.array_equal(np.asarray(x), np.asarray(y)):
+            return f"{part} differ" + (f" ({x} vs {y})" if np.ndim(x) == 0 else
+                                      f" ({np.size(x)} vs {np.size(y)} entries)")
+    return None
+
+
+def run_plans(candidate: Implementation, references: Sequence[Implementation], *, seconds: float,
+              max_n: int, seed: int = 0, min_cases: int = 0, sync=None, log=print) -> dict:
+    """Random plan cases for ``seconds``: the candidate's plans against each reference's (the
+    references that plan: a backend, not the numpy oracle of the tests)."""
+    references = [r for r in references if callable(getattr(r, "plan", None))]
+    rng = np.random.default_rng([seed, 12])
+    res: dict = {"plans": 0, "plan_mismatches": 0, "largest_n": 0, "by_kind": {}, "first": []}
+    t0 = time.perf_counter()
+    while ((time.perf_counter() - t0 < seconds or res["plans"] < min_cases)
+           and time.perf_counter() - t0 < 2 * seconds):
+        n, kind, stats, what = draw_plan_case(rng, max_n)
+        got = candidate.plan(stats, **what)
+        res["plans"] += 1
+        res["largest_n"] = max(res["largest_n"], n)
+        res["by_kind"][kind] = res["by_kind"].get(kind, 0) + 1
+        if got["total"] != len(got["indices"]):
+            res["plan_mismatches"] += 1
+            if len(res["first"]) < 8:
+                res["first"].append(f"plan: {candidate}: N={n} {kind}: counted {got['total']} "
+                                    f"planned ids, wrote {len(got['indices'])}")
+        for ref in references:
+            diff = compare_plans(got, ref.plan(stats, **what))
+            if diff:
+                res["plan_mismatches"] += 1
+                line = f"plan: {candidate} vs {ref}: N={n} {kind}: {diff}"
+                if len(res["first"]) < 8:
+                    res["first"].append(line)
+                log(f"MISMATCH {line}")
+        if sync is not None and n >= 100_000:
+            sync()
+    res["plan_seconds"] = time.perf_counter() - t0
+    return res
+
+
 def _heavy_ids(rng: np.random.Generator, n: int, b: int, max_copies: int) -> torch.Tensor:
     distinct = rng.permutation(n)[:max(1, min(n, -(-b // max_copies) + int(rng.integers(0, b + 1))))]
     b = min(b, distinct.size * max_copies)
@@ -107,7 +221,8 @@ def _is_cuda_error(e: BaseException) -> bool:
 
 def run_stress(candidate: Implementation, references: Sequence[Implementation],
                observe_references: Sequence[Implementation], *, seconds: float, max_n: int,
-               seed: int = 0, min_selections: int = 0, sync=None, log=print) -> dict:
+               seed: int = 0, min_selections: int = 0, sync=None, log=print,
+               plan_seconds: float | None = None) -> dict:
     """Run the stress; return its figures (JSON-ready).
 
     Args:
@@ -115,6 +230,7 @@ def run_stress(candidate: Implementation, references: Sequence[Implementation],
         references: what its selections must equal (the torch backend).
         observe_references: what its statistics must equal (torch on the CPU, and on the GPU).
         seconds: time for the selections (observe series run after, on a fixed count).
+        plan_seconds: time for the plans (default: ``seconds``).
         max_n: largest N of a selection.
         seed: seed of the cases (numpy ``default_rng``).
         min_selections: run at least this many selections even past ``seconds``.
@@ -123,7 +239,8 @@ def run_stress(candidate: Implementation, references: Sequence[Implementation],
         log: where progress lines go.
     """
     rng = np.random.default_rng([seed, 11])
-    res: dict = {"candidate": str(candidate), "references": [str(r) for r in references],
+    plan_seconds = seconds if plan_seconds is None else plan_seconds
+    res: dict = {"plans": 0, "plan_mismatches": 0, "candidate": str(candidate), "references": [str(r) for r in references],
                  "observe_references": [str(r) for r in observe_references], "max_n": max_n,
                  "selections": 0, "selection_mismatches": 0, "largest_n": 0, "by_kind": {},
                  "observe_batches": 0, "observe_mismatches": 0, "observe_heavy_batches": 0,
@@ -164,6 +281,16 @@ def run_stress(candidate: Implementation, references: Sequence[Implementation],
             if sync is not None and n >= 100_000:
                 sync()
         res["selection_seconds"] = time.perf_counter() - t0
+        # ---------------------------------------------------------------- plans
+        case = ("plans",)
+        plans = run_plans(candidate, references, seconds=plan_seconds, max_n=max_n, seed=seed,
+                          min_cases=min_selections // 10, sync=sync, log=log)
+        res.update(plans=plans["plans"], plan_mismatches=plans["plan_mismatches"],
+                   plan_largest_n=plans["largest_n"], plans_by_kind=plans["by_kind"],
+                   plan_seconds=plans["plan_seconds"])
+        for line in plans["first"]:
+            if len(res["first"]) < 8:
+                res["first"].append(line)
         # ---------------------------------------------------------------- observe
         t1 = time.perf_counter()
         for heavy in (False, True):
@@ -204,6 +331,7 @@ def run_stress(candidate: Implementation, references: Sequence[Implementation],
         log(f"ERROR at case {case}: {_short(e, 500)}")
     res["seconds"] = time.perf_counter() - t0
     res["ok"] = (res["selection_mismatches"] == 0 and res["observe_mismatches"] == 0
+                 and res["plan_mismatches"] == 0 and res["plans"] > 0
                  and res["observe_heavy_mismatches"] == 0 and res["cuda_error"] is None
                  and not res["errors"] and res["selections"] > 0)
     return res
@@ -212,8 +340,9 @@ def run_stress(candidate: Implementation, references: Sequence[Implementation],
 def _implementations(device: str, dry: bool):
     from gpuprune.backend import TorchBackend, get_backend
     if dry or device == "cpu":
-        return (BackendImplementation(TorchBackend(torch.device("cpu"))), [NumpyReference()],
-                [NumpyReference()], None)
+        ref = BackendImplementation(TorchBackend(torch.device("cpu"), cpu_fast_paths=False),
+                                    name="torch reference (cpu)")
+        return BackendImplementation(TorchBackend(torch.device("cpu"))), [ref], [ref], None
     dev = torch.device(device)
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -221,6 +350,28 @@ def _implementations(device: str, dry: bool):
     torch_gpu = BackendImplementation(TorchBackend(dev))
     torch_cpu = BackendImplementation(TorchBackend(torch.device("cpu")))
     return kern, [torch_gpu], [torch_cpu, torch_gpu], lambda: torch.cuda.synchronize(dev)
+
+
+def mutant_without_fences(device: torch.device) -> BackendImplementation:
+    """The kernels built by NVRTC from the source with every ``__threadfence()`` removed."""
+    import tempfile
+
+    import cupy
+
+    from gpuprune import kernels
+    from gpuprune.backend import KernelBackend
+    from gpuprune.kernels._loader import CupyRuntime
+    src = kernels.find_source().read_text()
+    mutated = src.replace("__threadfence();", "/* fence removed */;")
+    assert mutated != src
+    path = Path(tempfile.mkdtemp()) / kernels.SOURCE_NAME
+    path.write_text(mutated)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    functions, kind, p = kernels.load_module(cupy, index, [("source", path)])
+    sm = torch.cuda.get_device_properties(index).multi_processor_count
+    ops = kernels.KernelOps(CupyRuntime(cupy, functions, index, kind, p, sm),
+                            torch.device("cuda", index), sm)
+    return BackendImplementation(KernelBackend(ops), name="kernels without __threadfence")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--dry", action="store_true",
-                    help="CPU: the torch backend against the numpy reference, small N")
+                    help="CPU: the torch backend's CPU paths against the torch reference, small N")
+    ap.add_argument("--mutant", choices=["threadfence"], default=None,
+                    help="GPU: also run the plans with kernels built without __threadfence (report "
+                         "only: does the stress see it?)")
+    ap.add_argument("--mutant-seconds", type=float, default=10.0)
     args = ap.parse_args(argv)
     dry = args.dry or args.device == "cpu"
     if not dry and not torch.cuda.is_available():
@@ -250,12 +405,23 @@ def main(argv: list[str] | None = None) -> int:
                      min_selections=min_sel, sync=sync)
     res["dry"] = dry
     print(f"selections: {res['selections']} (largest N {res['largest_n']:,}), mismatches "
-          f"{res['selection_mismatches']}; observe batches: {res['observe_batches']} (mismatches "
+          f"{res['selection_mismatches']}; plans: {res['plans']} (largest N "
+          f"{res.get('plan_largest_n', 0):,}), mismatches {res['plan_mismatches']}; "
+          f"observe batches: {res['observe_batches']} (mismatches "
           f"{res['observe_mismatches']}), heavy: {res['observe_heavy_batches']} (mismatches "
           f"{res['observe_heavy_mismatches']}); CUDA error: {res['cuda_error'] or 'none'}; "
           f"{res['seconds']:.1f} s")
     for line in res["first"]:
         print("  " + line)
+    if args.mutant and not dry:
+        dev = torch.device(args.device)
+        mut = mutant_without_fences(dev)
+        m = run_plans(mut, refs, seconds=args.mutant_seconds, max_n=max_n, seed=args.seed + 1,
+                      sync=sync, log=lambda line: None)
+        res["mutant"] = {"name": str(mut), "plans": m["plans"], "mismatches": m["plan_mismatches"],
+                         "first": m["first"][:3]}
+        print(f"mutant ({mut}): {m['plans']} plans, {m['plan_mismatches']} mismatches "
+              f"({'caught' if m['plan_mismatches'] else 'not seen in this run'})")
     print("stress: " + ("OK" if res["ok"] else "FAIL"), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")

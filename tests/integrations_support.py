@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(args: list[str], *, world_size: int = 1, timeout: float = 120.0,
+def run_script(args: list[str], *, world_size: int = 1, timeout: float = 300.0,
                cwd: Path | None = None) -> list[str]:
     """Run ``python args...`` as ``world_size`` processes of one local process group (the
     environment torchrun sets: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; gloo on CPU), or as

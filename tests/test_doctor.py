@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import torch
 
 from gpuprune import cli, doctor
 from gpuprune.backend import TorchBackend
-from gpuprune.doctor import (BackendImplementation, FatbinEntry, NumpyReference, diagnose_backend,
-                             parse_fatbin, ptx_min_cuda, run_doctor, sass_runs_on)
+from gpuprune.doctor import (BackendImplementation, FatbinEntry, diagnose_backend, parse_fatbin,
+                             ptx_min_cuda, run_doctor, sass_runs_on)
+
+from numpy_reference import NumpyReference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -47,7 +50,8 @@ def test_doctor_passes_on_the_cpu_and_names_the_torch_backend(tmp_path, capsys):
     rep = json.loads((tmp_path / "d.json").read_text())
     assert rep["result"] == "ok" and rep["reason"] is None
     assert rep["backend"]["backend"] == "torch" and rep["backend"]["get_backend"] == "torch"
-    assert rep["candidates"] == ["torch backend (cpu)"] and rep["references"] == ["numpy reference"]
+    assert rep["candidates"] == ["torch backend (cpu)"]
+    assert rep["references"] == ["torch reference (cpu)"]          # the operations a GPU runs
     checks = {c["name"]: c for c in rep["checks"]}
     assert set(checks) == {"observe", "top_k", "shuffle", "plans"}
     assert all(c["ok"] and c["comparisons"] > 10 for c in checks.values())
@@ -167,7 +171,7 @@ def test_a_wrong_kernel_result_fails_the_doctor(fault, check):
     cand = BackendImplementation(_FaultyKernels(fault), name="faulty kernels")
     rc, lines = _run(candidates=[cand])
     assert rc == 1
-    assert lines[-1].startswith(f"gpuprune doctor: FAIL: {check}: faulty kernels vs numpy reference")
+    assert lines[-1].startswith(f"gpuprune doctor: FAIL: {check}: faulty kernels vs torch reference")
 
 
 def test_an_implementation_that_raises_is_a_failed_check_not_a_crash():
@@ -343,13 +347,41 @@ def test_diagnose_backend_tells_the_reasons_apart(facts, backend, build, words):
 def test_stress_harness_agrees_and_catches_wrong_references():
     stress = _load_script("gpu_check_stress")
     cand = BackendImplementation(TorchBackend(CPU))
+    ref = BackendImplementation(TorchBackend(CPU, cpu_fast_paths=False), name="torch reference")
     kw = dict(seconds=0.2, max_n=3000, min_selections=60, log=lambda line: None)
-    good = stress.run_stress(cand, [NumpyReference()], [NumpyReference()], **kw)
+    good = stress.run_stress(cand, [ref], [NumpyReference()], **kw)
     assert good["ok"] and good["selections"] >= 60 and good["observe_batches"] > 0
-    bad = stress.run_stress(cand, [_WrongTopK()], [_WrongObserve()], **kw)
+    assert good["plans"] >= 6
+
+    class WrongPlan(BackendImplementation):
+        def plan(self, arrays, shuffle_seed, **kw):
+            out = super().plan(arrays, shuffle_seed, **kw)
+            out["indices"] = out["indices"][::-1].copy()            # the right set, wrong order
+            return out
+
+    bad = stress.run_stress(WrongPlan(TorchBackend(CPU)), [_WrongTopK()], [_WrongObserve()],
+                            plan_seconds=0.05, **kw)
+    bad_plans = stress.run_plans(WrongPlan(TorchBackend(CPU)), [ref], seconds=0.05, max_n=3000,
+                                 min_cases=5, log=lambda line: None)
     assert not bad["ok"]
     assert bad["selection_mismatches"] > 0 and bad["observe_mismatches"] > 0
     assert any("sets differ" in x for x in bad["first"])
+    assert bad_plans["plan_mismatches"] > 0 and "indices differ" in bad_plans["first"][0]
+
+
+def test_stress_plans_of_the_kernels_in_the_harness_agree():
+    """The plan series of the stress, run on the real kernels in the concurrency harness (several
+    blocks per plan) against the torch backend."""
+    kh = pytest.importorskip("kernel_harness")
+    if kh.find_compiler() is None:
+        pytest.skip("the harness needs g++")
+    stress = _load_script("gpu_check_stress")
+    from gpuprune.backend import KernelBackend
+    cand = BackendImplementation(KernelBackend(kh.harness_ops(slots=4, keys_per_block=512)))
+    res = stress.run_plans(cand, [BackendImplementation(TorchBackend(CPU))], seconds=3,
+                           max_n=5000, min_cases=16, log=lambda line: None)
+    assert res["plan_mismatches"] == 0, res["first"]
+    assert res["plans"] >= 16 and len(res["by_kind"]) >= 4
 
 
 def test_report_reads_the_benchmark_table_and_judges_the_targets(tmp_path):
@@ -394,15 +426,32 @@ def _dry_run(tmp_path, *args, **env):
 
 
 def test_gpu_check_dry_run_passes_and_prints_the_device_call(tmp_path):
+    """The dry run (what CI can check of the one-call GPU check): its own code runs on the CPU, the
+    full kernel equivalence suite is among the GPU steps with its cuda backend and its time cap,
+    and the calls fit the device time: the whole check, and --quick."""
     r = _dry_run(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = r.stdout
     assert "gpu_check --dry-run: OK" in out and "  FAIL  " not in out
-    call = json.loads(next(line for line in out.splitlines() if line.strip().startswith('{"command"')))
-    assert call == {"command": "bash scripts/gpu_check.sh", "timeout_s": 480, "carry": [".gpu_check"]}
-    for step in ("gpuprune doctor on the CPU", "stress --dry", "sync --dry", "the report builds"):
+    calls = [json.loads(line) for line in out.splitlines() if line.strip().startswith('{"command"')]
+    assert calls[0] == {"command": "bash scripts/gpu_check.sh", "timeout_s": 240,
+                        "carry": [".gpu_check"]}
+    assert calls[1] == {"command": "bash scripts/gpu_check.sh --quick", "timeout_s": 85,
+                        "carry": [".gpu_check"]}
+    for step in ("gpuprune doctor on the CPU", "stress --dry", "sync --dry", "the report builds",
+                 "benchmarks/selection.py --smoke --sections 1", "the kernel equivalence suite collects"):
         assert f"PASS  {step}" in out, step
-    assert list(tmp_path.iterdir()) == []                                  # it cleaned up after itself
+    collected = re.search(r"equivalence suite collects (\d+) tests: (\d+) with the cuda backend", out)
+    assert collected and int(collected.group(2)) >= 25 and int(collected.group(1)) > 100
+    full = out.split("GPU steps of the call (budget 200 s, timeout_s 240):")[1].split("GPU steps of")[0]
+    steps = dict(re.findall(r"^    (\w+)\s+(\d+) s  ", full, flags=re.M))
+    assert steps["3"] and steps["3b"] and "pytest tests/test_kernel_equivalence.py -k cuda" in full
+    assert "the other backends" in full and sum(map(int, steps.values())) < 300
+    quick = out.split("GPU steps of --quick (budget 60 s, timeout_s 85):")[1]
+    assert "kernel equivalence suite, cuda backend" in quick
+    left = [p.name for p in tmp_path.iterdir()       # it cleaned up after itself (caches may stay:
+            if not p.name.startswith(("gpuprune-harness-", "torchinductor_"))]   # the harness build)
+    assert left == []
 
 
 def test_gpu_check_dry_run_strict_fails_without_the_data(tmp_path):

@@ -71,7 +71,7 @@ def test_two_processes_prepare_shards_again(tmp_path):
     again: each rank trains ceil(half) of its shard's batches, padded (256 of 500 at N=2000), and
     takes half the optimizer steps (12 instead of 24); the scheduler never finishes."""
     n = num_samples()
-    run_script([__file__, "--worker", str(tmp_path), str(n)], world_size=2, timeout=120)
+    run_script([__file__, "--worker", str(tmp_path), str(n)], world_size=2, timeout=300)
     per_rank = -(-(n // 2) // 2)
     batches = -(-per_rank // BATCH)
     for r in range(2):
@@ -96,7 +96,7 @@ def test_two_processes_example_trains_every_shard_exactly(tmp_path):
     (2 per optimizer step), and the loop, which never calls set_epoch, plans every epoch."""
     n = num_samples()
     run_script([str(EXAMPLES / "accelerate_train.py"), "--limit", str(n), "--record",
-                str(tmp_path)], world_size=2, timeout=120)
+                str(tmp_path)], world_size=2, timeout=300)
     records = read_records(tmp_path, 2)
     assert_trained_exact_shards(records, EPOCHS)
     steps = -(-(-(-n // 2)) // BATCH) + 2 * -(-(-(-(n // 2) // 2)) // BATCH)
@@ -110,14 +110,14 @@ def test_one_process_example_and_accelerate_defaults(tmp_path):
     """One process: accelerate shards nothing, so both the default recipe (no glue) and the
     example train every planned sample with exact step counts."""
     n = num_samples()
-    run_script([__file__, "--worker", str(tmp_path / "default"), str(n)], timeout=120)
+    run_script([__file__, "--worker", str(tmp_path / "default"), str(n)], timeout=300)
     rec = json.loads((tmp_path / "default" / "rank0.json").read_text())
     for epoch in range(EPOCHS):
         assert rec["received"][str(epoch)] == rec["plans"][str(epoch)]
     assert rec["optimizer_steps"] == rec["planned_steps"] == rec["scheduler_steps"]
 
     run_script([str(EXAMPLES / "accelerate_train.py"), "--limit", str(n), "--record",
-                str(tmp_path / "example")], timeout=120)
+                str(tmp_path / "example")], timeout=300)
     (rec,) = read_records(tmp_path / "example", 1)
     assert_trained_exact_shards([rec], EPOCHS)
     assert rec["optimizer_steps"] == rec["scheduler_steps"] == rec["scheduler_total"] \

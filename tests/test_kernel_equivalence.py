@@ -2,47 +2,56 @@
 
 ``backend`` is parametrised over
 
-* ``torch``: :class:`gpuprune.backend.TorchBackend` on the CPU (the reference implementation);
+* ``torch``: :class:`gpuprune.backend.TorchBackend` on the CPU (the reference implementation, with
+  its numpy paths);
+* ``torch-generic``: the same without the numpy paths: the torch operations a GPU runs;
 * ``harness``: :class:`gpuprune.backend.KernelBackend` over the real kernel source in the
   concurrency harness (``tests/kernel_harness``): every CUDA thread an OS thread, four blocks at a
-  time, grids sized as on a 3-SM GPU (up to 12 blocks), with schedule perturbation;
-* ``harness-serial``: the same, one block at a time, grids sized as on a 1-SM GPU (N <= 4096:
-  larger grids and other geometries are swept by ``test_top_k_across_grid_shapes``);
-* ``cuda``: the kernels on a GPU through CuPy (skipped without one).
+  time, gp_plan with 1024 samples per block (so N >= 2048 runs on several blocks that meet at grid
+  barriers), with schedule perturbation;
+* ``harness-serial``: the same, one block at a time (N <= 4096: other geometries are swept by
+  ``test_plans_across_grid_shapes``);
+* ``cuda``: the kernels on a GPU through CuPy (skipped without one; the GPU check runs it).
 
-Every result is compared with the torch reference computed independently on the CPU: for
-selections, a full sort of the unique keys of :mod:`gpuprune.keys`; for the statistics,
-:func:`gpuprune.update.observe_torch`; for plans, a Pruner on the torch backend. Inputs include ties,
-NaN, +-inf, +-0, denormals, huge values and duplicate ids of any multiplicity.
+Every result is compared with a reference computed independently on the CPU: for selections, a full
+sort of the unique keys of :mod:`gpuprune.keys`; for plans, that sort plus the permutation of
+:func:`gpuprune.keys.permute_ranks`, and the torch backend's plan; for the statistics,
+:func:`gpuprune.update.observe_groups`; for Pruner runs, a Pruner on the torch backend. Inputs
+include ties, NaN, +-inf, +-0, denormals, huge values and duplicate ids of any multiplicity.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import gpuprune as gp
 from gpuprune.backend import KernelBackend, TorchBackend
-from gpuprune.keys import composite_key, hash32
+from gpuprune.keys import (BelowMeanScore, GivenScore, MeanScore, Pick, UCBScore, composite_key,
+                           permute_ranks)
 from gpuprune.stats import LossStats
-from gpuprune.update import observe_torch, prepare_losses
+from gpuprune.update import observe_distinct_cpu, observe_groups, observe_torch, prepare_losses
 
 import kernel_harness as kh
 
 DENORMALS = [1e-45, -1e-45, 1e-40, -2.5e-39, 1.1e-38]
 SPECIAL = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 3.5, 3e38, -3e38,
            *DENORMALS]
-HARNESS_GEOMETRY = {"harness": dict(slots=4, sm_count=3, chaos=10),
-                    "harness-serial": dict(slots=1, sm_count=1, chaos=0)}
+HARNESS_GEOMETRY = {"harness": dict(slots=4, chaos=10, keys_per_block=1024),
+                    "harness-serial": dict(slots=1, chaos=0)}
 
 
-@pytest.fixture(scope="module", params=["torch", "harness", "harness-serial", "cuda"])
+@pytest.fixture(scope="module", params=["torch", "torch-generic", "harness", "harness-serial",
+                                        pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request):
     name = request.param
     if name == "torch":
         return TorchBackend(torch.device("cpu"))
+    if name == "torch-generic":
+        return TorchBackend(torch.device("cpu"), cpu_fast_paths=False)
     if name == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
@@ -115,7 +124,7 @@ def _batches(n: int):
     out = [(1, "any"), (2, "any"), (5, "any"), (64, "one"), (300, "unique"), (1000, "any"),
            (3, "any")]
     if n >= 1000:
-        out += [(4096, "any"), (4097, "any"), (n, "unique"), (2500, "unique")]
+        out += [(4096, "any"), (4097, "any"), (n, "unique"), (2500, "unique"), (4500, "any")]
     return out
 
 
@@ -137,12 +146,50 @@ def test_observe_matches_reference(backend, decay):
             if step == 5:
                 x = x.double()
                 x[::7] = 1e300                                    # saturates to +-3.4e38
-            observe_torch(ref.tensors(), idx, prepare_losses(x), decay, step)
+            observe_groups(ref.tensors(), idx, prepare_losses(x), decay, step)
             ids = idx.to(torch.int32) if step % 2 else idx
             backend.observe_(got.tensors(), ids.to(dev), x.to(dev), decay, step)
             _assert_same_state(ref, got, (n, step, b, kind))
         assert int(got.nonfinite) > 0
         assert torch.isfinite(got.mean).all() and torch.isfinite(got.var).all()
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.5, 0.0, 0.999])
+def test_cpu_fast_path_for_distinct_ids_equals_the_general_update(decay):
+    """The torch backend's CPU path for distinct ids (no sort, no segment sums, no decay ** c)
+    gives the bits of the general update: losses -0.0 on a mean of +0.0, NaN/inf skipped,
+    denormals, 3e38 and huge float64 losses, first and later visits, int32/int64/uint8 ids."""
+    g = torch.Generator().manual_seed(int(decay * 1000) + 7)
+    n = 300
+    fast, slow = LossStats(n), LossStats(n)
+    for step in range(12):
+        b = [1, 2, 40, 255, 256, 300][step % 6]
+        idx = torch.randperm(n, generator=g)[:b]
+        x = _losses(b, g)
+        x[::5] = -0.0
+        if step == 3:
+            x = x.double()
+            x[::4] = -1e300
+        if step % 3 == 1:
+            idx = idx.to(torch.int32)
+        losses = prepare_losses(x)
+        assert observe_distinct_cpu(fast.tensors(), idx, losses, decay, step)
+        observe_groups(slow.tensors(), idx, losses, decay, step)
+        _assert_same_state(slow, fast, (decay, step, b))
+    small = torch.tensor([7, 0, 250], dtype=torch.uint8)
+    assert observe_distinct_cpu(fast.tensors(), small, torch.tensor([1.0, -0.0, 2.5]), decay, 20)
+    observe_groups(slow.tensors(), small, torch.tensor([1.0, -0.0, 2.5]), decay, 20)
+    _assert_same_state(slow, fast, "uint8 ids")
+    assert int(fast.nonfinite) > 0 and (fast.mean.abs() > 1e37).any()
+    assert (fast.var > 0).any() == (decay > 0)               # decay 0 keeps the last loss only
+    # a repeated id: the fast path declines and changes nothing; observe_torch takes the general one
+    before = fast.clone()
+    dup = torch.tensor([5, 9, 5])
+    assert not observe_distinct_cpu(fast.tensors(), dup, torch.tensor([1.0, 2.0, 3.0]), decay, 21)
+    _assert_same_state(before, fast, "declined")
+    observe_torch(fast.tensors(), dup, torch.tensor([1.0, 2.0, 3.0]), decay, 21)
+    observe_groups(slow.tensors(), dup, torch.tensor([1.0, 2.0, 3.0]), decay, 21)
+    _assert_same_state(slow, fast, "duplicates")
 
 
 def test_observe_keeps_denormals(backend):
@@ -160,7 +207,7 @@ def test_observe_keeps_denormals(backend):
             ([0, 1, 2, 3, 4, 5, 6, 7], [3e-40, -1e-39, 1e-45, 7e-39, 2e-38, 1e-45, -5e-39, 1e-40]),
             ([0, 0, 2, 2, 2, 6], [1e-40, 2e-40, -1e-45, 1e-45, 3e-45, 1e-39])]):
         idx, loss = torch.tensor(ids), torch.tensor(x)
-        observe_torch(ref.tensors(), idx, loss, 0.5, step + 1)
+        observe_groups(ref.tensors(), idx, loss, 0.5, step + 1)
         backend.observe_(got.tensors(), idx.to(dev), loss.to(dev), 0.5, step + 1)
         _assert_same_state(ref, got, step)
     tiny = got.mean.cpu().abs()
@@ -222,31 +269,141 @@ def test_top_k_matches_reference(backend, n):
                     assert backend.ops.last_total() == k
 
 
-def test_top_k_across_grid_shapes(backend):
-    """Same set for any grid and any number of blocks at once (honest launch geometry)."""
+def _random_stats(n: int, g: torch.Generator) -> LossStats:
+    """Statistics as after some epochs, with ties, specials and unseen samples."""
+    st = LossStats(n)
+    f32max = torch.finfo(torch.float32).max
+    mean = torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))
+    pick = torch.randint(0, 10, (n,), generator=g)
+    mean = torch.where(pick < 3, torch.randint(0, 3, (n,), generator=g).float(), mean)   # ties
+    specials = torch.tensor([0.0, -0.0, 1e-45, -3e-39, 3e38, -f32max, 7.5])
+    mean = torch.where(pick == 3, specials[torch.randint(0, 7, (n,), generator=g)], mean)
+    var = torch.rand(n, generator=g) ** 4 * torch.exp(6 * torch.randn(n, generator=g)).clamp(max=1e30)
+    var = torch.where(pick == 4, torch.tensor([0.0, f32max, 1e-45, -0.0])[torch.randint(
+        0, 4, (n,), generator=g)], var)
+    st.mean.copy_(mean)
+    st.var.copy_(var)
+    st.last_epoch.copy_(torch.randint(-1, 5, (n,), generator=g).int())
+    st.selected.copy_(torch.randint(0, 6, (n,), generator=g).int())
+    return st
+
+
+def _reference_plan(stats: LossStats, seed: int, pick=None, ids=None, full=False, previous=None):
+    """A plan by the definitions alone: full sorts of the unique keys, the permutation of ranks."""
+    n = stats.num_samples
+    rescaled = None
+    if full:
+        members = torch.arange(n)
+    elif ids is not None:
+        members = torch.sort(ids.long()).values
+    else:
+        score = None if pick.score is None else pick.score.torch(stats.mean, stats.var,
+                                                                 stats.last_epoch)
+        k = pick.k
+        if pick.below_share is not None:
+            below = score == 0
+            k = n - int(below.sum()) + math.floor(pick.below_share * int(below.sum()))
+            rescaled = torch.from_numpy(np.packbits(below.numpy(), bitorder="little"))
+        members = _reference_top_k(score, n, k - pick.explore, pick.seed)
+        if pick.explore:
+            rest = torch.zeros(n)
+            rest[members] = float("-inf")
+            members = torch.sort(torch.cat([members, _reference_top_k(
+                rest, n, pick.explore, pick.explore_seed)])).values
+    order = torch.empty_like(members)
+    order[permute_ranks(members.numel(), seed)] = members
+    taken = torch.zeros(n, dtype=torch.int32)
+    taken[members] = 1
+    selected = stats.selected if full else stats.selected + taken
+    overlap = None
+    if previous is not None:
+        prev_ids, prev_size = previous
+        inter = (float(min(prev_size, members.numel())) if prev_ids is None or full
+                 else float(taken[prev_ids.long()].sum()))
+        overlap = torch.tensor(inter, dtype=torch.float64) / (prev_size + members.numel() - inter)
+    return order.int(), selected, overlap, rescaled
+
+
+def _plan_cases(n: int, g: torch.Generator) -> list[dict]:
+    k = max(n // 3, 1)
+    given = _scores(n, "special", g)
+    cases = [dict(pick=Pick(None, k, 1)), dict(pick=Pick(MeanScore(), k, 2, explore=k // 4,
+                                                         explore_seed=3)),
+             dict(pick=Pick(UCBScore(1.5, "std", 1.0, 5), k, 4)),
+             dict(pick=Pick(UCBScore(0.5, "var", 0.0, 5), n - 1 if n > 1 else 1, 5)),
+             dict(pick=Pick(BelowMeanScore(), 0, 6, below_share=0.3)),
+             dict(pick=Pick(GivenScore(given), k, 2**64 - 1)),
+             dict(ids=torch.randperm(n, generator=g)[:k].int()), dict(full=True)]
+    return cases
+
+
+@pytest.mark.parametrize("n", [1, 2, 37, 3000, 20000])
+def test_plan_matches_reference(backend, n):
+    """Backend.plan (on the kernels: one gp_plan launch) against the definitions: every kind of
+    rule, given ids, full plans; no previous plan, a pruned one and a full one."""
+    _skip_large_serial(backend, n)
+    dev = backend.device
+    g = torch.Generator().manual_seed(n + 1)
+    stats = _random_stats(n, g)
+    on_dev = LossStats(n, dev)
+    for name in ("mean", "var", "last_epoch", "selected"):
+        getattr(on_dev, name).copy_(getattr(stats, name))
+    prev_ids = torch.randperm(n, generator=g)[:max(n // 2, 1)].int()
+    previous = [None, (prev_ids, prev_ids.numel()), (None, n)]
+    for c, case in enumerate(_plan_cases(n, g)):
+        prev = previous[c % 3]
+        want = _reference_plan(stats, 100 + c, previous=prev, **case)
+        kw = {key: (v.to(dev) if isinstance(v, torch.Tensor) else v) for key, v in case.items()}
+        got = backend.plan(on_dev, shuffle_seed=100 + c, previous=None if prev is None else (
+            None if prev[0] is None else prev[0].to(dev), prev[1]), **kw)
+        where = (n, c, case)
+        assert got.indices.dtype == torch.int32
+        assert torch.equal(got.indices.cpu(), want[0]), where
+        assert torch.equal(got.selected.cpu(), want[1]), where
+        if prev is None:
+            assert got.overlap is None
+        else:
+            assert torch.equal(got.overlap.cpu(), want[2]), (where, got.overlap, want[2])
+        if want[3] is None:
+            assert got.rescaled is None
+        else:
+            assert torch.equal(got.rescaled.cpu(), want[3]), where
+        if _is_harness(backend):
+            assert backend.ops.last_total() == want[0].numel()
+
+
+def test_plans_across_grid_shapes(backend):
+    """Same plan for any grid and any number of blocks at once (honest launch geometry)."""
     if not _is_harness(backend) or _is_serial(backend):
         pytest.skip("launch geometry is a harness parameter (swept once, here)")
     g = torch.Generator().manual_seed(9)
-    n = 9000                                      # three compaction tiles
-    cases = [(_scores(n, "random", g), n // 2), (_scores(n, "ties", g), 777), (None, 4500)]
-    for c, (slots, sm) in enumerate(((1, 2), (2, 1), (4, 16))):
-        ops = kh.harness_ops(slots=slots, sm_count=sm)
-        for s, k in (cases[c], cases[(c + 1) % 3]):
-            got = ops.top_k(s, n, k, 3)
-            assert torch.equal(_as_set(got), _reference_top_k(s, n, k, 3)), (slots, sm, k)
-            assert ops.last_total() == k
-        assert {grid for name, grid, _ in ops.runtime.log if name == "gp_radix_pass"} == \
-            {max(1, min(math.ceil(n / 2048), sm * 4))}
+    n = 9000
+    stats = _random_stats(n, g)
+    rules = [Pick(UCBScore(1.0, "std", 1.0, 3), n // 2, 3), Pick(None, 777, 4),
+             Pick(MeanScore(), 4000, 5, explore=1000, explore_seed=6)]
+    ref = TorchBackend(torch.device("cpu"))
+    for c, (slots, per_block) in enumerate(((1, 1024), (2, 512), (4, 256), (3, 16384))):
+        ops = kh.harness_ops(slots=slots, keys_per_block=per_block)
+        for pick in (rules[c % 3], rules[(c + 1) % 3]):
+            want = ref.plan(stats, shuffle_seed=c, pick=pick)
+            got = KernelBackend(ops).plan(stats, shuffle_seed=c, pick=pick)
+            assert torch.equal(got.indices, want.indices), (slots, per_block, pick)
+            assert torch.equal(got.selected, want.selected)
+            assert ops.last_total() == pick.k
+        grids = {grid for name, grid, _ in ops.runtime.log if name == "gp_plan"}
+        assert grids == {min(slots, -(-n // per_block))}, grids
 
 
-def test_shuffle_and_hash_match_reference(backend):
+def test_shuffle_matches_reference(backend):
     dev = backend.device
     g = torch.Generator().manual_seed(3)
-    for n in (1, 7, 1000, 5000):
+    for n in (1, 2, 7, 1000, 5000):
         ids = torch.randperm(50000, generator=g)[:n]
-        want = ids[torch.argsort(hash32(ids, 99))]
-        assert torch.equal(backend.shuffle(ids.to(dev), 99).cpu(), want)
-        assert torch.equal(backend._hash(ids.to(dev), 2**64 - 7).cpu(), hash32(ids, 2**64 - 7))
+        for seed in (99, 2**64 - 7):
+            srt = torch.sort(ids).values
+            want = torch.empty_like(ids)
+            want[permute_ranks(n, seed)] = srt
+            assert torch.equal(backend.shuffle(ids.to(dev), seed).cpu(), want), (n, seed)
 
 
 # ---------------------------------------------------------------- policies through the backend

@@ -27,7 +27,9 @@ import gpuprune as gp
 from gpuprune import kernels
 from gpuprune.backend import TorchBackend, get_backend
 from gpuprune.kernels import _loader
-from gpuprune.kernels._spec import CONSTANTS, CTL_BYTES, CTL_OFFSETS, KERNEL_NAMES, SIGNATURES
+from gpuprune.kernels._spec import (CONSTANTS, CTL_BYTES, CTL_OFFSETS, KERNEL_NAMES, PLAN_ARGS,
+                                    SIGNATURES)
+from gpuprune.keys import PERM_MULTIPLIERS
 
 import kernel_harness as kh
 
@@ -79,19 +81,25 @@ def test_source_is_nvrtc_clean_and_matches_the_python_spec():
     defines = dict(re.findall(r"^#define (GP_\w+) (\d+)\b", text, flags=re.M))
     for name, value in CONSTANTS.items():
         assert int(defines[name]) == value, name
-    assert CONSTANTS["GP_TILE"] == CONSTANTS["GP_SEL_THREADS"] * CONSTANTS["GP_TILE_ITEMS"]
-    # struct GpSelectCtl: the fields in the order and at the offsets ops.py uses
-    body = re.search(r"struct GpSelectCtl \{(.*?)\};", text, flags=re.S).group(1)
+    # struct GpPlanCtl: the fields in the order and at the offsets ops.py uses
+    body = re.search(r"struct GpPlanCtl \{(.*?)\};", text, flags=re.S).group(1)
     fields = re.findall(r"^\s*(u64|u32) (\w+)(?:\[(\w+)\])?;", body, flags=re.M)
     offset, layout = 0, {}
     for ctype, name, count in fields:
         layout[name] = offset
-        offset += (8 if ctype == "u64" else 4) * (CONSTANTS[count] if count else 1)
+        n = 1 if not count else int(count) if count.isdigit() else CONSTANTS[count]
+        offset += (8 if ctype == "u64" else 4) * n
     assert {k: layout[k] for k in CTL_OFFSETS} == CTL_OFFSETS and offset == CTL_BYTES
+    # gp_plan's arguments by name, and the shuffle's multipliers
+    plan_params = re.search(r"\bgp_plan\s*\(([^)]*)\)\s*\{", text).group(1)
+    names = [p.strip().split()[-1].lstrip("*") for p in plan_params.split(",")]
+    assert names == [name for name, _ in PLAN_ARGS]
+    mults = [int(v, 16) for v in re.findall(r"#define GP_PERM_M\d (0x[0-9A-F]+)u", text)]
+    assert tuple(mults) == PERM_MULTIPLIERS
     # every launch of ops.py stays within the kernel's __launch_bounds__ (checked per launch by the
     # harness too); the bounds themselves:
     assert kh.launch_bounds(text) == {"gp_observe_small": 1024, "gp_observe_sorted": 256,
-                                      "gp_radix_pass": 256, "gp_compact": 256}
+                                      "gp_plan": 256}
 
 
 def test_one_kernel_source_of_truth():
@@ -153,8 +161,9 @@ def _check_no_flush(ptx: str) -> None:
         body = funcs[name]
         assert ".ftz" not in body, (name, [l for l in body.splitlines() if ".ftz" in l][:5])
     assert set(funcs) == set(KERNEL_NAMES), sorted(set(funcs) - set(KERNEL_NAMES))
-    observe = funcs["gp_observe_small"]
-    assert "cvt.f64.f32" in observe and "cvt.rn.f32.f64" in observe
+    for name in ("gp_observe_small", "gp_plan"):      # the inline-PTX conversions are there
+        assert "cvt.f64.f32" in funcs[name] and "cvt.rn.f32.f64" in funcs[name], name
+    assert "sqrt.rn.f64" in funcs["gp_plan"]          # UCB's correctly rounded square root
 
 
 def _plain_conversions(text: str) -> str:
@@ -424,12 +433,16 @@ def test_kernel_ops_checks_its_arguments():
             ops.top_k(None, n, k, 1)
     with pytest.raises(ValueError, match="score must have n=10 entries, got 9"):
         ops.top_k(torch.zeros(9), 10, 3, 1)
-    with pytest.raises(TypeError, match="gp_hash_index takes 5 arguments, got 4"):
-        ops._launch("gp_hash_index", 1, 32, None, 0, 0, 0)
+    with pytest.raises(TypeError, match="gp_observe_sorted takes 13 arguments, got 4"):
+        ops._launch("gp_observe_sorted", 1, 32, None, 0, 0, 0)
+    with pytest.raises(ValueError, match="plan needs 0 <= explore <= k <= n, got explore=4, k=3"):
+        ops.plan(10, k=3, explore=4)
+    with pytest.raises(ValueError, match="mean must have n=10 entries"):
+        ops.plan(10, mode=CONSTANTS["GP_SCORE_MEAN"], k=3)
     before = ops.launches
     ops.top_k(torch.zeros(10), 10, 3, 1)
     ops.top_k(None, 10, 3, 1)
-    assert ops.launches - before == 7 + 4                     # launches per call, as documented
+    assert ops.launches - before == 2                         # one launch per call, as documented
     with pytest.raises(TypeError, match="cannot be pickled"):
         import pickle
         pickle.dumps(ops)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gpuprune as gp
+from gpuprune.stats import masked_mean
 from gpuprune.backend import TorchBackend
 from gpuprune.policies import FULL_DATA, Policy, Rule, Selection
 from gpuprune.policies.epsilon_greedy import epsilon_greedy_select, greedy_score
@@ -140,8 +141,9 @@ def stats_after_one_epoch() -> gp.LossStats:
 
 
 def test_each_policy_selects_through_its_pure_function(name):
-    """``Policy.select`` is its module's ``<name>_select`` on the statistics' tensors: the same
-    Selection, and calling the function twice gives the same answer (no hidden state)."""
+    """``Policy.select`` is its module's ``<name>_select``: the same description, twice the same
+    (no hidden state); and the backend carries a description out as the documented rule, checked
+    here against ``top_k`` of the policy's score function (the set, before the plan's shuffle)."""
     stats, backend, k = stats_after_one_epoch(), TorchBackend("cpu"), 10
     rule = gp.POLICIES[name]().rule(0.25, N, gp.Schedule(10))
     policy = rule.policy
@@ -149,30 +151,53 @@ def test_each_policy_selects_through_its_pure_function(name):
     (seed,) = draw_seeds(epoch_generator(5, 3), 1)        # what a one-seed policy draws
     seeds = draw_seeds(epoch_generator(5, 3), 2)           # what epsilon-greedy draws
     pure = {
-        "full": lambda: full_select(N, stats.device),
-        "uniform": lambda: uniform_select(N, k, seed, backend),
-        "epsilon_greedy": lambda: epsilon_greedy_select(greedy_score(stats.mean, stats.seen), k,
-                                                        policy.epsilon, (seeds[0], seeds[1]),
-                                                        backend),
-        "ucb": lambda: ucb_select(ucb_score(stats.mean, stats.var, stats.seen, policy.c,
-                                            policy.uncertainty, 3 - stats.last_epoch,
-                                            policy.drift), k, seed, backend),
-        "infobatch": lambda: infobatch_select(stats.mean, stats.seen, policy.ratio, seed,
-                                              backend, policy.min_keep),
-        "static": lambda: static_select(None, N, k, seed, backend),
+        "full": lambda: full_select(),
+        "uniform": lambda: uniform_select(k, seed),
+        "epsilon_greedy": lambda: epsilon_greedy_select(k, policy.epsilon, (seeds[0], seeds[1])),
+        "ucb": lambda: ucb_select(k, seed, policy.c, policy.uncertainty, policy.drift, 3),
+        "infobatch": lambda: infobatch_select(N, policy.ratio, seed, policy.min_keep),
+        "static": lambda: static_select(None, k, seed),
     }[name]
     for want in (pure(), pure()):
-        assert isinstance(want, Selection)
-        assert torch.equal(got.indices, want.indices) and got.weight == want.weight
-        assert (got.rescaled is None) == (want.rescaled is None)
-        if got.rescaled is not None:
-            assert torch.equal(got.rescaled, want.rescaled)
+        assert isinstance(want, Selection) and got.weight == want.weight
+        assert got.everything == want.everything and (got.pick is None) == (want.pick is None)
+        if got.pick is not None:
+            a, b = got.pick, want.pick
+            assert (type(a.score), a.k, a.seed, a.explore, a.explore_seed, a.below_share) == \
+                (type(b.score), b.k, b.seed, b.explore, b.explore_seed, b.below_share)
+            assert a.score == b.score
+    if got.everything:
+        return
+    parts = backend.plan(stats, shuffle_seed=1, pick=got.pick, count=False)
+    chosen = sorted(parts.indices.tolist())
+    seen = stats.seen
+    if name == "uniform" or name == "static":
+        want_ids = backend.top_k(None, N, k, seed)
+    elif name == "ucb":
+        score = ucb_score(stats.mean, stats.var, seen, policy.c, policy.uncertainty,
+                          3 - stats.last_epoch, policy.drift)
+        want_ids = backend.top_k(score, N, k, seed)
+    elif name == "epsilon_greedy":
+        m = math.floor(policy.epsilon * k)
+        exploit = backend.top_k(greedy_score(stats.mean, seen), N, k - m, seeds[0])
+        rest = torch.zeros(N)
+        rest[exploit.long()] = float("-inf")
+        want_ids = torch.cat([exploit, backend.top_k(rest, N, m, seeds[1])])
+    else:                                                  # infobatch: see its own tests too
+        s64 = stats.mean.double()
+        below = seen & (s64 < masked_mean(s64, seen))
+        q = max(policy.min_keep, 1.0 - policy.ratio)
+        kept = N - int(below.sum()) + math.floor(q * int(below.sum()))
+        want_ids = backend.top_k(torch.where(below, 0.0, 1.0), N, kept, seed)
+    assert chosen == sorted(want_ids.tolist())
 
 
 def test_fulldata_is_the_policy_of_full_epochs():
     assert isinstance(FULL_DATA, gp.FullData)
-    sel = full_select(5, torch.device("cpu"))
-    assert sel.indices.tolist() == [0, 1, 2, 3, 4] and sel.indices.dtype == torch.int32
+    sel = full_select()
+    assert sel.everything and sel.pick is None and sel.indices is None
+    p = gp.Pruner(5, keep=0.4, policy="ucb", num_epochs=2, warmup_epochs=1)
+    assert sorted(p.plan(0).indices.tolist()) == [0, 1, 2, 3, 4] and p.plan(0).full
 
 
 # ---------------------------------------------------------------- (from test_core.py)

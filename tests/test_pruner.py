@@ -122,15 +122,15 @@ def test_an_interrupted_plan_changes_nothing_and_a_retry_counts_once(policy, err
             feed(p, p.plan(epoch))
         if interrupt:
             before = p.state_dict()
-            real = type(p.backend).shuffle
+            real = type(p.backend).plan
             calls = {"n": 0}
 
-            def shuffle(self, ids, seed):          # fails once, after the selection was made
+            def plan(self, *args, **kwargs):       # fails once, after the policy has selected
                 calls["n"] += 1
                 if calls["n"] == 1:
                     raise error
-                return real(self, ids, seed)
-            monkeypatch.setattr(type(p.backend), "shuffle", shuffle)
+                return real(self, *args, **kwargs)
+            monkeypatch.setattr(type(p.backend), "plan", plan)
             with pytest.raises(type(error)):
                 p.plan(2)
             after = p.state_dict()

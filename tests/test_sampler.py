@@ -43,7 +43,8 @@ def test_indexed_dataset_and_three_line_loop_on_digits():
     with torch.no_grad():
         for param in model.parameters():
             param.uniform_(-0.1, 0.1, generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    # lr 0.1: at 0.5 the final accuracy swung from 0.42 to 0.95 with the plan order alone
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     pruner = gp.Pruner(len(ds), keep=0.5, policy="ucb", seed=0)
     loader = DataLoader(gp.IndexedDataset(ds), batch_size=64, sampler=gp.PrunedSampler(pruner))
     seen = 0

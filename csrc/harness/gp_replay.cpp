@@ -1,15 +1,17 @@
 /*
- * gp_replay.cpp -- replay a recorded launch trace through the harness (the ThreadSanitizer run).
+ * gp_replay.cpp -- replay a recorded launch trace through the harness (the ThreadSanitizer and
+ * AddressSanitizer runs).
  *
- * Python cannot host a TSan-instrumented library (the TSan runtime must start with the process), so
+ * Python cannot host a sanitizer-instrumented library (the runtime must start with the process), so
  * tests/kernel_harness records the launches that gpuprune/kernels/ops.py makes -- each launch with its
  * arguments, the bytes of every buffer it gets before it runs and after -- and this program, linked
  * with a TSan build of the harness, replays them: same kernels, same geometry, same inputs, and every
- * buffer must come out bit for bit as recorded.
+ * buffer must come out bit for bit as recorded. Every buffer is allocated with its exact size.
  *
  *   gp_replay TRACE [slots] [timeout_s] [chaos_permille]
  * Exit status: 0 all launches matched; 1 some buffer differed; 2 a launch failed in the harness;
- * 3 unreadable trace. ThreadSanitizer's own reports go to stderr (its exit code is set by TSAN_OPTIONS).
+ * 3 unreadable trace. The sanitizers' own reports go to stderr (their exit codes are set by
+ * TSAN_OPTIONS / ASAN_OPTIONS).
  */
 #include <chrono>
 #include <cstdint>
@@ -68,7 +70,13 @@ int main(int argc, char** argv) {
     }
     const uint32_t nbuf = rd.get<uint32_t>();
     std::vector<std::vector<unsigned char>> buf(nbuf);
-    for (auto& b : buf) b.assign((size_t)rd.get<uint64_t>() + 64, 0);   /* slack: no false overlap */
+    /* exact sizes (at least one byte), each buffer its own heap block: AddressSanitizer's redzones
+     * then sit right after every buffer, so a kernel reading one element past its end is caught */
+    std::vector<size_t> sizes(nbuf);
+    for (uint32_t i = 0; i < nbuf; ++i) {
+        sizes[i] = (size_t)rd.get<uint64_t>();
+        buf[i].assign(sizes[i] ? sizes[i] : 1, 0);
+    }
     const uint32_t nlaunch = rd.get<uint32_t>();
     int mismatches = 0;
     std::vector<unsigned char> expect;
@@ -92,7 +100,7 @@ int main(int argc, char** argv) {
         for (uint32_t i = 0; i < npre && rd.ok; ++i) {
             const uint32_t id = rd.get<uint32_t>();
             if (id >= nbuf) { rd.ok = false; break; }
-            rd.bytes(buf[id].data(), buf[id].size() - 64);
+            rd.bytes(buf[id].data(), sizes[id]);
         }
         if (!rd.ok) break;
         const auto t0 = std::chrono::steady_clock::now();
@@ -110,7 +118,7 @@ int main(int argc, char** argv) {
         for (uint32_t i = 0; i < npost && rd.ok; ++i) {
             const uint32_t id = rd.get<uint32_t>();
             if (id >= nbuf) { rd.ok = false; break; }
-            const size_t n = buf[id].size() - 64;
+            const size_t n = sizes[id];
             expect.resize(n);
             rd.bytes(expect.data(), n);
             size_t first = n, count = 0;

@@ -13,13 +13,13 @@
    for real and its error, if any, shown.
 3. **self-test** on random data with ties, NaN, +-inf, +-0, denormals and duplicate ids: the observe
    update, exact-k top-k sets, the shuffle order, and whole plans of every built-in policy over
-   several epochs, compared bit for bit between each implementation under test and each reference.
-   On the CPU the torch backend is checked against :class:`NumpyReference`, an independent
-   numpy/pure-Python rendering of the documented formulas (:mod:`gpuprune.keys`,
-   :mod:`gpuprune.update`, the policies). On a GPU the kernels are checked against the torch
-   backend on the same GPU, the torch backend on the CPU and the numpy reference, and the torch
-   backend on the GPU against the last two. Then, when DALI is installed,
-   :class:`~gpuprune.dali.PrunedDALIIterator` on a tiny CPU pipeline.
+   several epochs, compared bit for bit between each implementation under test and each reference:
+   what can differ on a user's machine against the torch reference (the torch backend without its
+   numpy paths, on the CPU). On the CPU that is the torch backend's numpy paths (they depend on the
+   installed numpy and torch); on a GPU the CUDA kernels (CuPy, NVRTC or the fatbin, the driver),
+   also against the torch backend on the same GPU, and the torch backend on the GPU. Then, when DALI
+   is installed, :class:`~gpuprune.dali.PrunedDALIIterator` on a tiny CPU pipeline. (The test suite
+   holds the torch reference to an independent numpy oracle, ``tests/numpy_reference.py``.)
 
 Exit status: 0 when everything it could test agrees; 1 with a one-line reason (the last line)
 otherwise; 2 for a usage error. ``--json PATH`` writes every fact and check.
@@ -32,14 +32,13 @@ not import this module; this module imports CuPy and DALI only inside the functi
 from .environment import (FATBIN_MAGIC, BackendDiagnosis, BuildVerdict, Environment, FatbinEntry,
                           collect_environment, describe_fatbin, diagnose_backend, parse_fatbin,
                           ptx_min_cuda, read_fatbin, sass_runs_on)
-from .reference import (BackendImplementation, Disagreement, Implementation, NumpyReference,
-                        RunSpec)
+from .reference import BackendImplementation, Disagreement, Implementation, RunSpec
 from .selftest import CheckResult, SelfTest, add_arguments, check_dali, main, run_doctor, run_from_args
 
 __all__ = [
     "Environment", "collect_environment", "FatbinEntry", "FATBIN_MAGIC", "parse_fatbin",
     "read_fatbin", "ptx_min_cuda", "sass_runs_on", "describe_fatbin", "BuildVerdict",
     "BackendDiagnosis", "diagnose_backend", "Disagreement", "Implementation",
-    "BackendImplementation", "NumpyReference", "RunSpec", "CheckResult", "SelfTest",
+    "BackendImplementation", "RunSpec", "CheckResult", "SelfTest",
     "check_dali", "run_doctor", "add_arguments", "run_from_args", "main",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from .environment import (BackendDiagnosis, FatbinEntry, _cuda_version, _probe_backend,
                           _short, collect_environment, describe_fatbin)
-from .reference import BackendImplementation, Implementation, NumpyReference, RunSpec
+from .reference import BackendImplementation, Implementation, RunSpec
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _M32 = 0xFFFFFFFF
@@ -126,7 +126,7 @@ class SelfTest:
 
     Args:
         candidates: the implementations under test (e.g. the CUDA kernels).
-        references: what they must agree with (e.g. :class:`NumpyReference`).
+        references: what they must agree with (e.g. the torch reference).
         seed: seed of all random data (numpy ``default_rng``; no global RNG).
         scale: ``"small"`` (CPU: N up to ~4e3, a few seconds) or ``"gpu"`` (adds N = 1e5 and 1e6 to
             the top-k cases and a batch past the kernels' 2048-id one-block path).
@@ -363,13 +363,16 @@ def _default_candidates(device: torch.device, diagnosis: BackendDiagnosis) -> li
 
 def _default_references(device: torch.device, candidates: Sequence[Implementation]
                         ) -> list[Implementation]:
-    """CPU: the numpy reference. GPU: the torch backend on the same GPU (the very object under test
-    as a candidate too, so the kernels are compared with it directly and it is not compared with
-    itself), the torch backend on the CPU and the numpy reference."""
+    """What can differ on a user's machine is checked against the torch reference: the torch
+    backend without its numpy paths (the operations a GPU runs), on the CPU. On the CPU it is the
+    reference of the torch backend's numpy paths (which depend on the installed numpy and torch);
+    on a GPU also of the kernels (CuPy, NVRTC or the fatbin, the driver) and of the torch backend on
+    the GPU, and the torch backend on the same GPU is a second reference of the kernels (the very
+    object under test as a candidate too, so it is not compared with itself)."""
     from ..backend import TorchBackend
-    refs: list[Implementation] = [NumpyReference()]
+    refs: list[Implementation] = [BackendImplementation(
+        TorchBackend(torch.device("cpu"), cpu_fast_paths=False), name="torch reference (cpu)")]
     if device.type == "cuda":
-        refs.insert(0, BackendImplementation(TorchBackend(torch.device("cpu"))))
         same = [c for c in candidates if isinstance(c, BackendImplementation)
                 and c.backend.name == "torch" and c.device == device]
         refs[:0] = same[:1]

@@ -27,11 +27,11 @@ from ._loader import (
     module_candidates,
     unavailable_reason,
 )
-from ._spec import KERNEL_NAMES
+from ._spec import CONSTANTS, KERNEL_NAMES
 from .ops import MAX_SAMPLES, KernelOps
 
 __all__ = [
     "KernelOps", "KernelsUnavailable", "CupyMissing", "get_ops", "available", "unavailable_reason", "clear_cache",
     "find_source", "fatbin_name", "find_fatbin", "module_candidates", "load_module", "KERNEL_NAMES", "SOURCE_NAME",
-    "FATBIN_NAME", "NVRTC_OPTIONS", "MAX_SAMPLES",
+    "FATBIN_NAME", "NVRTC_OPTIONS", "MAX_SAMPLES", "CONSTANTS",
 ]

@@ -19,6 +19,7 @@ memoised per device index, failures included (call :func:`clear_cache` to retry)
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import threading
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .._checks import check_choice
-from ._spec import KERNEL_NAMES
+from ._spec import KERNEL_NAMES, SIGNATURES
 from .ops import KernelOps
 
 __all__ = [
@@ -157,14 +158,22 @@ class _StreamHandle:
 
 
 class CupyRuntime:
-    """Launches the loaded kernels on torch's current stream of one device."""
+    """Launches the loaded kernels on torch's current stream of one device.
 
-    def __init__(self, cupy, functions: dict, device_index: int, kind: str, path: Path) -> None:
+    A cooperative launch (gp_plan, whose blocks meet at grid barriers) goes through the driver's
+    ``cuLaunchCooperativeKernel``, which refuses a grid whose blocks cannot all be resident;
+    :meth:`max_blocks` is the occupancy calculator's answer times the SM count.
+    """
+
+    def __init__(self, cupy, functions: dict, device_index: int, kind: str, path: Path,
+                 sm_count: int = 1) -> None:
         self._cupy = cupy
         self._functions = functions
         self.device_index = device_index
         self.kind, self.path = kind, path
+        self.sm_count = max(int(sm_count), 1)
         self._streams: dict[int, object] = {}
+        self._resident: dict[tuple[str, int], int] = {}
 
     def __repr__(self) -> str:
         return f"CupyRuntime(device={self.device_index}, {self.kind}={str(self.path)!r})"
@@ -193,10 +202,32 @@ class CupyRuntime:
         """torch's current stream on this device (launches go there)."""
         return torch.cuda.current_stream(torch.device("cuda", self.device_index)).cuda_stream
 
-    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple) -> None:
+    def max_blocks(self, name: str, block: int) -> int:
+        """Blocks of ``block`` threads of kernel ``name`` that fit on the device at once."""
+        key = (name, int(block))
+        if key not in self._resident:
+            from cupy_backends.cuda.api import driver
+            with self._cupy.cuda.Device(self.device_index):
+                per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    self._functions[name].kernel.ptr, int(block), 0)
+            self._resident[key] = max(int(per_sm), 1) * self.sm_count
+        return self._resident[key]
+
+    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+               cooperative: bool = False) -> None:
         raw = tuple(0 if a is None else a.data_ptr() if isinstance(a, torch.Tensor) else a
                     for a in args)
-        self._functions[name](grid, block, raw)
+        if not cooperative:
+            self._functions[name](grid, block, raw)
+            return
+        from cupy_backends.cuda.api import driver
+        # every argument of these kernels is 8 bytes: a pointer, a long long or a double
+        values = [ctypes.c_double(v) if kind == "d" else ctypes.c_uint64(int(v) & 0xFFFFFFFFFFFFFFFF)
+                  for kind, v in zip(SIGNATURES[name], raw)]
+        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        driver.launchCooperativeKernel(self._functions[name].kernel.ptr, int(grid[0]), 1, 1,
+                                       int(block[0]), 1, 1, 0, self.stream_key(),
+                                       ctypes.addressof(params))
 
 
 _LOCK = threading.Lock()
@@ -223,7 +254,8 @@ def _build(index: int) -> KernelOps:
                           f"cupy-cuda12x or cupy-cuda13x to use the CUDA kernels") from e
     functions, kind, path = load_module(cupy, index)
     sm = torch.cuda.get_device_properties(index).multi_processor_count
-    return KernelOps(CupyRuntime(cupy, functions, index, kind, path), torch.device("cuda", index), sm)
+    return KernelOps(CupyRuntime(cupy, functions, index, kind, path, sm), torch.device("cuda", index),
+                     sm)
 
 
 def get_ops(device) -> KernelOps:

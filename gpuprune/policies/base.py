@@ -9,9 +9,12 @@ A policy is a small object that owns its settings (validated at construction, re
   epoch's size is exactly the budget, whether its selections read the losses), the budget k and
   the EMA decay. Nothing else reads a policy's kind: the Pruner, the loaders and the re-score pass
   ask the Schedule.
-* :meth:`Policy.select`, which calls the pure ``<name>_select`` function of its module: tensors
-  in, a :class:`Selection` out. Policies compute their scores with plain torch ops and select
-  through the backend's primitives, so they never branch on the backend.
+* :meth:`Policy.select`, which calls the pure ``<name>_select`` function of its module: the
+  settings and hash seeds in, a :class:`Selection` out. A built-in policy *describes* its
+  selection (a :class:`~gpuprune.keys.Pick`: a :class:`~gpuprune.keys.Score` of the statistics,
+  the budget, the seeds) and the backend carries it out with the shuffle and the bookkeeping in
+  one call (one kernel launch on a GPU), so no policy ever branches on the backend. A custom
+  policy may instead return the ids it computed itself.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..keys import Pick
 from ..schedule import Schedule
 from ..sizes import budget
 
@@ -38,18 +42,31 @@ DEFAULT_DECAY = 0.9
 
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """A policy's answer.
+    """A policy's answer, in exactly one of three forms: ``pick`` (a selection described, which the
+    backend carries out), ``indices`` (ids chosen by the policy itself) or ``everything``.
 
     Attributes:
-        indices: the chosen sample ids, unordered (the Pruner shuffles them), on the stats' device.
-        rescaled: optional bool mask over all N samples: the chosen ones among them have their loss
-            multiplied by ``weight`` (InfoBatch's rescaling); None when every weight is 1.
+        indices: the chosen sample ids, unordered (the plan orders them), on the stats' device.
+        rescaled: with ``indices``, an optional bool mask over all N samples: the chosen ones
+            among them have their loss multiplied by ``weight``; None when every weight is 1.
         weight: the loss weight of the rescaled samples.
+        pick: the selection described (:class:`~gpuprune.keys.Pick`); an InfoBatch pick brings
+            its own rescaled samples (those of rank 0).
+        everything: every sample (the full-data epochs).
     """
 
-    indices: torch.Tensor
+    indices: torch.Tensor | None = None     # first, as in 0.2: Selection(ids, rescaled, weight)
     rescaled: torch.Tensor | None = None
     weight: float = 1.0
+    pick: Pick | None = None
+    everything: bool = False
+
+    def __post_init__(self) -> None:
+        forms = (self.pick is not None) + (self.indices is not None) + bool(self.everything)
+        if forms != 1:
+            raise ValueError("a Selection holds exactly one of pick=, indices= and everything=True")
+        if self.rescaled is not None and self.indices is None:
+            raise ValueError("rescaled= goes with indices= (a pick brings its own)")
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,8 @@ class Policy(ABC):
             epoch: the epoch being planned.
             generator: a CPU generator seeded from (seed, epoch); draw hash seeds from it with
                 :func:`gpuprune.rng.draw_seeds`. Never use global RNG.
-            backend: the primitives (:meth:`~gpuprune.backend.Backend.top_k`).
+            backend: the backend (for a custom policy that computes its ids with
+                :meth:`~gpuprune.backend.Backend.top_k`); built-in policies return a pick.
         """
 
     def __repr__(self) -> str:

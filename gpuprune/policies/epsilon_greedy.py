@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._checks import check_float
+from ..keys import MeanScore, Pick, mean_score
 from ..rng import draw_seeds
 from .base import Policy, Selection
 
@@ -14,25 +15,17 @@ __all__ = ["EpsilonGreedy", "epsilon_greedy_select", "greedy_score"]
 
 
 def greedy_score(mean: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """The EMA loss, with never-seen samples at +inf so that each is visited before exploitation."""
-    return torch.where(seen, mean, torch.full_like(mean, float("inf")))
+    """The EMA loss, with never-seen samples at +inf so that each is visited before exploitation
+    (:func:`gpuprune.keys.mean_score`, the reference of the kernels' ``MeanScore``)."""
+    return mean_score(mean, seen)
 
 
-def epsilon_greedy_select(score: torch.Tensor, k: int, epsilon: float, seeds: tuple[int, int],
-                          backend) -> Selection:
-    """Top ``k - m`` by score plus ``m = floor(epsilon * k)`` uniform picks from the others.
-
-    Both parts are exact-k selections over unique keys (see :mod:`gpuprune.keys`); the second ranks
-    the taken samples at -inf and every other one equal, so the hash of ``seeds[1]`` decides.
-    """
-    n = score.numel()
-    m = math.floor(epsilon * k)
-    exploit = backend.top_k(score, n, k - m, seeds[0])
-    if m == 0:
-        return Selection(exploit)
-    rest = torch.zeros(n, dtype=torch.float32, device=score.device)
-    rest[exploit.long()] = float("-inf")
-    return Selection(torch.cat([exploit, backend.top_k(rest, n, m, seeds[1])]))
+def epsilon_greedy_select(k: int, epsilon: float, seeds: tuple[int, int]) -> Selection:
+    """Top ``k - m`` by :func:`greedy_score` plus ``m = floor(epsilon * k)`` uniform picks from the
+    others: the ``m`` largest ``hash32(id, seeds[1])`` among the samples not taken by the first
+    part. Both parts are exact-k selections over unique keys (see :mod:`gpuprune.keys`)."""
+    return Selection(pick=Pick(MeanScore(), k, seeds[0], explore=math.floor(epsilon * k),
+                               explore_seed=seeds[1]))
 
 
 class EpsilonGreedy(Policy):
@@ -52,5 +45,4 @@ class EpsilonGreedy(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         seeds = draw_seeds(generator, 2)
-        score = greedy_score(stats.mean, stats.seen)
-        return epsilon_greedy_select(score, k, self.epsilon, (seeds[0], seeds[1]), backend)
+        return epsilon_greedy_select(k, self.epsilon, (seeds[0], seeds[1]))

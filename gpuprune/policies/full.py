@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
-from ..sizes import index_dtype
 from .base import Policy, Rule, Selection
 
 __all__ = ["FullData", "full_select", "FULL_DATA"]
 
 
-def full_select(num_samples: int, device: torch.device) -> Selection:
-    """Every id ``0 .. N-1`` (in the id dtype, on ``device``); the plan's shuffle orders them."""
-    return Selection(torch.arange(num_samples, dtype=index_dtype(num_samples), device=device))
+def full_select() -> Selection:
+    """Every id ``0 .. N-1``; the plan's shuffle orders them, and a full plan counts in no
+    sample's ``selected``."""
+    return Selection(everything=True)
 
 
 class FullData(Policy):
@@ -28,7 +26,7 @@ class FullData(Policy):
         return replace(rule, schedule=replace(rule.schedule, all_full=True), k=num_samples)
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
-        return full_select(stats.num_samples, stats.device)
+        return full_select()
 
 
 #: the policy every full-data epoch is planned with

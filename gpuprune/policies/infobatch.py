@@ -44,11 +44,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
 
 from .._checks import check_float
+from ..keys import BelowMeanScore, Pick
 from ..rng import draw_seeds
-from ..stats import masked_mean
 from .base import Policy, Rule, Selection
 
 __all__ = ["InfoBatch", "infobatch_select", "kept_share"]
@@ -63,30 +62,17 @@ def kept_share(ratio: float, min_keep: float = 0.1) -> float:
     return min(1.0, max(min_keep, 1.0 - ratio))
 
 
-def infobatch_select(score: torch.Tensor, seen: torch.Tensor, ratio: float, seed: int, backend,
-                     min_keep: float = 0.1) -> Selection:
-    """Kept ids, and the below-mean mask they are rescaled by. One host read: the below-mean count.
-
-    Args:
-        score: per-sample score (float32): the latest loss, or its EMA.
-        seen: which samples have a finite loss; only they enter the mean, and only they can be
-            well learned.
-        ratio: the prune ratio r of the well-learned samples, in [0, 1).
-        seed: hash seed of the uniform draw among the well-learned samples.
-        backend: provides ``top_k``.
-        min_keep: lower bound of the kept share (see :func:`kept_share`).
+def infobatch_select(num_samples: int, ratio: float, seed: int, min_keep: float = 0.1
+                     ) -> Selection:
+    """Every sample whose score (the statistics' mean: the latest loss, or its EMA) is at or above
+    the mean score of the seen samples, plus ``floor(q * n_below)`` of the ``n_below`` seen ones
+    strictly below it, drawn uniformly by ``hash32(id, seed)``, with ``q = kept_share(ratio,
+    min_keep)``; the below-mean samples are rescaled by ``1 / q``. The mean is a fixed-order float64
+    sum (:func:`gpuprune.stats.masked_mean`), so every device agrees on the below-mean set; never-seen
+    samples are never below it. Carrying it out costs one host read: ``n_below``.
     """
-    n = score.numel()
-    s64 = score.double()
-    # summed in a fixed order, so CPU and GPU agree on the below-mean set whatever the values
-    mean = masked_mean(s64, seen)
-    below = seen & (s64 < mean)
-    n_below = int(below.sum())                       # the one host read of the plan
     q = kept_share(ratio, min_keep)
-    kept = n - n_below + math.floor(q * n_below)
-    rank = torch.where(below, torch.zeros_like(score), torch.ones_like(score))
-    idx = backend.top_k(rank, n, kept, seed)         # everything not below, then random below ones
-    return Selection(idx, below, 1.0 / q)
+    return Selection(pick=Pick(BelowMeanScore(), num_samples, seed, below_share=q), weight=1.0 / q)
 
 
 class InfoBatch(Policy):
@@ -159,4 +145,4 @@ class InfoBatch(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        return infobatch_select(stats.mean, stats.seen, self.ratio, seed, backend, self.min_keep)
+        return infobatch_select(stats.num_samples, self.ratio, seed, self.min_keep)

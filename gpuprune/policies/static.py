@@ -12,16 +12,17 @@ from dataclasses import replace
 
 import torch
 
+from ..keys import GivenScore, Pick
 from ..rng import draw_seeds
 from .base import Policy, Rule, Selection
 
 __all__ = ["Static", "static_select"]
 
 
-def static_select(scores: torch.Tensor | None, num_samples: int, k: int, seed: int,
-                  backend) -> Selection:
-    """The k highest ``scores`` (NaN lowest, ties at random), or k random ids when None."""
-    return Selection(backend.top_k(scores, num_samples, k, seed))
+def static_select(scores: torch.Tensor | None, k: int, seed: int) -> Selection:
+    """The k highest ``scores`` (NaN lowest, ties broken by ``hash32(id, seed)``), or k random ids
+    when None."""
+    return Selection(pick=Pick(None if scores is None else GivenScore(scores), k, seed))
 
 
 class Static(Policy):
@@ -63,7 +64,7 @@ class Static(Policy):
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
         scores = None if self.scores is None else self.scores.to(stats.device)
-        return static_select(scores, stats.num_samples, k, seed, backend)
+        return static_select(scores, k, seed)
 
     def __repr__(self) -> str:
         return f"Static(scores={'None' if self.scores is None else 'tensor'})"

@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_choice, check_float
+from ..keys import Pick, UCBScore, upper_bound_score
 from ..rng import draw_seeds
-from ..stats import masked_mean
-from ..update import F32_MAX
 from .base import Policy, Selection
 
 __all__ = ["UCB", "ucb_score", "ucb_select"]
@@ -46,26 +45,22 @@ def ucb_score(mean: torch.Tensor, var: torch.Tensor, seen: torch.Tensor, c: floa
     """``mean + c * sqrt(var)`` (``"std"``) or ``mean + c * var`` (``"var"``); unseen samples +inf.
 
     With ``drift > 0`` the variance of a sample grows while it goes unobserved, as for a random walk:
-    ``var + drift * vbar * age``, where ``age`` is the number of epochs since its last observation
-    and ``vbar`` the mean variance of the seen samples (the typical change of a loss between two
-    visits, in loss units squared, so the term needs no scale of its own). Those terms are computed
-    in float64 and saturate at the float32 maximum, so extreme but finite losses (+-1e38) keep the
+    ``var + drift * scale * age``, where ``age`` is the number of epochs since its last observation
+    and ``scale`` a robust typical variance of the seen samples (the typical change of a loss
+    between two visits, in loss units squared, so the term needs no scale of its own): their mean
+    variance with each value capped at the 90th percentile, so that a few extreme losses cannot
+    make every score equal (:func:`gpuprune.keys.drift_scale`). Computed in float64 and rounded
+    once (:func:`gpuprune.keys.upper_bound_score`); extreme but finite losses (+-1e38) keep the
     scores finite and ordered.
     """
-    var = var.clamp(min=0)
-    if drift > 0.0 and age is not None:
-        v64 = var.double()
-        vbar = masked_mean(v64, seen)                                         # fixed order
-        grown = v64 + (drift * vbar) * age.to(torch.float64).clamp(min=0)
-        var = grown.clamp(max=F32_MAX).to(torch.float32)
-    spread = var.sqrt() if uncertainty == "std" else var
-    score = mean + c * spread
-    return torch.where(seen, score, torch.full_like(score, float("inf")))
+    return upper_bound_score(mean, var, seen, c, uncertainty, age, drift)
 
 
-def ucb_select(score: torch.Tensor, k: int, seed: int, backend) -> Selection:
-    """The k highest :func:`ucb_score` values (ties broken by the keyed hash of ``seed``)."""
-    return Selection(backend.top_k(score, score.numel(), k, seed))
+def ucb_select(k: int, seed: int, c: float, uncertainty: str, drift: float, epoch: int
+               ) -> Selection:
+    """The k samples of highest :func:`ucb_score` at ``epoch`` (ages ``epoch - last_epoch``), ties
+    broken by ``hash32(id, seed)``."""
+    return Selection(pick=Pick(UCBScore(c, uncertainty, drift, epoch), k, seed))
 
 
 class UCB(Policy):
@@ -74,9 +69,9 @@ class UCB(Policy):
     Args:
         c: weight of the uncertainty term, >= 0. Default ``1.0``.
         uncertainty: ``"std"`` (default) or ``"var"``.
-        drift: growth of an unobserved sample's variance per epoch, as a multiple of the mean
-            variance of the seen samples (see :func:`ucb_score`), >= 0. Default ``1.0``; ``0.0``
-            disables it, and UCB then settles on one subset (see the module docstring).
+        drift: growth of an unobserved sample's variance per epoch, as a multiple of a robust
+            typical variance of the seen samples (see :func:`ucb_score`), >= 0. Default ``1.0``;
+            ``0.0`` disables it, and UCB then settles on one subset (see the module docstring).
     """
 
     name = "ucb"
@@ -91,7 +86,4 @@ class UCB(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        age = (epoch - stats.last_epoch) if self.drift > 0.0 else None
-        score = ucb_score(stats.mean, stats.var, stats.seen, self.c, self.uncertainty, age,
-                          self.drift)
-        return ucb_select(score, k, seed, backend)
+        return ucb_select(k, seed, self.c, self.uncertainty, self.drift, epoch)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..keys import Pick
 from ..rng import draw_seeds
 from .base import Policy, Rule, Selection
 
 __all__ = ["Uniform", "uniform_select"]
 
 
-def uniform_select(num_samples: int, k: int, seed: int, backend) -> Selection:
+def uniform_select(k: int, seed: int) -> Selection:
     """k ids drawn uniformly without replacement: the k largest ``hash32(id, seed)``."""
-    return Selection(backend.top_k(None, num_samples, k, seed))
+    return Selection(pick=Pick(None, k, seed))
 
 
 class Uniform(Policy):
@@ -27,4 +28,4 @@ class Uniform(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        return uniform_select(stats.num_samples, k, seed, backend)
+        return uniform_select(k, seed)

@@ -4,6 +4,8 @@ tests/test_plans_recorded.py holds later versions to.
 Run from the repository root: ``python tests/data/record_plans.py`` rewrites
 ``tests/data/plans_v0_2.json``. The file on main was recorded from gpuprune 0.2.0 (commit 5989bfb)
 before the 0.3 redesign; rerun it only when a change of plans is intended and said in the notes.
+Intended changes since: the keyed sort-free shuffle (every plan's order; the sets unchanged), and
+UCB's robust drift scale and float64 score (some UCB sets).
 """
 
 from __future__ import annotations

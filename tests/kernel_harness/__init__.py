@@ -8,8 +8,8 @@ builds it with g++ (cached by content hash in a temporary directory), and offers
   very launch sequences of ``gpuprune/kernels/ops.py`` run through the real kernels, with honest
   grid and block sizes and several blocks at once;
 * :class:`RecordingRuntime`: records each launch with its buffers before and after, into a trace that
-  ``gp_replay`` (built with ThreadSanitizer, :func:`build_replay`) replays and checks bit for bit.
-  TSan cannot be loaded into Python, hence the replay.
+  ``gp_replay`` (built with ThreadSanitizer or AddressSanitizer, :func:`build_replay`) replays
+  and checks bit for bit. A sanitizer cannot be loaded into Python, hence the replay.
 
 Everything is written under ``tempfile.gettempdir()``; nothing is written into the checkout.
 """
@@ -34,7 +34,8 @@ from gpuprune.kernels._spec import CONSTANTS, SIGNATURES
 
 __all__ = ["ROOT", "SOURCE", "HARNESS_DIR", "SLOTS", "HarnessError", "find_compiler", "build_library",
            "build_replay", "HarnessRuntime", "RecordingRuntime", "harness_ops", "launch_bounds",
-           "replace_function", "replay", "tsan_runtime_available", "RACY_RADIX_PASS", "racy_source"]
+           "replace_function", "replay", "sanitizer_available", "tsan_runtime_available",
+           "RACY_PICK_BUCKET", "racy_source"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "csrc" / "gpuprune_kernels.cu"
@@ -46,6 +47,8 @@ _COMMON = ("-std=c++20", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-ma
            "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", "-Wno-unused-variable")
 _OPT = ("-O2",)
 _TSAN = ("-O1", "-g", "-fsanitize=thread")
+_ASAN = ("-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer")
+_SANITIZERS = {"thread": _TSAN, "address": _ASAN}
 
 
 class HarnessError(RuntimeError):
@@ -95,18 +98,19 @@ def _compile_all(jobs: list[list[str]]) -> None:
         raise RuntimeError("harness build failed:\n" + "\n".join(errors)[:20000])
 
 
-def _build(source_text: str, tsan: bool, slots: int, with_main: bool,
+def _build(source_text: str, sanitizer: str | None, slots: int, with_main: bool,
            signatures: dict[str, str] | None = None) -> Path:
     signatures = SIGNATURES if signatures is None else signatures
     cxx = find_compiler()
     if cxx is None:
         raise FileNotFoundError("the harness needs g++ (set CXX)")
-    flags = _COMMON + (_TSAN if tsan else _OPT)
+    flags = _COMMON + (_SANITIZERS[sanitizer] if sanitizer else _OPT)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest = _digest(source_text, version, " ".join(flags), str(slots), str(with_main),
                      *[p.read_bytes() for p in _harness_files()], repr(sorted(signatures.items())))
     cache = _cache_dir()
-    name = f"{'replay' if with_main else 'lib'}{'-tsan' if tsan else ''}-{digest}"
+    tag = {"thread": "-tsan", "address": "-asan"}.get(sanitizer or "", "")
+    name = f"{'replay' if with_main else 'lib'}{tag}-{digest}"
     target = cache / (name if with_main else name + ".so")
     if target.exists():
         return target
@@ -147,22 +151,31 @@ def build_library(source_text: str | None = None, *, slots: int = SLOTS,
                   signatures: dict[str, str] | None = None) -> Path:
     """The harness as a shared library for ctypes (cached): ``source_text`` defaults to the real
     kernel source, ``signatures`` to its kernels (tests pass others: the racy fixture, rule breakers)."""
-    return _build(SOURCE.read_text() if source_text is None else source_text, False, slots, False,
+    return _build(SOURCE.read_text() if source_text is None else source_text, None, slots, False,
                   signatures)
 
 
-def build_replay(source_text: str | None = None, *, tsan: bool = True, slots: int = SLOTS) -> Path:
-    """The trace replayer (``gp_replay``), by default with ThreadSanitizer (cached)."""
-    return _build(SOURCE.read_text() if source_text is None else source_text, tsan, slots, True)
+def build_replay(source_text: str | None = None, *, sanitizer: str | None = "thread",
+                 slots: int = SLOTS) -> Path:
+    """The trace replayer (``gp_replay``), with ``sanitizer`` ``"thread"`` (default),
+    ``"address"`` or None (cached)."""
+    return _build(SOURCE.read_text() if source_text is None else source_text, sanitizer, slots, True)
+
+
+def sanitizer_available(sanitizer: str) -> bool:
+    """Whether g++ can build and run a program with ``sanitizer`` (``"thread"``: libtsan,
+    ``"address"``: libasan)."""
+    cxx = find_compiler()
+    if cxx is None:
+        return False
+    lib = {"thread": "libtsan.so", "address": "libasan.so"}[sanitizer]
+    out = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+    return bool(out) and os.path.sep in out and Path(out).exists()
 
 
 def tsan_runtime_available() -> bool:
     """Whether g++ can build and run a ThreadSanitizer program here (libtsan installed)."""
-    cxx = find_compiler()
-    if cxx is None:
-        return False
-    out = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
-    return bool(out) and os.path.sep in out and Path(out).exists()
+    return sanitizer_available("thread")
 
 
 def launch_bounds(source_text: str) -> dict[str, int]:
@@ -175,9 +188,10 @@ def launch_bounds(source_text: str) -> dict[str, int]:
 
 
 def replace_function(source_text: str, name: str, replacement: str) -> str:
-    """``source_text`` with the kernel ``name`` (from its ``extern "C"`` line to its closing brace)
-    replaced by ``replacement``."""
-    m = re.search(r'extern "C" __global__[^\n]*\n?\s*' + re.escape(name) + r"\(", source_text)
+    """``source_text`` with the kernel or device function ``name`` (from its ``extern "C"`` or
+    ``GP_HD`` line to its closing brace) replaced by ``replacement``."""
+    m = re.search(r'(?:extern "C" __global__[^\n]*\n?\s*|GP_HD \w+ )' + re.escape(name) + r"\(",
+                  source_text)
     if not m:
         raise ValueError(f"{name} not found")
     depth, i = 0, source_text.index("{", m.end())
@@ -250,10 +264,18 @@ class HarnessRuntime:
             self._lib.gph_configure(*self._config)
             _APPLIED[str(self.library)] = self._config
 
-    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple) -> None:
+    def max_blocks(self, name: str, block: int) -> int:
+        """Blocks resident at once: the slots (what a cooperative launch may use)."""
+        return self.slots
+
+    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+               cooperative: bool = False) -> None:
         kinds = self.signatures[name]
         if len(grid) != 1 or len(block) != 1:
             raise HarnessError("the harness models 1-D grids and blocks")
+        if cooperative and grid[0] > self.slots:
+            raise HarnessError(f"cooperative launch of {name} with {grid[0]} blocks, more than the "
+                               f"{self.slots} that can be resident (a GPU refuses that launch)")
         bound = self.bounds.get(name)
         if bound is not None and block[0] > bound:
             raise HarnessError(f"{name} launched with {block[0]} threads per block, above its "
@@ -292,6 +314,9 @@ class RecordingRuntime:
     def stream_key(self):
         return self.inner.stream_key()
 
+    def max_blocks(self, name: str, block: int) -> int:
+        return self.inner.max_blocks(name, block)
+
     def _buffer(self, t: torch.Tensor) -> int:
         key = (t.data_ptr(), t.numel() * t.element_size())
         if key not in self._ids:
@@ -303,7 +328,7 @@ class RecordingRuntime:
     def _bytes(t: torch.Tensor) -> bytes:
         return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
-    def launch(self, name, grid, block, args) -> None:
+    def launch(self, name, grid, block, args, cooperative: bool = False) -> None:
         kinds = SIGNATURES[name]
         tensors = {}
         words = []
@@ -318,7 +343,7 @@ class RecordingRuntime:
             else:
                 words.append(("w", _word(kind, a)))
         pre = {bid: self._bytes(t) for bid, t in tensors.items()}
-        self.inner.launch(name, grid, block, args)
+        self.inner.launch(name, grid, block, args, cooperative=cooperative)
         post = {bid: self._bytes(t) for bid, t in tensors.items()}
         self.launches.append((name, grid[0], block[0], words, pre, post))
 
@@ -345,37 +370,42 @@ class RecordingRuntime:
 def replay(executable: Path, trace: Path, *, slots: int = SLOTS, timeout_s: float = 300.0,
            chaos: int = 0, halt_on_error: bool = False, run_timeout_s: float = 900.0
            ) -> subprocess.CompletedProcess:
-    """Run ``gp_replay`` on a trace. For a TSan build, TSan's reports are in ``stderr`` and its
-    exit code is 66 when it reported something (``TSAN_OPTIONS`` is set here, overriding the
-    environment's)."""
+    """Run ``gp_replay`` on a trace. The sanitizers' reports are in ``stderr``; a TSan build exits
+    with 66 when it reported something, an ASan build with 67 (``TSAN_OPTIONS`` and
+    ``ASAN_OPTIONS`` are set here, overriding the environment's; ASan's leak check is off: the
+    harness keeps its worker threads for the process's life)."""
     env = dict(os.environ)
     env["TSAN_OPTIONS"] = (f"halt_on_error={int(halt_on_error)} exitcode=66 report_signal_unsafe=0 "
                            f"history_size=4 second_deadlock_stack=1")
+    env["ASAN_OPTIONS"] = "exitcode=67 detect_leaks=0 abort_on_error=0"
     return subprocess.run([str(executable), str(trace), str(slots), str(timeout_s), str(chaos)],
                           capture_output=True, text=True, env=env, timeout=run_timeout_s)
 
 
 def harness_ops(*, slots: int = SLOTS, sm_count: int = 1, source_text: str | None = None,
                 timeout_s: float = 120.0, chaos: int = 0, chaos_seed: int = 1,
-                build_slots: int = SLOTS) -> KernelOps:
+                build_slots: int = SLOTS, keys_per_block: int | None = None) -> KernelOps:
     """A :class:`KernelOps` on the CPU whose launches run the kernels in the harness.
 
-    ``sm_count`` sizes the grid-stride launches as on a GPU with that many SMs (4 blocks per SM);
-    ``slots`` is how many blocks run at once (<= ``build_slots``, the slots compiled in).
+    ``slots`` is how many blocks run at once (<= ``build_slots``, the slots compiled in): a
+    cooperative launch (gp_plan) gets at most that many. ``keys_per_block`` (default the library's,
+    16384) lowers the samples per gp_plan block, so small inputs run on several blocks.
     """
     lib = build_library(source_text, slots=build_slots)
     runtime = HarnessRuntime(lib, source_text, slots=slots, timeout_s=timeout_s, chaos=chaos,
                              chaos_seed=chaos_seed)
-    return KernelOps(runtime, torch.device("cpu"), sm_count=sm_count)
+    kw = {} if keys_per_block is None else {"keys_per_block": keys_per_block}
+    return KernelOps(runtime, torch.device("cpu"), sm_count=sm_count, **kw)
 
 
 assert CONSTANTS["GP_SEL_THREADS"] % 32 == 0
 
 
-#: the pre-fix gp_radix_pass (the race of issue 12), a fixture that the harness must catch
-RACY_RADIX_PASS = Path(__file__).resolve().parent / "racy_radix_pass.cu"
+#: the pre-fix bucket scan (the race of issue 12), a fixture that the harness must catch
+RACY_PICK_BUCKET = Path(__file__).resolve().parent / "racy_pick_bucket.cu"
 
 
 def racy_source() -> str:
-    """The kernel source with gp_radix_pass replaced by the pre-fix, racy version."""
-    return replace_function(SOURCE.read_text(), "gp_radix_pass", RACY_RADIX_PASS.read_text().split("*/", 1)[1])
+    """The kernel source with pick_bucket replaced by the pre-fix, racy version."""
+    return replace_function(SOURCE.read_text(), "pick_bucket",
+                            RACY_PICK_BUCKET.read_text().split("*/", 1)[1])
