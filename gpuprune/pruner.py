@@ -16,6 +16,7 @@ import torch
 from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
 from .backend import get_backend
 from .distributed import DistributedError, EpochSync, Op, resolve_group
+from .guard import CoverageGuard
 from .plan import Plan
 from .planning import make_plan
 from .policies import POLICIES, Policy, make_policy
@@ -148,6 +149,9 @@ class Pruner:
         self.process_group = group
         self._sync = None if group is None else EpochSync(group, self.device, num_samples)
         self._run = Progress(None, 0, 0, -1, [])   # history overlaps: device scalars until read
+        #: this rank's samples observed in the current epoch against its loader's: the coverage
+        #: guard (:mod:`gpuprune.guard`), which warns when they do not match
+        self.coverage = CoverageGuard(self.rank)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -266,6 +270,7 @@ class Pruner:
         record = {"epoch": epoch, "size": len(plan), "full": plan.full, "reselected": reselect,
                   "overlap": overlap}
         self._commit(stats, selected, plan, reselect, record)
+        self.coverage.planned(epoch, first=current is None)   # after every collective: may warn
         return plan
 
     def _lookup(self, epoch: int) -> tuple[int, Plan | None]:
@@ -304,7 +309,8 @@ class Pruner:
             self._sync.clear()
 
     # ------------------------------------------------------------------ observe
-    def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor) -> torch.Tensor:
+    def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor, *,
+                trained: bool = True) -> torch.Tensor:
         """Record a batch's losses; return the loss to backpropagate.
 
         Args:
@@ -312,6 +318,9 @@ class Pruner:
             per_sample_loss: 1-D float tensor, one unreduced loss per sample (``reduction="none"``),
                 on :attr:`device`. Its graph is kept for the returned value; the statistics use a
                 detached copy.
+            trained: the batch is a training step's (default ``True``): :attr:`coverage` counts it
+                against the samples planned for this rank. ``False`` records the losses without
+                counting them (a re-score pass, :mod:`gpuprune.refresh`).
 
         Returns:
             ``mean(weight[i] * loss[i])`` over the batch, accumulated in float32 and returned in the
@@ -321,11 +330,14 @@ class Pruner:
         """
         check_batch(indices, per_sample_loss, self.device, self.num_samples,
                     loss_name="per_sample_loss")
+        trained = check_bool("trained", trained)
         if self._sync is not None:
             self._sync.record(indices, per_sample_loss)
         else:
             self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
                                   self._run.epoch)
+        if trained:
+            self.coverage.observe(indices.numel())     # metadata: no device read
         b = max(per_sample_loss.numel(), 1)
         x = per_sample_loss.float()
         plan = self._run.plan
@@ -415,6 +427,7 @@ class Pruner:
                           full_plan=lambda e: self._make_plan(e, self.stats, None)[0])
         self.stats.load_state_dict(state["stats"])          # checked again: cheap next to the load
         self._run = run
+        self.coverage.restart(None if run.plan is None else run.epoch)
         if self._sync is not None:
             self._sync.clear()
 

@@ -126,6 +126,7 @@ class PrunedSampler(DistributedSampler[int]):
         return self.shard.plan()
 
     def __iter__(self) -> Iterator[int]:
+        self.shard.begin()                  # the coverage guard counts this pass
         ids = self.shard.host_ids()
         for lo in range(0, len(ids), 4096):
             yield from ids[lo:lo + 4096].tolist()
