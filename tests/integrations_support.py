@@ -57,6 +57,26 @@ def short_warning(rank: int, trained: int, planned: int, epoch: int) -> str:
             f"epoch {epoch} ({round(100 * trained / planned)}%). {SHORT_FIXES}")
 
 
+#: how to call set_epoch, the end of the warnings about a plan trained again
+SET_EPOCH = ("Call loader.sampler.set_epoch(epoch) before each epoch (epochs count from 0, as "
+             "with DistributedSampler), on one sampler kept for the whole run.")
+
+
+def again_on_pass(rank: int, epoch: int) -> str:
+    """The warning when a loader starts a second pass over ``epoch`` without set_epoch."""
+    return (f"gpuprune: rank {rank}'s loader starts another pass over epoch {epoch}'s plan without "
+            f"set_epoch, so it trains epoch {epoch}'s samples again: a loop that never calls "
+            f"set_epoch trains epoch {epoch}'s samples in every epoch. {SET_EPOCH}")
+
+
+def again_on_observe(rank: int, observed: int, epoch: int, planned: int) -> str:
+    """The warning when a rank's count passes its ``planned`` samples by more than a batch."""
+    return (f"gpuprune: rank {rank} observed {observed} samples in epoch {epoch}, whose plan gives "
+            f"it {planned}: the same plan is being trained again (the loop iterates the loader "
+            f"again without set_epoch, or set_epoch({epoch}) was called again), so every epoch "
+            f"trains epoch {epoch}'s samples. {SET_EPOCH}")
+
+
 def run_script(args: list[str], *, world_size: int = 1, timeout: float = 120.0,
                cwd: Path | None = None) -> list[str]:
     """Run ``python args...`` as ``world_size`` processes of one local process group (the

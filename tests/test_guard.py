@@ -27,27 +27,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import gpuprune as gp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from integrations_support import (coverage_warnings, run_script,  # noqa: E402
-                                  short_warning)
+from integrations_support import (again_on_observe, again_on_pass,  # noqa: E402
+                                  coverage_warnings, run_script, short_warning)
 
 N, BATCH = 200, 16
-
-SET_EPOCH = ("Call loader.sampler.set_epoch(epoch) before each epoch (epochs count from 0, as "
-             "with DistributedSampler), on one sampler kept for the whole run.")
-
-
-def again_on_pass(rank: int, epoch: int) -> str:
-    return (f"gpuprune: rank {rank}'s loader starts another pass over epoch {epoch}'s plan without "
-            f"set_epoch, so it trains epoch {epoch}'s samples again: a loop that never calls "
-            f"set_epoch trains epoch {epoch}'s samples in every epoch. {SET_EPOCH}")
-
-
-def again_on_observe(rank: int, observed: int, epoch: int, planned: int) -> str:
-    return (f"gpuprune: rank {rank} observed {observed} samples in epoch {epoch}, whose plan gives "
-            f"it {planned}: the same plan is being trained again (the loop iterates the loader "
-            f"again without set_epoch, or set_epoch({epoch}) was called again), so every epoch "
-            f"trains epoch {epoch}'s samples. {SET_EPOCH}")
-
 
 def pruner(**kw) -> gp.Pruner:
     return gp.Pruner(N, **{"keep": 0.5, "policy": "uniform", "num_epochs": 4, "seed": 1, **kw})
