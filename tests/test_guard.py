@@ -216,6 +216,38 @@ def test_a_mid_epoch_restore_expects_the_rest_of_the_epoch():
         assert caught(run) == want
 
 
+# ---------------------------------------------------------------- the DALI iterator
+def test_the_dali_iterator_is_counted_by_the_same_guard():
+    """PrunedDALIIterator (real CPU pipeline): epochs counted up without set_epoch, with DROP and
+    FILL (last batch dropped / padded with repeats) are quiet; a loop that takes 2 of each epoch's
+    4 batches and abandons the rest with reset() warns."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    from gpuprune.dali import ArraySource, LastBatchPolicy, build_iterator
+
+    def run(policy, batches=None, padded=False):
+        p = pruner()
+        source = ArraySource(np.arange(N, dtype=np.int64))
+        kw = {"last_batch_padded": True} if padded else {}
+        it = build_iterator(p, source, batch_size=30, num_threads=1, output_map=["id"],
+                            last_batch_policy=policy, **kw)
+
+        def loop():
+            for _ in range(3):
+                for k, (b,) in enumerate(it):
+                    assert b["id"].tolist() == b["index"].tolist()
+                    p.observe(b["index"], torch.ones(len(b["index"])))
+                    if k + 1 == batches:
+                        it.reset()
+                        break
+        return caught(loop), [h["epoch"] for h in p.history]
+
+    for policy, padded in ((LastBatchPolicy.PARTIAL, False), (LastBatchPolicy.DROP, False),
+                           (LastBatchPolicy.FILL, True)):
+        assert run(policy, padded=padded) == ([], [0, 1, 2]), policy
+    assert run(LastBatchPolicy.PARTIAL, batches=2) == ([short_warning(0, 60, 100, 0)], [0, 1, 2])
+
+
 # ---------------------------------------------------------------- 2 gloo ranks
 def ddp_worker(out: Path) -> None:
     """A torchrun-style DDP loop (DistributedDataParallel, PrunedSampler, set_epoch per epoch),
