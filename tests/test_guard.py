@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import gpuprune as gp
+from gpuprune.refresh import Refresher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from integrations_support import (again_on_observe, again_on_pass,  # noqa: E402
@@ -213,6 +214,26 @@ def test_a_mid_epoch_restore_expects_the_rest_of_the_epoch():
                 train(q, resumed, batches=batches if epoch == 1 else None)
                 if epoch == 1:
                     assert q.coverage.expected == 52
+        assert caught(run) == want
+
+
+def test_a_refresh_pass_is_not_counted_as_training():
+    """Re-scored samples are observed with trained=False: an epoch trained in half still warns
+    after a refresh pass over the other 100 samples (counted, they would hide it), and a whole
+    epoch plus the refresh is quiet."""
+    x, y = torch.zeros(N, 1), torch.zeros(N, dtype=torch.long)
+    model = torch.nn.Linear(1, 2)
+    for batches, want in ((None, []), (3, [short_warning(0, 48, 100, 1)])):
+        p = pruner(policy="ucb")
+        loader = loader_of(p)
+        refresher = Refresher(p)
+
+        def run():
+            for epoch in range(3):
+                result = refresher.run(model, (x, y), epoch)
+                assert result.scored == (0 if epoch == 0 else 100)   # before epochs 1, 2
+                loader.sampler.set_epoch(epoch)
+                train(p, loader, batches=batches if epoch == 1 else None)
         assert caught(run) == want
 
 
