@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ from .policies import POLICIES, Policy, make_policy
 from .sampler import PrunedSampler
 from .schedule import Schedule
 from .sizes import budget, shard_size
-from .state import FORMAT, Progress, check_state, make_state
+from .state import (FORMAT, Progress, check_extension, check_state, make_state,
+                    saved_num_epochs)
 from .stats import LossStats
 
 __all__ = ["Pruner", "budget"]
@@ -152,6 +154,7 @@ class Pruner:
         #: this rank's samples observed in the current epoch against its loader's: the coverage
         #: guard (:mod:`gpuprune.guard`), which warns when they do not match
         self.coverage = CoverageGuard(self.rank)
+        self._asked = (asked, decay)              # for a checkpoint of a shorter run (extend)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -291,9 +294,10 @@ class Pruner:
             return False
         return self.schedule.selects(epoch, previous)
 
-    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> tuple[Plan, bool]:
-        return make_plan(epoch, current, schedule=self.schedule, policy=self.policy, k=self.k,
-                         stats=stats, seed=self.seed, backend=self.backend)
+    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None,
+                   schedule: Schedule | None = None) -> tuple[Plan, bool]:
+        return make_plan(epoch, current, schedule=schedule or self.schedule, policy=self.policy,
+                         k=self.k, stats=stats, seed=self.seed, backend=self.backend)
 
     def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
                 record: dict) -> None:
@@ -417,19 +421,54 @@ class Pruner:
                 f"example at the end of the epoch), then save from rank 0")
         return make_state(self.config(), self.stats, self._run._replace(history=self.history))
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, extend: bool = False) -> None:
         """Restore :meth:`state_dict`. The whole state is checked first (:func:`gpuprune.state.
         check_state`): the checksum, every setting against this Pruner's, every field's type and
         range, and that the fields tell one story this Pruner's rule could have made. A state that
-        does not fit raises TypeError/ValueError naming the key and leaves this Pruner unchanged."""
-        run = check_state(state, config=self.config(), schedule=self.schedule, policy=self.policy,
-                          k=self.k, stats=self.stats,
-                          full_plan=lambda e: self._make_plan(e, self.stats, None)[0])
+        does not fit raises TypeError/ValueError naming the key and leaves this Pruner unchanged.
+
+        Args:
+            state: a :meth:`state_dict`.
+            extend: continue a run saved with fewer epochs (resuming with a larger ``--epochs``).
+                The state must be one a Pruner with this Pruner's arguments but the saved
+                ``num_epochs`` could have made: every other setting equal, and the final full-data
+                epochs that follow from ``num_epochs`` recomputed as this Pruner's arguments say
+                (a ``final_full_epochs`` given explicitly keeps its count and moves to the new
+                end; one the policy derives, InfoBatch's annealing ``num_epochs -
+                floor(delta * num_epochs)``, is derived again). Refused (ValueError naming the
+                epoch) when the saved run already planned an epoch whose kind the longer schedule
+                changes: a final full-data (or annealing) epoch that is now pruned. The run then
+                continues exactly as this Pruner would have run from the start, so every plan
+                before the saved run's first final full-data epoch is the saved run's. Default
+                ``False``: ``num_epochs`` must match too. See docs/integrations.md, "Resume with
+                more epochs".
+        """
+        config, schedule = self.config(), self.schedule
+        if check_bool("extend", extend):
+            schedule = self._schedule_with(saved_num_epochs(state, self.num_epochs))
+            config = {**config, "schedule": schedule.config()}
+        run = check_state(state, config=config, schedule=schedule, policy=self.policy, k=self.k,
+                          stats=self.stats,
+                          full_plan=lambda e: self._make_plan(e, self.stats, None, schedule)[0])
+        if schedule is not self.schedule:
+            check_extension(run, schedule, self.schedule)
         self.stats.load_state_dict(state["stats"])          # checked again: cheap next to the load
         self._run = run
         self.coverage.restart(None if run.plan is None else run.epoch)
         if self._sync is not None:
             self._sync.clear()
+
+    def _schedule_with(self, num_epochs: int) -> Schedule:
+        """The schedule this Pruner's arguments give for a run of ``num_epochs`` epochs (its
+        policy's rule applied again: derived final full-data epochs are derived anew)."""
+        asked, decay = self._asked
+        try:
+            rule = self.policy.rule(self.keep, self.num_samples,
+                                    replace(asked, num_epochs=num_epochs), decay)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's run had num_epochs={num_epochs}, which this "
+                             f"Pruner's arguments do not allow: {e}") from None
+        return rule.schedule
 
     def __repr__(self) -> str:
         return (f"Pruner(num_samples={self.num_samples}, keep={self.keep}, policy={self.policy!r}, "

@@ -4,7 +4,7 @@ optional package.
 A loop without ``set_epoch`` still trains epoch 0's plan every epoch, and a 1-based loop still
 skips epoch 0: gpuprune cannot change the loop, but the coverage guard (gpuprune/guard.py) now
 warns at the first wrong pass or plan, naming the cause and the fix. Extending a run is refused
-(made explicit in a later commit). The
+with the way to do it, ``load_state_dict(state, extend=True)`` (tests/test_extend.py). The
 frameworks' loops are not affected: Lightning, accelerate's prepared loader and the Hugging Face
 Trainer call ``set_epoch`` from 0 by themselves (the example tests assert the plans of epochs 0, 1,
 2), shown here for accelerate's loader in a loop that never calls it.
@@ -95,14 +95,20 @@ def test_a_one_based_loop_skips_the_warmup_warns_at_once_and_fails_at_its_last_e
                               "num_epochs=3), got epoch=3")
 
 
-def test_extending_a_run_is_refused():
+def test_extending_a_run_is_refused_with_the_way_to_do_it():
     short = gpuprune.Pruner(N, keep=0.5, num_epochs=2)
     short.plan(0)
     short.plan(1)
     longer = gpuprune.Pruner(N, keep=0.5, num_epochs=4)
-    with pytest.raises(ValueError, match=r"checkpoint was made with schedule.num_epochs=2, this "
-                                         r"Pruner has schedule.num_epochs=4"):
+    with pytest.raises(ValueError) as err:
         longer.load_state_dict(short.state_dict())
+    assert str(err.value) == (
+        "checkpoint was made with schedule.num_epochs=2, this Pruner has schedule.num_epochs=4: "
+        "to continue that run for more epochs, load it with pruner.load_state_dict(state, "
+        "extend=True) (docs/integrations.md, \"Resume with more epochs\")")
+    longer.load_state_dict(short.state_dict(), extend=True)
+    assert [h["epoch"] for h in longer.history] == [0, 1]
+    assert len(longer.plan(3)) == N // 2                             # epochs 2 and 3 follow
 
 
 def test_gpuprune_imports_no_framework_and_each_glue_says_what_to_install():
