@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import gpuprune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from integrations_support import again_on_pass, coverage_warnings  # noqa: E402
+from integrations_support import (again_on_observe, again_on_pass,  # noqa: E402
+                                  coverage_warnings)
 
 N, EPOCHS = 200, 3
 
@@ -74,6 +75,32 @@ def test_accelerates_loader_calls_set_epoch_itself():
     assert [h["epoch"] for h in pruner.history] == [0, 1, 2]
     assert len({tuple(ids) for ids in got}) == 3                     # a new subset each epoch
     assert coverage_warnings(caught) == []
+
+
+def test_accelerates_loader_after_a_break_serves_the_same_epoch_again_and_warns():
+    """accelerate's prepared loader counts a pass only when it ends (DataLoaderShard.iteration),
+    so after a break its next pass calls set_epoch(0) again and trains epoch 0's plan again: the
+    guard warns once the count passes the plan (100) by more than a batch (16): 32 + 96 = 128."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from gpuprune.integrations.accelerate import prepare_data_loader
+    try:
+        accelerator = Accelerator(cpu=True)
+        pruner = gpuprune.Pruner(N, keep=0.5, policy="uniform", num_epochs=EPOCHS, seed=1)
+        loader = prepare_data_loader(accelerator, loader_of(pruner))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", gpuprune.CoverageWarning)
+            for i, (_, idx) in enumerate(loader):            # "epoch 0": a break after 2 batches
+                pruner.observe(idx, torch.ones(len(idx)))
+                if i == 1:
+                    break
+            plan0 = pruner.current_plan.indices.tolist()
+            got = received(loader, range(2), pruner)         # "epochs 1 and 2"
+    finally:
+        AcceleratorState._reset_state(True)
+    assert [h["epoch"] for h in pruner.history] == [0, 1]    # the second pass was epoch 0 again
+    assert got[0] == plan0 and got[1] != plan0
+    assert coverage_warnings(caught) == [again_on_observe(0, 128, 0, 100)]
 
 
 def test_a_one_based_loop_skips_the_warmup_warns_at_once_and_fails_at_its_last_epoch():
