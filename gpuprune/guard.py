@@ -125,11 +125,11 @@ class CoverageGuard:
         if first and epoch > 0:
             never = "epoch 0 is" if epoch == 1 else f"epochs 0 to {epoch - 1} are"
             self._warn("skipped", f"gpuprune: the first epoch planned is epoch {epoch}, so {never} "
-                                  f"never trained: epochs count from 0, as "
-                                  f"with DistributedSampler.set_epoch. A loop `for epoch in "
-                                  f"range(1, num_epochs + 1)` skips epoch 0 (a full warm-up epoch, "
-                                  f"if any) and fails at its last epoch: use range(num_epochs). "
-                                  f"Resuming? Load the Pruner's state_dict before planning.")
+                                  f"never trained: epochs count from 0, as with "
+                                  f"DistributedSampler.set_epoch. A loop `for epoch in range(1, "
+                                  f"num_epochs + 1)` skips epoch 0 (a full warm-up epoch, if any) "
+                                  f"and fails at its last epoch: use range(num_epochs). Resuming? "
+                                  f"Load the Pruner's state_dict before planning.")
         self.restart(epoch)
 
     def restart(self, epoch: int | None) -> None:
