@@ -47,8 +47,8 @@ _SHORT_FIXES = (
     "gpuprune.integrations.transformers.PruningTrainer (Trainer); see docs/integrations.md")
 
 #: how to call set_epoch, in every warning about a plan trained again
-_SET_EPOCH = ("Call loader.sampler.set_epoch(epoch) before each epoch (epochs count from 0, as with "
-              "DistributedSampler), on one sampler kept for the whole run")
+_SET_EPOCH = ("Call loader.sampler.set_epoch(epoch) before each epoch (epochs count from 0, as "
+              "with DistributedSampler), on one sampler kept for the whole run")
 
 
 class CoverageWarning(UserWarning):

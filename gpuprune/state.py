@@ -234,13 +234,14 @@ def check_extension(progress: Progress, saved: Schedule, longer: Schedule) -> No
         if (saved.is_full(e), saved.selects(e, previous)) != (longer.is_full(e),
                                                               longer.selects(e, previous)):
             first = saved.num_epochs - saved.final
+            kind = {True: "full-data", False: "pruned"}
             raise ValueError(
                 f"cannot extend this checkpoint: its run (num_epochs={saved.num_epochs}) planned "
-                f"epoch {e} as a {'full-data' if saved.is_full(e) else 'pruned'} epoch, which "
-                f"with num_epochs={longer.num_epochs} is "
-                f"{'full-data' if longer.is_full(e) else 'pruned'}; its final full-data (InfoBatch: "
-                f"annealing) epochs start at epoch {first}. Extend from a checkpoint saved before "
-                f"epoch {first} was planned, or keep num_epochs={saved.num_epochs}")
+                f"epoch {e} as a {kind[saved.is_full(e)]} epoch, which with "
+                f"num_epochs={longer.num_epochs} is {kind[longer.is_full(e)]}; its final "
+                f"full-data (InfoBatch: annealing) epochs start at epoch {first}. Extend from a "
+                f"checkpoint saved before epoch {first} was planned, or keep "
+                f"num_epochs={saved.num_epochs}")
         previous = e
 
 
