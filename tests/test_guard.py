@@ -33,6 +33,7 @@ from integrations_support import (again_on_observe, again_on_pass,  # noqa: E402
 
 N, BATCH = 200, 16
 
+
 def pruner(**kw) -> gp.Pruner:
     return gp.Pruner(N, **{"keep": 0.5, "policy": "uniform", "num_epochs": 4, "seed": 1, **kw})
 
