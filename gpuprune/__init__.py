@@ -14,6 +14,7 @@ DALI users swap their iterator for :class:`gpuprune.dali.PrunedDALIIterator` (ne
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .guard import CoverageWarning
 from .plan import Plan
 from .policies import (POLICIES, EpsilonGreedy, FullData, InfoBatch, Policy, Rule, Selection,
                        Static, UCB, Uniform)
@@ -33,5 +34,5 @@ __all__ = [
     "EpochShard", "Planner", "Policy", "Rule", "Selection", "POLICIES", "FullData", "Uniform",
     "EpsilonGreedy", "UCB", "InfoBatch", "Static", "el2n_scores", "ForgettingTracker",
     "save_checkpoint", "load_checkpoint", "CheckpointError", "Refresher", "refresh_scores",
-    "__version__",
+    "CoverageWarning", "__version__",
 ]

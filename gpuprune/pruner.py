@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,13 +17,15 @@ import torch
 from ._checks import check_batch, check_bool, check_float, check_int, resolve_device
 from .backend import get_backend
 from .distributed import DistributedError, EpochSync, Op, resolve_group
+from .guard import CoverageGuard
 from .plan import Plan
 from .planning import Planned, make_plan
 from .policies import POLICIES, Policy, make_policy
 from .sampler import PrunedSampler
 from .schedule import Schedule
 from .sizes import budget, shard_size
-from .state import FORMAT, Progress, check_state, make_state
+from .state import (FORMAT, Progress, check_extension, check_state, make_state,
+                    saved_num_epochs)
 from .stats import LossStats
 
 __all__ = ["Pruner", "budget"]
@@ -148,6 +151,10 @@ class Pruner:
         self.process_group = group
         self._sync = None if group is None else EpochSync(group, self.device, num_samples)
         self._run = Progress(None, 0, 0, -1, [])   # history overlaps: device scalars until read
+        #: this rank's samples observed in the current epoch against its loader's: the coverage
+        #: guard (:mod:`gpuprune.guard`), which warns when they do not match
+        self.coverage = CoverageGuard(self.rank)
+        self._asked = (asked, decay)              # for a checkpoint of a shorter run (extend)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -263,6 +270,7 @@ class Pruner:
         record = {"epoch": epoch, "size": len(plan), "full": plan.full, "reselected": reselect,
                   "overlap": overlap}
         self._commit(stats, selected, plan, reselect, record)
+        self.coverage.planned(epoch, first=current is None)   # after every collective: may warn
         return plan
 
     def _lookup(self, epoch: int) -> tuple[int, Plan | None]:
@@ -283,9 +291,10 @@ class Pruner:
             return False
         return self.schedule.selects(epoch, previous)
 
-    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None) -> Planned:
-        return make_plan(epoch, current, schedule=self.schedule, policy=self.policy, k=self.k,
-                         stats=stats, seed=self.seed, backend=self.backend)
+    def _make_plan(self, epoch: int, stats: LossStats, current: Plan | None,
+                   schedule: Schedule | None = None) -> Planned:
+        return make_plan(epoch, current, schedule=schedule or self.schedule, policy=self.policy,
+                         k=self.k, stats=stats, seed=self.seed, backend=self.backend)
 
     def _commit(self, stats: LossStats, selected: torch.Tensor, plan: Plan, reselect: bool,
                 record: dict) -> None:
@@ -301,7 +310,8 @@ class Pruner:
             self._sync.clear()
 
     # ------------------------------------------------------------------ observe
-    def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor) -> torch.Tensor:
+    def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor, *,
+                trained: bool = True) -> torch.Tensor:
         """Record a batch's losses; return the loss to backpropagate.
 
         Args:
@@ -309,6 +319,9 @@ class Pruner:
             per_sample_loss: 1-D float tensor, one unreduced loss per sample (``reduction="none"``),
                 on :attr:`device`. Its graph is kept for the returned value; the statistics use a
                 detached copy.
+            trained: the batch is a training step's (default ``True``): :attr:`coverage` counts it
+                against the samples planned for this rank. ``False`` records the losses without
+                counting them (a re-score pass, :mod:`gpuprune.refresh`).
 
         Returns:
             ``mean(weight[i] * loss[i])`` over the batch, accumulated in float32 and returned in the
@@ -318,11 +331,14 @@ class Pruner:
         """
         check_batch(indices, per_sample_loss, self.device, self.num_samples,
                     loss_name="per_sample_loss")
+        trained = check_bool("trained", trained)
         if self._sync is not None:
             self._sync.record(indices, per_sample_loss)
         else:
             self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
                                   self._run.epoch)
+        if trained:
+            self.coverage.observe(indices.numel())     # metadata: no device read
         x = per_sample_loss.float()
         plan = self._run.plan
         if plan is not None and plan.rescaled is not None:
@@ -402,18 +418,54 @@ class Pruner:
                 f"example at the end of the epoch), then save from rank 0")
         return make_state(self.config(), self.stats, self._run._replace(history=self.history))
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, extend: bool = False) -> None:
         """Restore :meth:`state_dict`. The whole state is checked first (:func:`gpuprune.state.
         check_state`): the checksum, every setting against this Pruner's, every field's type and
         range, and that the fields tell one story this Pruner's rule could have made. A state that
-        does not fit raises TypeError/ValueError naming the key and leaves this Pruner unchanged."""
-        run = check_state(state, config=self.config(), schedule=self.schedule, policy=self.policy,
-                          k=self.k, stats=self.stats,
-                          full_plan=lambda e: self._make_plan(e, self.stats, None)[0])
+        does not fit raises TypeError/ValueError naming the key and leaves this Pruner unchanged.
+
+        Args:
+            state: a :meth:`state_dict`.
+            extend: continue a run saved with fewer epochs (resuming with a larger ``--epochs``).
+                The state must be one a Pruner with this Pruner's arguments but the saved
+                ``num_epochs`` could have made: every other setting equal, and the final full-data
+                epochs that follow from ``num_epochs`` recomputed as this Pruner's arguments say
+                (a ``final_full_epochs`` given explicitly keeps its count and moves to the new
+                end; one the policy derives, InfoBatch's annealing ``num_epochs -
+                floor(delta * num_epochs)``, is derived again). Refused (ValueError naming the
+                epoch) when the saved run already planned an epoch whose kind the longer schedule
+                changes: a final full-data (or annealing) epoch that is now pruned. The run then
+                continues exactly as this Pruner would have run from the start, so every plan
+                before the saved run's first final full-data epoch is the saved run's. Default
+                ``False``: ``num_epochs`` must match too. See docs/integrations.md, "Resume with
+                more epochs".
+        """
+        config, schedule = self.config(), self.schedule
+        if check_bool("extend", extend):
+            schedule = self._schedule_with(saved_num_epochs(state, self.num_epochs))
+            config = {**config, "schedule": schedule.config()}
+        run = check_state(state, config=config, schedule=schedule, policy=self.policy, k=self.k,
+                          stats=self.stats,
+                          full_plan=lambda e: self._make_plan(e, self.stats, None, schedule)[0])
+        if schedule is not self.schedule:
+            check_extension(run, schedule, self.schedule)
         self.stats.load_state_dict(state["stats"])          # checked again: cheap next to the load
         self._run = run
+        self.coverage.restart(None if run.plan is None else run.epoch)
         if self._sync is not None:
             self._sync.clear()
+
+    def _schedule_with(self, num_epochs: int) -> Schedule:
+        """The schedule this Pruner's arguments give for a run of ``num_epochs`` epochs (its
+        policy's rule applied again: derived final full-data epochs are derived anew)."""
+        asked, decay = self._asked
+        try:
+            rule = self.policy.rule(self.keep, self.num_samples,
+                                    replace(asked, num_epochs=num_epochs), decay)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's run had num_epochs={num_epochs}, which this "
+                             f"Pruner's arguments do not allow: {e}") from None
+        return rule.schedule
 
     def __repr__(self) -> str:
         return (f"Pruner(num_samples={self.num_samples}, keep={self.keep}, policy={self.policy!r}, "

@@ -412,7 +412,7 @@ class _Staged:
             return 0
         ids, losses = torch.cat(self.ids), torch.cat(self.losses)
         self.ids, self.losses = [], []
-        self.pruner.observe(ids, losses)
+        self.pruner.observe(ids, losses, trained=False)     # not counted as trained samples
         return int(ids.numel())
 
 

@@ -53,7 +53,10 @@ class PrunedSampler(DistributedSampler[int]):
     rank calls it). ``len()`` only reads: the planned share's length, or, before ``set_epoch``, the
     length the schedule predicts (the same answer on every rank, and no planning). Everything
     per-rank (the share, its length, the position) is the :class:`~gpuprune.shard.EpochShard` in
-    :attr:`shard`; docs/distributed.md lists every difference from ``DistributedSampler``.
+    :attr:`shard`; docs/distributed.md lists every difference from ``DistributedSampler``. Each
+    pass is counted by the pruner's coverage guard (:mod:`gpuprune.guard`): a second pass over an
+    epoch without ``set_epoch`` in between, or a pass trained only in part, warns
+    (:class:`~gpuprune.CoverageWarning`).
 
     Checkpoints, mid-epoch included: save ``sampler.state_dict(consumed=n)`` next to
     ``pruner.state_dict()``, where ``n`` is the number of this pass's samples whose training step
@@ -126,6 +129,7 @@ class PrunedSampler(DistributedSampler[int]):
         return self.shard.plan()
 
     def __iter__(self) -> Iterator[int]:
+        self.shard.begin()                  # the coverage guard counts this pass
         ids = self.shard.host_ids()
         for lo in range(0, len(ids), 4096):
             yield from ids[lo:lo + 4096].tolist()

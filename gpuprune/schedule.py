@@ -139,39 +139,56 @@ class Schedule:
         return k if self.exact_size else None
 
     def steps(self, epoch: int, num_samples: int, k: int, batch_size: int, *,
-              world_size: int = 1, drop_last: bool = False) -> int | None:
+              world_size: int = 1, drop_last: bool = False, drop_last_batch: bool | None = None,
+              accumulate: int = 1) -> int | None:
         """Optimizer steps of ``epoch`` on each rank (the same on every rank), or None when the
         epoch's size depends on the losses.
 
         ``drop_last`` applies to both the shard (cut to a multiple of ``world_size``) and the last
-        batch, as in :class:`~gpuprune.PrunedSampler` and the DALI iterator with ``DROP``.
+        batch, as in :class:`~gpuprune.PrunedSampler` and the DALI iterator with ``DROP``;
+        ``drop_last_batch`` (None, the default: as ``drop_last``) sets the last batch apart, for a
+        loader that drops it from a padded shard (``DataLoader(drop_last=True)`` over the sampler's
+        default). ``accumulate`` batches make one optimizer step (default 1), and a last,
+        incomplete accumulation steps too, as in PyTorch Lightning and the Hugging Face Trainer.
         """
-        _check_batching(batch_size, world_size, drop_last)
+        drop_batch, accumulate = _check_batching(batch_size, world_size, drop_last,
+                                                 drop_last_batch, accumulate)
         n = self.epoch_size(epoch, num_samples, k)
-        return None if n is None else _steps(n, batch_size, world_size, drop_last)
+        return None if n is None else _steps(n, batch_size, world_size, drop_last, drop_batch,
+                                             accumulate)
 
     def total_steps(self, num_samples: int, k: int, batch_size: int, *, world_size: int = 1,
-                    drop_last: bool = False, upper_bound: bool = False) -> int:
-        """Optimizer steps of the whole run on each rank: the sum of :meth:`steps` over epochs.
+                    drop_last: bool = False, upper_bound: bool = False,
+                    drop_last_batch: bool | None = None, accumulate: int = 1,
+                    epochs: int | None = None) -> int:
+        """Optimizer steps of the whole run on each rank: the sum of :meth:`steps` over epochs
+        ``0 .. epochs - 1`` (``epochs``: default ``num_epochs``, at most it; a framework's
+        ``max_epochs`` may stop earlier).
 
-        Needs ``num_epochs``. The one step-count formula: :meth:`gpuprune.Pruner.total_steps` and
-        the DALI iterator's ``total_steps`` call it. Exact when every epoch's size is known
-        (``exact_size``); otherwise it raises unless ``upper_bound``, which counts every pruned
-        epoch of unknown size with all N samples (the schedule then never runs out).
+        Needs ``num_epochs``. The one step-count formula: :meth:`gpuprune.Pruner.total_steps`, the
+        DALI iterator's ``total_steps`` and the framework glue (:mod:`gpuprune.integrations`) call
+        it. Exact when every epoch's size is known (``exact_size``); otherwise it raises unless
+        ``upper_bound``, which counts every pruned epoch of unknown size with all N samples (the
+        schedule then never runs out).
         """
         if self.num_epochs is None:
             raise ValueError("total_steps needs a schedule with num_epochs")
         check_int("num_samples", num_samples, minimum=1)
         check_int("k", k, minimum=1, maximum=num_samples)
-        _check_batching(batch_size, world_size, drop_last)
+        drop_batch, accumulate = _check_batching(batch_size, world_size, drop_last,
+                                                 drop_last_batch, accumulate)
+        end = self.num_epochs if epochs is None else check_int("epochs", epochs, minimum=0,
+                                                               maximum=self.num_epochs)
         if not check_bool("upper_bound", upper_bound) and not self.exact_size:
             raise ValueError(
                 "the policy plans a loss-dependent number of samples, so the run's step count is "
                 "not known in advance; pass upper_bound=True for the bound that counts every "
                 "pruned epoch with all N samples, or use an epoch-based schedule")
-        sizes = (self.epoch_size(e, num_samples, k) for e in range(self.num_epochs))
-        return sum(_steps(num_samples if n is None else n, batch_size, world_size, drop_last)
-                   for n in sizes)
+        kw = dict(world_size=world_size, drop_last=drop_last, drop_last_batch=drop_batch,
+                  accumulate=accumulate)
+        steps = (self.steps(e, num_samples, k, batch_size, **kw) for e in range(end))
+        return sum(_steps(num_samples, batch_size, world_size, drop_last, drop_batch, accumulate)
+                   if n is None else n for n in steps)
 
     def config(self) -> dict:
         """The run's settings as a plain dict (for checkpoints and the cross-rank check):
@@ -182,12 +199,20 @@ class Schedule:
                 "final_full_epochs": self.final, "selection_interval": self.selection_interval}
 
 
-def _check_batching(batch_size: int, world_size: int, drop_last: bool) -> None:
+def _check_batching(batch_size: int, world_size: int, drop_last: bool,
+                    drop_last_batch: bool | None = None, accumulate: int = 1) -> tuple[bool, int]:
+    """Check the batching arguments; return ``(drop_last_batch, accumulate)`` resolved."""
     check_int("batch_size", batch_size, minimum=1)
     check_int("world_size", world_size, minimum=1)
     check_bool("drop_last", drop_last)
+    drop_batch = drop_last if drop_last_batch is None else check_bool("drop_last_batch",
+                                                                      drop_last_batch)
+    return drop_batch, check_int("accumulate", accumulate, minimum=1)
 
 
-def _steps(n: int, batch_size: int, world_size: int, drop_last: bool) -> int:
-    """Batches one rank trains from a plan of ``n`` samples shared over ``world_size`` ranks."""
-    return num_batches(shard_size(n, world_size, drop_last), batch_size, drop_last)
+def _steps(n: int, batch_size: int, world_size: int, drop_last: bool, drop_batch: bool,
+           accumulate: int) -> int:
+    """Optimizer steps one rank takes from a plan of ``n`` samples shared over ``world_size``
+    ranks: its batches, ``accumulate`` to a step (a last, incomplete group steps too)."""
+    return -(-num_batches(shard_size(n, world_size, drop_last), batch_size, drop_batch)
+             // accumulate)

@@ -35,6 +35,7 @@ import torch
 
 from ._checks import check_bool, check_int
 from .distributed import rank_and_world
+from .guard import CoverageGuard
 from .plan import Plan
 from .sizes import num_batches, owned_size, shard_size
 
@@ -193,6 +194,7 @@ class EpochShard:
 
     ============================================  ===============================================
     ``set_epoch(e)``, ``plan()``, ``len()``        plan and take the share; its remaining length
+    ``begin()``                                    a pass starts: the share, counted by the guard
     ``host_ids()``, ``ids()``                      the share from ``start`` on (host / device)
     ``state_dict(consumed)``, ``load_state_dict``  the resume position and its checks
     ``shard_size(e)``, ``seek(e, start)``          a future epoch's share length; move, no planning
@@ -233,6 +235,7 @@ class EpochShard:
         self._epoch, self._start = 0, 0
         self._taken: tuple[Plan, Plan] | None = None    # (the planner's plan, its share)
         self._host: np.ndarray | None = None            # host copy of the share, [start:]
+        self._begun = False                             # a pass began since the position moved
 
     # ------------------------------------------------------------------ the position
     @property
@@ -271,6 +274,7 @@ class EpochShard:
         if (epoch, start) != (self._epoch, self._start):
             self._host = None
         self._epoch, self._start = epoch, start
+        self._begun = False
 
     def _check_start(self, epoch: int, start: int, n: int | None) -> None:
         if n is not None and start > n:
@@ -382,6 +386,20 @@ class EpochShard:
         """This rank's share of the position's epoch, in serving order (planned now if it was not:
         a collective under a process group). The whole share, from its first entry."""
         return self._take(self._epoch)
+
+    def begin(self) -> Plan:
+        """A loader starts a pass over the position's epoch: :meth:`plan`, and the planner's
+        coverage guard (a Pruner's :attr:`~gpuprune.Pruner.coverage`, see :mod:`gpuprune.guard`)
+        learns how many samples the pass serves, :meth:`remaining`. A second pass over the same
+        epoch with no :meth:`set_epoch`, :meth:`seek` or restore in between (a loop that never
+        calls ``set_epoch``) warns :class:`~gpuprune.CoverageWarning`, once per run."""
+        share = self.plan()
+        guard = getattr(self.planner, "coverage", None)
+        if isinstance(guard, CoverageGuard):
+            guard.begin((self.rank, self.num_replicas), self._epoch, len(share) - self._start,
+                        again=self._begun)
+        self._begun = True
+        return share
 
     def _take(self, epoch: int, ask: bool = False) -> Plan:
         """The share of ``epoch``: the one taken before unless ``ask`` (then the planner is asked

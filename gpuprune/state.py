@@ -42,7 +42,8 @@ from .schedule import Schedule
 from .sizes import index_dtype
 from .stats import LossStats
 
-__all__ = ["FORMAT", "Progress", "make_state", "check_state", "state_checksum"]
+__all__ = ["FORMAT", "Progress", "make_state", "check_state", "state_checksum", "saved_num_epochs",
+           "check_extension"]
 
 #: the ``config["format"]`` of a Pruner state (unchanged since 0.2: its states still load)
 FORMAT = "gpuprune.Pruner/2"
@@ -179,16 +180,69 @@ def check_state(state, *, config: dict, schedule: Schedule, policy: Policy, k: i
 
 def check_config(saved, mine: dict) -> None:
     """Every setting of ``saved`` equal to ``mine``'s, nested ones (the policy's) named by their
-    dotted path (:func:`gpuprune._checks.config_differences`)."""
+    dotted path (:func:`gpuprune._checks.config_differences`). A checkpoint of a shorter run says
+    how to extend it."""
     if not isinstance(saved, dict):
         raise TypeError(f"state_dict['config'] must be a dict, got {type(saved).__name__}")
-    for key, (a, b) in config_differences(saved, mine).items():
+    differences = config_differences(saved, mine)
+    a, b = differences.get("schedule.num_epochs", (None, None))
+    if isinstance(a, int) and isinstance(b, int) and a < b:
+        raise ValueError(f"checkpoint was made with schedule.num_epochs={a}, this Pruner has "
+                         f"schedule.num_epochs={b}: to continue that run for more epochs, load it "
+                         f"with pruner.load_state_dict(state, extend=True) (docs/integrations.md, "
+                         f"\"Resume with more epochs\")")
+    for key, (a, b) in differences.items():
         if a is MISSING:
             raise ValueError(f"state_dict['config'] is missing {key!r} (this Pruner has "
                              f"{key}={b!r})")
         if b is MISSING:
             raise ValueError(f"state_dict['config'] has an unknown setting {key!r}")
         raise ValueError(f"checkpoint was made with {key}={a!r}, this Pruner has {key}={b!r}")
+
+
+def saved_num_epochs(state, mine: int | None) -> int:
+    """The ``num_epochs`` of the run a state was saved from, for extending it to ``mine`` epochs:
+    an int in ``[1, mine]``, or TypeError/ValueError naming the entry (nothing else is checked
+    here: :func:`check_state` checks the whole state against that run's configuration)."""
+    if mine is None:
+        raise ValueError("extend=True continues a run for more epochs, but this Pruner has no "
+                         "num_epochs: create it with the run's new num_epochs")
+    try:
+        saved = state["config"]["schedule"]["num_epochs"]
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"state_dict['config']['schedule']['num_epochs'] is missing: is it a "
+                         f"Pruner.state_dict()? ({e!r})") from None
+    if saved is None:
+        raise ValueError("checkpoint was made with schedule.num_epochs=None (an open-ended run), "
+                         "which has no end to move: extend=True needs a run with num_epochs")
+    saved = check_int("state_dict['config']['schedule']['num_epochs']", saved, minimum=1)
+    if saved > mine:
+        raise ValueError(f"checkpoint was made with schedule.num_epochs={saved}, more than this "
+                         f"Pruner's num_epochs={mine}: extend=True only lengthens a run")
+    return saved
+
+
+def check_extension(progress: Progress, saved: Schedule, longer: Schedule) -> None:
+    """Refuse to continue a run of schedule ``saved`` with the ``longer`` one unless every epoch
+    it planned has the same kind (full or pruned, a new selection or not) in both: then the
+    longer run is the one a Pruner made with ``longer`` from the start would have trained. That
+    holds for every epoch before the saved run's first final full-data (InfoBatch: annealing)
+    epoch, and fails at that epoch when the longer schedule prunes it."""
+    previous = None
+    for record in progress.history:
+        e = record["epoch"]
+        if (saved.is_full(e), saved.selects(e, previous)) != (longer.is_full(e),
+                                                              longer.selects(e, previous)):
+            first = saved.num_epochs - saved.final
+            kind = {True: "full-data", False: "pruned"}
+            raise ValueError(
+                f"cannot extend this checkpoint: its run (num_epochs={saved.num_epochs}) planned "
+                f"epoch {e} as a {kind[saved.is_full(e)]} epoch, which with "
+                f"num_epochs={longer.num_epochs} is {kind[longer.is_full(e)]}; its final "
+                f"full-data (InfoBatch: annealing) epochs start at epoch {first}. Extend from a "
+                f"checkpoint saved before epoch {first} was planned, or keep "
+                f"num_epochs={saved.num_epochs}")
+        previous = e
 
 
 def _check_history(history, schedule: Schedule, k: int, n: int) -> list[dict]:

@@ -59,14 +59,27 @@ class Case:
 
 
 # ---------------------------------------------------------------- subjects
-def trained_pruner(policy: str = "infobatch") -> gp.Pruner:
+def trained_pruner(policy: str = "infobatch", num_epochs: int = 6) -> gp.Pruner:
     """A Pruner mid-run: a planned epoch, some losses observed, rescaled samples (InfoBatch)."""
-    p = gp.Pruner(N, keep=0.5, policy=policy, num_epochs=6, seed=1)
+    p = gp.Pruner(N, keep=0.5, policy=policy, num_epochs=num_epochs, seed=1)
     for epoch in range(2):
         plan = p.plan(epoch)
         p.observe(plan.indices, torch.linspace(0.1, 2.0, len(plan)))
     p.plan(2)
     return p
+
+
+def longer_pruner() -> gp.Pruner:
+    """:func:`trained_pruner` with num_epochs=12 (InfoBatch anneals from epoch 10, not 5)."""
+    return trained_pruner(num_epochs=12)
+
+
+def annealed_state() -> dict:
+    """The state of a 6-epoch InfoBatch run after its annealing epoch 5 (floor(0.875 * 6))."""
+    p = trained_pruner()
+    for epoch in (3, 4, 5):
+        p.plan(epoch)
+    return p.state_dict()
 
 
 def stats() -> gp.LossStats:
@@ -298,6 +311,7 @@ CASES: list[Case] = [
     Case("Pruner.observe", "an id >= N", lambda p: p.observe(torch.tensor([0, 20]), LOSS[:2]), ValueError, "indices must lie in [0, 20), got an index 20", trained_pruner),
     Case("Pruner.observe", "a negative id", lambda p: p.observe(torch.tensor([-1, 3]), LOSS[:2]), ValueError, "indices must lie in [0, 20), got an index -1", trained_pruner),
     Case("Pruner.observe", "losses on another device", lambda p: p.observe(IDX, LOSS.to("meta")), ValueError, "per_sample_loss must be on cpu, got per_sample_loss.device=meta", trained_pruner),
+    Case("Pruner.observe", "`trained=1`", lambda p: p.observe(IDX, LOSS, trained=1), TypeError, "trained must be a bool, got int 1", trained_pruner),
     Case("Pruner.is_full_epoch", "`epoch=-1`", lambda p: p.is_full_epoch(-1), ValueError, "epoch must be >= 0", trained_pruner),
     Case("Pruner.epoch_size", "an epoch beyond `num_epochs`", lambda p: p.epoch_size(9), ValueError, "epoch must be <= 5", trained_pruner),
     Case("Pruner.total_steps", "InfoBatch (loss-dependent epoch sizes) without `upper_bound=True`", lambda p: p.total_steps(4), ValueError, "plans a loss-dependent number of samples, so the run's step count is not known in advance; pass upper_bound=True", trained_pruner),
@@ -333,6 +347,12 @@ CASES: list[Case] = [
     Case("Pruner.load_state_dict", "1,002 history records for 4 epochs", lambda p: p.load_state_dict(state_with(history=lambda h: h + [h[-1]] * 998)), ValueError, "state_dict['history'][4]['epoch']=3 does not follow the previous record's epoch 3", trained_pruner),
     Case("Pruner.load_state_dict", "`nonfinite=2**62`", lambda p: p.load_state_dict(state_with(stats__nonfinite=torch.tensor(2**62))), ValueError, "state_dict['stats']['nonfinite'] must lie in [0, 2**53], got 4611686018427387904", trained_pruner),
     Case("Pruner.load_state_dict", "an InfoBatch plan of 1 id", lambda p: p.load_state_dict(state_with(plan__indices=lambda t: t[:1])), ValueError, "state_dict['plan']['indices'] holds 1 ids, its history record says", trained_pruner),
+    # extending a run (issue 19): the subject has num_epochs=12, the states num_epochs=6
+    Case("Pruner.load_state_dict(extend=True)", "`extend=\"yes\"`", lambda p: p.load_state_dict(state_with(), extend="yes"), TypeError, "extend must be a bool, got str 'yes'", longer_pruner),
+    Case("Pruner.load_state_dict(extend=True)", "a checkpoint past its first annealing epoch (epoch 5 of 6)", lambda p: p.load_state_dict(annealed_state(), extend=True), ValueError, "cannot extend this checkpoint: its run (num_epochs=6) planned epoch 5 as a full-data epoch, which with num_epochs=12 is pruned", longer_pruner),
+    Case("Pruner.load_state_dict(extend=True)", "another setting besides `num_epochs` (`seed`)", lambda p: p.load_state_dict(state_with(config__seed=2), extend=True), ValueError, "checkpoint was made with seed=2, this Pruner has seed=1", longer_pruner),
+    Case("Pruner.load_state_dict(extend=True)", "a run longer than this Pruner's", lambda p: p.load_state_dict(state_with(), extend=True), ValueError, "checkpoint was made with schedule.num_epochs=6, more than this Pruner's num_epochs=4: extend=True only lengthens a run", lambda: trained_pruner(num_epochs=4)),
+    Case("Pruner.load_state_dict(extend=True)", "a Pruner without `num_epochs`", lambda p: p.load_state_dict(state_with(), extend=True), ValueError, "extend=True continues a run for more epochs, but this Pruner has no num_epochs", lambda: gp.Pruner(N, keep=0.5, policy="uniform")),
     # LossStats
     Case(LS, "`num_samples=0`", lambda _: gp.LossStats(0), ValueError, "num_samples must be >= 1, got num_samples=0"),
     Case(LS, "`device=\"meta\"`", lambda _: gp.LossStats(N, device="meta"), ValueError, "device must be a cpu or cuda device"),
@@ -639,6 +659,7 @@ def test_policy_setting_hints_name_a_parameter_the_policy_takes():
 def test_every_entry_point_has_a_case():
     entries = {c.entry for c in CASES}
     for name in ("Pruner(...)", "Pruner.plan", "Pruner.observe", "Pruner.load_state_dict",
+                 "Pruner.load_state_dict(extend=True)",
                  "LossStats(...)", "LossStats.load_state_dict", "Schedule(...)",
                  "Schedule.total_steps", "Pruner.total_steps", "PrunedSampler", "PrunedSampler.set_epoch",
                  "PrunedSampler.state_dict", "PrunedSampler.load_state_dict", "IndexedDataset",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ from gpuprune.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from integrations_support import (EXAMPLES, assert_trained_exact_shards,  # noqa: E402
-                                  dataset_size, read_records, run_script, shard)
+                                  coverage_warnings, dataset_size, read_records, run_script,
+                                  shard, short_warning)
 
 BATCH = 64
 EPOCHS = 3
@@ -50,17 +52,21 @@ def worker(out: Path, n: int) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=planned * accelerator.num_processes)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     received, plans, steps = {}, {}, 0
-    for epoch in range(EPOCHS):
-        for x, y, idx in loader:
-            received.setdefault(epoch, []).extend(idx.tolist())
-            accelerator.backward(pruner.observe(idx, F.cross_entropy(model(x), y, reduction="none")))
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            steps += 1
-        plans[epoch] = pruner.current_plan.indices.tolist()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gpuprune.CoverageWarning)
+        for epoch in range(EPOCHS):
+            for x, y, idx in loader:
+                received.setdefault(epoch, []).extend(idx.tolist())
+                accelerator.backward(pruner.observe(idx, F.cross_entropy(model(x), y,
+                                                                         reduction="none")))
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                steps += 1
+            plans[epoch] = pruner.current_plan.indices.tolist()
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps({
         "rank": accelerator.process_index, "received": received, "plans": plans,
+        "coverage": coverage_warnings(caught),
         "optimizer_steps": steps, "planned_steps": planned,
         "scheduler_steps": sched.scheduler.last_epoch, "scheduler_total": sched.scheduler.total_steps}))
     accelerator.end_training()
@@ -69,7 +75,8 @@ def worker(out: Path, n: int) -> None:
 def test_two_processes_prepare_shards_again(tmp_path):
     """Finding: with 2 processes, accelerator.prepare(loader) shards gpuprune's per-rank loader
     again: each rank trains ceil(half) of its shard's batches, padded (256 of 500 at N=2000), and
-    takes half the optimizer steps (12 instead of 24); the scheduler never finishes."""
+    takes half the optimizer steps (12 instead of 24); the scheduler never finishes. Now loud:
+    each rank warns once, when epoch 1 is planned, that it trained 256 of its 500 samples."""
     n = num_samples()
     run_script([__file__, "--worker", str(tmp_path), str(n)], world_size=2, timeout=300)
     per_rank = -(-(n // 2) // 2)
@@ -85,9 +92,13 @@ def test_two_processes_prepare_shards_again(tmp_path):
         assert rec["planned_steps"] == EPOCHS * batches
         assert 2 * rec["optimizer_steps"] == rec["planned_steps"]
         assert rec["scheduler_steps"] < rec["scheduler_total"]
+        first = len(rec["received"]["0"])
+        assert rec["coverage"] == [short_warning(r, first, per_rank, 0)]
         if n == 2000:
             assert (len(got), len(mine), rec["optimizer_steps"], rec["planned_steps"]) == \
                 (256, 500, 12, 24)
+            assert rec["coverage"][0].startswith("gpuprune: rank %d trained 256 of the 500 "
+                                                 "samples planned for it in epoch 0 (51%%)" % r)
 
 
 def test_two_processes_example_trains_every_shard_exactly(tmp_path):
@@ -114,6 +125,7 @@ def test_one_process_example_and_accelerate_defaults(tmp_path):
     rec = json.loads((tmp_path / "default" / "rank0.json").read_text())
     for epoch in range(EPOCHS):
         assert rec["received"][str(epoch)] == rec["plans"][str(epoch)]
+    assert rec["coverage"] == []
     assert rec["optimizer_steps"] == rec["planned_steps"] == rec["scheduler_steps"]
 
     run_script([str(EXAMPLES / "accelerate_train.py"), "--limit", str(n), "--record",

@@ -31,7 +31,8 @@ from gpuprune.integrations.lightning import PruningCallback, stepping_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from integrations_support import (EXAMPLES, assert_trained_exact_shards,  # noqa: E402
-                                  dataset_size, read_records, run_script, shard)
+                                  coverage_warnings, dataset_size, read_records, run_script,
+                                  shard, short_warning)
 
 BATCH = 64
 
@@ -74,6 +75,7 @@ class Probe(L.LightningModule):
         self.received: dict[int, list[int]] = {}
         self.plans: dict[int, list[int]] = {}
         self.validated: list[int] = []
+        self.coverage: list[str] = []            # the CoverageWarnings of the run (see fit)
 
     def setup(self, stage: str) -> None:
         c = self.cfg
@@ -125,7 +127,8 @@ class Probe(L.LightningModule):
         return {"rank": trainer.global_rank, "world_size": trainer.world_size,
                 "received": self.received, "plans": self.plans, "validated": self.validated,
                 "optimizer_steps": trainer.global_step, "scheduler_steps": sched.last_epoch,
-                "scheduler_total": sched.total_iters, "history": len(self.pruner.history)}
+                "scheduler_total": sched.total_iters, "history": len(self.pruner.history),
+                "coverage": self.coverage}
 
 
 def fit(model: Probe, *, callback: bool, devices: int = 1) -> L.Trainer:
@@ -134,9 +137,11 @@ def fit(model: Probe, *, callback: bool, devices: int = 1) -> L.Trainer:
                         callbacks=[PruningCallback()] if callback else [], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")                      # Lightning's own advice
+        warnings.simplefilter("always", gpuprune.CoverageWarning)
         trainer.fit(model)
+    model.coverage = coverage_warnings(caught)
     return trainer
 
 
@@ -158,7 +163,9 @@ def test_ddp_default_trainer_shards_a_plain_sampler_again(tmp_path):
     """Finding: under DDP with the default Trainer, a sampler that is not a DistributedSampler is
     wrapped in Lightning's DistributedSamplerWrapper and sharded again: each rank trains half its
     shard (250 of 500 at N=2000) and the scheduler, sized by Lightning's estimate, half the steps
-    the plans call for (12 of 24). (PrunedSampler is a DistributedSampler: the example below.)"""
+    the plans call for (12 of 24). Now loud: each rank warns once, when epoch 1 is planned, that
+    it trained 250 of its 500 samples. (PrunedSampler is a DistributedSampler: the example
+    below.)"""
     n = min(2000, num_samples())
     run_script([__file__, "--worker", str(tmp_path), str(n)], timeout=180)
     records = [json.loads((tmp_path / f"wrapped{r}.json").read_text()) for r in range(2)]
@@ -174,8 +181,11 @@ def test_ddp_default_trainer_shards_a_plain_sampler_again(tmp_path):
         steps = rec["optimizer_steps"]
         assert steps == rec["scheduler_steps"] == rec["scheduler_total"] == 3 * -(-batches // 2)
         assert 2 * steps == 3 * batches                  # the plans call for twice as many
+        assert rec["coverage"] == [short_warning(rec["rank"], -(-per_rank // 2), per_rank, 0)]
         if n == 2000:
             assert (len(got), len(mine), steps, 3 * batches) == (250, 500, 12, 24)
+            assert rec["coverage"][0].startswith(f"gpuprune: rank {rec['rank']} trained 250 of "
+                                                 f"the 500 samples planned for it in epoch 0 (50%)")
 
 
 def test_callback_refuses_a_sampler_lightning_sharded_again():
@@ -229,6 +239,7 @@ def test_single_device_estimate_and_validation_reproduced_then_fixed():
     assert trainer.global_step == full + 2 * pruned               # 188 at N=6000
     assert model.record(trainer)["scheduler_steps"] == full + 2 * pruned < model.estimate
     assert model.validated == [0]                                 # epochs 1 and 2 not validated
+    assert model.coverage == []                       # every planned sample was trained
     if n == 6000:
         assert (model.estimate, trainer.global_step) == (282, 188)
 
@@ -244,23 +255,30 @@ def test_single_device_estimate_and_validation_reproduced_then_fixed():
     assert rec["optimizer_steps"] == rec["scheduler_steps"] == rec["scheduler_total"] \
         == full + 2 * pruned
     assert model.validated == [0, 1, 2]
-    assert rec["history"] == 3
+    assert rec["history"] == 3 and rec["coverage"] == []
 
 
 def test_epochs_longer_than_the_first_are_cut_without_the_callback():
-    """Finding: Lightning keeps epoch 0's batch count as every epoch's limit, so a final full-data
-    epoch after pruned ones is cut to the pruned size; with PruningCallback it runs whole."""
+    """Finding: Lightning keeps epoch 0's batch count as every epoch's limit, so the final
+    full-data epochs after pruned ones are cut to the pruned size (512 of 1000 samples at
+    N=1000). Now loud: the guard warns when epoch 3 is planned, naming PruningCallback (the
+    run's last epoch is not checked: nothing plans after it). With PruningCallback every epoch
+    runs whole and nothing warns."""
     n = min(1000, num_samples())
-    model = Probe(n, final_full=1)
+    model = Probe(n, epochs=4, final_full=2)
     fit(model, callback=False)
     pruned = -(-(n // 2) // BATCH)
-    assert len(model.plans[2]) == n
-    assert len(model.received[2]) == pruned * BATCH < n          # cut at epoch 0's batch count
+    assert len(model.plans[2]) == len(model.plans[3]) == n
+    for epoch in (2, 3):                                          # cut at epoch 0's batch count
+        assert len(model.received[epoch]) == pruned * BATCH < n
+    assert model.coverage == [short_warning(0, pruned * BATCH, n, 2)]
+    assert "without gpuprune.integrations.lightning.PruningCallback" in model.coverage[0]
 
-    model = Probe(n, final_full=1)
+    model = Probe(n, epochs=4, final_full=2)
     trainer = fit(model, callback=True)
-    assert_trained_exact_shards([model.record(trainer)], epochs=3)
-    assert trainer.global_step == 2 * pruned + -(-n // BATCH)
+    assert_trained_exact_shards([model.record(trainer)], epochs=4)
+    assert trainer.global_step == 2 * pruned + 2 * -(-n // BATCH)
+    assert model.coverage == []
 
 
 def test_infobatch_epochs_of_every_size_are_trained_whole():
@@ -275,6 +293,7 @@ def test_infobatch_epochs_of_every_size_are_trained_whole():
     sizes = [len(model.plans[e]) for e in range(3)]
     assert sizes[0] == sizes[2] == n and sizes[1] < n
     assert trainer.global_step == sum(-(-size // BATCH) for size in sizes)
+    assert model.coverage == []
 
 
 def test_max_epochs_must_fit_the_schedule():

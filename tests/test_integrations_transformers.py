@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ import gpuprune
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from integrations_support import (EXAMPLES, assert_trained_exact_shards,  # noqa: E402
-                                  dataset_size, read_records, run_script, shard)
+                                  coverage_warnings, dataset_size, read_records, run_script,
+                                  shard, short_warning)
 
 BATCH = 64
 EPOCHS = 3
@@ -86,20 +88,24 @@ def worker(out: Path, n: int, warmup: int, accumulate: int) -> None:
                              warmup_epochs=warmup, seed=7)
     trainer = NaiveTrainer(model=model, args=args, train_dataset=WithIndex(data),
                            callbacks=[Epochs()])
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gpuprune.CoverageWarning)
+        trainer.train()
     rank = args.process_index
     (out / f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "received": received, "plans": plans,
+        "rank": rank, "received": received, "plans": plans, "coverage": coverage_warnings(caught),
         "optimizer_steps": trainer.state.global_step, "max_steps": trainer.state.max_steps,
         "scheduler_steps": trainer.lr_scheduler.last_epoch,
         "planned_steps": sum(-(-batches(len(shard(plans[e], rank, args.world_size))) // accumulate)
                              for e in range(EPOCHS))}))
+    trainer.accelerator.end_training()       # the process group ends before the interpreter
 
 
 @pytest.mark.slow
 def test_two_processes_trainer_shards_gpuprunes_sampler_again(tmp_path):
     """Finding: with 2 processes the Trainer's accelerator.prepare shards the loader over
-    pruner.sampler() again: each rank trains about half its shard (256 of 500 at N=2000)."""
+    pruner.sampler() again: each rank trains about half its shard (256 of 500 at N=2000). Now
+    loud: each rank warns once, when epoch 1 is planned, naming PruningTrainer."""
     n = num_samples()
     run_script([__file__, "--worker", str(tmp_path), str(n), "0", "1"], world_size=2, timeout=180)
     per_rank = -(-(n // 2) // 2)
@@ -112,6 +118,7 @@ def test_two_processes_trainer_shards_gpuprunes_sampler_again(tmp_path):
             assert len(got) == -(-batches(per_rank) // 2) * BATCH < per_rank
             assert set(got) < set(mine)
         assert 2 * rec["optimizer_steps"] == rec["planned_steps"]
+        assert rec["coverage"] == [short_warning(r, len(rec["received"]["0"]), per_rank, 0)]
         if n == 2000:
             assert (len(got), len(mine)) == (256, 500)
 
@@ -132,6 +139,7 @@ def test_one_process_trainer_sizes_every_epoch_by_the_first():
     assert rec["scheduler_steps"] == rec["optimizer_steps"] < rec["max_steps"]
     for epoch in range(EPOCHS):                                          # the data itself is right
         assert rec["received"][str(epoch)] == rec["plans"][str(epoch)]
+    assert rec["coverage"] == []                             # so the guard has nothing to say
 
 
 @pytest.mark.slow

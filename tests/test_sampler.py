@@ -91,7 +91,8 @@ def fed_pruner(n: int = 50, policy: str = "uniform") -> gp.Pruner:
 def test_sampler_state_skips_trained_samples_until_the_epoch_changes():
     p = fed_pruner()
     s = gp.PrunedSampler(p)
-    s.set_epoch(1)
+    with pytest.warns(gp.CoverageWarning, match="the first epoch planned is epoch 1"):
+        s.set_epoch(1)
     full = list(s)
     assert len(full) == 30
     state = s.state_dict(consumed=12)
@@ -203,5 +204,6 @@ def test_assigning_epoch_moves_without_planning_and_set_epoch_plans():
     assert p.current_plan is None and s.epoch == 2 and len(s) == 20
     with pytest.raises(ValueError, match=r"epoch must be <= 3 \(epochs count from 0"):
         s.epoch = 4
-    s.set_epoch(2)
+    with pytest.warns(gp.CoverageWarning, match="so epochs 0 to 1 are never trained"):
+        s.set_epoch(2)
     assert p.current_plan.epoch == 2 and list(s) == p.plan(2).indices.tolist()

@@ -109,3 +109,25 @@ def test_a_one_based_loop_is_told_that_epochs_count_from_0():
         assert str(info.value) == want
     with pytest.raises(ValueError, match=r"epoch must be >= 0, got epoch=-1"):
         p.plan(-1)
+
+
+def test_framework_step_counts_hand_computed():
+    """What the framework glue asks (issue 19): a loader that drops its last batch over padded
+    shards, gradient accumulation (a last, incomplete group steps), fewer epochs than the run.
+    N = 1001, k = 500, 2 ranks, batches of 167: epoch 0 (warm-up) shares 501 per rank (500 cut),
+    pruned epochs 250."""
+    s = gp.Schedule(num_epochs=3, warmup_epochs=1)
+    count = lambda **kw: s.total_steps(1001, 500, 167, world_size=2, **kw)   # noqa: E731
+    assert count() == 3 + 2 + 2                                  # ceil(501 / 167), ceil(250 / 167)
+    assert count(drop_last_batch=True) == 3 + 1 + 1              # 501 // 167, 250 // 167
+    assert count(drop_last=True) == 2 + 1 + 1                    # 500 // 167
+    assert count(drop_last=True, drop_last_batch=False) == 3 + 2 + 2
+    assert count(accumulate=2) == 2 + 1 + 1                      # ceil(3 / 2), ceil(2 / 2)
+    assert count(epochs=2) == 3 + 2 and count(epochs=0) == 0
+    assert s.steps(0, 1001, 500, 167, world_size=2, accumulate=2) == 2
+    with pytest.raises(ValueError, match=r"accumulate must be >= 1, got accumulate=0"):
+        count(accumulate=0)
+    with pytest.raises(ValueError, match=r"epochs must be <= 3, got epochs=4"):
+        count(epochs=4)
+    with pytest.raises(TypeError, match=r"drop_last_batch must be a bool"):
+        count(drop_last_batch="yes")

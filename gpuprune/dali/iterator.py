@@ -360,7 +360,8 @@ class PrunedDALIIterator(DALIGenericIterator):
         self._end_pass()
 
     def _start_pass(self) -> None:
-        share = self._shard.plan()          # plans the position's epoch (a collective under DDP)
+        share = self._shard.begin()         # plans the position's epoch (a collective under DDP);
+        #                                     the coverage guard counts the pass
         epoch, start, n, bs = self._shard.epoch, self._shard.start, len(share), self.batch_size
         nb = num_batches(n - start, bs, self._drop)
         end = n if self.last_batch_policy == PARTIAL else start + nb * bs

@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .._checks import check_bool, check_int
 from ..sampler import PrunedSampler
-from ..sizes import num_batches, shard_size
 
 __all__ = ["require", "find_sampler", "optimizer_steps"]
 
@@ -63,22 +61,21 @@ def find_sampler(loader) -> PrunedSampler | None:
 
 def optimizer_steps(pruner, batch_size: int, *, world_size: int | None = None,
                     shard_drop_last: bool = False, num_epochs: int | None = None,
-                    start_epoch: int = 0, accumulate: int = 1, drop_last: bool = False,
+                    accumulate: int = 1, drop_last: bool = False,
                     upper_bound: bool = False) -> int:
-    """Optimizer steps on each rank for epochs ``start_epoch .. num_epochs - 1`` of ``pruner``'s
-    schedule: per epoch ``ceil(batches / accumulate)``, where ``batches`` counts one rank's shard
-    (:func:`gpuprune.sizes.shard_size` and :func:`~gpuprune.sizes.num_batches`, the formulas
-    behind :meth:`gpuprune.Schedule.steps`) and a last, incomplete accumulation still steps, as
-    Lightning and the Hugging Face Trainer do.
+    """Optimizer steps on each rank for epochs ``0 .. num_epochs - 1`` of ``pruner``'s schedule,
+    with a framework's batching: :meth:`gpuprune.Schedule.total_steps`, the one step-count
+    formula (per epoch ``ceil(batches / accumulate)``, where ``batches`` counts one rank's shard
+    and a last, incomplete accumulation still steps, as Lightning and the Hugging Face Trainer
+    do).
 
     Args:
         pruner: the :class:`~gpuprune.Pruner`.
+        batch_size: samples per batch on each rank.
         world_size: shards each epoch is split into (default: the pruner's world size).
         shard_drop_last: the sampler's ``drop_last`` (cut the plan to a multiple of
             ``world_size``). Default False.
-        batch_size: samples per batch on each rank.
-        num_epochs: epochs the run trains (default: the pruner's ``num_epochs``).
-        start_epoch: the first epoch still to train. Default ``0``.
+        num_epochs: epochs the run trains (default: the pruner's ``num_epochs``, at most it).
         accumulate: batches per optimizer step (gradient accumulation). Default ``1``.
         drop_last: the DataLoader drops its last short batch (``DataLoader(drop_last=True)``;
             the sampler's own ``drop_last`` cuts the shard). Default False.
@@ -89,29 +86,11 @@ def optimizer_steps(pruner, batch_size: int, *, world_size: int | None = None,
         ValueError: no ``num_epochs`` anywhere, more epochs than the pruner's ``num_epochs``, or
             InfoBatch without ``upper_bound=True``.
     """
-    world_size = (pruner.world_size if world_size is None
-                  else check_int("world_size", world_size, minimum=1))
-    check_bool("shard_drop_last", shard_drop_last)
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    accumulate = check_int("accumulate", accumulate, minimum=1)
-    check_bool("drop_last", drop_last)
-    check_bool("upper_bound", upper_bound)
-    if num_epochs is None:
-        num_epochs = pruner.num_epochs
-        if num_epochs is None:
-            raise ValueError("the pruner has no num_epochs: create it with num_epochs=... so the "
-                             "run's step count is known")
-    num_epochs = check_int("num_epochs", num_epochs, minimum=0,
-                           maximum=pruner.num_epochs if pruner.num_epochs is not None else None)
-    start_epoch = check_int("start_epoch", start_epoch, minimum=0)
-    if not pruner.schedule.exact_size and not upper_bound:
-        raise ValueError(f"policy {pruner.policy.name!r} plans a loss-dependent number of samples, "
-                         f"so the run's step count is not known in advance; pass upper_bound=True "
-                         f"for the bound that counts every pruned epoch with all N samples, or use "
-                         f"an epoch-based schedule")
-    total = 0
-    for epoch in range(start_epoch, num_epochs):
-        n = pruner.schedule.epoch_size(epoch, pruner.num_samples, pruner.k)
-        per_rank = shard_size(pruner.num_samples if n is None else n, world_size, shard_drop_last)
-        total += -(-num_batches(per_rank, batch_size, drop_last) // accumulate)
-    return total
+    if pruner.num_epochs is None:
+        raise ValueError("the pruner has no num_epochs: create it with num_epochs=... so the "
+                         "run's step count is known")
+    return pruner.schedule.total_steps(
+        pruner.num_samples, pruner.k, batch_size,
+        world_size=pruner.world_size if world_size is None else world_size,
+        drop_last=shard_drop_last, drop_last_batch=drop_last, accumulate=accumulate,
+        epochs=num_epochs, upper_bound=upper_bound)
