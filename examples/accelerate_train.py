@@ -93,6 +93,7 @@ def main() -> None:
             "optimizer_steps": steps, "scheduler_steps": inner.last_epoch,
             "scheduler_total": inner.total_steps,
             "history_epochs": [h["epoch"] for h in pruner.history]}))
+    accelerator.wait_for_everyone()      # every rank done before the process group ends
     accelerator.end_training()
 
 

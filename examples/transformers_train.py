@@ -122,6 +122,8 @@ def main() -> None:
             "optimizer_steps": state.global_step, "scheduler_steps": trainer.lr_scheduler.last_epoch,
             "scheduler_total": state.max_steps,
             "history_epochs": [h["epoch"] for h in pruner.history]}))
+    trainer.accelerator.wait_for_everyone()  # every process done before the process group ends
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -301,6 +301,7 @@ def _worker(rank: int, world: int, store_path: str, out: str) -> None:
 
     if world < 4:
         torch.save(res, out_dir / f"rank{rank}.pt")
+        dist.barrier()            # every rank past its last collective before teardown
         dist.destroy_process_group()
         return
 

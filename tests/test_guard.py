@@ -307,6 +307,7 @@ def ddp_worker(out: Path) -> None:
         record[case] = {"warnings": coverage_warnings(got),
                         "epochs": [h["epoch"] for h in p.history]}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()                # every rank past its last collective before teardown
     dist.destroy_process_group()
 
 

@@ -69,6 +69,7 @@ def worker(out: Path, n: int) -> None:
         "coverage": coverage_warnings(caught),
         "optimizer_steps": steps, "planned_steps": planned,
         "scheduler_steps": sched.scheduler.last_epoch, "scheduler_total": sched.scheduler.total_steps}))
+    accelerator.wait_for_everyone()      # every rank past its last collective before teardown
     accelerator.end_training()
 
 

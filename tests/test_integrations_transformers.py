@@ -98,7 +98,10 @@ def worker(out: Path, n: int, warmup: int, accumulate: int) -> None:
         "scheduler_steps": trainer.lr_scheduler.last_epoch,
         "planned_steps": sum(-(-batches(len(shard(plans[e], rank, args.world_size))) // accumulate)
                              for e in range(EPOCHS))}))
-    trainer.accelerator.end_training()       # the process group ends before the interpreter
+    # every rank past its last collective, then the process group ends before the interpreter
+    # (a gloo rank torn down while its peer still talks to it can abort at exit)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 @pytest.mark.slow
