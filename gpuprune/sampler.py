@@ -46,7 +46,8 @@ class PrunedSampler(DistributedSampler[int]):
     A ``DistributedSampler`` by type, so frameworks that shard a loader again unless its sampler
     is already distributed (PyTorch Lightning's ``use_distributed_sampler``, Lightning Fabric) leave
     it alone; ``DistributedSampler.__init__`` is not called, and only the attributes listed here
-    (``num_replicas``, ``rank``, ``epoch``, ``drop_last``, ``shuffle``, ``seed``) are provided.
+    (``num_replicas``, ``rank``, ``epoch``, ``drop_last``, ``shuffle``, ``seed``, ``num_samples``,
+    ``total_size``) are provided.
 
     Call :meth:`set_epoch` **before** creating the DataLoader iterator of each epoch, as with
     ``DistributedSampler``. It plans the epoch (under a process group that is a collective: every
@@ -136,6 +137,23 @@ class PrunedSampler(DistributedSampler[int]):
 
     def __len__(self) -> int:
         return len(self.shard)
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's share of the current epoch, whole (``DistributedSampler.num_samples``: the
+        padded share; unlike ``len()``, it does not subtract the samples a resumed pass skips).
+        Before ``set_epoch``, the schedule's prediction; RuntimeError where only planning can
+        tell (a future InfoBatch pruned epoch)."""
+        n = self.shard.shard_size()
+        if n is None:
+            len(self.shard)                         # raises the RuntimeError that says why
+        return n
+
+    @property
+    def total_size(self) -> int:
+        """``num_samples * num_replicas``, as ``DistributedSampler.total_size``: the plan's length
+        after padding (or, with ``drop_last``, after cutting)."""
+        return self.num_samples * self.num_replicas
 
     def state_dict(self, *, consumed: int) -> dict:
         """The position to resume from (see :class:`~gpuprune.shard.Position`).

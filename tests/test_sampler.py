@@ -184,6 +184,22 @@ def test_padding_and_drop_last_follow_distributed_sampler(n, world, drop_last):
         ours.set_epoch(0)
         theirs = DistributedSampler(range(n), world, rank, shuffle=False, drop_last=drop_last)
         assert list(ours) == list(theirs) and len(ours) == len(theirs), rank
+        assert (ours.num_samples, ours.total_size) == (theirs.num_samples, theirs.total_size)
+
+
+def test_num_samples_is_the_whole_share_after_a_resume_and_refuses_an_unknown_size():
+    """num_samples counts the whole padded share (12 of a 23-sample plan over 2 ranks), len() what
+    a resumed pass still yields; before InfoBatch plans a pruned epoch neither is known."""
+    p = gp.Pruner(46, keep=0.5, policy="uniform", seed=1, num_epochs=3)
+    s = p.sampler(num_replicas=2, rank=1)
+    assert (s.num_samples, s.total_size) == (12, 24)           # predicted: 23 planned, padded
+    s.set_epoch(0)
+    s.load_state_dict(s.state_dict(consumed=5))
+    assert (s.num_samples, s.total_size, len(s)) == (12, 24, 7)
+    ib = gp.Pruner(40, policy="infobatch", num_epochs=4, seed=0).sampler()
+    ib.epoch = 1
+    with pytest.raises(RuntimeError, match="known once it is planned"):
+        ib.num_samples
 
 
 def test_the_pruner_s_factory_and_the_arguments_of_the_counterpart():
