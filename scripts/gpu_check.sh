@@ -205,7 +205,7 @@ try:
     from gpuprune.cli import main
     text = help_of(lambda: main(["bench", "--help"]))
     need = ["--device", "--data-dir", "--model", "--epochs", "--methods", "--prune-ratios", "--seeds",
-            "--out", "--no-plots", "--no-progress", "--train-subset", "resnet18", "mlp", *methods]
+            "--out", "--no-plots", "--no-progress", "--no-equal-time", "--train-subset", "resnet18", "mlp", *methods]
     lack = [o for o in need if o not in text]
     say("FAIL" if lack else "PASS", f"gpuprune bench --help lacks {lack}" if lack else
         "gpuprune bench takes every option and method step 7 uses")
@@ -359,7 +359,7 @@ gpu_run() {
   [ -f "$WORK/step6.log" ] && cp "$WORK/step6.log" "$WORK/selection.log"
   if [ "$STEPS" != all ] && [ $QUICK = 0 ]; then   # the end-to-end runs: only when asked (--steps 7)
     local common=(--device cuda --data-dir "$DATA" --methods "${METHODS[@]}" --prune-ratios 0.5 --seeds 0
-                  --no-plots --no-progress)
+                  --no-plots --no-progress --no-equal-time)   # the ladder's extra runs would not fit
     "$PY" -m gpuprune bench --help 2>/dev/null | grep -q -- '--cifar-shaped' && common+=(--cifar-shaped)
     step 7a "bench MLP, 10 epochs" 75 "$PY" -m gpuprune bench "${common[@]}" --model mlp --epochs 10 --out "$WORK/bench_mlp"
     step 7b "bench ResNet-18, 4 epochs, 30k images" 120 "$PY" -m gpuprune bench "${common[@]}" --model resnet18 \
