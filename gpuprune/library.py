@@ -47,6 +47,11 @@ OPS_AVAILABLE = (hasattr(torch.library, "custom_op")
 
 _STATS = ("mean", "var", "last_epoch", "nonfinite", "invalid_batches")
 
+#: every op here reads host state when it runs (the epoch, a counter, a log's length), so a CUDA
+#: graph (``mode="reduce-overhead"``) must not capture it: a replay would not run its Python
+_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_TAGS = {"tags": (_UNSAFE,)} if _UNSAFE is not None else {}
+
 
 def compiling() -> bool:
     """Whether dynamo is tracing the caller (False on a torch without ``torch.compiler``)."""
@@ -62,7 +67,7 @@ def _backend_for(device: torch.device, backend: str) -> Backend:
 
 
 if OPS_AVAILABLE:
-    @torch.library.custom_op("gpuprune::observe_", mutates_args=_STATS)
+    @torch.library.custom_op("gpuprune::observe_", mutates_args=_STATS, **_TAGS)
     def observe_(mean: torch.Tensor, var: torch.Tensor, last_epoch: torch.Tensor,
                  nonfinite: torch.Tensor, invalid_batches: torch.Tensor, ids: torch.Tensor,
                  losses: torch.Tensor, decay: float, epoch: torch.Tensor, backend: str) -> None:
@@ -90,7 +95,7 @@ if OPS_AVAILABLE:
                       backend) -> None:
         return None
 
-    @torch.library.custom_op("gpuprune::count_trained", mutates_args=())
+    @torch.library.custom_op("gpuprune::count_trained", mutates_args=(), **_TAGS)
     def count_trained(ids: torch.Tensor, guard: int) -> None:
         """Add ``ids.numel()`` trained samples to the coverage guard whose
         :attr:`~gpuprune.guard.CoverageGuard.key` is ``guard``, at run time (an unknown key counts
@@ -103,7 +108,7 @@ if OPS_AVAILABLE:
     def _count_fake(ids, guard) -> None:
         return None
 
-    @torch.library.custom_op("gpuprune::record_batch", mutates_args=())
+    @torch.library.custom_op("gpuprune::record_batch", mutates_args=(), **_TAGS)
     def record_batch(ids: torch.Tensor, losses: torch.Tensor, log: int) -> None:
         """Log a batch in the observation log whose :attr:`~gpuprune.distributed.EpochSync.key` is
         ``log``, at run time (an unknown key logs nothing): a distributed Pruner's ``observe``."""

@@ -239,6 +239,14 @@ def test_observe_op_by_hand():
     assert stats.last_epoch.tolist() == [5, -1, -1]
 
 
+@pytest.mark.parametrize("name", ["observe_", "count_trained", "record_batch"])
+def test_ops_are_kept_out_of_cuda_graphs(name):
+    """Each op reads host state when it runs, so a CUDA graph must not capture it."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.gpuprune, name).default.tags
+
+
 def test_count_trained_op_passes_opcheck_and_counts():
     pruner = _pruner()
     ids = torch.arange(5)
