@@ -111,12 +111,15 @@ def test_compiled_training_step_records_what_eager_records(policy):
 
 # ---------------------------------------------------------------- fullgraph
 def _batch_log(pruner: gp.Pruner, epochs: int, nan_at: int = 5):
-    """Each epoch's batches of 8 with a repeated id (ids[1] = ids[0]: a duplicate merged as one
-    group) and seeded losses; batch ``nan_at`` holds a NaN. Plans as it goes."""
+    """Each epoch's full batches of 8 (one static shape: a short last one would compile again)
+    with a repeated id (ids[1] = ids[0]: a duplicate merged as one group) and seeded losses; batch
+    ``nan_at`` holds a NaN. Plans as it goes."""
     g = torch.Generator().manual_seed(7)
     for epoch in range(epochs):
         plan = pruner.plan(epoch)
         for ids in _batches(plan):
+            if len(ids) < 8:
+                continue
             ids = ids.clone()
             ids[1] = ids[0]
             losses = torch.rand(8, generator=g) * 3
@@ -126,12 +129,14 @@ def _batch_log(pruner: gp.Pruner, epochs: int, nan_at: int = 5):
             yield epoch, ids, losses
 
 
-def test_fullgraph_compiles_once_and_records_what_eager_records():
+@pytest.mark.parametrize("policy, graphs", [("ucb", 1), ("infobatch", 2)])
+def test_fullgraph_compiles_once_per_kind_of_plan_and_records_what_eager_records(policy, graphs):
     """``fullgraph=True`` on the torch backend: no graph break, one compilation for all epochs
-    (the epoch is a tensor, not a specialised int), bit-identical statistics with duplicates and
-    a NaN (skipped and counted, never in the statistics; it reaches the returned loss)."""
+    (the epoch is a tensor, not a specialised int) per kind of plan (InfoBatch: its rescaled
+    pruned epochs, and the annealing full one), bit-identical statistics with duplicates and a NaN
+    (skipped and counted, never in the statistics; it reaches the returned loss)."""
     def make() -> gp.Pruner:
-        return _pruner("ucb", num_epochs=5)
+        return _pruner(policy, num_epochs=5)
     pruner = make()
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(pruner.observe, backend=counter, fullgraph=True, dynamic=False)
@@ -139,8 +144,9 @@ def test_fullgraph_compiles_once_and_records_what_eager_records():
     for epoch, ids, losses in _batch_log(pruner, 5):
         returned.append(compiled(ids, losses))
         log.append((epoch, ids, losses))
-    assert counter.frame_count == 1
-    eager, eager_returned, _ = _replay(make, log)
+    assert counter.frame_count == graphs
+    eager, eager_returned, plans = _replay(make, log)
+    assert sum(p.rescaled is not None for p in plans) == (4 if policy == "infobatch" else 0)
     _assert_same_state(pruner, eager)
     assert int(pruner.stats.nonfinite) == 1
     assert torch.isfinite(pruner.stats.mean).all() and torch.isfinite(pruner.stats.var).all()
