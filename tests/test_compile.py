@@ -7,7 +7,8 @@ step fed to ``observe`` (a compiled model's losses may differ from an eager mode
 which is the model's business, not gpuprune's), then an eager Pruner built alike plans the same
 epochs and observes the same batches; plans, statistics and saved state must be equal.
 
-Every case compiles tiny functions with inductor (``dynamic=False``) after ``torch._dynamo.reset()``.
+Every compiling case compiles tiny functions with inductor (``dynamic=False``) after
+``torch._dynamo.reset()``; the CUDA case is marked ``gpu`` and skips without one.
 """
 
 from __future__ import annotations
