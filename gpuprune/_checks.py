@@ -18,6 +18,7 @@ __all__ = [
     "check_choice",
     "check_bool",
     "check_batch",
+    "check_id_range",
     "resolve_device",
     "flatten_config",
     "config_differences",
@@ -130,11 +131,14 @@ _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def check_batch(indices, losses, device: torch.device, num_samples: int,
-                *, loss_name: str = "losses") -> None:
+                *, loss_name: str = "losses", values: bool = True) -> None:
     """Validate one observed batch: 1-D integer ids and 1-D float losses, same length, on ``device``.
 
     Range checks need the values on the host; they are made here only for CPU tensors. On a GPU the
     backend flags a batch with out-of-range ids without syncing (see gpuprune.update).
+    ``values=False`` checks the metadata only (types, dtypes, shapes, devices: free while
+    tracing): a compiled step, whose ``gpuprune::observe_`` op checks CPU ids at run time
+    (:mod:`gpuprune.library`).
     """
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
@@ -161,7 +165,15 @@ def check_batch(indices, losses, device: torch.device, num_samples: int,
         raise ValueError(f"indices must be on {device}, got indices.device={indices.device}")
     if losses.device != device:
         raise ValueError(f"{loss_name} must be on {device}, got {loss_name}.device={losses.device}")
-    if device.type == "cpu" and indices.numel():
+    if values and device.type == "cpu":
+        check_id_range(indices, num_samples)
+
+
+def check_id_range(indices: torch.Tensor, num_samples: int) -> None:
+    """Raise ValueError naming the first bound broken if a (CPU) id lies outside
+    ``[0, num_samples)``. Reads the values: two host syncs on a GPU, so callers make it on the CPU
+    only (:func:`check_batch`, and the ``gpuprune::observe_`` op of a compiled CPU step)."""
+    if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_samples:
             bad = lo if lo < 0 else hi

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import config_differences, flatten_config
+from ._registry import register
 from .sizes import index_dtype
 from .stats import LossStats
 from .update import prepare_losses
@@ -167,6 +168,8 @@ class EpochSync:
         self._losses = torch.empty(0, dtype=torch.float32, device=device)
         self._len = 0                         # host count of logged entries (no sync needed)
         self._invalid = torch.zeros((), dtype=torch.int64, device=device)
+        #: this log's key for the op that records a compiled step's batches (:mod:`gpuprune.library`)
+        self.key = register(self)
 
     # ------------------------------------------------------------------ the log
     @property

@@ -12,7 +12,8 @@ per run, at the cost of a few integer operations on the host per batch:
 * a loader that starts a pass over this rank's share (:meth:`gpuprune.shard.EpochShard.begin`, what
   :class:`~gpuprune.PrunedSampler` and the DALI iterator call) reports how many samples it serves;
 * :meth:`gpuprune.Pruner.observe` adds the batch's length (tensor metadata: no device read, no
-  synchronisation, no collective) to a host counter;
+  synchronisation, no collective) to a host counter; inside ``torch.compile`` an opaque op does it
+  when the compiled step runs (:mod:`gpuprune.library`), so compiled steps count and warn alike;
 * **too many**: once this epoch's count passes the samples served plus the largest batch, the same
   plan is being trained again (checked in ``observe``); so is a second pass that a loader starts
   over the same epoch without ``set_epoch`` in between (checked when the pass starts);
@@ -32,6 +33,8 @@ not checked.
 from __future__ import annotations
 
 import warnings
+
+from ._registry import register
 
 __all__ = ["CoverageWarning", "CoverageGuard"]
 
@@ -78,6 +81,13 @@ class CoverageGuard:
         self.largest = 0
         self._serving: dict[tuple[int, int], int] = {}   # (rank, num_replicas) -> samples served
         self._warned: set[str] = set()
+        #: this guard's key for the op that counts a compiled step's batches (:mod:`gpuprune.library`)
+        self.key = register(self)
+
+    def __setstate__(self, state: dict) -> None:
+        # a copy (pickle, deepcopy) is another guard: it counts under a key of its own
+        self.__dict__.update(state)
+        self.key = register(self)
 
     @property
     def expected(self) -> int | None:

@@ -18,6 +18,7 @@ from ._checks import check_batch, check_bool, check_float, check_int, resolve_de
 from .backend import get_backend
 from .distributed import DistributedError, EpochSync, Op, resolve_group
 from .guard import CoverageGuard
+from .library import compiling
 from .plan import Plan
 from .planning import Planned, make_plan
 from .policies import POLICIES, Policy, make_policy
@@ -150,7 +151,10 @@ class Pruner:
         #: the process group statistics are merged over (None: single process)
         self.process_group = group
         self._sync = None if group is None else EpochSync(group, self.device, num_samples)
-        self._run = Progress(None, 0, 0, -1, [])   # history overlaps: device scalars until read
+        #: the epoch observations are recorded under, as a 0-d CPU tensor for a compiled step (a
+        #: Python int would be specialised on: one recompile per epoch); kept equal to _run.epoch
+        self._epoch_now = torch.zeros((), dtype=torch.int64)
+        self._set_run(Progress(None, 0, 0, -1, []))   # history overlaps: device scalars until read
         #: this rank's samples observed in the current epoch against its loader's: the coverage
         #: guard (:mod:`gpuprune.guard`), which warns when they do not match
         self.coverage = CoverageGuard(self.rank)
@@ -303,11 +307,16 @@ class Pruner:
             self.stats.assign(stats)
         self.stats.selected = selected
         run = self._run
-        self._run = Progress(plan, plan.epoch, run.rounds + (0 if plan.full else 1),
-                             plan.epoch if reselect else -1 if plan.full else run.selection_epoch,
-                             run.history + [record])
+        self._set_run(Progress(plan, plan.epoch, run.rounds + (0 if plan.full else 1),
+                               plan.epoch if reselect else -1 if plan.full else run.selection_epoch,
+                               run.history + [record]))
         if self._sync is not None:
             self._sync.clear()
+
+    def _set_run(self, run: Progress) -> None:
+        """Make ``run`` the progress (the one place it changes), and its epoch the observed one."""
+        self._run = run
+        self._epoch_now.numpy()[()] = run.epoch      # a host write, not an op for any device
 
     # ------------------------------------------------------------------ observe
     def observe(self, indices: torch.Tensor, per_sample_loss: torch.Tensor, *,
@@ -329,15 +338,23 @@ class Pruner:
             rescaled samples. Non-finite losses are not recorded but do reach the returned mean, so
             the training loop sees them.
         """
+        traced = compiling()     # inside torch.compile: metadata checks here, the rest in ops
         check_batch(indices, per_sample_loss, self.device, self.num_samples,
-                    loss_name="per_sample_loss")
+                    loss_name="per_sample_loss", values=not traced)
         trained = check_bool("trained", trained)
-        if self._sync is not None:
+        if self._sync is not None and traced:        # the log grows on the host: at run time
+            torch.ops.gpuprune.record_batch(indices, per_sample_loss.detach(), self._sync.key)
+        elif self._sync is not None:
             self._sync.record(indices, per_sample_loss)
+        elif traced:   # the eager update inside an opaque op (gpuprune.library): the same bits
+            torch.ops.gpuprune.observe_(*self.stats.tensors(), indices, per_sample_loss.detach(),
+                                        self.decay, self._epoch_now, self.backend.name)
         else:
             self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
                                   self._run.epoch)
-        if trained:
+        if trained and traced:
+            torch.ops.gpuprune.count_trained(indices, self.coverage.key)   # counted at run time
+        elif trained:
             self.coverage.observe(indices.numel())     # metadata: no device read
         x = per_sample_loss.float()
         plan = self._run.plan
@@ -450,7 +467,7 @@ class Pruner:
         if schedule is not self.schedule:
             check_extension(run, schedule, self.schedule)
         self.stats.load_state_dict(state["stats"])          # checked again: cheap next to the load
-        self._run = run
+        self._set_run(run)
         self.coverage.restart(None if run.plan is None else run.epoch)
         if self._sync is not None:
             self._sync.clear()
