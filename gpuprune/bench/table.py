@@ -171,6 +171,11 @@ def legend(cfg: BenchConfig) -> list[str]:
         "+refresh: the policy with a forward-only re-score pass over the "
         f"{cfg.refresh} samples before each selection (charged).",
     ]
+    if cfg.keep_schedule is not None:
+        shape, start, end = cfg.keep_schedule
+        entries.append(f"+sched: the policy keeping a {shape} schedule from {start:g} to {end:g} "
+                       "of the samples over the pruned epochs, instead of 1 - p (the same rows "
+                       "in every ratio's table).")
     out = []
     for e in entries:
         out += textwrap.wrap(e, WIDTH, subsequent_indent="  ")
