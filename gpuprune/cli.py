@@ -150,9 +150,9 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
     g = b.add_argument_group("methods")
     g.add_argument("--methods", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
                    metavar="METHOD",
-                   help=f"any of {', '.join(METHODS)}, or all (every method but the +sched "
-                        f"variants, which join it with --keep-schedule); full always runs (the "
-                        f"reference)")
+                   help=f"any of {', '.join(METHODS)}, or all (every method but InfoBatch's "
+                        f"ablations and the +sched variants, which join it with "
+                        f"--keep-schedule); full always runs (the reference)")
     g.add_argument("--keep-schedule", nargs=3, default=None, metavar=("SHAPE", "START", "END"),
                    help="the keep schedule the +sched methods run with instead of keeping 1-P: "
                         "linear or cosine from START to END (fractions kept, in (0, 1]) over the "

@@ -223,3 +223,16 @@ def test_sched_methods_plan_the_keep_schedule_by_hand():
         BenchConfig(methods=("ucb+sched",), keep_schedule=("step", 0.8, 0.2))
     with pytest.raises(ValueError, match="methods must be among"):
         BenchConfig(methods=("infobatch+sched",), keep_schedule=("linear", 0.8, 0.2))
+
+
+def test_infobatch_ablations_are_policies_by_hand():
+    from gpuprune.bench.config import ALL_METHODS, make_policy
+    cfg = BenchConfig(epochs=10, prune_ratios=(0.5,),
+                      methods=("infobatch", "infobatch+norescale", "infobatch+noanneal"))
+    assert make_policy("infobatch+norescale", cfg, None).rescale is False
+    assert make_policy("infobatch+noanneal", cfg, None).delta == 1.0
+    assert "infobatch+noanneal" not in ALL_METHODS
+    work = {w.what: w for w in planned_work(cfg, 1000, 100)}
+    # no annealing: epochs 8 and 9 pruned too (650 samples each, as epochs 1-7), not full
+    assert work["infobatch+noanneal p=0.5"].train == 1000 + 9 * 650
+    assert work["infobatch+norescale p=0.5"].train == work["infobatch p=0.5"].train

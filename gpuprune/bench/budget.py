@@ -66,7 +66,7 @@ def _pruned_sizes(method: str, cfg: BenchConfig, n: int, p: float) -> tuple[list
     """Samples planned per epoch by ``method`` at ratio ``p``, and whether that is exact."""
     base = base_method(method)
     keep = dict(keep=cfg.keep_schedule) if uses_schedule(method) else dict(prune_ratio=p)
-    pruner = Pruner(n, **keep, policy=make_policy(base, cfg, _placeholder(base, n)),
+    pruner = Pruner(n, **keep, policy=make_policy(method, cfg, _placeholder(base, n)),
                     num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                     selection_interval=cfg.selection_interval)
     sched, k = pruner.schedule, budget(1.0 - p, n)

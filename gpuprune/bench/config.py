@@ -10,7 +10,7 @@ from ..policies import UCB, EpsilonGreedy, InfoBatch, Policy, Static
 from ..schedule import Schedule, check_keep
 from ..sizes import budget
 
-__all__ = ["BenchConfig", "METHODS", "SCHEDULED", "ALL_METHODS", "uses_schedule", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED",
+__all__ = ["BenchConfig", "METHODS", "SCHEDULED", "ABLATIONS", "ALL_METHODS", "uses_schedule", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED",
            "LOADERS", "REFRESH", "LR_SCHEDULES", "AMP", "CLOCKS", "LADDER", "PRESETS", "DRY_RUN",
            "base_method", "uses_refresh", "charged_clock", "dry_run_config", "make_policy",
            "step_budget"]
@@ -35,9 +35,14 @@ SCHEDULED = ("uniform+sched", "epsilon_greedy+sched", "ucb+sched")
 #: every method, in table order (a policy's variants right after it)
 METHODS = (BASELINES + ("uniform", "uniform+sched", "epsilon_greedy", "epsilon_greedy+refresh",
                         "epsilon_greedy+sched", "ucb", "ucb+refresh", "ucb+sched", "infobatch",
-                        "infobatch+refresh") + STATIC)
+                        "infobatch+refresh", "infobatch+norescale", "infobatch+noanneal")
+           + STATIC)
+#: InfoBatch's ablations: without rescaling the kept well-learned samples' loss
+#: (``InfoBatch(rescale=False)``), and without annealing (``delta=1.0``: no full-data epochs at
+#: the end); asked for by name, not in ``all``
+ABLATIONS = ("infobatch+norescale", "infobatch+noanneal")
 #: what ``--methods all`` runs (the keep-schedule variants join it when a schedule is given)
-ALL_METHODS = tuple(m for m in METHODS if m not in SCHEDULED)
+ALL_METHODS = tuple(m for m in METHODS if m not in SCHEDULED + ABLATIONS)
 #: ways to feed batches
 LOADERS = ("tensor", "torch", "dali")
 #: what the re-score pass of the ``+refresh`` methods covers
@@ -300,13 +305,14 @@ def step_budget(cfg: BenchConfig, num_samples: int, prune_ratio: float) -> int:
 def make_policy(method: str, cfg: BenchConfig, scores: torch.Tensor | None) -> Policy | str:
     """The policy a benchmark method runs (``"ucb+refresh"`` runs ``ucb``), with the sweep's
     settings."""
-    method = base_method(method)
+    variant, method = method, base_method(method)
     if method == "epsilon_greedy":
         return EpsilonGreedy(epsilon=cfg.epsilon)
     if method == "ucb":
         return UCB(c=cfg.ucb_c, uncertainty=cfg.uncertainty, drift=cfg.ucb_drift)
     if method == "infobatch":
-        return InfoBatch(delta=cfg.delta)
+        return InfoBatch(delta=1.0 if variant == "infobatch+noanneal" else cfg.delta,
+                         rescale=variant != "infobatch+norescale")
     if method in ("static_random", "el2n", "forgetting"):
         return Static(scores)
     return method
