@@ -648,7 +648,7 @@ def test_policy_setting_hints_name_a_parameter_the_policy_takes():
     """A policy setting given to the Pruner raises with a hint; following the hint must work: the
     class it names takes the parameter it names (0.1's ``static_scores`` is ``Static(scores=)``)."""
     from gpuprune.pruner import _POLICY_SETTINGS
-    values = {"epsilon": 0.2, "c": 2.0, "uncertainty": "var", "drift": 0.5, "ratio": 0.3,
+    values = {"epsilon": 0.2, "c": 2.0, "uncertainty": "var", "drift": 0.5, "ratio": 0.3, "rescale": False,
               "delta": 0.5, "min_keep": 0.2, "scores": torch.rand(N), "static_scores": torch.rand(N)}
     assert set(_POLICY_SETTINGS) == set(values)      # every constructor parameter, and 0.1's name
     for name, value in values.items():
