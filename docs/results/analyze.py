@@ -76,11 +76,12 @@ def main(paths: list[str]) -> None:
                 col = lambda k: [r[k] for r in rs]
                 saved = [100 * (1 - 1 / r["cmp_speedup"]) for r in rs]
                 lock = sum(1 for r in rs if r["lock_in_epochs"] >= 3) if m not in (
-                    "full", "full_short") else None
+                    "full", "full_short", "static_random", "el2n", "forgetting") else None
                 print(f"| {LABEL.get(m, m)} | {ms(col('test_acc'), '{:.2f}')} | "
                       f"{ms(col('delta_full')) if m != 'full' else '–'} | "
                       f"{ms(col('delta_steps'))} | {ms(col('delta_time'))} | "
-                      f"{ms(col('cmp_speedup'), '{:.2f}')}× | {ms(saved, '{:.0f}')} % | "
+                      f"{ms(col('cmp_speedup'), '{:.2f}')}× | "
+                      f"{ms(saved, '{:.0f}') + ' %' if m != 'full' else '–'} | "
                       f"{mean(col('epochs_of_data')):.2f} | {ms(col('overlap_mean'), '{:.2f}')} | "
                       f"{'–' if lock is None else f'{lock}/{len(rs)}'} |")
                 if m not in ("full", "full_short") and mean(col("delta_full")) >= -0.2:
