@@ -90,7 +90,7 @@ def main(paths: list[str]) -> None:
             pairs = [("uniform", "static_random"), ("epsilon_greedy", "uniform"),
                      ("ucb", "uniform"), ("epsilon_greedy+refresh", "uniform"),
                      ("ucb+refresh", "uniform"), ("ucb+refresh", "ucb"),
-                     ("epsilon_greedy+refresh", "epsilon_greedy"), ("ucb+sched", "ucb"),
+                     ("epsilon_greedy+refresh", "epsilon_greedy"), ("ucb+sched", "ucb"), ("epsilon_greedy+sched", "epsilon_greedy"),
                      ("uniform+sched", "uniform"), ("infobatch+norescale", "infobatch"),
                      ("infobatch+noanneal", "infobatch")]
             lines = []
