@@ -72,22 +72,23 @@ def _keep_of(keep, prune_ratio: float | None):
     return 0.5 if keep is None else check_keep(keep)
 
 
-def _apply_keep(keep, rule, num_samples: int):
-    """``(schedule, k)`` of ``rule`` under a keep schedule ``keep`` (the rule's own for a float).
+def _apply_keep(keep, rule, num_samples: int, shown=None):
+    """``(schedule, k)`` of ``rule`` under a keep schedule ``keep`` (the rule's own for a float);
+    errors name ``shown`` (the ``keep`` the user gave; default ``keep``).
     Refused (ValueError) for a policy whose pruned sizes depend on the losses (InfoBatch) or that
     selects once (static) with sizes that change; the ``"full"`` baseline ignores it."""
-    schedule = rule.schedule
+    schedule, shown = rule.schedule, keep if shown is None else shown
     if isinstance(keep, float) or schedule.all_full:
         return schedule, rule.k
     if not schedule.exact_size:
         raise ValueError(
-            f"keep={keep!r}: a keep schedule sets each pruned epoch's size, but policy "
+            f"keep={shown!r}: a keep schedule sets each pruned epoch's size, but policy "
             f"{rule.policy.name!r} plans a loss-dependent number of samples (InfoBatch prunes a "
             f"share of the below-mean samples: give it a float keep, or InfoBatch(ratio=...))")
     budgets = keep_budgets(keep, schedule, num_samples)
     pruned = [b for e, b in enumerate(budgets) if not schedule.is_full(e)]
     if schedule.select_once and len(set(pruned)) > 1:
-        raise ValueError(f"keep={keep!r}: policy {rule.policy.name!r} selects one subset for the "
+        raise ValueError(f"keep={shown!r}: policy {rule.policy.name!r} selects one subset for the "
                          f"whole run, so its size cannot change with the epoch (budgets "
                          f"{sorted(set(pruned))}); give a float keep")
     return replace(schedule, budgets=budgets), pruned[0] if pruned else rule.k
@@ -185,7 +186,7 @@ class Pruner:
         rule = make_policy(policy).rule(first, num_samples, asked, decay)
         #: the policy, its settings concrete for this run (it selects; nothing reads its kind)
         self.policy: Policy = rule.policy
-        schedule, k = _apply_keep(fractions, rule, num_samples)
+        schedule, k = _apply_keep(fractions, rule, num_samples, shown=keep)
         #: every epoch's kind and size: the one place the Pruner reads them from
         self.schedule: Schedule = schedule
         #: the budget (the first pruned epoch's under a keep schedule: :meth:`epoch_size` says each)
