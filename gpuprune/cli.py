@@ -150,7 +150,13 @@ def _add_bench_arguments(b: argparse.ArgumentParser) -> None:
     g = b.add_argument_group("methods")
     g.add_argument("--methods", nargs="+", choices=list(METHODS) + ["all"], default=["all"],
                    metavar="METHOD",
-                   help=f"any of {', '.join(METHODS)}, or all; full always runs (the reference)")
+                   help=f"any of {', '.join(METHODS)}, or all (every method but InfoBatch's "
+                        f"ablations and the +sched variants, which join it with "
+                        f"--keep-schedule); full always runs (the reference)")
+    g.add_argument("--keep-schedule", nargs=3, default=None, metavar=("SHAPE", "START", "END"),
+                   help="the keep schedule the +sched methods run with instead of keeping 1-P: "
+                        "linear or cosine from START to END (fractions kept, in (0, 1]) over the "
+                        "pruned epochs, e.g. --keep-schedule linear 0.7 0.3")
     g.add_argument("--prune-ratios", nargs="+", type=_float_in(0, 1, True, True),
                    default=list(d.prune_ratios), metavar="P",
                    help="prune ratios in (0, 1); a pruned epoch keeps round((1-P) N) samples")
@@ -255,9 +261,28 @@ def _parse_bench(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
 
 
 def _config_from_args(args, parser) -> BenchConfig:
-    from .bench.config import METHODS, BenchConfig
+    from .bench.config import ALL_METHODS, METHODS, SCHEDULED, BenchConfig
 
-    methods = METHODS if "all" in args.methods else tuple(args.methods)
+    methods = tuple(args.methods)
+    if "all" in args.methods:
+        methods = METHODS if args.keep_schedule else ALL_METHODS
+    keep_schedule = None
+    if args.keep_schedule:
+        shape, start, end = args.keep_schedule
+        if shape not in ("linear", "cosine"):
+            parser.error(f"argument --keep-schedule: the shape must be linear or cosine, "
+                         f"got {shape!r}")
+        try:
+            keep_schedule = (shape, float(start), float(end))
+        except ValueError:
+            parser.error(f"argument --keep-schedule: START and END must be numbers, got "
+                         f"{start!r} {end!r}")
+        if not all(0.0 < f <= 1.0 for f in keep_schedule[1:]):
+            parser.error(f"argument --keep-schedule: START and END must lie in (0, 1], got "
+                         f"{start} {end}")
+    elif any(m in SCHEDULED for m in methods):
+        parser.error(f"argument --methods: {', '.join(m for m in methods if m in SCHEDULED)} "
+                     f"need --keep-schedule SHAPE START END")
     if args.el2n_epochs > args.epochs and "el2n" in methods:
         parser.error(f"argument --el2n-epochs: must be <= --epochs ({args.epochs}), "
                      f"got {args.el2n_epochs}")
@@ -277,6 +302,7 @@ def _config_from_args(args, parser) -> BenchConfig:
         lr_schedule=args.lr_schedule, warmup_frac=args.warmup_frac,
         label_smoothing=args.label_smoothing, augment=args.augment, augment_pad=args.augment_pad,
         prune_ratios=tuple(args.prune_ratios), seeds=tuple(args.seeds), methods=methods,
+        keep_schedule=keep_schedule,
         epsilon=args.epsilon, ucb_c=args.ucb_c, ucb_drift=args.ucb_drift,
         uncertainty=args.uncertainty, decay=args.decay, refresh=args.refresh,
         delta=args.delta, warmup_epochs=args.warmup_epochs,

@@ -58,7 +58,7 @@ def make_plan(epoch: int, current: Plan | None, *, schedule: Schedule, policy: P
         what = {"ids": current.indices}
         weight, rescaled = current.weight, current.rescaled
     else:                                     # a full epoch is FullData's selection
-        chooser, budget = (FULL_DATA, n) if full else (policy, k)
+        chooser, budget = (FULL_DATA, n) if full else (policy, schedule.budget(epoch, k))
         choice = chooser.select(stats, budget, epoch=epoch, backend=backend,
                                 generator=epoch_generator(seed, schedule.draw_epoch(epoch)))
         what = _what(chooser, choice, schedule.epoch_size(epoch, n, k), stats)

@@ -23,7 +23,7 @@ from .plan import Plan
 from .planning import Planned, make_plan
 from .policies import POLICIES, Policy, make_policy
 from .sampler import PrunedSampler
-from .schedule import Schedule
+from .schedule import Schedule, call_keep, check_keep, keep_budgets
 from .sizes import budget, shard_size
 from .state import (FORMAT, Progress, check_extension, check_state, make_state,
                     saved_num_epochs)
@@ -62,14 +62,45 @@ def _refuse_policy_settings(settings: dict) -> None:
         raise TypeError(f"Pruner() got an unexpected keyword argument {name!r}{hint}")
 
 
-def _keep_of(keep: float | None, prune_ratio: float | None) -> float:
-    """The kept fraction from ``keep`` or ``prune_ratio`` (at most one given; default 0.5)."""
+def _keep_of(keep, prune_ratio: float | None):
+    """The kept fraction from ``keep`` or ``prune_ratio`` (at most one given; default 0.5), or
+    ``keep``'s schedule (:func:`gpuprune.schedule.check_keep`)."""
     if keep is not None and prune_ratio is not None:
         raise ValueError(f"give keep or prune_ratio, not both (got keep={keep}, "
                          f"prune_ratio={prune_ratio})")
     if prune_ratio is not None:
         return 1.0 - check_float("prune_ratio", prune_ratio, low=0.0, high=1.0, high_open=True)
-    return 0.5 if keep is None else check_float("keep", keep, low=0.0, high=1.0, low_open=True)
+    return 0.5 if keep is None else check_keep(keep)
+
+
+def _apply_keep(keep, rule, num_samples: int, shown=None):
+    """``(schedule, k)`` of ``rule`` under a keep schedule ``keep`` (the rule's own for a float);
+    errors name ``shown`` (the ``keep`` the user gave; default ``keep``).
+    Refused (ValueError) for a policy whose pruned sizes depend on the losses (InfoBatch) or that
+    selects once (static) with sizes that change; the ``"full"`` baseline ignores it."""
+    schedule, shown = rule.schedule, keep if shown is None else shown
+    if isinstance(keep, float) or schedule.all_full:
+        return schedule, rule.k
+    if not schedule.exact_size:
+        raise ValueError(
+            f"keep={shown!r}: a keep schedule sets each pruned epoch's size, but policy "
+            f"{rule.policy.name!r} plans a loss-dependent number of samples (InfoBatch prunes a "
+            f"share of the below-mean samples: give it a float keep, or InfoBatch(ratio=...))")
+    budgets = keep_budgets(keep, schedule, num_samples)
+    pruned = [b for e, b in enumerate(budgets) if not schedule.is_full(e)]
+    if schedule.select_once and len(set(pruned)) > 1:
+        raise ValueError(f"keep={shown!r}: policy {rule.policy.name!r} selects one subset for the "
+                         f"whole run, so its size cannot change with the epoch (budgets "
+                         f"{sorted(set(pruned))}); give a float keep")
+    return replace(schedule, budgets=budgets), pruned[0] if pruned else rule.k
+
+
+def _keep_setting(keep):
+    """``keep`` as a plain config value: the float, ``[shape, start, end]``, or ``"callable"``
+    (a callable's values are in the schedule's ``budgets``)."""
+    if isinstance(keep, float):
+        return keep
+    return list(keep) if isinstance(keep, tuple) else "callable"
 
 
 class Pruner:
@@ -82,7 +113,14 @@ class Pruner:
     Args:
         num_samples: N, the dataset size (at most 2**32).
         keep: fraction of samples kept per pruned epoch, in (0, 1]. Default ``0.5``. The budget is
-            ``k = round(keep * N)`` (half up, at least 1).
+            ``k = round(keep * N)`` (half up, at least 1). Or a **keep schedule** (needs
+            ``num_epochs``): ``("linear", start, end)`` or ``("cosine", start, end)`` over the
+            pruned epochs that select, or a callable ``epoch -> fraction`` (called for every
+            epoch at construction and checked); see :func:`gpuprune.schedule.keep_fractions`.
+            Each epoch's size then comes from :attr:`schedule` (``len(sampler)``,
+            :meth:`total_steps`, the DALI iterator's length follow it), and :attr:`k` is the
+            first pruned epoch's budget. Refused for InfoBatch (its sizes follow the losses) and
+            for a static subset whose size would change.
         prune_ratio: alternatively ``1 - keep``, in [0, 1). Give at most one of the two.
         policy: a :class:`~gpuprune.policies.Policy` instance holding its own settings, e.g.
             ``gpuprune.UCB(c=2.0)``, or a name for the defaults: ``"uniform"``,
@@ -137,12 +175,26 @@ class Pruner:
         if decay is not None:
             decay = check_float("decay", decay, low=0.0, high=1.0, high_open=True)
         asked = Schedule(num_epochs, warmup_epochs, final_full_epochs, selection_interval)
-        rule = make_policy(policy).rule(keep, num_samples, asked, decay)
+        if not isinstance(keep, float) and num_epochs is None:
+            raise ValueError(f"keep={keep!r} is a keep schedule, which needs num_epochs")
+        fractions = keep
+        if callable(keep):              # called once per epoch, here: checked and frozen
+            fractions = call_keep(keep, num_epochs).__getitem__
+        # the rule sees the fraction of the first epoch that may be pruned (InfoBatch's ratio;
+        # the others' k, which a keep schedule then sets per epoch)
+        first = keep if isinstance(keep, float) else (
+            keep[1] if isinstance(keep, tuple) else fractions(min(warmup_epochs, num_epochs - 1)))
+        rule = make_policy(policy).rule(first, num_samples, asked, decay)
         #: the policy, its settings concrete for this run (it selects; nothing reads its kind)
         self.policy: Policy = rule.policy
+        schedule, k = _apply_keep(fractions, rule, num_samples, shown=keep)
         #: every epoch's kind and size: the one place the Pruner reads them from
-        self.schedule: Schedule = rule.schedule
-        self.k, self.decay, self.keep = rule.k, rule.decay, keep
+        self.schedule: Schedule = schedule
+        #: the budget (the first pruned epoch's under a keep schedule: :meth:`epoch_size` says each)
+        self.k = k
+        #: ``keep`` as given (a float, ``(shape, start, end)`` or a callable)
+        self.keep = keep
+        self.decay = rule.decay
         self.seed = check_int("seed", seed)
         self.device = resolve_device(device)
         self.backend = get_backend(backend, self.device, num_samples)
@@ -417,7 +469,8 @@ class Pruner:
     # ------------------------------------------------------------------ checkpoints
     def config(self) -> dict:
         """Everything plans depend on besides the observed losses: checked on load and across ranks."""
-        return {"format": FORMAT, "num_samples": self.num_samples, "keep": self.keep, "k": self.k,
+        return {"format": FORMAT, "num_samples": self.num_samples,
+                "keep": _keep_setting(self.keep), "k": self.k,
                 "policy": self.policy.config(), "decay": self.decay, "seed": self.seed,
                 "schedule": self.schedule.config()}
 
@@ -458,7 +511,10 @@ class Pruner:
                 more epochs".
         """
         config, schedule = self.config(), self.schedule
-        if check_bool("extend", extend):
+        if check_bool("extend", extend) and not isinstance(self.keep, float):
+            raise ValueError(f"extend=True with keep={self.keep!r}: a keep schedule's sizes depend "
+                             f"on num_epochs, so a longer run would not repeat the saved plans")
+        if extend:
             schedule = self._schedule_with(saved_num_epochs(state, self.num_epochs))
             config = {**config, "schedule": schedule.config()}
         run = check_state(state, config=config, schedule=schedule, policy=self.policy, k=self.k,

@@ -13,12 +13,21 @@ schedules (``OneCycleLR(total_steps=...)``) with :meth:`Schedule.total_steps`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable, Union
 
-from ._checks import check_bool, check_int
-from .sizes import num_batches, shard_size
+from ._checks import check_bool, check_choice, check_float, check_int
+from .sizes import budget, num_batches, shard_size
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "KeepSchedule", "KEEP_SHAPES", "check_keep", "call_keep",
+           "keep_fractions", "keep_budgets"]
+
+#: the named shapes of a keep schedule ``(shape, start, end)``
+KEEP_SHAPES = ("linear", "cosine")
+#: what ``Pruner(keep=...)`` accepts: a constant fraction, ``(shape, start, end)``, or a callable
+#: ``epoch -> fraction``
+KeepSchedule = Union[float, tuple, Callable[[int], float]]
 
 #: epochs are stored as int32 in the per-sample state
 _MAX_EPOCHS = 2**31 - 1
@@ -47,8 +56,12 @@ class Schedule:
         reads_losses: a new selection depends on the observed losses. ``False`` for uniform and
             static selection (a re-score pass before them is pointless).
             Default ``True``.
+        budgets: the budget of every epoch ``0 .. num_epochs - 1`` (a keep schedule, made by
+            :func:`keep_budgets`), used for the pruned epochs in place of the run's constant k;
+            ``None`` (default): every pruned epoch plans k.
 
-    The last four are the policy's part: :meth:`gpuprune.Policy.rule` sets them.
+    ``all_full`` to ``reads_losses`` are the policy's part: :meth:`gpuprune.Policy.rule` sets
+    them; ``budgets`` is the Pruner's, from its ``keep`` schedule.
 
     Example:
         >>> s = Schedule(num_epochs=10, warmup_epochs=1, final_full_epochs=2)
@@ -66,6 +79,7 @@ class Schedule:
     select_once: bool = False
     exact_size: bool = True
     reads_losses: bool = True
+    budgets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_epochs is not None:
@@ -79,6 +93,13 @@ class Schedule:
         check_int("selection_interval", self.selection_interval, minimum=1)
         for name in ("all_full", "select_once", "exact_size", "reads_losses"):
             check_bool(name, getattr(self, name))
+        if self.budgets is not None:
+            if self.num_epochs is None or not isinstance(self.budgets, tuple) \
+                    or len(self.budgets) != self.num_epochs:
+                raise ValueError(f"budgets must be a tuple of num_epochs={self.num_epochs} "
+                                 f"per-epoch budgets, got budgets={self.budgets!r}")
+            for e, b in enumerate(self.budgets):
+                check_int(f"budgets[{e}]", b, minimum=1)
 
     @property
     def final(self) -> int:
@@ -131,12 +152,17 @@ class Schedule:
         return 0 if self.select_once else epoch
 
     # ------------------------------------------------------------------ sizes
+    def budget(self, epoch: int, k: int) -> int:
+        """The budget of a pruned ``epoch``: ``budgets[epoch]`` under a keep schedule, else k."""
+        return k if self.budgets is None else self.budgets[self.check_epoch(epoch)]
+
     def epoch_size(self, epoch: int, num_samples: int, k: int) -> int | None:
-        """Samples planned in ``epoch`` (all ranks together): N when full, else the budget k, or
-        None for a pruned epoch whose size depends on the losses (``exact_size=False``)."""
+        """Samples planned in ``epoch`` (all ranks together): N when full, else the epoch's budget
+        (:meth:`budget`: k, or the keep schedule's), or None for a pruned epoch whose size depends
+        on the losses (``exact_size=False``)."""
         if self.is_full(epoch):
             return num_samples
-        return k if self.exact_size else None
+        return self.budget(epoch, k) if self.exact_size else None
 
     def steps(self, epoch: int, num_samples: int, k: int, batch_size: int, *,
               world_size: int = 1, drop_last: bool = False, drop_last_batch: bool | None = None,
@@ -192,11 +218,15 @@ class Schedule:
 
     def config(self) -> dict:
         """The run's settings as a plain dict (for checkpoints and the cross-rank check):
-        ``num_epochs``, ``warmup_epochs``, ``final_full_epochs`` and ``selection_interval``. The
+        ``num_epochs``, ``warmup_epochs``, ``final_full_epochs``, ``selection_interval`` and,
+        under a keep schedule only, ``budgets``. The
         policy's part is not repeated here: it follows from the policy's settings, which the
         configuration holds too (and the format stays the one of 0.2 checkpoints)."""
-        return {"num_epochs": self.num_epochs, "warmup_epochs": self.warmup_epochs,
-                "final_full_epochs": self.final, "selection_interval": self.selection_interval}
+        out = {"num_epochs": self.num_epochs, "warmup_epochs": self.warmup_epochs,
+               "final_full_epochs": self.final, "selection_interval": self.selection_interval}
+        if self.budgets is not None:        # only under a keep schedule: 0.2's format otherwise
+            out["budgets"] = list(self.budgets)
+        return out
 
 
 def _check_batching(batch_size: int, world_size: int, drop_last: bool,
@@ -216,3 +246,85 @@ def _steps(n: int, batch_size: int, world_size: int, drop_last: bool, drop_batch
     ranks: its batches, ``accumulate`` to a step (a last, incomplete group steps too)."""
     return -(-num_batches(shard_size(n, world_size, drop_last), batch_size, drop_batch)
              // accumulate)
+
+
+# ---------------------------------------------------------------------- keep schedules
+def check_keep(keep) -> float | tuple | Callable[[int], float]:
+    """``keep`` checked: a float in (0, 1] (returned as a float), a ``(shape, start, end)`` with
+    ``shape`` in :data:`KEEP_SHAPES` and both fractions in (0, 1] (returned as a tuple), or a
+    callable (checked later, over every epoch, by :func:`keep_fractions`). TypeError/ValueError
+    naming ``keep`` otherwise."""
+    if callable(keep):
+        return keep
+    if isinstance(keep, (tuple, list)):
+        if len(keep) != 3:
+            raise ValueError(f"keep as a schedule must be (shape, start, end) with shape in "
+                             f"{list(KEEP_SHAPES)}, got keep={keep!r}")
+        shape = check_choice("keep[0] (the schedule's shape)", keep[0], KEEP_SHAPES)
+        return (shape, check_float("keep[1] (start)", keep[1], low=0.0, high=1.0, low_open=True),
+                check_float("keep[2] (end)", keep[2], low=0.0, high=1.0, low_open=True))
+    return check_float("keep", keep, low=0.0, high=1.0, low_open=True)
+
+
+def call_keep(keep: Callable[[int], float], num_epochs: int) -> tuple[float, ...]:
+    """``keep(e)`` for every epoch ``0 .. num_epochs - 1``, each checked to be a real number in
+    (0, 1] (TypeError/ValueError naming the epoch, as ``keep(3)``); an exception inside ``keep``
+    becomes a ValueError naming the epoch."""
+    out = []
+    for e in range(num_epochs):
+        try:
+            value = keep(e)
+        except Exception as err:  # noqa: BLE001 - named, then re-raised
+            raise ValueError(f"keep({e}) raised {type(err).__name__}: {err}") from err
+        out.append(check_float(f"keep({e})", value, low=0.0, high=1.0, low_open=True))
+    return tuple(out)
+
+
+def keep_fractions(keep, schedule: Schedule) -> list[float]:
+    """The fraction kept in every epoch ``0 .. num_epochs - 1`` of ``schedule`` (its full epochs
+    settled): 1.0 in a full epoch; in a pruned epoch, the keep schedule's value at the epoch whose
+    selection it trains (itself, or under ``selection_interval > 1`` the epoch that drew the
+    selection it reuses, so a reused selection keeps its size).
+
+    * a float: that fraction in every pruned epoch;
+    * ``("linear", start, end)``: ``start + (end - start) * i / (P - 1)`` in the i-th of the P
+      pruned epochs that select (``start`` when P = 1);
+    * ``("cosine", start, end)``: ``end + (start - end) * (1 + cos(pi * i / (P - 1))) / 2``;
+    * a callable: ``keep(epoch)``, called for **every** epoch (full ones included) and checked
+      to be a real number in (0, 1]; ValueError/TypeError naming the epoch otherwise.
+    """
+    if schedule.num_epochs is None:
+        raise ValueError(f"a keep schedule needs num_epochs, got keep={keep!r} and "
+                         f"num_epochs=None")
+    epochs = range(schedule.num_epochs)
+    if callable(keep):
+        asked = call_keep(keep, schedule.num_epochs)
+    else:
+        keep = check_keep(keep)
+        selecting = [e for e in epochs if not schedule.is_full(e) and schedule.reselects(e)]
+        asked = [1.0] * schedule.num_epochs
+        if isinstance(keep, float):
+            asked = [keep] * schedule.num_epochs
+        else:
+            shape, start, end = keep
+            last = max(len(selecting) - 1, 1)
+            for i, e in enumerate(selecting):
+                t = i / last
+                asked[e] = (start + (end - start) * t if shape == "linear"
+                            else end + (start - end) * (1.0 + math.cos(math.pi * t)) / 2.0)
+    out = []
+    for e in epochs:
+        if schedule.is_full(e):
+            out.append(1.0)
+        else:   # the epoch whose selection e trains (itself unless it reuses one)
+            first = schedule.warmup_epochs
+            out.append(asked[first + (e - first) // schedule.selection_interval
+                             * schedule.selection_interval])
+    return out
+
+
+def keep_budgets(keep, schedule: Schedule, num_samples: int) -> tuple[int, ...]:
+    """Every epoch's budget under ``keep`` (:func:`keep_fractions`): ``round(f * N)`` (half up,
+    at least 1, as :func:`gpuprune.sizes.budget`), N in a full epoch."""
+    return tuple(num_samples if schedule.is_full(e) else budget(f, num_samples)
+                 for e, f in enumerate(keep_fractions(keep, schedule)))

@@ -319,7 +319,7 @@ def _check_plan(p, last: dict, schedule: Schedule, policy: Policy, k: int, stats
     if bits is None and weight != 1.0:
         raise ValueError("state_dict['plan']['weight'] must be 1.0 when nothing is rescaled")
     mask = None if bits is None else mask_lookup(bits, torch.arange(n, device=bits.device))
-    policy.check_selection(Selection(ids, mask, weight), k if schedule.exact_size else None, n,
+    policy.check_selection(Selection(ids, mask, weight), schedule.epoch_size(epoch, n, k), n,
                            "state_dict['plan']['indices']")
     device = stats.device
     return Plan(epoch, ids.to(device), False, n, weight, None if bits is None else bits.to(device))

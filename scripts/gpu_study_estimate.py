@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpuprune.bench.budget import planned_work, project
-from gpuprune.bench.config import METHODS, PRESETS, BenchConfig
+from gpuprune.bench.config import ALL_METHODS, PRESETS, BenchConfig
 from gpuprune.models import build_model
 
 
@@ -35,7 +35,7 @@ def study_config(seeds: list[int] | None = None) -> tuple[BenchConfig, int, int]
     preset = {k: v for k, v in PRESETS["gpu-study"].items() if not k.startswith("_")}
     fields = BenchConfig.__dataclass_fields__
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in preset.items() if k in fields}
-    cfg["methods"] = METHODS if "all" in preset["methods"] else tuple(preset["methods"])
+    cfg["methods"] = ALL_METHODS if "all" in preset["methods"] else tuple(preset["methods"])
     if seeds is not None:
         cfg["seeds"] = tuple(seeds)
     return BenchConfig(**cfg), preset["train_subset"], preset["test_subset"]

@@ -204,3 +204,35 @@ def test_exploitation_of_hand_case():
     assert e["ratio"] == pytest.approx(1.5 / 4.0) and e["top"] == 0.0
     e = _exploit(losses, [0, 1, 2, 3, 4], full=True)
     assert e == {"epoch": 3, "full": True, "ratio": pytest.approx(1.0), "top": 1.0}
+
+
+# ------------------------------------------------------------------------------ keep schedule
+def test_sched_methods_plan_the_keep_schedule_by_hand():
+    # 4 epochs of 1000 samples: linear 0.8 -> 0.2 keeps 800, 600, 400, 200 (2000 samples, as
+    # many as a constant 0.5), batch 100
+    cfg = BenchConfig(epochs=4, batch_size=100, prune_ratios=(0.5,),
+                      methods=("ucb", "ucb+sched", "uniform+sched"),
+                      keep_schedule=("linear", 0.8, 0.2), equal_time=False)
+    work = {w.what: w for w in planned_work(cfg, 1000, 100)}
+    assert work["ucb+sched p=0.5"].train == 800 + 600 + 400 + 200 == work["ucb p=0.5"].train
+    assert work["uniform+sched p=0.5"].train == 2000 and work["ucb+sched p=0.5"].exact
+    assert cfg.methods == ("full", "uniform+sched", "ucb", "ucb+sched")
+    with pytest.raises(ValueError, match=r"run the keep schedule: give keep_schedule"):
+        BenchConfig(methods=("ucb+sched",))
+    with pytest.raises(ValueError, match=r"keep\[0\] \(the schedule's shape\) must be one of"):
+        BenchConfig(methods=("ucb+sched",), keep_schedule=("step", 0.8, 0.2))
+    with pytest.raises(ValueError, match="methods must be among"):
+        BenchConfig(methods=("infobatch+sched",), keep_schedule=("linear", 0.8, 0.2))
+
+
+def test_infobatch_ablations_are_policies_by_hand():
+    from gpuprune.bench.config import ALL_METHODS, make_policy
+    cfg = BenchConfig(epochs=10, prune_ratios=(0.5,),
+                      methods=("infobatch", "infobatch+norescale", "infobatch+noanneal"))
+    assert make_policy("infobatch+norescale", cfg, None).rescale is False
+    assert make_policy("infobatch+noanneal", cfg, None).delta == 1.0
+    assert "infobatch+noanneal" not in ALL_METHODS
+    work = {w.what: w for w in planned_work(cfg, 1000, 100)}
+    # no annealing: epochs 8 and 9 pruned too (650 samples each, as epochs 1-7), not full
+    assert work["infobatch+noanneal p=0.5"].train == 1000 + 9 * 650
+    assert work["infobatch+norescale p=0.5"].train == work["infobatch p=0.5"].train

@@ -288,3 +288,17 @@ def test_dry_run_shrinks_and_runs_on_the_cpu(tmp_path, capsys):
     assert doc["config"]["seeds"] == [3] and doc["config"]["width"] == 8
     assert doc["dataset"]["train"] == 64 and doc["dataset"]["test"] == 32
     assert not math.isnan(doc["runs"][0]["test_acc"])
+
+
+def test_keep_schedule_methods_run_and_are_explained(tmp_path, capsys):
+    assert main(["bench", *TINY, "--prune-ratios", "0.5", "--seeds", "0", "--methods", "ucb",
+                 "ucb+sched", "--keep-schedule", "linear", "0.7", "0.3", "--no-plots",
+                 "--no-equal-time", "--probe-steps", "0", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "+sched: the policy keeping a linear schedule from 0.7 to 0.3" in printed
+    runs = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    # 3 epochs of 400: 0.7, 0.5, 0.3 keep 280 + 200 + 120 = 600 samples, as 0.5 keeps
+    assert runs["ucb+sched"]["samples_seen"] == 600 == runs["ucb"]["samples_seen"]
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, "--methods", "ucb+sched"])
+    assert "need --keep-schedule SHAPE START END" in capsys.readouterr().err

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpuprune.bench import BASELINES, METHODS, lr_factor, step_budget
+from gpuprune.bench import BASELINES, lr_factor, step_budget
+from gpuprune.bench.config import ALL_METHODS as METHODS  # what --methods all runs
 from gpuprune.bench.config import BenchConfig
 from gpuprune.bench.report import OVERLAP_COLUMNS, ROW_COLUMNS, SUMMARY_COLUMNS
 from gpuprune.bench.runner import lock_in_runs, selection_overlaps

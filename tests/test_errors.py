@@ -266,6 +266,12 @@ CASES: list[Case] = [
     Case(P, "`keep=\"half\"`", lambda _: gp.Pruner(N, keep="half"), TypeError, "keep must be a real number, got str 'half'"),
     Case(P, "`keep=True` (a bool)", lambda _: gp.Pruner(N, keep=True), TypeError, "keep must be a real number, got bool True"),
     Case(P, "both `keep` and `prune_ratio`", lambda _: gp.Pruner(N, keep=0.5, prune_ratio=0.5), ValueError, "give keep or prune_ratio, not both"),
+    Case(P, "keep schedule without `num_epochs`", lambda _: gp.Pruner(N, keep=("linear", 0.8, 0.2)), ValueError, "is a keep schedule, which needs num_epochs"),
+    Case(P, "keep schedule of unknown shape", lambda _: gp.Pruner(N, keep=("step", 0.8, 0.2), num_epochs=4), ValueError, "keep[0] (the schedule's shape) must be one of ['cosine', 'linear']"),
+    Case(P, "keep schedule ending at 0", lambda _: gp.Pruner(N, keep=("linear", 0.8, 0), num_epochs=4), ValueError, "keep[2] (end) must be > 0.0"),
+    Case(P, "keep callable out of (0, 1] in one epoch", lambda _: gp.Pruner(N, keep=lambda e: 0.5 if e < 3 else 1.5, num_epochs=4), ValueError, "keep(3) must be <= 1.0, got keep(3)=1.5"),
+    Case(P, "keep schedule for InfoBatch", lambda _: gp.Pruner(N, keep=("linear", 0.8, 0.2), policy="infobatch", num_epochs=4), ValueError, "plans a loss-dependent number of samples"),
+    Case(P, "changing keep schedule for a static subset", lambda _: gp.Pruner(N, keep=("linear", 0.8, 0.2), policy="static", num_epochs=4), ValueError, "selects one subset for the whole run"),
     Case(P, "`prune_ratio=1.0`", lambda _: gp.Pruner(N, prune_ratio=1.0), ValueError, "prune_ratio must be < 1.0, got prune_ratio=1.0"),
     Case(P, "`policy=\"greedy\"` (unknown)", lambda _: gp.Pruner(N, policy="greedy"), ValueError, "policy must be one of ['epsilon_greedy', 'full', 'infobatch', 'static', 'ucb', 'uniform'] or a Policy instance, got policy='greedy'"),
     Case(P, "`policy=3`", lambda _: gp.Pruner(N, policy=3), TypeError, "policy must be a name or a Policy instance, got int 3"),
@@ -642,7 +648,7 @@ def test_policy_setting_hints_name_a_parameter_the_policy_takes():
     """A policy setting given to the Pruner raises with a hint; following the hint must work: the
     class it names takes the parameter it names (0.1's ``static_scores`` is ``Static(scores=)``)."""
     from gpuprune.pruner import _POLICY_SETTINGS
-    values = {"epsilon": 0.2, "c": 2.0, "uncertainty": "var", "drift": 0.5, "ratio": 0.3,
+    values = {"epsilon": 0.2, "c": 2.0, "uncertainty": "var", "drift": 0.5, "ratio": 0.3, "rescale": False,
               "delta": 0.5, "min_keep": 0.2, "scores": torch.rand(N), "static_scores": torch.rand(N)}
     assert set(_POLICY_SETTINGS) == set(values)      # every constructor parameter, and 0.1's name
     for name, value in values.items():

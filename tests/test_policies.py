@@ -404,3 +404,33 @@ def test_ucb_without_drift_settles_and_with_drift_rotates():
     settled, rotating = rounds_in_use(0.0), rounds_in_use(1.0)
     assert settled <= 110          # about the same 100 samples every epoch
     assert rotating >= settled + 25
+
+
+def test_infobatch_without_rescaling_plans_the_same_samples_at_weight_1():
+    """InfoBatch(rescale=False), the ablation: the same ids as the official rule, every loss
+    weight 1; its setting appears in the configuration only when off (0.2's otherwise)."""
+    from conftest import feed
+    runs = {}
+    for rescale in (True, False):
+        p = gp.Pruner(64, keep=0.5, policy=gp.InfoBatch(rescale=rescale), num_epochs=4, seed=0)
+        plans = []
+        for e in range(4):
+            plan = p.plan(e)
+            plans.append(plan)
+            feed(p, plan)
+        runs[rescale] = (p, plans)
+    (on, on_plans), (off, off_plans) = runs[True], runs[False]
+    assert [len(a) for a in on_plans] == [len(b) for b in off_plans]
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(on_plans, off_plans))
+    assert on_plans[1].weight == 2.0 and off_plans[1].weight == 1.0
+    w = off_plans[1].weights
+    assert w is None or bool((w == 1.0).all())
+    assert "rescale" not in on.config()["policy"]
+    assert off.config()["policy"]["rescale"] is False
+    again = gp.Pruner(64, keep=0.5, policy=gp.InfoBatch(rescale=False), num_epochs=4, seed=0)
+    again.load_state_dict(off.state_dict())
+    with pytest.raises(ValueError, match="policy.rescale"):
+        on_fresh = gp.Pruner(64, keep=0.5, policy="infobatch", num_epochs=4, seed=0)
+        on_fresh.load_state_dict(off.state_dict())
+    with pytest.raises(TypeError, match="rescale must be a bool"):
+        gp.InfoBatch(rescale=1)

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..policies import UCB, EpsilonGreedy, InfoBatch, Policy, Static
-from ..schedule import Schedule
+from ..schedule import Schedule, check_keep
 from ..sizes import budget
 
-__all__ = ["BenchConfig", "METHODS", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED",
+__all__ = ["BenchConfig", "METHODS", "SCHEDULED", "ABLATIONS", "ALL_METHODS", "uses_schedule", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED",
            "LOADERS", "REFRESH", "LR_SCHEDULES", "AMP", "CLOCKS", "LADDER", "PRESETS", "DRY_RUN",
            "base_method", "uses_refresh", "charged_clock", "dry_run_config", "make_policy",
            "step_budget"]
@@ -29,9 +29,20 @@ SCORED = ("epsilon_greedy", "ucb", "infobatch")
 REFRESHED = tuple(f"{m}+refresh" for m in SCORED)
 #: static baselines: one subset for the whole run; el2n and forgetting pay for their scores
 STATIC = ("static_random", "el2n", "forgetting")
-#: every method, in table order (a policy's re-score variant right after it)
-METHODS = (BASELINES + ("uniform", "epsilon_greedy", "epsilon_greedy+refresh", "ucb",
-                        "ucb+refresh", "infobatch", "infobatch+refresh") + STATIC)
+#: the exact-size policies run with the sweep's keep schedule (``--keep-schedule``) in place of
+#: the constant keep ``1 - p``; only with a keep schedule, and not in ``all`` without one
+SCHEDULED = ("uniform+sched", "epsilon_greedy+sched", "ucb+sched")
+#: every method, in table order (a policy's variants right after it)
+METHODS = (BASELINES + ("uniform", "uniform+sched", "epsilon_greedy", "epsilon_greedy+refresh",
+                        "epsilon_greedy+sched", "ucb", "ucb+refresh", "ucb+sched", "infobatch",
+                        "infobatch+refresh", "infobatch+norescale", "infobatch+noanneal")
+           + STATIC)
+#: InfoBatch's ablations: without rescaling the kept well-learned samples' loss
+#: (``InfoBatch(rescale=False)``), and without annealing (``delta=1.0``: no full-data epochs at
+#: the end); asked for by name, not in ``all``
+ABLATIONS = ("infobatch+norescale", "infobatch+noanneal")
+#: what ``--methods all`` runs (the keep-schedule variants join it when a schedule is given)
+ALL_METHODS = tuple(m for m in METHODS if m not in SCHEDULED + ABLATIONS)
 #: ways to feed batches
 LOADERS = ("tensor", "torch", "dali")
 #: what the re-score pass of the ``+refresh`` methods covers
@@ -54,6 +65,11 @@ def base_method(method: str) -> str:
 def uses_refresh(method: str) -> bool:
     """Whether a method runs the re-score pass before its selections."""
     return method.endswith("+refresh")
+
+
+def uses_schedule(method: str) -> bool:
+    """Whether a method keeps the sweep's keep schedule instead of ``1 - p`` (``"ucb+sched"``)."""
+    return method.endswith("+sched")
 
 
 def charged_clock(clock: str, device: str) -> str:
@@ -91,6 +107,11 @@ class BenchConfig:
             samples per pruned epoch. Default ``(0.5,)``.
         seeds: one run of every method per seed. Default ``(0,)``.
         methods: names from :data:`METHODS`; ``"full"`` always runs (it is the reference).
+            Default :data:`ALL_METHODS` (every method but the ``+sched`` variants).
+        keep_schedule: ``(shape, start, end)``, ``shape`` ``"linear"`` or ``"cosine"``: the keep
+            schedule (:func:`gpuprune.schedule.keep_fractions`) the ``+sched`` methods run with in
+            place of ``1 - p``; they sit in every ratio's table, against the same baselines.
+            Default ``None``.
         epsilon, ucb_c, ucb_drift, uncertainty, delta: the policies' settings
             (``EpsilonGreedy(epsilon)``, ``UCB(c, uncertainty, drift)``, ``InfoBatch(delta)``);
             defaults are the policies' own.
@@ -149,7 +170,8 @@ class BenchConfig:
     augment_pad: int = 2
     prune_ratios: tuple[float, ...] = (0.5,)
     seeds: tuple[int, ...] = (0,)
-    methods: tuple[str, ...] = field(default_factory=lambda: METHODS)
+    methods: tuple[str, ...] = field(default_factory=lambda: ALL_METHODS)
+    keep_schedule: tuple | None = None
     epsilon: float = _EG.epsilon
     ucb_c: float = _UCB.c
     ucb_drift: float = _UCB.drift
@@ -205,6 +227,15 @@ class BenchConfig:
         if not self.ladder or any(not 0.0 < f <= 1.0 for f in self.ladder):
             raise ValueError(f"ladder fractions must lie in (0, 1], got ladder={self.ladder!r}")
         self.ladder = tuple(sorted(set(float(f) for f in self.ladder) | {1.0}))
+        if self.keep_schedule is not None:
+            self.keep_schedule = check_keep(tuple(self.keep_schedule))
+            if not isinstance(self.keep_schedule, tuple):
+                raise ValueError(f"keep_schedule must be (shape, start, end), got "
+                                 f"keep_schedule={self.keep_schedule!r}")
+        sched = [m for m in self.methods if uses_schedule(m)]
+        if sched and self.keep_schedule is None:
+            raise ValueError(f"methods {sched} run the keep schedule: give keep_schedule "
+                             f"(--keep-schedule SHAPE START END)")
         # table order, "full" first and always present
         self.methods = tuple(m for m in METHODS if m == "full" or m in self.methods)
 
@@ -274,13 +305,14 @@ def step_budget(cfg: BenchConfig, num_samples: int, prune_ratio: float) -> int:
 def make_policy(method: str, cfg: BenchConfig, scores: torch.Tensor | None) -> Policy | str:
     """The policy a benchmark method runs (``"ucb+refresh"`` runs ``ucb``), with the sweep's
     settings."""
-    method = base_method(method)
+    variant, method = method, base_method(method)
     if method == "epsilon_greedy":
         return EpsilonGreedy(epsilon=cfg.epsilon)
     if method == "ucb":
         return UCB(c=cfg.ucb_c, uncertainty=cfg.uncertainty, drift=cfg.ucb_drift)
     if method == "infobatch":
-        return InfoBatch(delta=cfg.delta)
+        return InfoBatch(delta=1.0 if variant == "infobatch+noanneal" else cfg.delta,
+                         rescale=variant != "infobatch+norescale")
     if method in ("static_random", "el2n", "forgetting"):
         return Static(scores)
     return method

@@ -13,12 +13,14 @@ from .runner import BenchResult
 __all__ = ["accuracy_figure", "plot_accuracy_vs_time", "plot_selection_frequency",
            "plot_exploitation", "write_plots", "data_limits"]
 
-#: one colour per policy; a policy's +refresh variant shares it, dashed
-_COLORS = {m: f"C{i}" for i, m in enumerate(m for m in METHODS if not uses_refresh(m))}
+#: one colour per policy; its variants share it: +refresh dashed, the others (+sched, InfoBatch's
+#: ablations) dotted
+_COLORS = {m: f"C{i}" for i, m in enumerate(m for m in METHODS if "+" not in m)}
 
 
 def _style(method: str) -> dict:
-    return {"color": _COLORS[base_method(method)], "ls": "--" if uses_refresh(method) else "-"}
+    ls = "--" if uses_refresh(method) else ":" if "+" in method else "-"
+    return {"color": _COLORS[base_method(method)], "ls": ls}
 
 
 def data_limits(values: list[float], margin: float = 0.04) -> tuple[float, float]:

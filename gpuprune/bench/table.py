@@ -171,6 +171,15 @@ def legend(cfg: BenchConfig) -> list[str]:
         "+refresh: the policy with a forward-only re-score pass over the "
         f"{cfg.refresh} samples before each selection (charged).",
     ]
+    if any(m.startswith("infobatch+no") for m in cfg.methods):
+        entries.append("+norescale, +noanneal: InfoBatch without rescaling the kept well-learned "
+                       "samples' loss (weight 1), and without annealing (no full-data epochs at "
+                       "the end, delta = 1).")
+    if cfg.keep_schedule is not None:
+        shape, start, end = cfg.keep_schedule
+        entries.append(f"+sched: the policy keeping a {shape} schedule from {start:g} to {end:g} "
+                       "of the samples over the pruned epochs, instead of 1 - p (the same rows "
+                       "in every ratio's table).")
     out = []
     for e in entries:
         out += textwrap.wrap(e, WIDTH, subsequent_indent="  ")

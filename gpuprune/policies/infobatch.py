@@ -45,7 +45,7 @@ import math
 from dataclasses import replace
 
 
-from .._checks import check_float
+from .._checks import check_bool, check_float
 from ..keys import BelowMeanScore, Pick
 from ..rng import draw_seeds
 from .base import Policy, Rule, Selection
@@ -86,6 +86,8 @@ class InfoBatch(Policy):
         min_keep: lower bound of the kept share of the well-learned samples, in (0, 1]; the loss
             weight is at most ``1 / min_keep``. Default ``0.1`` (the official clamp: a ratio above
             0.9 keeps 10% at weight 10).
+        rescale: multiply the kept well-learned samples' loss by ``1 / q``. Default ``True`` (the
+            official rule); ``False`` is the ablation without rescaling (weight 1).
 
     The Pruner scores this policy by the latest loss (its rule's ``decay = 0.0``); pass
     ``Pruner(decay=0.9)`` for an exponential moving average.
@@ -94,14 +96,22 @@ class InfoBatch(Policy):
     name = "infobatch"
 
     def __init__(self, ratio: float | None = None, delta: float = 0.875,
-                 min_keep: float = 0.1) -> None:
+                 min_keep: float = 0.1, rescale: bool = True) -> None:
         self.ratio = None if ratio is None else check_float("ratio", ratio, low=0.0, high=1.0,
                                                             high_open=True)
         self.delta = check_float("delta", delta, low=0.0, high=1.0)
         self.min_keep = check_float("min_keep", min_keep, low=0.0, high=1.0, low_open=True)
+        self.rescale = check_bool("rescale", rescale)
 
     def settings(self) -> dict:
-        return {"ratio": self.ratio, "delta": self.delta, "min_keep": self.min_keep}
+        out = {"ratio": self.ratio, "delta": self.delta, "min_keep": self.min_keep}
+        if not self.rescale:        # only when off: the configuration of 0.2 checkpoints otherwise
+            out["rescale"] = False
+        return out
+
+    def _weight(self) -> float:
+        """The loss weight of the kept well-learned samples: ``1 / q``, or 1 without rescaling."""
+        return 1.0 / kept_share(self.ratio, self.min_keep) if self.rescale else 1.0
 
     def rule(self, keep, num_samples, schedule, decay=None) -> Rule:
         """InfoBatch's rule: ``ratio`` from ``1 - keep`` unless set, its annealing epochs as the
@@ -111,7 +121,7 @@ class InfoBatch(Policy):
             raise ValueError("policy='infobatch' needs num_epochs for its annealing (epochs >= "
                              "floor(delta * num_epochs) train on full data)")
         policy = (self if self.ratio is not None
-                  else InfoBatch(1.0 - keep, self.delta, self.min_keep))
+                  else InfoBatch(1.0 - keep, self.delta, self.min_keep, self.rescale))
         final = schedule.final_full_epochs
         if final is None:
             final = schedule.num_epochs - self.first_full_epoch(schedule.num_epochs)
@@ -129,9 +139,10 @@ class InfoBatch(Policy):
         kept, and ``floor(q * n_below)`` of the ``n_below`` inside it."""
         q = kept_share(self.ratio, self.min_keep)
         below = selection.rescaled
-        if below is None or selection.weight != 1.0 / q:
+        if below is None or selection.weight != self._weight():
             raise ValueError(f"{name}: an InfoBatch plan rescales its kept below-mean samples by "
-                             f"1/q = {1.0 / q!r}, got weight={selection.weight!r} and "
+                             f"{'1/q = ' if self.rescale else ''}{self._weight()!r}, got "
+                             f"weight={selection.weight!r} and "
                              f"{'no' if below is None else 'a'} rescaled mask")
         n_below = int(below.sum())
         want = num_samples - n_below + math.floor(q * n_below)
@@ -145,4 +156,5 @@ class InfoBatch(Policy):
 
     def select(self, stats, k, *, epoch, generator, backend) -> Selection:
         (seed,) = draw_seeds(generator, 1)
-        return infobatch_select(stats.num_samples, self.ratio, seed, self.min_keep)
+        choice = infobatch_select(stats.num_samples, self.ratio, seed, self.min_keep)
+        return choice if self.rescale else replace(choice, weight=1.0)
