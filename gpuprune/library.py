@@ -38,7 +38,8 @@ from ._registry import lookup
 from .backend import Backend, KernelBackend, TorchBackend
 from .stats import StatsTensors
 
-__all__ = ["OPS_AVAILABLE", "compiling", "count_trained", "observe_", "record_batch"]
+__all__ = ["OPS_AVAILABLE", "compiling", "count_trained", "observe_", "record_batch",
+           "record_traced"]
 
 #: whether this torch registers custom ops (``torch.library.custom_op``, torch >= 2.4); without it
 #: gpuprune imports and runs eagerly, and ``observe`` cannot be compiled
@@ -126,3 +127,18 @@ if OPS_AVAILABLE:
         torch.fx.node.has_side_effect(_op)
 else:                                                   # pragma: no cover - torch < 2.4
     observe_ = count_trained = record_batch = None
+
+
+def record_traced(stats: StatsTensors, log_key: int | None, guard_key: int | None,
+                  ids: torch.Tensor, losses: torch.Tensor, decay: float, epoch: torch.Tensor,
+                  backend: str) -> None:
+    """What :meth:`gpuprune.Pruner.observe` records, as calls of the ops above, for a traced step:
+    the batch logged under a process group (``log_key``: its ``EpochSync.key``) or else the
+    statistics updated; and, for a trained batch (``guard_key``: its ``CoverageGuard.key``; None
+    for ``trained=False``), the coverage count. ``losses`` detached."""
+    if log_key is not None:
+        torch.ops.gpuprune.record_batch(ids, losses, log_key)
+    else:
+        torch.ops.gpuprune.observe_(*stats, ids, losses, decay, epoch, backend)
+    if guard_key is not None:
+        torch.ops.gpuprune.count_trained(ids, guard_key)

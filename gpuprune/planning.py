@@ -10,18 +10,62 @@ what it returns.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from .plan import Plan, pack_mask
-from .policies import FULL_DATA, Policy, Selection
+from .policies import FULL_DATA, Policy, Rule, Selection
 from .rng import epoch_generator, shuffle_seed
-from .schedule import Schedule
+from .schedule import Schedule, call_keep, keep_budgets
 from .sizes import index_dtype
 from .stats import LossStats
 
-__all__ = ["make_plan", "Planned"]
+__all__ = ["make_plan", "Planned", "run_rule"]
+
+
+def run_rule(policy: Policy, keep, num_samples: int, asked: Schedule,
+             decay: float | None) -> Rule:
+    """The whole rule of one run: ``policy``'s :meth:`~gpuprune.policies.Policy.rule` under
+    ``keep``, a float or a keep schedule (:func:`gpuprune.schedule.check_keep`, already checked).
+
+    The policy's rule sees the fraction of the first epoch that may be pruned (InfoBatch's ratio;
+    the others' k); a keep schedule then sets every pruned epoch's budget in the returned
+    schedule's ``budgets``, and ``k`` is the first pruned epoch's. A callable is called once per
+    epoch here, checked and frozen. Raises ValueError for a keep schedule without ``num_epochs``,
+    for InfoBatch (its sizes follow the losses) and for a static subset whose size would change.
+    """
+    if not isinstance(keep, float) and asked.num_epochs is None:
+        raise ValueError(f"keep={keep!r} is a keep schedule, which needs num_epochs")
+    fractions = call_keep(keep, asked.num_epochs).__getitem__ if callable(keep) else keep
+    first = keep if isinstance(keep, float) else keep[1] if isinstance(keep, tuple) else \
+        fractions(min(asked.warmup_epochs, asked.num_epochs - 1))
+    rule = policy.rule(first, num_samples, asked, decay)
+    schedule, k = _apply_keep(fractions, rule, num_samples, shown=keep)
+    return replace(rule, schedule=schedule, k=k)
+
+
+def _apply_keep(keep, rule: Rule, num_samples: int, shown=None) -> tuple[Schedule, int]:
+    """``(schedule, k)`` of ``rule`` under a keep schedule ``keep`` (the rule's own for a float);
+    errors name ``shown`` (the ``keep`` the user gave; default ``keep``).
+    Refused (ValueError) for a policy whose pruned sizes depend on the losses (InfoBatch) or that
+    selects once (static) with sizes that change; the ``"full"`` baseline ignores it."""
+    schedule, shown = rule.schedule, keep if shown is None else shown
+    if isinstance(keep, float) or schedule.all_full:
+        return schedule, rule.k
+    if not schedule.exact_size:
+        raise ValueError(
+            f"keep={shown!r}: a keep schedule sets each pruned epoch's size, but policy "
+            f"{rule.policy.name!r} plans a loss-dependent number of samples (InfoBatch prunes a "
+            f"share of the below-mean samples: give it a float keep, or InfoBatch(ratio=...))")
+    budgets = keep_budgets(keep, schedule, num_samples)
+    pruned = [b for e, b in enumerate(budgets) if not schedule.is_full(e)]
+    if schedule.select_once and len(set(pruned)) > 1:
+        raise ValueError(f"keep={shown!r}: policy {rule.policy.name!r} selects one subset for the "
+                         f"whole run, so its size cannot change with the epoch (budgets "
+                         f"{sorted(set(pruned))}); give a float keep")
+    return replace(schedule, budgets=budgets), pruned[0] if pruned else rule.k
 
 
 class Planned(NamedTuple):

@@ -18,12 +18,12 @@ from ._checks import check_batch, check_bool, check_float, check_int, resolve_de
 from .backend import get_backend
 from .distributed import DistributedError, EpochSync, Op, resolve_group
 from .guard import CoverageGuard
-from .library import compiling
+from .library import compiling, record_traced
 from .plan import Plan
-from .planning import Planned, make_plan
+from .planning import Planned, make_plan, run_rule
 from .policies import POLICIES, Policy, make_policy
 from .sampler import PrunedSampler
-from .schedule import Schedule, call_keep, check_keep, keep_budgets
+from .schedule import Schedule, check_keep
 from .sizes import budget, shard_size
 from .state import (FORMAT, Progress, check_extension, check_state, make_state,
                     saved_num_epochs)
@@ -73,28 +73,6 @@ def _keep_of(keep, prune_ratio: float | None):
     return 0.5 if keep is None else check_keep(keep)
 
 
-def _apply_keep(keep, rule, num_samples: int, shown=None):
-    """``(schedule, k)`` of ``rule`` under a keep schedule ``keep`` (the rule's own for a float);
-    errors name ``shown`` (the ``keep`` the user gave; default ``keep``).
-    Refused (ValueError) for a policy whose pruned sizes depend on the losses (InfoBatch) or that
-    selects once (static) with sizes that change; the ``"full"`` baseline ignores it."""
-    schedule, shown = rule.schedule, keep if shown is None else shown
-    if isinstance(keep, float) or schedule.all_full:
-        return schedule, rule.k
-    if not schedule.exact_size:
-        raise ValueError(
-            f"keep={shown!r}: a keep schedule sets each pruned epoch's size, but policy "
-            f"{rule.policy.name!r} plans a loss-dependent number of samples (InfoBatch prunes a "
-            f"share of the below-mean samples: give it a float keep, or InfoBatch(ratio=...))")
-    budgets = keep_budgets(keep, schedule, num_samples)
-    pruned = [b for e, b in enumerate(budgets) if not schedule.is_full(e)]
-    if schedule.select_once and len(set(pruned)) > 1:
-        raise ValueError(f"keep={shown!r}: policy {rule.policy.name!r} selects one subset for the "
-                         f"whole run, so its size cannot change with the epoch (budgets "
-                         f"{sorted(set(pruned))}); give a float keep")
-    return replace(schedule, budgets=budgets), pruned[0] if pruned else rule.k
-
-
 def _keep_setting(keep):
     """``keep`` as a plain config value: the float, ``[shape, start, end]``, or ``"callable"``
     (a callable's values are in the schedule's ``budgets``)."""
@@ -113,14 +91,11 @@ class Pruner:
     Args:
         num_samples: N, the dataset size (at most 2**32).
         keep: fraction of samples kept per pruned epoch, in (0, 1]. Default ``0.5``. The budget is
-            ``k = round(keep * N)`` (half up, at least 1). Or a **keep schedule** (needs
-            ``num_epochs``): ``("linear", start, end)`` or ``("cosine", start, end)`` over the
-            pruned epochs that select, or a callable ``epoch -> fraction`` (called for every
-            epoch at construction and checked); see :func:`gpuprune.schedule.keep_fractions`.
-            Each epoch's size then comes from :attr:`schedule` (``len(sampler)``,
-            :meth:`total_steps`, the DALI iterator's length follow it), and :attr:`k` is the
-            first pruned epoch's budget. Refused for InfoBatch (its sizes follow the losses) and
-            for a static subset whose size would change.
+            ``k = round(keep * N)`` (half up, at least 1). Or a **keep schedule** (with
+            ``num_epochs``): ``("linear"|"cosine", start, end)`` over the pruned epochs that select,
+            or a callable ``epoch -> fraction`` (:func:`gpuprune.schedule.keep_fractions`); each
+            epoch's size is then :attr:`schedule`'s, :attr:`k` the first pruned epoch's. Refused for
+            InfoBatch (sizes follow the losses) and a static subset whose size would change.
         prune_ratio: alternatively ``1 - keep``, in [0, 1). Give at most one of the two.
         policy: a :class:`~gpuprune.policies.Policy` instance holding its own settings, e.g.
             ``gpuprune.UCB(c=2.0)``, or a name for the defaults: ``"uniform"``,
@@ -175,23 +150,13 @@ class Pruner:
         if decay is not None:
             decay = check_float("decay", decay, low=0.0, high=1.0, high_open=True)
         asked = Schedule(num_epochs, warmup_epochs, final_full_epochs, selection_interval)
-        if not isinstance(keep, float) and num_epochs is None:
-            raise ValueError(f"keep={keep!r} is a keep schedule, which needs num_epochs")
-        fractions = keep
-        if callable(keep):              # called once per epoch, here: checked and frozen
-            fractions = call_keep(keep, num_epochs).__getitem__
-        # the rule sees the fraction of the first epoch that may be pruned (InfoBatch's ratio;
-        # the others' k, which a keep schedule then sets per epoch)
-        first = keep if isinstance(keep, float) else (
-            keep[1] if isinstance(keep, tuple) else fractions(min(warmup_epochs, num_epochs - 1)))
-        rule = make_policy(policy).rule(first, num_samples, asked, decay)
+        rule = run_rule(make_policy(policy), keep, num_samples, asked, decay)
         #: the policy, its settings concrete for this run (it selects; nothing reads its kind)
         self.policy: Policy = rule.policy
-        schedule, k = _apply_keep(fractions, rule, num_samples, shown=keep)
         #: every epoch's kind and size: the one place the Pruner reads them from
-        self.schedule: Schedule = schedule
+        self.schedule: Schedule = rule.schedule
         #: the budget (the first pruned epoch's under a keep schedule: :meth:`epoch_size` says each)
-        self.k = k
+        self.k = rule.k
         #: ``keep`` as given (a float, ``(shape, start, end)`` or a callable)
         self.keep = keep
         self.decay = rule.decay
@@ -358,10 +323,7 @@ class Pruner:
         if stats is not self.stats:
             self.stats.assign(stats)
         self.stats.selected = selected
-        run = self._run
-        self._set_run(Progress(plan, plan.epoch, run.rounds + (0 if plan.full else 1),
-                               plan.epoch if reselect else -1 if plan.full else run.selection_epoch,
-                               run.history + [record]))
+        self._set_run(self._run.advance(plan, reselect, record))
         if self._sync is not None:
             self._sync.clear()
 
@@ -394,20 +356,18 @@ class Pruner:
         check_batch(indices, per_sample_loss, self.device, self.num_samples,
                     loss_name="per_sample_loss", values=not traced)
         trained = check_bool("trained", trained)
-        if self._sync is not None and traced:        # the log grows on the host: at run time
-            torch.ops.gpuprune.record_batch(indices, per_sample_loss.detach(), self._sync.key)
-        elif self._sync is not None:
-            self._sync.record(indices, per_sample_loss)
-        elif traced:   # the eager update inside an opaque op (gpuprune.library): the same bits
-            torch.ops.gpuprune.observe_(*self.stats.tensors(), indices, per_sample_loss.detach(),
-                                        self.decay, self._epoch_now, self.backend.name)
+        if traced:           # the same work in opaque ops that run it eagerly (gpuprune.library)
+            record_traced(self.stats.tensors(), None if self._sync is None else self._sync.key,
+                          self.coverage.key if trained else None, indices,
+                          per_sample_loss.detach(), self.decay, self._epoch_now, self.backend.name)
         else:
-            self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
-                                  self._run.epoch)
-        if trained and traced:
-            torch.ops.gpuprune.count_trained(indices, self.coverage.key)   # counted at run time
-        elif trained:
-            self.coverage.observe(indices.numel())     # metadata: no device read
+            if self._sync is not None:
+                self._sync.record(indices, per_sample_loss)
+            else:
+                self.backend.observe_(self.stats.tensors(), indices, per_sample_loss, self.decay,
+                                      self._run.epoch)
+            if trained:
+                self.coverage.observe(indices.numel())     # metadata: no device read
         x = per_sample_loss.float()
         plan = self._run.plan
         if plan is not None and plan.rescaled is not None:
@@ -435,11 +395,7 @@ class Pruner:
         ``reselected`` (a new selection was drawn) and ``overlap``: the Jaccard overlap of its
         sample set with the previous plan's (None for the first plan). Reading it syncs once:
         the overlaps (device scalars) are stacked and copied to the host together."""
-        records = self._run.history
-        held = [r["overlap"] for r in records if isinstance(r["overlap"], torch.Tensor)]
-        values = iter(torch.stack(held).tolist() if held else ())
-        return [{**r, "overlap": next(values) if isinstance(r["overlap"], torch.Tensor)
-                 else r["overlap"]} for r in records]
+        return self._run.records()
 
     def selection_stats(self, always: float = 0.9, never: float = 0.1) -> dict:
         """The paper's "sometimes" samples over the pruned epochs so far
@@ -449,17 +405,8 @@ class Pruner:
     def nbytes(self) -> int:
         """Bytes of device state this Pruner holds: statistics, current plan, the per-epoch overlap
         scalars of :attr:`history` and, under a process group, the observation log."""
-        total = self.stats.nbytes()
-        total += sum(r["overlap"].element_size() for r in self._run.history
-                     if isinstance(r["overlap"], torch.Tensor))
-        plan = self._run.plan
-        if plan is not None:
-            total += plan.indices.numel() * plan.indices.element_size()
-            if plan.rescaled is not None:
-                total += plan.rescaled.numel()
-        if self._sync is not None:
-            total += self._sync.nbytes()
-        return total
+        return (self.stats.nbytes() + self._run.nbytes()
+                + (0 if self._sync is None else self._sync.nbytes()))
 
     def sampler(self, **kwargs) -> PrunedSampler:
         """A :class:`~gpuprune.PrunedSampler` over this Pruner (keyword arguments pass through):
@@ -496,25 +443,16 @@ class Pruner:
 
         Args:
             state: a :meth:`state_dict`.
-            extend: continue a run saved with fewer epochs (resuming with a larger ``--epochs``).
-                The state must be one a Pruner with this Pruner's arguments but the saved
-                ``num_epochs`` could have made: every other setting equal, and the final full-data
-                epochs that follow from ``num_epochs`` recomputed as this Pruner's arguments say
-                (a ``final_full_epochs`` given explicitly keeps its count and moves to the new
-                end; one the policy derives, InfoBatch's annealing ``num_epochs -
-                floor(delta * num_epochs)``, is derived again). Refused (ValueError naming the
-                epoch) when the saved run already planned an epoch whose kind the longer schedule
-                changes: a final full-data (or annealing) epoch that is now pruned. The run then
-                continues exactly as this Pruner would have run from the start, so every plan
-                before the saved run's first final full-data epoch is the saved run's. Default
-                ``False``: ``num_epochs`` must match too. See docs/integrations.md, "Resume with
-                more epochs".
+            extend: continue a run saved with fewer epochs (resuming with a larger ``--epochs``):
+                every other setting must be equal; the final full-data epochs are recomputed for
+                the new ``num_epochs`` as at construction, and the state is refused (ValueError
+                naming the epoch) if it already planned an epoch whose kind or size that changes
+                (:func:`gpuprune.state.check_extension`), so every plan up to the saved run's end is
+                the saved run's. Default ``False``. See docs/integrations.md, "Resume with more
+                epochs".
         """
         config, schedule = self.config(), self.schedule
-        if check_bool("extend", extend) and not isinstance(self.keep, float):
-            raise ValueError(f"extend=True with keep={self.keep!r}: a keep schedule's sizes depend "
-                             f"on num_epochs, so a longer run would not repeat the saved plans")
-        if extend:
+        if check_bool("extend", extend):
             schedule = self._schedule_with(saved_num_epochs(state, self.num_epochs))
             config = {**config, "schedule": schedule.config()}
         run = check_state(state, config=config, schedule=schedule, policy=self.policy, k=self.k,
@@ -533,8 +471,8 @@ class Pruner:
         policy's rule applied again: derived final full-data epochs are derived anew)."""
         asked, decay = self._asked
         try:
-            rule = self.policy.rule(self.keep, self.num_samples,
-                                    replace(asked, num_epochs=num_epochs), decay)
+            rule = run_rule(self.policy, self.keep, self.num_samples,
+                        replace(asked, num_epochs=num_epochs), decay)
         except ValueError as e:
             raise ValueError(f"the checkpoint's run had num_epochs={num_epochs}, which this "
                              f"Pruner's arguments do not allow: {e}") from None

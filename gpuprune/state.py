@@ -69,6 +69,31 @@ class Progress(NamedTuple):
     selection_epoch: int
     history: list[dict]
 
+    def advance(self, plan: Plan, reselect: bool, record: dict) -> "Progress":
+        """The progress once ``plan`` (a new selection if ``reselect``) is current, ``record``
+        appended to the history."""
+        return Progress(plan, plan.epoch, self.rounds + (0 if plan.full else 1),
+                        plan.epoch if reselect else -1 if plan.full else self.selection_epoch,
+                        self.history + [record])
+
+    def records(self) -> list[dict]:
+        """The history with every overlap a float (or None): the overlaps still on the device
+        (0-d tensors) are stacked and copied to the host together, one synchronisation."""
+        held = [r["overlap"] for r in self.history if isinstance(r["overlap"], torch.Tensor)]
+        values = iter(torch.stack(held).tolist() if held else ())
+        return [{**r, "overlap": next(values) if isinstance(r["overlap"], torch.Tensor)
+                 else r["overlap"]} for r in self.history]
+
+    def nbytes(self) -> int:
+        """Device bytes held: the current plan (ids, rescaled mask) and the overlaps on the device."""
+        total = sum(r["overlap"].element_size() for r in self.history
+                    if isinstance(r["overlap"], torch.Tensor))
+        if self.plan is not None:
+            total += self.plan.indices.numel() * self.plan.indices.element_size()
+            if self.plan.rescaled is not None:
+                total += self.plan.rescaled.numel()
+        return total
+
 
 def state_checksum(state: dict) -> str:
     """sha256 over a state dict's content (every tensor's dtype, shape and bytes; every value),
@@ -227,7 +252,9 @@ def check_extension(progress: Progress, saved: Schedule, longer: Schedule) -> No
     it planned has the same kind (full or pruned, a new selection or not) in both: then the
     longer run is the one a Pruner made with ``longer`` from the start would have trained. That
     holds for every epoch before the saved run's first final full-data (InfoBatch: annealing)
-    epoch, and fails at that epoch when the longer schedule prunes it."""
+    epoch, and fails at that epoch when the longer schedule prunes it. Under a keep schedule
+    every pruned epoch planned must also keep its budget (``budget(e, 0)``: 0 stands for the
+    constant k, which both share)."""
     previous = None
     for record in progress.history:
         e = record["epoch"]
@@ -242,6 +269,13 @@ def check_extension(progress: Progress, saved: Schedule, longer: Schedule) -> No
                 f"full-data (InfoBatch: annealing) epochs start at epoch {first}. Extend from a "
                 f"checkpoint saved before epoch {first} was planned, or keep "
                 f"num_epochs={saved.num_epochs}")
+        if not saved.is_full(e) and saved.budget(e, 0) != longer.budget(e, 0):
+            raise ValueError(
+                f"cannot extend this checkpoint: its keep schedule gave epoch {e} a budget of "
+                f"{saved.budget(e, 0)} samples, which over num_epochs={longer.num_epochs} is "
+                f"{longer.budget(e, 0)} (a (shape, start, end) keep schedule spreads over the "
+                f"run's length); keep num_epochs={saved.num_epochs}, or give keep as a callable "
+                f"of the epoch, whose sizes do not depend on num_epochs")
         previous = e
 
 

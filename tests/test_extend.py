@@ -175,3 +175,32 @@ def test_what_extend_refuses():
     same = pruner(4)                                     # the same num_epochs: a plain load
     same.load_state_dict(state, extend=True)
     assert same.history == short.history
+
+
+def test_a_callable_keep_schedule_extends_bit_for_bit():
+    """keep as a callable of the epoch gives each epoch the same size whatever num_epochs is, so
+    the extended run is the longer run from the start: 0.6, 0.5, 0.4, ... of N = 300 per epoch."""
+    def keep(e):
+        return max(0.2, 0.6 - 0.1 * e)
+    saved = pruner(4, keep=keep)
+    run(saved, range(3))
+    longer = pruner(7, keep=keep)
+    longer.load_state_dict(saved.state_dict(), extend=True)
+    fresh = pruner(7, keep=keep)
+    assert_same_plans(run(longer, range(3, 7)), run(fresh, range(7))[3:])
+    assert [h["size"] for h in longer.history] == [180, 150, 120, 90, 60, 60, 60]
+    assert_same_state(longer, fresh)
+
+
+def test_a_shaped_keep_schedule_whose_sizes_change_is_refused_and_changes_nothing():
+    """("linear", 0.6, 0.2) spreads over the run's length: epoch 1 keeps 0.6 - 0.4/3 of N (140
+    samples) over 4 epochs, 0.6 - 0.4/6 (160) over 7, so a checkpoint that planned it is refused,
+    naming the epoch and both budgets."""
+    saved = pruner(4, keep=("linear", 0.6, 0.2))
+    run(saved, range(2))
+    assert [h["size"] for h in saved.history] == [180, 140]
+    longer = pruner(7, keep=("linear", 0.6, 0.2))
+    with pytest.raises(ValueError, match=r"epoch 1 a budget of 140 samples, which over "
+                                         r"num_epochs=7 is 160"):
+        longer.load_state_dict(saved.state_dict(), extend=True)
+    assert longer.history == [] and longer.current_plan is None
