@@ -403,9 +403,9 @@ class Pruner:
         return self.stats.selection_stats(self.rounds, always, never)
 
     def nbytes(self) -> int:
-        """Bytes of device state this Pruner holds: statistics, current plan, the per-epoch overlap
-        scalars of :attr:`history` and, under a process group, the observation log."""
-        return (self.stats.nbytes() + self._run.nbytes()
+        """Bytes of the tensors this Pruner holds: statistics, current plan, :attr:`history`'s
+        overlaps, a process group's observation log, the epoch a compiled step reads (8 B)."""
+        return (self.stats.nbytes() + self._run.nbytes() + self._epoch_now.nbytes
                 + (0 if self._sync is None else self._sync.nbytes()))
 
     def sampler(self, **kwargs) -> PrunedSampler:
