@@ -63,11 +63,11 @@ def sweeps(folder: str) -> None:
         print("(Δ default against run c's rows: no `default` invocation here)")
     for title, names in KNOBS:
         print(f"\n**{title}**\n")
-        print("| setting | method | acc % | Δ full | Δ default | CPU s | speed-up | overlap |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| setting | method | acc % | Δ full | Δ default | CPU s | speed-up | overlap | lock-in |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name in names:
             if name not in runs:
-                print(f"| {SETTING.get(name, name)} | not run | | | | | | |")
+                print(f"| {SETTING.get(name, name)} | not run | | | | | | | |")
                 continue
             for m in ("epsilon_greedy", "ucb"):
                 rs = runs[name].get(m, {})
@@ -80,7 +80,8 @@ def sweeps(folder: str) -> None:
                     dd = "–"
                 print(f"| {SETTING.get(name, name)} | {LABEL[m]} | {ms(col('test_acc'), '{:.2f}')} | "
                       f"{ms(col('delta_full'))} | {dd} | {ms(col('cpu_s'), '{:.1f}')} | "
-                      f"{ms(col('cmp_speedup'), '{:.2f}')}× | {ms(col('overlap_mean'), '{:.2f}')} |")
+                      f"{ms(col('cmp_speedup'), '{:.2f}')}× | {ms(col('overlap_mean'), '{:.2f}')} | "
+                      f"{sum(1 for x in col('lock_in_epochs') if x >= 3)}/{len(seeds)} |")
     print("\n**Baselines in each invocation** (accuracies identical in every one: training is "
           "deterministic per seed)\n")
     print("| invocation | full data CPU s | full data, same steps: acc % | CPU s | speed-up |")
