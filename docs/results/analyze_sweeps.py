@@ -6,8 +6,8 @@ The first folder holds one sub-folder per sweep invocation (`results.csv`, its n
 `c0.5_eps0.05`, `decay0.5`, `interval2`, `default`, ...); each table row is mean ± sample std over
 the invocation's seeds (with 2 seeds the std is |difference| / sqrt 2), `Δ default` is paired by seed
 against the `default` invocation. The second folder's `exploitation.csv` gives the planned samples'
-mean current loss over all samples' mean per epoch, averaged here over epochs 1-10, 11-20, 21-30
-(epochs counted from 1; full-data epochs excluded). Only the standard library.
+mean current loss over all samples' mean per epoch, averaged here over epochs 1-2 (the first sweep
+over the data), 3-10, 11-20, 21-30 (epochs counted from 1; full-data epochs excluded). Only the standard library.
 """
 
 from __future__ import annotations
@@ -92,6 +92,17 @@ def sweeps(folder: str) -> None:
               f"{ms([r['test_acc'] for r in s.values()], '{:.2f}')} | "
               f"{ms([r['cpu_s'] for r in s.values()], '{:.1f}')} | "
               f"{ms([r['cmp_speedup'] for r in s.values()], '{:.2f}')}× |")
+    known = {n for _, names in KNOBS for n in names}
+    runc = read(os.path.join(folder, "..", "mlp10_sched", "results.csv"))
+    for name, run in runs.items():
+        if name in known:
+            continue
+        print(f"\nextra invocation {name} (Δ default paired against run c's rows, same seeds):")
+        for m in ("epsilon_greedy", "ucb"):
+            for s, r in sorted(run[m].items()):
+                print(f"- {LABEL[m]} seed {s}: {r['test_acc']:.2f} %, Δ full {r['delta_full']:+.2f}, "
+                      f"Δ default {r['test_acc'] - runc[m][s]['test_acc']:+.2f}, "
+                      f"speed-up {r['cmp_speedup']:.2f}×")
     accs = {name: [r["test_acc"] for r in run["full"].values()] for name, run in runs.items()}
     print(f"\nfull data accuracies per invocation: {accs}")
 
@@ -106,21 +117,23 @@ def exploitation(folder: str) -> None:
     res = read(os.path.join(folder, "results.csv"))
     print("\n**Exploitation over 30 epochs** (planned samples' mean current loss / all samples' "
           "mean; in brackets the share of the plan among the top-k losses, uniform ≈ 0.5)\n")
-    print("| method | acc % | Δ full | epochs 1–10 | 11–20 | 21–30 | overlap |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | acc % | Δ full | CPU s | speed-up | epochs 1–2 | 3–10 | 11–20 | 21–30 "
+          "| overlap |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     first = min(min(e) for e in per.values())
     for m in ("uniform", "epsilon_greedy", "ucb"):
         if m not in per:
             continue
         e = per[m]
         cells = []
-        for lo in (1, 11, 21):
-            ks = [k for k in e if lo <= k - first + 1 <= lo + 9]
+        for lo, hi in ((1, 2), (3, 10), (11, 20), (21, 30)):
+            ks = [k for k in e if lo <= k - first + 1 <= hi]
             rat = sum(e[k][0] for k in ks) / len(ks)
             top = sum(e[k][1] for k in ks) / len(ks)
             cells.append(f"{rat:.2f} ({top:.2f})")
         r = res[m][0]
-        print(f"| {LABEL[m]} | {r['test_acc']:.2f} | {r['delta_full']:+.2f} | "
+        print(f"| {LABEL[m]} | {r['test_acc']:.2f} | {r['delta_full']:+.2f} | {r['cpu_s']:.1f} | "
+              f"{r['cmp_speedup']:.2f}× | "
               f"{' | '.join(cells)} | {r['overlap_mean']:.2f} |")
     print("\nPer epoch (ratio):\n")
     for m, e in per.items():
