@@ -87,6 +87,8 @@ def sweeps(folder: str) -> None:
     print("| invocation | full data CPU s | full data, same steps: acc % | CPU s | speed-up |")
     print("|---|---|---|---|---|")
     for name, run in runs.items():
+        if "full_short" not in run:
+            continue
         f, s = run["full"], run["full_short"]
         print(f"| {SETTING.get(name, name)} | {ms([r['cpu_s'] for r in f.values()], '{:.1f}')} | "
               f"{ms([r['test_acc'] for r in s.values()], '{:.2f}')} | "
@@ -97,12 +99,16 @@ def sweeps(folder: str) -> None:
     for name, run in runs.items():
         if name in known:
             continue
-        print(f"\nextra invocation {name} (Δ default paired against run c's rows, same seeds):")
+        base = runs.get("retest_default") if name.startswith("retest") else runc
+        print(f"\nextra invocation {name} (Δ default paired by seed against "
+              f"{'retest_default' if name.startswith('retest') else 'run c'}):")
         for m in ("epsilon_greedy", "ucb"):
-            for s, r in sorted(run[m].items()):
+            for s, r in sorted(run.get(m, {}).items()):
+                dd = (f"{r['test_acc'] - base[m][s]['test_acc']:+.2f}"
+                      if base is not run and base and s in base.get(m, {}) else "–")
                 print(f"- {LABEL[m]} seed {s}: {r['test_acc']:.2f} %, Δ full {r['delta_full']:+.2f}, "
-                      f"Δ default {r['test_acc'] - runc[m][s]['test_acc']:+.2f}, "
-                      f"speed-up {r['cmp_speedup']:.2f}×")
+                      f"Δ default {dd}, speed-up {r['cmp_speedup']:.2f}×, "
+                      f"overlap {r['overlap_mean']:.2f}")
     accs = {name: [r["test_acc"] for r in run["full"].values()] for name, run in runs.items()}
     print(f"\nfull data accuracies per invocation: {accs}")
 
