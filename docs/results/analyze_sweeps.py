@@ -5,7 +5,9 @@
 The first folder holds one sub-folder per sweep invocation (`results.csv`, its name the setting:
 `c0.5_eps0.05`, `decay0.5`, `interval2`, `default`, ...); each table row is mean ± sample std over
 the invocation's seeds (with 2 seeds the std is |difference| / sqrt 2), `Δ default` is paired by seed
-against the `default` invocation. The second folder's `exploitation.csv` gives the planned samples'
+against the `default` invocation. Other sub-folders are listed per seed: `retest_*` paired against
+`retest_default` (fresh seeds), the rest against run c (`../mlp10_sched`, the default's training on
+seeds 0-2). The second folder's `exploitation.csv` gives the planned samples'
 mean current loss over all samples' mean per epoch, averaged here over epochs 1-2 (the first sweep
 over the data), 3-10, 11-20, 21-30 (epochs counted from 1; full-data epochs excluded). Only the standard library.
 """
