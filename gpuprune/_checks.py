@@ -174,7 +174,8 @@ def check_id_range(indices: torch.Tensor, num_samples: int) -> None:
     ``[0, num_samples)``. Reads the values: two host syncs on a GPU, so callers make it on the CPU
     only (:func:`check_batch`, and the ``gpuprune::observe_`` op of a compiled CPU step)."""
     if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = torch.aminmax(indices)                      # one pass over the ids
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_samples:
             bad = lo if lo < 0 else hi
             raise ValueError(f"indices must lie in [0, {num_samples}), got an index {bad}")
