@@ -84,7 +84,8 @@ def run_script(args: list[str], *, world_size: int = 1, timeout: float = 300.0,
     one plain process for ``world_size=1``, with gpuprune's warnings as errors
     (:data:`WARNINGS_AS_ERRORS`: a script that expects one records it itself). Returns each
     process's output; raises AssertionError with the output of a process that failed or ran past
-    ``timeout`` seconds."""
+    ``timeout`` seconds. Each process runs through ``run_then_exit.py``, which keeps the script's
+    exit status but skips interpreter finalisation (a gloo teardown abort lives there)."""
     base = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -97,7 +98,8 @@ def run_script(args: list[str], *, world_size: int = 1, timeout: float = 300.0,
         envs = [{**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
                  "LOCAL_RANK": str(r), "WORLD_SIZE": str(world_size),
                  "LOCAL_WORLD_SIZE": str(world_size)} for r in range(world_size)]
-    procs = [subprocess.Popen([sys.executable, *args], env=env, cwd=cwd or REPO,
+    launcher = str(Path(__file__).with_name("run_then_exit.py"))   # skips finalisation: see there
+    procs = [subprocess.Popen([sys.executable, launcher, *args], env=env, cwd=cwd or REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for env in envs]
     outputs, failed = [], []

@@ -367,3 +367,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", required=True, metavar="OUT")
     ddp_worker(Path(ap.parse_args().worker))
+
+
+@pytest.mark.parametrize("body, status, shown", [
+    ("print('done')", 0, "done"), ("raise SystemExit(3)", 3, ""),
+    ("raise ValueError('boom')", 1, "ValueError: boom"), ("import sys; sys.exit('why')", 1, "why")])
+def test_the_launcher_of_multi_process_tests_keeps_the_exit_status(tmp_path, body, status, shown):
+    """run_then_exit.py skips interpreter finalisation but not a failure: the status and the
+    message a plain ``python script.py`` would give."""
+    import subprocess
+    script = tmp_path / "s.py"
+    script.write_text(body + "\n")
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("run_then_exit.py")),
+                        str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == status and shown in r.stdout + r.stderr
