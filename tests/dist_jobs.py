@@ -344,8 +344,9 @@ def launch(world: int, tmp: Path, limit: float = 150.0) -> list[dict]:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = tmp / "store"
     logs = [open(tmp / f"log{r}.txt", "w+") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(store),
-                               str(tmp)], env=env, cwd=REPO, stdout=logs[r],
+    launcher = str(Path(__file__).with_name("run_then_exit.py"))   # skips finalisation: see there
+    procs = [subprocess.Popen([sys.executable, launcher, __file__, "--worker", str(r), str(world),
+                               str(store), str(tmp)], env=env, cwd=REPO, stdout=logs[r],
                               stderr=subprocess.STDOUT) for r in range(world)]
     deadline = time.monotonic() + limit
     failed = None
