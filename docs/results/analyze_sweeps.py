@@ -15,10 +15,11 @@ over the data), 3-10, 11-20, 21-30 (epochs counted from 1; full-data epochs excl
 from __future__ import annotations
 
 import csv
-import math
 import os
 import sys
 from collections import defaultdict
+
+from analyze import ms          # mean ± sample std, as in the main tables (same folder)
 
 LABEL = {"full": "full data", "full_short": "full data, same steps", "uniform": "uniform",
          "epsilon_greedy": "ε-greedy", "ucb": "UCB"}
@@ -31,15 +32,6 @@ SETTING = {"default": "default (c 1, ε 0.1, decay 0.9, interval 1)",
            "c0.5_eps0.05": "c 0.5, ε 0.05", "c2_eps0.2": "c 2, ε 0.2", "c4_eps0.4": "c 4, ε 0.4",
            "decay0.5": "decay 0.5", "decay0.99": "decay 0.99", "interval2": "interval 2",
            "interval3": "interval 3"}
-
-
-def ms(xs: list[float], fmt: str = "{:+.2f}") -> str:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
-        return "–"
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{fmt.format(m)} ± {fmt.format(sd).lstrip('+')}"
 
 
 def read(path: str) -> dict:
