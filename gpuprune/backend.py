@@ -32,7 +32,7 @@ import torch
 
 from ._checks import check_choice
 from .keys import (BUILTIN_SCORES, BelowMeanScore, GivenScore, MeanScore, Pick, UCBScore,
-                   composite_key, explore_mask, pack_bits, permute_ranks_doubling, permute_ranks_np,
+                   composite_key, explore_mask, pack_bits, permute_ranks_doubling, shuffle_into_np,
                    select_mask, shuffle_sorted)
 from .sizes import index_dtype
 from .stats import StatsTensors
@@ -207,14 +207,12 @@ class TorchBackend(Backend):
             if m is not None and srt.size != size:
                 raise ValueError(f"plan(ids=...) needs distinct ids, got {size} ids holding "
                                  f"{srt.size} distinct ones")
-            srt = srt.astype(np.int32 if index_dtype(n) == torch.int32 else np.int64)
-            order = np.empty_like(srt)
-            order[permute_ranks_np(size, shuffle_seed)] = srt
-            order = torch.from_numpy(order)
+            srt = srt.astype(np.int32 if index_dtype(n) == torch.int32 else np.int64, copy=False)
+            order = torch.from_numpy(shuffle_into_np(np.empty_like(srt), srt, shuffle_seed))
             if count and m is not None:
                 selected = torch.from_numpy(stats.selected.numpy() + m)
             if previous is not None and prev_ids is not None and m is not None:
-                inter = float(np.count_nonzero(m[prev_ids.numpy()]))
+                inter = float(np.count_nonzero(np.take(m, prev_ids.numpy())))  # (take: 2x [])
         else:
             srt = (torch.arange(n, device=dev) if mask is None
                    else torch.nonzero_static(mask, size=size).view(-1)).to(index_dtype(n))

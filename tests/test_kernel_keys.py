@@ -198,3 +198,110 @@ def test_cpu_numpy_paths_equal_the_torch_operations():
         e1 = explore_mask(m1, min(k, n - k), 99, numpy=True)
         assert torch.equal(e1, explore_mask(m1, min(k, n - k), 99, numpy=False))
         assert not (e1 & m1).any() and int(e1.sum()) == min(k, n - k)
+
+
+# ------------------------------------------------------------------ the CPU fast paths, block by block
+@pytest.mark.parametrize("k", [2, 3, 1000, 32767, 32768, 32769, 3 * 32768 + 5])
+def test_blocked_shuffle_equals_the_scatter_by_the_device_permutation(k):
+    from gpuprune.keys import CPU_BLOCK, shuffle_into_np
+    assert CPU_BLOCK == 32768                        # (the sizes above straddle its blocks)
+    ids = np.sort(np.random.default_rng(k).choice(10 * k, k, replace=False))
+    for seed, dtype in ((0, np.int32), (2**64 - 1, np.int64), (12345, np.int32)):
+        want = np.empty(k, dtype=np.int64)
+        want[permute_ranks_doubling(k, seed, "cpu").numpy()] = ids
+        got = shuffle_into_np(np.empty(k, dtype=dtype), ids.astype(dtype), seed)
+        assert got.dtype == dtype and np.array_equal(got, want), (k, seed)
+
+
+def test_inverse_rounds_undo_the_rounds_on_every_word():
+    from gpuprune.keys import _inverse_rounds_np, _rounds_np
+    for k in (2, 3, 5, 100, 4097, 70_000):
+        bits, shift, keys = perm_params(k, 77)
+        words = np.arange(1 << bits, dtype=np.uint32)
+        x = words.copy()
+        _rounds_np(x, (1 << bits) - 1, shift, keys)
+        assert bits < 3 or not np.array_equal(x, words)
+        _inverse_rounds_np(x, (1 << bits) - 1, shift, keys)
+        assert np.array_equal(x, words), k
+
+
+def _ucb_stats(n: int, epoch: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))
+    mean[::11] = -0.0
+    var = torch.rand(n, generator=g) * torch.exp(6 * torch.randn(n, generator=g))
+    var[::7] = 0.0
+    last = torch.randint(0, epoch + 1, (n,), generator=g, dtype=torch.int32)
+    return mean, var, last
+
+
+def _bits(score: torch.Tensor) -> torch.Tensor:
+    return score.view(torch.int32)
+
+
+def test_ucb_cpu_score_skips_only_clamps_that_change_nothing():
+    """The CPU UCB score skips a clamp when the drift histogram shows it changes nothing. Each
+    case below needs one clamp: the scores must still equal the torch operations' bits, and the
+    same case run with that clamp forced off must differ from them (so each case tests it)."""
+    import gpuprune.keys as K
+    f32max = torch.finfo(torch.float32).max
+    n, epoch = 5000, 9
+
+    def run(mean, var, last, score):
+        le = last.numpy()
+        first, top = int(le.min()), int(le.max())
+        unseen = le < 0 if first < 0 else None
+        signed = K._signed_counts(var, None if unseen is None else torch.from_numpy(unseen))
+        step = score.drift * float(K._scale_of_counts(K._fold_sign(signed)))
+        return K._clamps_needed(signed, step, first, top, epoch), step, unseen
+
+    def forced(mean, var, last, score, step, unseen, clamps):
+        return torch.from_numpy(K._upper_bound_np(
+            mean.numpy(), var.numpy(), unseen, score.c, score.uncertainty, step,
+            lambda lo, hi, out: np.subtract(float(epoch), last.numpy()[lo:hi], out=out), **clamps))
+
+    cases = {"none": lambda m, v, le: None,
+             "clamp_var": lambda m, v, le: v.__setitem__(17, -2.5),
+             "clamp_age": lambda m, v, le: le.__setitem__(23, epoch + 4),
+             "cap": lambda m, v, le: (v.__setitem__(31, f32max), le.__setitem__(31, 0))}
+    for unc, c in (("std", 1.0), ("var", 0.5)):
+        for name, plant in cases.items():
+            # past the float32 maximum by more than half its ulp (~2e22) takes a large drift
+            score = K.UCBScore(c=c, uncertainty=unc, drift=1e30 if name == "cap" else 2.0,
+                               epoch=epoch)
+            mean, var, last = _ucb_stats(n, epoch)
+            plant(mean, var, last)
+            want = score.torch(mean, var, last, numpy=False)
+            assert torch.equal(_bits(score.torch(mean, var, last, numpy=True)), _bits(want)), name
+            clamps, step, unseen = run(mean, var, last, score)
+            assert {k for k, on in clamps.items() if on} == (set() if name == "none" else {name})
+            if name != "none":
+                off = dict(clamps, **{name: False})
+                assert not torch.equal(_bits(forced(mean, var, last, score, step, unseen, off)),
+                                       _bits(want)), name
+
+
+def test_ucb_cpu_score_equals_the_torch_operations_on_unseen_and_edge_sizes():
+    from gpuprune.keys import UCBScore
+    f32max = torch.finfo(torch.float32).max
+    epoch = 5
+    for drift in (0.0, 1.5):
+        score = UCBScore(c=1.0, uncertainty="std", drift=drift, epoch=epoch)
+        mean, var, last = _ucb_stats(3000, epoch, seed=8)
+        last[::5] = -1                                  # unseen, with values no seen one has
+        var[::10] = torch.tensor([-7.0, f32max, float("inf"), -0.0])[torch.arange(300) % 4]
+        cases = [(mean, var, last), (mean[:1], var[:1], last[:1]), (mean[:0], var[:0], last[:0]),
+                 (mean, var, torch.full_like(last, -1))]
+        for m, v, le in cases:
+            want = score.torch(m, v, le, numpy=False)
+            assert torch.equal(_bits(score.torch(m, v, le, numpy=True)), _bits(want))
+
+
+def test_drift_scale_cpu_path_counts_what_the_torch_path_counts():
+    """Negative and NaN-pattern variances (bucket 2047 included) count in both paths alike."""
+    from gpuprune.keys import drift_scale
+    v = torch.tensor([1.0, -3.0, 2.0, 0.5, 7.0, -0.0, 1e-42])
+    nan_2047 = torch.tensor([0x7FF00001], dtype=torch.int32).view(torch.float32)
+    var = torch.cat([v, nan_2047, v])
+    for seen in (torch.ones(15, dtype=torch.bool), torch.arange(15) % 3 != 0):
+        assert torch.equal(drift_scale(var, seen, numpy=True), drift_scale(var, seen, numpy=False))
