@@ -27,7 +27,7 @@ from .shard import EpochShard, Planner
 from .stats import LossStats
 from .static_scores import ForgettingTracker, el2n_scores
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Pruner", "Plan", "Schedule", "LossStats", "PrunedSampler", "IndexedDataset", "budget",
