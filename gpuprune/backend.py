@@ -163,9 +163,9 @@ class TorchBackend(Backend):
             observe_groups(t, ids, losses, decay, epoch, exact=exact)
 
     def _top_k(self, score, n, k, seed) -> torch.Tensor:
-        if self.fast:
-            key = composite_key(score, seed, n, self.device)
-            return torch.from_numpy(np.argpartition(key.numpy(), n - k)[n - k:])
+        if self.fast:                                      # plan()'s threshold selection
+            mask = select_mask(score, n, k, seed, self.device, numpy=True)
+            return torch.from_numpy(np.flatnonzero(mask.numpy()))
         return torch.topk(composite_key(score, seed, n, self.device), k, sorted=False).indices
 
     def shuffle(self, ids: torch.Tensor, seed: int) -> torch.Tensor:
