@@ -242,6 +242,9 @@ def shuffle_into_np(out: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
     any integer dtype that holds them), written as ``out[p] = ids[permute^-1(p)]``: a gather whose
     writes are in order, about twice as fast as scattering to permuted positions."""
     k = ids.size
+    if out.shape != (k,) or ids.ndim != 1:
+        raise ValueError(f"shuffle_into_np needs 1-D ids and an out of their length, got ids of "
+                         f"shape {ids.shape} and out of shape {out.shape}")
     if k <= 1:
         out[:k] = ids
         return out

@@ -213,6 +213,14 @@ def test_blocked_shuffle_equals_the_scatter_by_the_device_permutation(k):
         assert got.dtype == dtype and np.array_equal(got, want), (k, seed)
 
 
+def test_blocked_shuffle_refuses_an_out_of_another_length():
+    from gpuprune.keys import shuffle_into_np
+    out = np.zeros(4, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"out of their length.*\(5,\).*\(4,\)"):
+        shuffle_into_np(out, np.arange(5), 1)
+    assert not out.any()                             # left as it was
+
+
 def test_inverse_rounds_undo_the_rounds_on_every_word():
     from gpuprune.keys import _inverse_rounds_np, _rounds_np
     for k in (2, 3, 5, 100, 4097, 70_000):
