@@ -467,10 +467,9 @@ class UCBScore(Score):
     epoch: int
 
     def torch(self, mean, var, last_epoch, *, numpy=None):
-        drifting = self.drift > 0.0
         if last_epoch.device.type == "cpu" and numpy is not False:
             return _ucb_cpu(self, mean, var, last_epoch)
-        age = self.epoch - last_epoch.long() if drifting else None
+        age = self.epoch - last_epoch.long() if self.drift > 0.0 else None
         return upper_bound_score(mean, var, last_epoch >= 0, self.c, self.uncertainty, age,
                                  self.drift, numpy=numpy)
 
