@@ -472,7 +472,7 @@ class Pruner:
         asked, decay = self._asked
         try:
             rule = run_rule(self.policy, self.keep, self.num_samples,
-                        replace(asked, num_epochs=num_epochs), decay)
+                            replace(asked, num_epochs=num_epochs), decay)
         except ValueError as e:
             raise ValueError(f"the checkpoint's run had num_epochs={num_epochs}, which this "
                              f"Pruner's arguments do not allow: {e}") from None

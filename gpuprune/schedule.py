@@ -127,11 +127,18 @@ class Schedule:
             return True
         return self.num_epochs is not None and epoch >= self.num_epochs - self.final
 
+    def interval_start(self, epoch: int) -> int:
+        """The epoch that starts ``epoch``'s selection interval (the pruned epochs from
+        ``warmup_epochs`` on, in runs of ``selection_interval``): by the interval alone, the
+        epoch whose selection a pruned ``epoch`` trains."""
+        epoch = self.check_epoch(epoch)
+        w, i = self.warmup_epochs, self.selection_interval
+        return w + (epoch - w) // i * i
+
     def reselects(self, epoch: int) -> bool:
         """Whether a pruned ``epoch`` is due for a new selection by the interval alone (the first
         pruned epoch always is); see :meth:`reuses` for the whole rule."""
-        epoch = self.check_epoch(epoch)
-        return (epoch - self.warmup_epochs) % self.selection_interval == 0
+        return self.interval_start(epoch) == self.check_epoch(epoch)
 
     def reuses(self, epoch: int, previous: int | None) -> bool:
         """Whether a pruned ``epoch`` planned right after the plan of epoch ``previous`` (None: no
@@ -317,9 +324,7 @@ def keep_fractions(keep, schedule: Schedule) -> list[float]:
         if schedule.is_full(e):
             out.append(1.0)
         else:   # the epoch whose selection e trains (itself unless it reuses one)
-            first = schedule.warmup_epochs
-            out.append(asked[first + (e - first) // schedule.selection_interval
-                             * schedule.selection_interval])
+            out.append(asked[schedule.interval_start(e)])
     return out
 
 
