@@ -262,6 +262,7 @@ def _parse_bench(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
 
 def _config_from_args(args, parser) -> BenchConfig:
     from .bench.config import ALL_METHODS, METHODS, SCHEDULED, BenchConfig
+    from .schedule import check_keep
 
     methods = tuple(args.methods)
     if "all" in args.methods:
@@ -269,17 +270,10 @@ def _config_from_args(args, parser) -> BenchConfig:
     keep_schedule = None
     if args.keep_schedule:
         shape, start, end = args.keep_schedule
-        if shape not in ("linear", "cosine"):
-            parser.error(f"argument --keep-schedule: the shape must be linear or cosine, "
-                         f"got {shape!r}")
-        try:
-            keep_schedule = (shape, float(start), float(end))
-        except ValueError:
-            parser.error(f"argument --keep-schedule: START and END must be numbers, got "
-                         f"{start!r} {end!r}")
-        if not all(0.0 < f <= 1.0 for f in keep_schedule[1:]):
-            parser.error(f"argument --keep-schedule: START and END must lie in (0, 1], got "
-                         f"{start} {end}")
+        try:                                   # the library's own check, as a usage error
+            keep_schedule = check_keep((shape, float(start), float(end)))
+        except ValueError as e:
+            parser.error(f"argument --keep-schedule SHAPE START END: {e}")
     elif any(m in SCHEDULED for m in methods):
         parser.error(f"argument --methods: {', '.join(m for m in methods if m in SCHEDULED)} "
                      f"need --keep-schedule SHAPE START END")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from ..pruner import Pruner
 from ..sizes import budget
 from ..sizes import num_batches
-from .config import (BenchConfig, base_method, make_policy, step_budget, uses_refresh,
-                     uses_schedule)
+from .config import (BenchConfig, base_method, keep_argument, make_policy, step_budget,
+                     uses_refresh)
 
 __all__ = ["Work", "planned_work", "project", "INFOBATCH_BELOW_MEAN", "evaluations",
            "step_budget_samples"]
@@ -65,8 +65,8 @@ def step_budget_samples(steps: int, n: int, batch_size: int) -> int:
 def _pruned_sizes(method: str, cfg: BenchConfig, n: int, p: float) -> tuple[list[float], bool]:
     """Samples planned per epoch by ``method`` at ratio ``p``, and whether that is exact."""
     base = base_method(method)
-    keep = dict(keep=cfg.keep_schedule) if uses_schedule(method) else dict(prune_ratio=p)
-    pruner = Pruner(n, **keep, policy=make_policy(method, cfg, _placeholder(base, n)),
+    pruner = Pruner(n, **keep_argument(method, cfg, p),
+                    policy=make_policy(method, cfg, _placeholder(base, n)),
                     num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                     selection_interval=cfg.selection_interval)
     sched, k = pruner.schedule, budget(1.0 - p, n)

@@ -10,8 +10,8 @@ from ..policies import UCB, EpsilonGreedy, InfoBatch, Policy, Static
 from ..schedule import Schedule, check_keep
 from ..sizes import budget
 
-__all__ = ["BenchConfig", "METHODS", "SCHEDULED", "ABLATIONS", "ALL_METHODS", "uses_schedule", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED",
-           "LOADERS", "REFRESH", "LR_SCHEDULES", "AMP", "CLOCKS", "LADDER", "PRESETS", "DRY_RUN",
+__all__ = ["BenchConfig", "METHODS", "SCHEDULED", "ABLATIONS", "ALL_METHODS", "uses_schedule",
+           "keep_argument", "BASELINES", "DYNAMIC", "REFRESHED", "STATIC", "SCORED", "LOADERS", "REFRESH", "LR_SCHEDULES", "AMP", "CLOCKS", "LADDER", "PRESETS", "DRY_RUN",
            "base_method", "uses_refresh", "charged_clock", "dry_run_config", "make_policy",
            "step_budget"]
 
@@ -70,6 +70,12 @@ def uses_refresh(method: str) -> bool:
 def uses_schedule(method: str) -> bool:
     """Whether a method keeps the sweep's keep schedule instead of ``1 - p`` (``"ucb+sched"``)."""
     return method.endswith("+sched")
+
+
+def keep_argument(method: str, cfg: "BenchConfig", prune_ratio: float) -> dict:
+    """The Pruner's size argument for ``method`` in the sweep: the keep schedule for a ``+sched``
+    method, else ``prune_ratio``."""
+    return {"keep": cfg.keep_schedule} if uses_schedule(method) else {"prune_ratio": prune_ratio}
 
 
 def charged_clock(clock: str, device: str) -> str:

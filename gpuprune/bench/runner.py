@@ -43,8 +43,8 @@ from ..data import ImageData
 from ..pruner import Pruner
 from ..static_scores import ForgettingTracker
 from .budget import planned_work, project
-from .config import (DYNAMIC, SCORED, STATIC, BenchConfig, base_method, make_policy, step_budget,
-                     uses_refresh, uses_schedule)
+from .config import (DYNAMIC, SCORED, STATIC, BenchConfig, base_method, keep_argument,
+                     make_policy, step_budget, uses_refresh)
 from .equal_time import Rung, equal_time, rungs_to_add
 from .scoring import ScoringCost, el2n_cost_and_scores, run_seed
 from .timeline import Timeline
@@ -144,9 +144,9 @@ def _make_pruner(method: str, n: int, p: float, cfg: BenchConfig, seed: int,
         return Pruner(n, keep=1.0, policy="full", seed=seed, device=device,
                       backend=cfg.pruner_backend)
     decay = cfg.decay if base_method(method) in SCORED else None   # the others never read it
-    keep = dict(keep=cfg.keep_schedule) if uses_schedule(method) else dict(prune_ratio=p)
-    return Pruner(n, **keep, policy=make_policy(method, cfg, scores), num_epochs=cfg.epochs,
-                  warmup_epochs=cfg.warmup_epochs, selection_interval=cfg.selection_interval,
+    return Pruner(n, **keep_argument(method, cfg, p), policy=make_policy(method, cfg, scores),
+                  num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                  selection_interval=cfg.selection_interval,
                   decay=decay, seed=seed, device=device, backend=cfg.pruner_backend)
 
 
